@@ -1,0 +1,290 @@
+"""pixelmill's command line: one subcommand per flow, plus demo, server, report, dataset and models.
+
+Exit status: 0 success, 1 the run failed, 2 bad input (config, paths, or an existing
+output made with another config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pixelmill.config import ConfigError, EditConfig, load_config
+from pixelmill.runtime import apply_quiet_defaults, default_home
+
+
+class UsageError(Exception):
+    """Bad input: printed without a traceback, exit status 2."""
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None,
+                   help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--home", default=None,
+                   help="folder for the embedded Prefect database and logs (default: $PIXELMILL_HOME or ./.pixelmill)")
+
+
+def _add_flow_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted keys for nested ones); repeatable")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (shards to run and to skip) and exit")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made with another config")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    _add_runtime_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixelmill",
+        description="Distributed batch pipelines for diffusion-based image editing "
+                    "(Prefect flows, Ray workers, Parquet datasets).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("edit", help="bulk-edit an image dataset with SDEdit or InstructPix2Pix",
+                       description="Bulk-edit an image dataset (SDEdit or InstructPix2Pix). "
+                                   "Examples: configs/edit-sdedit.yaml, configs/edit-ip2p.yaml.")
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("demo", help="run every pipeline on drawn sample images with tiny offline models",
+                       description="Draw sample images, build tiny models, start the embedded runtime, "
+                                   "run the bulk-edit flow with SDEdit and InstructPix2Pix, write a report.")
+    p.add_argument("--out", default="pixelmill-demo", help="demo folder (default: ./pixelmill-demo)")
+    p.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("server", help="start the Prefect API server and UI in the foreground",
+                       description="Start the Prefect server (UI included) on the same SQLite database "
+                                   "the embedded runtime uses, to browse past runs.")
+    p.add_argument("--home", default=None, help="pixelmill home folder (default: $PIXELMILL_HOME or ./.pixelmill)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("report", help="write an HTML contact sheet of a dataset",
+                       description="HTML contact sheet: image columns side by side with the metrics; any pixelmill dataset.")
+    p.add_argument("dataset", help="dataset folder or URL")
+    p.add_argument("--out", default=None, help="HTML file (default: DATASET/report.html)")
+    p.add_argument("--limit", type=int, default=200, help="rows to show (default 200)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dataset", help="dataset tools")
+    dsub = p.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    q = dsub.add_parser("import", help="import a folder of images (captions from .txt files or a CSV)",
+                        description="Import a folder of images into a pixelmill dataset. Captions come from "
+                                    "same-named .txt files, or captions.csv / metadata.csv (file_name, caption).")
+    q.add_argument("dir", help="folder of images")
+    q.add_argument("--out", required=True, help="dataset folder or URL to write")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_dataset_import)
+    q = dsub.add_parser("info", help="print a dataset's manifest summary")
+    q.add_argument("dataset")
+    q.set_defaults(func=cmd_dataset_info)
+
+    p = sub.add_parser("models", help="model tools")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    q = msub.add_parser("make-tiny", help="save tiny random-weight pipelines (for tests and the demo)",
+                        description="Save tiny random-weight pipelines (img2img, InstructPix2Pix, CLIP) to disk, "
+                                    "so configs name them by path exactly as they name a real checkpoint.")
+    q.add_argument("--out", required=True, help="folder to write")
+    q.set_defaults(func=cmd_models_make_tiny)
+    return parser
+
+
+def _check_model_path(field: str, value: str | None) -> None:
+    from pixelmill.models.loading import ModelNotFound, check_model_reference
+
+    if value is None:
+        return
+    try:
+        check_model_reference(value)
+    except ModelNotFound as e:
+        raise UsageError(f"{field}: {e}") from None
+
+
+def prepare_edit(args) -> EditConfig:
+    """Validate the config and its inputs before anything starts (no Ray, no server)."""
+    from pixelmill.datasets import Dataset, DatasetNotFound, config_hash, diff_config, read_manifest
+
+    overrides = list(args.overrides)
+    if args.limit is not None:
+        overrides.append(f"limit={args.limit}")
+    try:
+        cfg = load_config(EditConfig, args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    try:
+        Dataset.open(cfg.input)
+    except DatasetNotFound as e:
+        raise UsageError(f"input: {e}") from None
+    _check_model_path("model", cfg.model)
+    _check_model_path("clip_model", cfg.clip_model)
+    existing = read_manifest(cfg.output)
+    hashed = cfg.weights_affecting()
+    if existing is not None and existing.config_hash != config_hash(hashed):
+        changed = diff_config(existing.config, hashed)
+        if not args.overwrite:
+            raise UsageError(
+                f"output {cfg.output} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
+                "use a new output or --overwrite"
+            )
+        if not args.dry_run:
+            from pixelmill.datasets.storage import remove
+
+            remove(cfg.output)
+    return cfg
+
+
+def cmd_edit(args) -> int:
+    cfg = prepare_edit(args)
+    from pixelmill.flows.common import plan_shards
+
+    plan = plan_shards(cfg.model_dump(), cfg.weights_affecting())
+    if args.dry_run:
+        print(f"bulk-edit {cfg.method}: {cfg.input} -> {cfg.output}")
+        print(plan.describe())
+        return 0
+    summary = run_edit(cfg, args)
+    print_summary(summary, args.json)
+    return 0
+
+
+def run_edit(cfg: EditConfig, args, show_progress: bool = True):
+    """Start the runtime and run the bulk-edit flow."""
+    from pixelmill.runtime import Runtime
+
+    home = Path(args.home) if getattr(args, "home", None) else default_home()
+    with Runtime(ray_address=args.ray_address or cfg.runtime.ray_address,
+                 prefect_api_url=cfg.runtime.prefect_api_url, home=home,
+                 num_cpus=cfg.runtime.num_cpus):
+        import ray
+
+        from pixelmill.flows.bulk_edit import bulk_edit_flow
+
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        return bulk_edit_flow(cfg.model_dump(), num_gpus=cfg.num_gpus_per_worker if gpus else 0.0,
+                              show_progress=show_progress)
+
+
+def print_summary(summary, as_json: bool = False) -> None:
+    data = {
+        "output": summary.output,
+        "rows_in": summary.rows_in,
+        "rows_out": summary.rows_out,
+        "rejects": summary.rejects,
+        "shards_run": summary.shards_run,
+        "shards_skipped": summary.shards_skipped,
+        "seconds": round(summary.seconds, 3),
+        "images_per_second": round(summary.images_per_second, 4),
+        "worker": summary.worker,
+    }
+    if as_json:
+        print(json.dumps(data))
+        return
+    if not summary.shards_run:
+        print(f"nothing to do: {len(summary.shards_skipped)} shard(s) already committed in {summary.output}")
+        return
+    print(f"done: {summary.rows_in} rows in -> {summary.rows_out} edited + {summary.rejects} rejected "
+          f"({len(summary.shards_run)} shard(s) run, {len(summary.shards_skipped)} skipped) "
+          f"in {summary.seconds:.1f}s, {summary.images_per_second:.2f} images/s")
+    print(f"output: {summary.output}")
+
+
+def cmd_server(args) -> int:
+    import subprocess
+
+    from pixelmill.runtime import prefect_server_command, prefect_server_env
+
+    home = Path(args.home).resolve() if args.home else default_home()
+    print(f"Prefect server with the database in {home / 'prefect.db'}")
+    print(f"UI and API at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(prefect_server_command(args.host, args.port, ui=True),
+                            env=prefect_server_env(home, ui=True))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 0
+
+
+def cmd_report(args) -> int:
+    from pixelmill.datasets import DatasetNotFound
+    from pixelmill.report import render_report
+
+    try:
+        path = render_report(args.dataset, args.out, limit=args.limit)
+    except DatasetNotFound as e:
+        raise UsageError(str(e)) from None
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_dataset_import(args) -> int:
+    from pixelmill.datasets import ConfigMismatch
+    from pixelmill.datasets.importer import import_folder
+
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"not a folder: {args.dir}")
+    try:
+        summary = import_folder(args.dir, args.out, overwrite=args.overwrite)
+    except (ValueError, ConfigMismatch) as e:
+        raise UsageError(str(e)) from None
+    print(f"imported {summary['rows']} images ({summary.get('captions', 0)} with captions) "
+          f"into {args.out} ({summary['shards']} shard(s))")
+    return 0
+
+
+def cmd_dataset_info(args) -> int:
+    from pixelmill.datasets import Dataset, DatasetNotFound
+
+    try:
+        ds = Dataset.open(args.dataset)
+    except DatasetNotFound as e:
+        raise UsageError(str(e)) from None
+    m = ds.manifest
+    print(f"{args.dataset}: {ds.num_rows} rows in {len(ds.shard_names())} shard(s), "
+          f"{ds.rejects().num_rows} rejects")
+    if m is not None:
+        print(f"schema {m.schema_name} v{m.schema_version}, config {m.config_hash}, "
+              f"{'complete' if m.complete else 'INCOMPLETE'}")
+    return 0
+
+
+def cmd_models_make_tiny(args) -> int:
+    from pixelmill.models.tiny import save_tiny_models
+
+    paths = save_tiny_models(args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pixelmill.demo import run_demo
+
+    return run_demo(Path(args.out), ray_address=args.ray_address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_quiet_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UsageError as e:
+        print(f"pixelmill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Wiring shared by the flows: shard plans, progress, and streaming a stage into a writer."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pixelmill.datasets import Dataset, DatasetWriter, config_hash, read_manifest
+from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT
+
+CONTROL_COLUMNS = ("status", "error", "stage", "shard")
+
+
+@dataclass
+class ShardPlan:
+    """Which input shards a run edits and which it skips (and why)."""
+
+    config: dict[str, Any]
+    todo: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    specs: list[dict[str, Any]] = field(default_factory=list)
+    rows_todo: int = 0
+    rows_total: int = 0
+    output_complete: bool = False
+
+    def describe(self) -> str:
+        lines = [f"{len(self.todo)} shard(s) to run ({self.rows_todo} rows), "
+                 f"{len(self.skip)} already committed (skipped)"]
+        lines += [f"  run   {s['shard']}  {s['rows']} rows  from {s['url']}" for s in self.specs]
+        lines += [f"  skip  {name}  committed with the same config" for name in self.skip]
+        return "\n".join(lines)
+
+
+def plan_shards(config: dict[str, Any], hashed: dict[str, Any]) -> ShardPlan:
+    """Plan output shards from the input's shard files (one output shard per input shard).
+
+    The plan for existing rows never changes when the input grows: new input shards add
+    new output shards. ``limit`` keeps the first N rows in shard order.
+    """
+    source = Dataset.open(config["input"])
+    out = read_manifest(config["output"])
+    same = out is not None and out.config_hash == config_hash(hashed)
+    committed = set(out.shard_names()) if same else set()
+    plan = ShardPlan(config=hashed, output_complete=bool(same and out.complete))
+    remaining = config.get("limit")
+    for name in source.shard_names():
+        if remaining is not None and remaining <= 0:
+            break
+        rows = source.shard_rows(name)
+        if remaining is not None:
+            rows = min(rows, remaining)
+            remaining -= rows
+        plan.rows_total += rows
+        if name in committed:
+            plan.skip.append(name)
+            continue
+        plan.todo.append(name)
+        plan.specs.append({"url": source.shard_url(name), "shard": name, "rows": rows})
+        plan.rows_todo += rows
+    if plan.todo:
+        plan.output_complete = False
+    return plan
+
+
+class Progress:
+    """A row counter shared between the worker that does the work and the terminal."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    @classmethod
+    def create(cls, total: int) -> "Progress":
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class _Counter:
+            def __init__(self) -> None:
+                self.n = 0
+
+            def add(self, k: int) -> None:
+                self.n += k
+
+            def get(self) -> int:
+                return self.n
+
+        return cls(_Counter.remote())
+
+    def add(self, k: int) -> None:
+        self.handle.add.remote(k)
+
+    def get(self) -> int:
+        import ray
+
+        return ray.get(self.handle.get.remote())
+
+
+def wait_with_progress(future, progress: Progress | None, total: int, desc: str):
+    """Wait for a submitted task, showing a progress bar fed by ``progress``."""
+    if progress is None:
+        return future.result()
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
+              disable=not sys.stderr.isatty() and os.environ.get("PIXELMILL_PROGRESS") != "1") as bar:
+        while True:
+            future.wait(timeout=0.5)
+            done = future.state.is_final()
+            n = progress.get()
+            bar.update(n - bar.n)
+            if done:
+                break
+    return future.result()
+
+
+@dataclass
+class StageStats:
+    rows_in: int = 0
+    rows_out: int = 0
+    rejects: int = 0
+    worker: dict[str, Any] = field(default_factory=dict)
+
+
+def _worker_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        info.update(node_id=ctx.get_node_id(), worker_id=ctx.get_worker_id(), in_ray_worker=ctx.worker.mode == 1)
+    except Exception:  # noqa: BLE001 - only descriptive
+        info["in_ray_worker"] = False
+    return info
+
+
+def run_stage_into_writer(
+    plan: ShardPlan,
+    builder: Callable,
+    columns: list[str],
+    writer: DatasetWriter,
+    workers: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> StageStats:
+    """Stream the planned input shards through a stage; commit each output shard when whole.
+
+    Rows with ``status == ok`` go to the shard's data, the rest to its rejects; a shard is
+    committed once as many rows came back as went in, so a crash never leaves a half shard
+    that looks complete.
+    """
+    from pixelmill.tasks.ray_data import run_stage
+
+    writer.open()
+    expected = {s["shard"]: s["rows"] for s in plan.specs}
+    seen = {name: 0 for name in expected}
+    shard_writers = {}
+    stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
+    for out in run_stage(plan.specs, columns, builder, workers=workers, batch_size=batch_size):
+        for name in pc.unique(out["shard"]).to_pylist():
+            part = out.filter(pc.equal(out["shard"], name))
+            sw = shard_writers.get(name) or shard_writers.setdefault(name, writer.shard(name))
+            ok_mask = pc.equal(part["status"], STATUS_OK)
+            ok = part.filter(ok_mask).drop_columns(list(CONTROL_COLUMNS))
+            rejected = part.filter(pc.equal(part["status"], STATUS_REJECT)).select(["id", "error", "stage"])
+            sw.write(ok)
+            if rejected.num_rows:
+                sw.reject(rejected)
+            stats.rows_out += ok.num_rows
+            stats.rejects += rejected.num_rows
+            seen[name] += part.num_rows
+            if progress is not None:
+                progress.add(part.num_rows)
+            if seen[name] == expected[name]:
+                sw.commit(input_rows=expected[name])
+    unfinished = {k: (seen[k], v) for k, v in expected.items() if seen[k] != v}
+    if unfinished:
+        raise RuntimeError(f"stage returned a different number of rows than it was given: {unfinished}")
+    return stats

@@ -1,0 +1,510 @@
+"""Loading models by name: a local folder or a hub id.
+
+This module is the one place that knows where weights come from. Diffusion pipelines
+load through diffusers' Auto pipelines, so SDXL and newer families work without new
+code; CLIP loads through open_clip. Weights are read from safetensors only and remote
+code is never trusted. Names that look local but point nowhere fail early with
+``ModelNotFound`` naming the path, before any hub lookup can muddy the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixelmill.models.device import resolve_device, resolve_dtype
+
+MODEL_INDEX = "model_index.json"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_SAFETENSORS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FINGERPRINT_SUFFIXES = {".safetensors", ".json", ".txt", ".model"}
+_file_hash_cache: dict[tuple[str, int, int], str] = {}
+_file_hash_lock = threading.Lock()
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model name that resolves to nothing loadable (missing folder, wrong layout, unknown id)."""
+
+
+def looks_local(model: str) -> bool:
+    """Whether a model name should be treated as a local path rather than a hub id.
+
+    Local when it starts with ``/``, ``.`` or ``~``, exists on disk, its first path
+    component exists on disk, or it cannot be a hub id (``org/name``) at all.
+
+    Args:
+        model: The model name as the user wrote it.
+    """
+    if model.startswith(LOCAL_DIR_PREFIX):
+        return True
+    if model.startswith(HF_HUB_PREFIX):
+        return False
+    if model.startswith(("/", ".", "~")) or "\\" in model:
+        return True
+    path = Path(model)
+    if path.exists() or (len(path.parts) > 1 and Path(path.parts[0]).exists()):
+        return True
+    return not _HUB_ID.match(model)
+
+
+def _local_path(model: str) -> Path:
+    return Path(model.removeprefix(LOCAL_DIR_PREFIX)).expanduser().absolute()
+
+
+def _offline_hint() -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return " (HF_HUB_OFFLINE is set: only models already in the local hub cache can load)"
+    return ""
+
+
+def _pipeline_folder(model: str) -> Path:
+    path = _local_path(model)
+    if not path.exists():
+        raise ModelNotFound(f"model folder not found: {path} (from model name {model!r})")
+    if not path.is_dir():
+        raise ModelNotFound(f"model path is not a folder: {path}")
+    if not (path / MODEL_INDEX).is_file():
+        raise ModelNotFound(
+            f"{path} is not a diffusers pipeline folder: it has no {MODEL_INDEX}"
+        )
+    return path
+
+
+def _read_model_index(model: str, revision: str | None) -> tuple[str, dict[str, Any]]:
+    """Return (name to pass to diffusers, model_index.json content)."""
+    if looks_local(model):
+        path = _pipeline_folder(model)
+        return str(path), json.loads((path / MODEL_INDEX).read_text())
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(model, revision=revision)
+    except OSError as exc:
+        raise ModelNotFound(
+            f"could not read {MODEL_INDEX} of hub model {model!r}"
+            f"{'@' + revision if revision else ''}: {exc}{_offline_hint()}"
+        ) from exc
+    return model, dict(config)
+
+
+def _finish(pipe: Any, device: torch.device) -> Any:
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=1)
+def _dtype_kwarg() -> str:
+    """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns); older ones need the old name."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+def _from_pretrained(
+    loader: Callable[..., Any], name: str, model: str, dtype: torch.dtype, revision: str | None
+) -> Any:
+    try:
+        return loader(
+            name, **{_dtype_kwarg(): dtype}, use_safetensors=True, revision=revision
+        )
+    except OSError as exc:
+        raise ModelNotFound(
+            f"could not load model {model!r}{'@' + revision if revision else ''}: {exc}"
+            f"{_offline_hint()}"
+        ) from exc
+
+
+def _is_instruct_pix2pix(class_name: str) -> bool:
+    return "InstructPix2Pix" in class_name
+
+
+def load_img2img_pipeline(
+    model: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> Any:
+    """Load an image-to-image diffusion pipeline (SD 1.x/2.x, SDXL, …) from a folder or hub id.
+
+    Loads through ``diffusers.AutoPipelineForImage2Image`` so any family diffusers maps
+    to an img2img pipeline works; a text-to-image checkpoint yields its img2img variant.
+    The pipeline's own safety checker, if it has one, is kept.
+
+    Args:
+        model: A local diffusers folder (with ``model_index.json``) or a hub id.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, … (see ``resolve_device``).
+        dtype: ``"auto"``, ``"float32"``, ``"float16"``, ``"bfloat16"`` (see ``resolve_dtype``).
+        revision: Hub branch, tag or commit; ignored for local folders.
+
+    Raises:
+        ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
+        ValueError: The model is an InstructPix2Pix checkpoint (use
+            ``load_instruct_pix2pix_pipeline``) or a family with no img2img pipeline.
+    """
+    from diffusers import AutoPipelineForImage2Image
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name, index = _read_model_index(model, revision)
+    class_name = str(index.get("_class_name", ""))
+    if _is_instruct_pix2pix(class_name):
+        raise ValueError(
+            f"{model!r} is an InstructPix2Pix model ({class_name}); "
+            "load it with load_instruct_pix2pix_pipeline"
+        )
+    pipe = _from_pretrained(
+        AutoPipelineForImage2Image.from_pretrained, name, model, torch_dtype, revision
+    )
+    return _finish(pipe, dev)
+
+
+def load_text2img_pipeline(
+    model: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> Any:
+    """Load a text-to-image pipeline through ``diffusers.AutoPipelineForText2Image``.
+
+    Args:
+        model: A local diffusers folder or a hub id; an img2img checkpoint gives its
+            text-to-image variant.
+        device: See ``resolve_device``.
+        dtype: See ``resolve_dtype``.
+        revision: Hub branch, tag or commit; ignored for local folders.
+
+    Raises:
+        ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
+    """
+    from diffusers import AutoPipelineForText2Image
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name, index = _read_model_index(model, revision)
+    if _is_instruct_pix2pix(str(index.get("_class_name", ""))):
+        raise ValueError(f"{model!r} is an InstructPix2Pix model; it has no text-to-image pipeline")
+    pipe = _from_pretrained(
+        AutoPipelineForText2Image.from_pretrained, name, model, torch_dtype, revision
+    )
+    return _finish(pipe, dev)
+
+
+def _unet_in_channels(name: str, revision: str | None) -> int | None:
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(name, subfolder="unet", revision=revision)
+    except OSError:
+        return None
+    return config.get("in_channels")
+
+
+def load_instruct_pix2pix_pipeline(
+    model: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    revision: str | None = None,
+) -> Any:
+    """Load an InstructPix2Pix pipeline (SD or SDXL based) from a folder or hub id.
+
+    diffusers' ``AutoPipelineForImage2Image`` has no InstructPix2Pix mapping (it would
+    fail, or load the 8-channel UNet into a plain img2img pipeline), so the class is
+    taken from ``model_index.json``: an ``*InstructPix2Pix*`` class is used as is; a
+    plain SD checkpoint whose UNet takes 8 input channels (as diffusers' InstructPix2Pix
+    training script may save) loads as ``StableDiffusionInstructPix2PixPipeline``.
+
+    Args:
+        model: A local diffusers folder or a hub id (``timbrooks/instruct-pix2pix``).
+        device: See ``resolve_device``.
+        dtype: See ``resolve_dtype``.
+        revision: Hub branch, tag or commit; ignored for local folders.
+
+    Raises:
+        ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
+        ValueError: The checkpoint is not an InstructPix2Pix model.
+    """
+    import diffusers
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    name, index = _read_model_index(model, revision)
+    class_name = str(index.get("_class_name", ""))
+    if _is_instruct_pix2pix(class_name) and hasattr(diffusers, class_name):
+        pipe_cls = getattr(diffusers, class_name)
+    else:
+        in_channels = _unet_in_channels(name, revision)
+        if in_channels != 8:
+            raise ValueError(
+                f"{model!r} is not an InstructPix2Pix model: its pipeline is {class_name or 'unknown'} "
+                f"and its UNet takes {in_channels} input channels (InstructPix2Pix needs 8)"
+            )
+        pipe_cls = diffusers.StableDiffusionInstructPix2PixPipeline
+    pipe = _from_pretrained(pipe_cls.from_pretrained, name, model, torch_dtype, revision)
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and unet.config.in_channels != 8:
+        raise ValueError(
+            f"{model!r} loaded as {type(pipe).__name__} but its UNet takes "
+            f"{unet.config.in_channels} input channels (InstructPix2Pix needs 8)"
+        )
+    return _finish(pipe, dev)
+
+
+def is_sd_shaped(pipe: Any) -> bool:
+    """Whether a pipeline is Stable Diffusion 1.x/2.x-shaped.
+
+    Stages with their own denoising loops (SDEdit t0 search, masked SDEdit,
+    Prompt-to-Prompt) drive the UNet, VAE and CLIP text encoder directly, so they need
+    exactly this layout: one ``UNet2DConditionModel`` with plain text cross-attention,
+    a VAE, one text encoder and tokenizer, and a scheduler. SDXL (second text encoder,
+    added time embeddings), transformer-based families and cascades are not.
+
+    Args:
+        pipe: A loaded diffusers pipeline.
+    """
+    from diffusers import UNet2DConditionModel
+
+    for attr in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipe, attr, None) is None:
+            return False
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return False
+    unet = pipe.unet
+    if not isinstance(unet, UNet2DConditionModel):
+        return False
+    config = unet.config
+    if not isinstance(getattr(config, "cross_attention_dim", None), int):
+        return False
+    if getattr(config, "sample_size", None) is None:
+        return False
+    return getattr(config, "addition_embed_type", None) is None and getattr(
+        config, "encoder_hid_dim_type", None
+    ) is None
+
+
+def require_sd_shaped(pipe: Any, what: str) -> None:
+    """Raise a clear error unless ``pipe`` is SD 1.x/2.x-shaped (see ``is_sd_shaped``).
+
+    Args:
+        pipe: A loaded diffusers pipeline.
+        what: The method or stage asking, named in the error (``"SDEdit t0 search"``).
+
+    Raises:
+        ValueError: Naming ``what`` and the pipeline class.
+    """
+    if not is_sd_shaped(pipe):
+        raise ValueError(
+            f"{what} supports Stable Diffusion 1.x/2.x-shaped pipelines only (one UNet2DConditionModel "
+            f"with text cross-attention, a VAE, one CLIP text encoder); got {type(pipe).__name__}"
+        )
+
+
+def _hash_file(path: Path, stat: os.stat_result) -> str:
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _file_hash_lock:
+        cached = _file_hash_cache.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _file_hash_lock:
+        _file_hash_cache[key] = value
+    return value
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a revision points at in the local hub cache, without network access."""
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        ref = (
+            Path(constants.HF_HUB_CACHE)
+            / repo_folder_name(repo_id=repo_id, repo_type="model")
+            / "refs"
+            / (revision or "main")
+        )
+        return ref.read_text().strip() if ref.is_file() else None
+    except (ImportError, OSError):
+        return None
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """A short provenance string that changes when the model's weights or configs change.
+
+    For a local folder (or file): the first 16 hex digits of a sha256 over the relative
+    names, sizes and content hashes of its ``.safetensors``/``.json``/``.txt``/``.model``
+    files. Content hashes are cached by path, size and mtime, so repeated calls only
+    re-read files that changed. For a hub id: ``"<id>@<commit>"`` when the local hub
+    cache knows the commit, else ``"<id>@<revision or main>"``.
+
+    Args:
+        model: A local path or a hub id (``hf-hub:`` prefix allowed).
+        revision: Hub branch, tag or commit; ignored for local paths.
+
+    Raises:
+        ModelNotFound: A local-looking path that does not exist.
+    """
+    if not looks_local(model):
+        repo_id = model.removeprefix(HF_HUB_PREFIX)
+        commit = _hub_commit(repo_id, revision) if _HUB_ID.match(repo_id) else None
+        return f"{model}@{commit or revision or 'main'}"
+    path = _local_path(model)
+    if not path.exists():
+        raise ModelNotFound(f"model path not found: {path} (from model name {model!r})")
+    if path.is_file():
+        files = [path]
+        root = path.parent
+    else:
+        root = path
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in _FINGERPRINT_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        rel = file.relative_to(root).as_posix()
+        digest.update(f"{rel}\0{stat.st_size}\0{_hash_file(file, stat)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _clip_folder(model: str) -> Path:
+    path = _local_path(model)
+    if not path.is_dir():
+        raise ModelNotFound(f"CLIP model folder not found: {path} (from model name {model!r})")
+    if not (path / OPEN_CLIP_CONFIG).is_file():
+        raise ModelNotFound(f"{path} is not an open_clip model folder: it has no {OPEN_CLIP_CONFIG}")
+    if not any((path / name).is_file() for name in OPEN_CLIP_SAFETENSORS):
+        raise ModelNotFound(
+            f"{path} has no safetensors weights (expected one of {', '.join(OPEN_CLIP_SAFETENSORS)}); "
+            "pickled checkpoints are not loaded"
+        )
+    return path
+
+
+def load_clip(
+    model: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
+    """Load an open_clip model with its eval preprocessing and tokenizer.
+
+    Accepted names:
+
+    - a local folder holding ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``,
+      the hub layout) and ``open_clip_model.safetensors`` (``local-dir:`` prefix allowed);
+    - ``hf-hub:org/name`` (or a bare ``org/name`` that is not an open_clip architecture);
+    - ``ARCH/PRETRAINED`` such as ``ViT-L-14/laion2b_s32b_b82k``.
+
+    Hub weights come from safetensors when the repo has them; a pickled checkpoint is
+    only read with ``weights_only=True``.
+
+    Args:
+        model: The model name.
+        device: See ``resolve_device``.
+        dtype: ``"float32"`` (default: scores are compared against thresholds),
+            ``"bfloat16"``/``"float16"`` on GPU, or ``"auto"``.
+
+    Returns:
+        ``(model, preprocess, tokenizer)``: the model in eval mode, the PIL → tensor
+        eval transform, and a callable mapping a list of strings to token ids.
+
+    Raises:
+        ModelNotFound: A missing or malformed local folder, or an unknown name.
+    """
+    import open_clip
+
+    dev = resolve_device(device)
+    precision = _OPEN_CLIP_PRECISION[resolve_dtype(dtype, dev)]
+    if looks_local(model):
+        folder = _clip_folder(model)
+        name = f"{LOCAL_DIR_PREFIX}{folder}"
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, precision=precision, device=dev, weights_only=True
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    else:
+        arch, _, tag = model.partition("/")
+        try:
+            if model.startswith(HF_HUB_PREFIX) or (tag and arch not in open_clip.list_models()):
+                hub_name = model if model.startswith(HF_HUB_PREFIX) else HF_HUB_PREFIX + model
+                clip, preprocess = open_clip.create_model_from_pretrained(
+                    hub_name, precision=precision, device=dev, weights_only=True
+                )
+                tokenizer = open_clip.get_tokenizer(hub_name)
+            elif tag:
+                clip, preprocess = open_clip.create_model_from_pretrained(
+                    arch, pretrained=tag, precision=precision, device=dev, weights_only=True
+                )
+                tokenizer = open_clip.get_tokenizer(arch)
+            else:
+                raise ModelNotFound(
+                    f"CLIP model {model!r} names no weights: use a local folder, "
+                    "'hf-hub:org/name', or 'ARCH/PRETRAINED' (e.g. 'ViT-L-14/laion2b_s32b_b82k')"
+                )
+        except RuntimeError as exc:
+            raise ModelNotFound(f"could not load CLIP model {model!r}: {exc}{_offline_hint()}") from exc
+    clip.eval()
+    return clip, preprocess, tokenizer
+
+
+def safety_flags(pipeline_output: Any) -> list[bool]:
+    """Per-image NSFW flags of a diffusers pipeline output.
+
+    A flagged image is blacked out by the safety checker and must be a reject, never
+    a success. ``None`` (no safety checker) means nothing was flagged.
+
+    Args:
+        pipeline_output: A pipeline output object (``.images`` and
+            ``.nsfw_content_detected``) or the ``(images, nsfw)`` tuple returned with
+            ``return_dict=False``.
+    """
+    if isinstance(pipeline_output, tuple):
+        images = pipeline_output[0]
+        flags = pipeline_output[1] if len(pipeline_output) > 1 else None
+    else:
+        images = getattr(pipeline_output, "images", None)
+        flags = getattr(pipeline_output, "nsfw_content_detected", None)
+    count = len(images) if images is not None else 0
+    if flags is None:
+        return [False] * count
+    if isinstance(flags, (bool, int)):
+        return [bool(flags)] * count
+    result = [bool(f) for f in _as_list(flags)]
+    if count and len(result) != count:
+        raise ValueError(f"pipeline output has {count} images but {len(result)} safety flags")
+    return result
+
+
+def _as_list(flags: Any) -> Sequence[Any]:
+    if isinstance(flags, torch.Tensor):
+        return flags.flatten().tolist()
+    return list(flags)

@@ -1,0 +1,92 @@
+"""The one place that speaks Ray Data: runs a Stage as ``map_batches`` over an actor pool.
+
+Ray Data's arguments changed twice in two years (``compute=`` replaced ``concurrency=``
+in Ray 2.51); keeping them here means stages never see them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from pixelmill.tasks.stage import Stage, set_torch_threads
+
+
+class _StageActor:
+    """Ray Data actor: builds the stage from its builder on the worker, sets it up once."""
+
+    def __init__(self, builder: Callable[[], Stage]) -> None:
+        self.stage = builder()
+        set_torch_threads(self.stage.resources.cpus)
+        self.stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch)
+
+
+def ray_remote_args(stage: Stage) -> dict[str, Any]:
+    """Ray actor arguments for a stage's declared resources."""
+    r = stage.resources
+    args: dict[str, Any] = {"num_cpus": r.cpus}
+    if r.gpus:
+        args["num_gpus"] = r.gpus
+    if r.memory_bytes:
+        args["memory"] = r.memory_bytes
+    return args
+
+
+def _read_spec_batch(batch: dict, columns: list[str]) -> pa.Table:
+    """Read the input shard(s) named in a batch of specs; tag rows with their shard."""
+    from pixelmill.datasets.reader import read_parquet_file
+
+    tables = []
+    for url, shard, rows in zip(batch["url"], batch["shard"], batch["rows"]):
+        t = read_parquet_file(str(url), columns=columns).slice(0, int(rows))
+        tables.append(t.append_column("shard", pa.array([str(shard)] * t.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
+def run_stage(
+    specs: list[dict[str, Any]],
+    columns: list[str],
+    builder: Callable[[], Stage],
+    workers: int,
+    batch_size: int,
+) -> Iterator[pa.Table]:
+    """Stream input shards through the stage on a pool of ``workers`` actors.
+
+    Shards are read on workers (one read task per shard), so the driver never holds the
+    input.
+
+    Args:
+        specs: one dict per input shard: ``url``, ``shard`` (name) and ``rows`` (how many
+            of its first rows to read).
+        columns: input columns to read.
+        builder: a picklable zero-argument callable that builds the stage on the worker
+            (builders, not objects, cross process boundaries).
+        workers: actor pool size.
+        batch_size: rows per call of the stage.
+
+    Yields:
+        Output tables as they complete (order not guaranteed).
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    probe = builder()
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    ds = ds.map_batches(_read_spec_batch, fn_kwargs={"columns": columns}, batch_size=1,
+                        batch_format="numpy", num_cpus=0.5)
+    ds = ds.map_batches(
+        _StageActor,
+        fn_constructor_kwargs={"builder": builder},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        **ray_remote_args(probe),
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if batch.num_rows:
+            yield batch

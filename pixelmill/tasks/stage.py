@@ -1,0 +1,62 @@
+"""The stage contract: what every data-parallel stage is, whatever runs it.
+
+A stage is a small class: the constructor takes its config (plain data, cheap to ship),
+``setup()`` loads models once per worker, and ``__call__(batch)`` maps an Arrow table to
+an Arrow table. Resources are data on the stage; ``tasks/ray_data.py`` is the one place
+that turns them into Ray arguments.
+
+Every output row carries ``status`` (``ok`` or ``reject``), and rejects carry ``error``
+and ``stage``: a bad row is recorded, never dropped and never fatal to the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_bytes: int | None = None
+
+
+class Stage:
+    """Base class for data-parallel stages (see the module docstring)."""
+
+    name: ClassVar[str] = "stage"
+
+    def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
+        self.config = config
+        self.resources = resources or Resources()
+
+    def setup(self) -> None:
+        """Load models and other per-worker state. Called once per worker."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class RowError(Exception):
+    """A problem with one row: it becomes a reject with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def set_torch_threads(cpus: float) -> None:
+    """Use as many torch threads as the worker was allotted CPUs (at least one)."""
+    import torch
+
+    n = max(1, int(cpus))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
