@@ -97,15 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_model_path(field: str, value: str | None) -> None:
+def _check_model_path(field: str, value: str | None, kind: str) -> None:
     from pixelmill.models.loading import ModelNotFound, check_model_reference
 
     if value is None:
         return
     try:
-        check_model_reference(value)
+        check_model_reference(value, kind)
     except ModelNotFound as e:
         raise UsageError(f"{field}: {e}") from None
+
+
+def absolute_paths(cfg: EditConfig) -> EditConfig:
+    """Make relative local paths absolute: Ray workers run in another folder. URLs and hub ids stay."""
+    from pixelmill.models.loading import looks_local
+
+    def local(value: str | None, is_model: bool) -> str | None:
+        if value is None or "://" in value or value.startswith(("hf-hub:", "local-dir:")):
+            return value
+        if is_model and not looks_local(value):
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    return cfg.model_copy(update={
+        "input": local(cfg.input, False), "output": local(cfg.output, False),
+        "model": local(cfg.model, True), "clip_model": local(cfg.clip_model, True),
+    })
 
 
 def prepare_edit(args) -> EditConfig:
@@ -119,12 +136,13 @@ def prepare_edit(args) -> EditConfig:
         cfg = load_config(EditConfig, args.config, overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    cfg = absolute_paths(cfg)
     try:
         Dataset.open(cfg.input)
     except DatasetNotFound as e:
         raise UsageError(f"input: {e}") from None
-    _check_model_path("model", cfg.model)
-    _check_model_path("clip_model", cfg.clip_model)
+    _check_model_path("model", cfg.model, "pipeline")
+    _check_model_path("clip_model", cfg.clip_model, "clip")
     existing = read_manifest(cfg.output)
     hashed = cfg.weights_affecting()
     if existing is not None and existing.config_hash != config_hash(hashed):
@@ -236,7 +254,7 @@ def cmd_dataset_import(args) -> int:
         summary = import_folder(args.dir, args.out, overwrite=args.overwrite)
     except (ValueError, ConfigMismatch) as e:
         raise UsageError(str(e)) from None
-    print(f"imported {summary['rows']} images ({summary.get('captions', 0)} with captions) "
+    print(f"imported {summary['images']} images ({summary['captioned']} with captions) "
           f"into {args.out} ({summary['shards']} shard(s))")
     return 0
 

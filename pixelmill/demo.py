@@ -27,14 +27,14 @@ def demo_configs(root: Path, models: dict[str, str], clip: str | None) -> dict[s
                   workers=1)
     cfgs = {
         "sdedit": EditConfig(**common, output=str(root / "datasets" / "edit-sdedit"), method="sdedit",
-                             model=models["sd-img2img"], prompt_column="caption",
+                             model=models["img2img"], prompt_column="caption",
                              negative_prompt="blurry", strength=0.6, guidance_scale=5.0),
         "sdedit-auto-t0": EditConfig(**common, output=str(root / "datasets" / "edit-sdedit-auto"),
-                                     method="sdedit", model=models["sd-img2img"],
+                                     method="sdedit", model=models["img2img"],
                                      prompt="a watercolor painting", strength="auto", target_l2=0.25,
                                      guidance_scale=5.0),
         "instruct-pix2pix": EditConfig(**common, output=str(root / "datasets" / "edit-ip2p"),
-                                       method="instruct_pix2pix", model=models["instruct-pix2pix"],
+                                       method="instruct_pix2pix", model=models["instruct_pix2pix"],
                                        instruction="make it look like winter", guidance_scale=7.5,
                                        image_guidance_scale=1.5),
     }
@@ -62,7 +62,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
     _say("drawing 12 sample images (+1 corrupt file, to show how bad rows become rejects)")
     draw_sample_images(str(root / "samples"), n=12, corrupt=1, seed=0)
     summary = import_folder(str(root / "samples"), str(root / "datasets" / "images"), overwrite=True)
-    _say(f"imported {summary['rows']} files into {root / 'datasets' / 'images'}")
+    _say(f"imported {summary['images']} files into {root / 'datasets' / 'images'}")
 
     _say("building tiny random-weight models offline (img2img, InstructPix2Pix, CLIP)")
     models = save_tiny_models(str(root / "models"))

@@ -19,10 +19,20 @@ class DatasetNotFound(FileNotFoundError):
     """No dataset at a URL: neither a manifest nor any Parquet file."""
 
 
-def _read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet_file(url: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file from any fsspec URL (only ``columns`` when given)."""
     fs, path = storage.resolve(url)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def parquet_num_rows(url: str) -> int:
+    """Row count of one Parquet file, from its footer."""
+    fs, path = storage.resolve(url)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 
 
 def _concat(tables: list[pa.Table], empty: pa.Schema) -> pa.Table:
@@ -111,7 +121,7 @@ class Dataset:
             if columns is not None:
                 schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
             return schema.empty_table()
-        return _read_parquet(url, columns)
+        return read_parquet_file(url, columns)
 
     @property
     def schema(self) -> pa.Schema:
@@ -124,17 +134,17 @@ class Dataset:
                     return pq.read_schema(f)
         return pa.schema([])
 
+    def shard_rows(self, name: str) -> int:
+        """Rows in shard ``name`` (from the manifest, else the Parquet footer)."""
+        expected = self._expected_rows(name)
+        return expected if expected is not None else parquet_num_rows(self.shard_url(name))
+
     @property
     def num_rows(self) -> int:
         """Total rows over all shards (from the manifest or the Parquet footers)."""
         if self._manifest is not None:
             return self._manifest.num_rows
-        total = 0
-        for name in self.shard_names():
-            fs, path = storage.resolve(self.shard_url(name))
-            with fs.open(path, "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
-        return total
+        return sum(self.shard_rows(name) for name in self.shard_names())
 
     def to_table(self, columns: list[str] | None = None) -> pa.Table:
         """All shards concatenated in shard-name order.
@@ -151,7 +161,7 @@ class Dataset:
         else:
             names = [n for n in storage.listdir(base) if n.endswith(".parquet") and not n.startswith(".")]
         urls = [storage.join(base, n) for n in names]
-        return _concat([_read_parquet(u) for u in urls if storage.exists(u)], empty)
+        return _concat([read_parquet_file(u) for u in urls if storage.exists(u)], empty)
 
     def rejects(self) -> pa.Table:
         """Rejected rows of every committed shard (at least ``id``, ``error``, ``stage``)."""

@@ -110,7 +110,8 @@ def _finish(pipe: Any, device: torch.device) -> Any:
 
 @lru_cache(maxsize=1)
 def _dtype_kwarg() -> str:
-    """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns); older ones need the old name."""
+    """The dtype keyword of ``from_pretrained``: ``dtype`` from diffusers 0.42 (where
+    ``torch_dtype`` is deprecated), ``torch_dtype`` before."""
     import diffusers
     from packaging.version import Version
 
@@ -508,3 +509,25 @@ def _as_list(flags: Any) -> Sequence[Any]:
     if isinstance(flags, torch.Tensor):
         return flags.flatten().tolist()
     return list(flags)
+
+
+def check_model_reference(model: str, kind: str = "pipeline") -> None:
+    """Fail early, on the driver, when a local model name points at nothing loadable.
+
+    Hub ids are left to the worker that loads them (the driver may have no cache).
+
+    Args:
+        model: the model name as the user wrote it.
+        kind: ``pipeline`` (a diffusers folder with ``model_index.json``) or ``clip``.
+
+    Raises:
+        ModelNotFound: naming the path and what is missing.
+    """
+    if not looks_local(model):
+        return
+    if kind == "pipeline":
+        _pipeline_folder(model)
+        return
+    path = _local_path(model)
+    if not path.exists():
+        raise ModelNotFound(f"model not found: {path} (from model name {model!r})")

@@ -8,11 +8,9 @@ byte-level BPE vocabulary. open_clip_torch carries its merges as
 
 from __future__ import annotations
 
-import copy
 import gzip
+import importlib.util
 import json
-import tempfile
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,16 +26,21 @@ NUM_MERGES = 49152 - 256 - 2
 BOS_TOKEN_ID = VOCAB_SIZE - 2
 EOS_TOKEN_ID = VOCAB_SIZE - 1
 OFFLINE_NAME = "pixelmill/clip-tokenizer-offline"
-
-_lock = threading.Lock()
-_cached: transformers.CLIPTokenizer | None = None
+BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 
 
 def open_clip_bpe_path() -> Path:
-    """Return the path of the gzipped BPE merges file shipped inside open_clip_torch."""
-    import open_clip.tokenizer
+    """Return the path of the gzipped BPE merges file shipped inside open_clip_torch.
 
-    return Path(open_clip.tokenizer.default_bpe())
+    Found without importing open_clip (which pulls in torch, timm and more).
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"open_clip_torch is not installed; it ships {BPE_FILENAME}")
+    path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the open_clip_torch installation")
+    return path
 
 
 @lru_cache(maxsize=1)
@@ -105,40 +108,41 @@ def write_clip_tokenizer_files(out_dir: str | Path, bpe_path: str | Path | None 
     return out
 
 
-def _build() -> transformers.CLIPTokenizer:
+@lru_cache(maxsize=1)
+def _cached_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    vocab, merges = clip_vocab_and_merges()
+    return vocab, tuple(tuple(m.split(" ")) for m in merges)  # type: ignore[misc]
+
+
+def build_clip_tokenizer() -> transformers.CLIPTokenizer:
+    """Return the SD 1.x / OpenAI CLIP tokenizer, built without any network access.
+
+    The result matches open_clip's ``SimpleTokenizer`` token for token up to the end
+    token, and Hugging Face's ``openai/clip-vit-large-patch14`` tokenizer exactly (ids
+    49406 = ``<|startoftext|>``, 49407 = ``<|endoftext|>``, also the pad token;
+    ``model_max_length=77``). Like every Hugging Face CLIP tokenizer it does not
+    apply open_clip's ftfy/HTML-unescape cleaning, so text such as ``"&amp;"`` or
+    mojibake tokenizes differently from open_clip.
+
+    The vocabulary and merges are read from open_clip's file once per process; each
+    call returns a new tokenizer (about 30 ms), so callers may change it freely.
+    """
     import transformers
 
-    with tempfile.TemporaryDirectory(prefix="pixelmill-clip-tok-") as tmp:
-        write_clip_tokenizer_files(tmp)
-        tok = transformers.CLIPTokenizer.from_pretrained(
-            tmp,
-            model_max_length=MODEL_MAX_LENGTH,
-            bos_token=BOS_TOKEN,
-            eos_token=EOS_TOKEN,
-            unk_token=EOS_TOKEN,
-            pad_token=EOS_TOKEN,
-        )
-    for key in ("vocab_file", "merges_file", "name_or_path", "is_local", "local_files_only"):
-        tok.init_kwargs.pop(key, None)
-    tok.name_or_path = OFFLINE_NAME
+    vocab, merges = _cached_vocab_and_merges()
+    tok = transformers.CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        model_max_length=MODEL_MAX_LENGTH,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        name_or_path=OFFLINE_NAME,
+    )
     if len(tok) != VOCAB_SIZE or tok.bos_token_id != BOS_TOKEN_ID or tok.eos_token_id != EOS_TOKEN_ID:
         raise RuntimeError(
             f"offline CLIP tokenizer is inconsistent: {len(tok)} tokens, "
             f"bos={tok.bos_token_id}, eos={tok.eos_token_id}"
         )
     return tok
-
-
-def build_clip_tokenizer() -> transformers.CLIPTokenizer:
-    """Return the SD 1.x / OpenAI CLIP tokenizer, built without any network access.
-
-    The result equals open_clip's ``SimpleTokenizer`` token for token up to the end
-    token (ids 49406 = ``<|startoftext|>``, 49407 = ``<|endoftext|>``, also the pad
-    token), with ``model_max_length=77``. It is built once per process and a copy is
-    returned each call, so callers may change it freely.
-    """
-    global _cached
-    with _lock:
-        if _cached is None:
-            _cached = _build()
-        return copy.deepcopy(_cached)

@@ -253,7 +253,10 @@ def test_shard_for_id_is_stable_across_processes() -> None:
     ids = [stable_id("dir", i) for i in range(200)]
     buckets = [shard_for_id(i, 16) for i in ids]
     assert set(buckets) <= set(range(16)) and len(set(buckets)) > 8
-    code = "from pixelmill.datasets import shard_for_id, stable_id; print([shard_for_id(stable_id('dir', i), 16) for i in range(200)])"
+    code = (
+        "from pixelmill.datasets import shard_for_id, stable_id\n"
+        "print([shard_for_id(stable_id('dir', i), 16) for i in range(200)])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
     assert json.loads(out.stdout) == buckets
@@ -403,6 +406,33 @@ def test_killed_writer_leaves_nothing_readers_count(tmp_path: Path, hf_datasets)
     resumed = DatasetWriter(str(partial), "images", 1, {"k": 1}).open()
     assert resumed.committed == {"00000"}
     assert not (partial / "__staging").exists()
+
+
+_RAY_READER = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ds = ray.data.read_parquet(sys.argv[1])
+    rows = ds.take_all()
+    print(json.dumps({"ids": sorted(r["id"] for r in rows), "sizes": [len(r["image"]["bytes"]) for r in rows]}))
+    ray.shutdown()
+    """
+)
+
+
+def test_ray_data_reads_only_committed_shards(tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(partial), str(tmp_path / "empty")],
+                   capture_output=True, cwd=tmp_path)
+    assert (partial / "__staging" / "00001.parquet").exists() and (partial / "__rejects").is_dir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.run([sys.executable, "-c", _RAY_READER, str(partial)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ids"] == ["a", "b"] and all(size > 0 for size in result["sizes"])
 
 
 # ---------------------------------------------------------------- readers
@@ -574,7 +604,8 @@ def test_import_folder_with_csv_captions_in_memory(mem_url: str, tmp_path: Path)
     base = storage.to_url(fs, root)
     assert base.startswith("memory://")
     assert captions == {f"{base}/a.png": "first", f"{base}/nested/b.jpeg": "second, quoted", f"{base}/nested/c.tif": "third"}
-    assert all(decode_image(cell).size == (12, 9) for cell in table.column("image").to_pylist()[1:] if cell["path"] != "a.png")
+    sizes = {cell["path"]: decode_image(cell).size for cell in table.column("image").to_pylist()}
+    assert sizes == {"a.png": (8, 8), "nested/b.jpeg": (12, 9), "nested/c.tif": (12, 9)}
 
 
 def test_import_folder_errors(tmp_path: Path) -> None:

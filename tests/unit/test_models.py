@@ -32,6 +32,7 @@ from pixelmill.models import (
     save_tiny_models,
 )
 from pixelmill.models.tiny import TINY_CLIP_EMBED_DIM
+from pixelmill.models.tokenizer import write_clip_tokenizer_files
 
 TOKENIZER_TEXTS = [
     "a photo of a cat",
@@ -107,6 +108,22 @@ def test_tokenizer_vocab_and_special_tokens() -> None:
     assert tok.decode(tok("a red bicycle").input_ids, skip_special_tokens=True) == "a red bicycle"
     tok.model_max_length = 10
     assert build_clip_tokenizer().model_max_length == 77
+
+
+def test_tokenizer_files_load_as_the_same_tokenizer(tmp_path: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(tmp_path)
+    assert (tmp_path / "merges.txt").read_text().startswith("#version")
+    from_files = CLIPTokenizer.from_pretrained(str(tmp_path), model_max_length=77)
+    built = build_clip_tokenizer()
+    assert from_files.get_vocab() == built.get_vocab()
+    assert from_files(TOKENIZER_TEXTS).input_ids == built(TOKENIZER_TEXTS).input_ids
+
+    built.save_pretrained(str(tmp_path / "saved"))
+    reloaded = CLIPTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert reloaded(TOKENIZER_TEXTS).input_ids == built(TOKENIZER_TEXTS).input_ids
+    assert reloaded.model_max_length == 77
 
 
 def test_resolve_device_and_dtype_rules(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,12 +213,24 @@ def test_instruct_pix2pix_loads_and_runs(ip2p_pipe) -> None:
     assert pipe.unet.config.in_channels == 8
     out = pipe(
         ["make it snowy", "turn it into a sketch"],
-        image=_input_image(),
+        image=[_input_image(), _input_image()],
         num_inference_steps=2,
         generator=torch.Generator().manual_seed(0),
     )
     assert [im.size for im in out.images] == [(64, 64), (64, 64)]
     assert safety_flags(out) == [False, False]
+
+
+def test_explicit_dtype_reaches_the_pipeline(tiny_models: dict[str, str]) -> None:
+    pipe = load_img2img_pipeline(tiny_models["img2img"], device="cpu", dtype="bfloat16")
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        load_img2img_pipeline(tiny_models["img2img"], device="cpu", dtype="float16")
+
+
+def test_unknown_hub_id_raises_model_not_found() -> None:
+    with pytest.raises(ModelNotFound, match="pixelmill-test/does-not-exist"):
+        load_img2img_pipeline("pixelmill-test/does-not-exist", device="cpu")
 
 
 def test_loaders_refuse_the_wrong_kind_of_pipeline(tiny_models: dict[str, str]) -> None:
@@ -318,7 +347,8 @@ def test_safety_flags() -> None:
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
     images = [Image.new("RGB", (8, 8))] * 3
-    assert safety_flags(StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)) == [False] * 3
+    unchecked = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+    assert safety_flags(unchecked) == [False] * 3
     flagged = StableDiffusionPipelineOutput(images=images, nsfw_content_detected=[False, True, False])
     assert safety_flags(flagged) == [False, True, False]
     assert safety_flags((images, [True, False, None])) == [True, False, False]
