@@ -144,7 +144,7 @@ def prepare_edit(args) -> EditConfig:
     _check_model_path("model", cfg.model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
     existing = read_manifest(cfg.output)
-    hashed = cfg.weights_affecting()
+    hashed = cfg.output_affecting()
     if existing is not None and existing.config_hash != config_hash(hashed):
         changed = diff_config(existing.config, hashed)
         if not args.overwrite:
@@ -163,7 +163,7 @@ def cmd_edit(args) -> int:
     cfg = prepare_edit(args)
     from pixelmill.flows.common import plan_shards
 
-    plan = plan_shards(cfg.model_dump(), cfg.weights_affecting())
+    plan = plan_shards(cfg.model_dump(), cfg.output_affecting())
     if args.dry_run:
         print(f"bulk-edit {cfg.method}: {cfg.input} -> {cfg.output}")
         print(plan.describe())

@@ -93,9 +93,14 @@ class EditConfig(StrictModel):
                 )
         return self
 
-    def weights_affecting(self) -> dict[str, Any]:
-        """The keys whose change changes the output rows (hashed into the manifest)."""
-        return self.model_dump(exclude={"runtime", "workers", "device", "num_gpus_per_worker",
+    def output_affecting(self) -> dict[str, Any]:
+        """The keys whose change changes the output rows (hashed into the manifest).
+
+        Placement (workers, GPUs, device, batch size, output) is left out: it changes
+        where and how fast rows are made, not what they are (batching changes pixels
+        only within float tolerance, since every row has its own generator).
+        """
+        return self.model_dump(exclude={"runtime", "workers", "device", "num_gpus_per_worker", "batch_size",
                                         "num_cpus_per_worker", "output"})
 
 

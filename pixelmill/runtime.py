@@ -31,6 +31,9 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
     # Bind Ray to 127.0.0.1 rather than the machine's interface address.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }

@@ -96,7 +96,7 @@ def commit_manifest(config: dict[str, Any], plan: ShardPlan) -> int:
 @flow(name="bulk-edit", task_runner=RayTaskRunner(), log_prints=True)
 def bulk_edit_flow(config: dict[str, Any], num_gpus: float = 0.0, show_progress: bool = True) -> EditSummary:
     """Plan → edit the shards not yet committed → commit the manifest."""
-    plan = plan_shards(config, EditConfig.model_validate(config).weights_affecting())
+    plan = plan_shards(config, EditConfig.model_validate(config).output_affecting())
     summary = EditSummary(output=config["output"], shards_skipped=plan.skip)
     if plan.todo:
         progress = Progress.create(total=plan.rows_todo) if show_progress else None

@@ -106,7 +106,7 @@ def sd_scheduler_config() -> dict[str, Any]:
     }
 
 
-def build_tiny_sd_components(seed: int = 0, in_channels: int = 4) -> dict[str, Any]:
+def build_tiny_sd_components(seed: int = 0, in_channels: int = 4, pretrained_vae: bool = True) -> dict[str, Any]:
     """Build the components of a random-weight Stable Diffusion 1.x-shaped pipeline.
 
     The result can be passed as ``**kwargs`` to ``StableDiffusionImg2ImgPipeline``,
@@ -117,6 +117,8 @@ def build_tiny_sd_components(seed: int = 0, in_channels: int = 4) -> dict[str, A
     Args:
         seed: Seeds weight initialisation; the same seed gives the same weights.
         in_channels: UNet input channels: 4 for SD, 8 for InstructPix2Pix.
+        pretrained_vae: load the shipped tiny VAE weights (trained to reconstruct, see
+            ``tiny_vae.py``) so edits keep the image; False for a random VAE.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -135,6 +137,10 @@ def build_tiny_sd_components(seed: int = 0, in_channels: int = 4) -> dict[str, A
             norm_num_groups=32,
             sample_size=64,
         )
+    if pretrained_vae:
+        from pixelmill.models.tiny_vae import load_shipped_tiny_vae
+
+        load_shipped_tiny_vae(vae)
     with _seeded(seed + 2):
         text_config = CLIPTextConfig(
             hidden_size=TINY_CROSS_ATTENTION_DIM,
@@ -180,14 +186,50 @@ def build_tiny_instruct_pix2pix_pipeline(seed: int = 0) -> Any:
     )
 
 
-def save_tiny_img2img(out_dir: str | Path, seed: int = 0) -> str:
+def build_tiny_safety_checker(flag_everything: bool = True, seed: int = 0) -> tuple[Any, Any]:
+    """A tiny ``StableDiffusionSafetyChecker`` and its feature extractor.
+
+    With ``flag_everything`` every concept threshold is far below any similarity, so
+    every image is flagged: a test model for the ``nsfw`` reject path (the pipeline
+    then returns a black image, which pixelmill must never count as a success).
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "vocab_size": VOCAB_SIZE},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        projection_dim=768,
+    )
+    with _seeded(seed + 3):
+        checker = StableDiffusionSafetyChecker(config)
+    if flag_everything:
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(-10.0)
+            checker.special_care_embeds_weights.fill_(-10.0)
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, extractor
+
+
+def save_tiny_img2img(out_dir: str | Path, seed: int = 0, flagging_safety_checker: bool = False) -> str:
     """Write a random-weight SD img2img pipeline folder (safetensors) and return its path.
 
     Args:
         out_dir: Target folder; it gets ``model_index.json`` and one sub-folder per component.
         seed: Weight seed.
+        flagging_safety_checker: include a safety checker that flags every image (tests).
     """
     pipe = build_tiny_img2img_pipeline(seed=seed)
+    if flagging_safety_checker:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        checker, extractor = build_tiny_safety_checker(True, seed)
+        pipe = StableDiffusionImg2ImgPipeline(**{**pipe.components, "safety_checker": checker,
+                                                 "feature_extractor": extractor,
+                                                 "requires_safety_checker": True})
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     return str(out_dir)
 

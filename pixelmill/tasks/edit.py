@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from pixelmill.datasets.images import IMAGE_TYPE, ImageError, decode_image, encode_image, normalize_image
+from pixelmill.datasets.images import IMAGE_TYPE, ImageError, encode_image, normalize_image
 from pixelmill.tasks.metrics import ClipScorer, rgb_rmse
 from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT, Resources, RowError, Stage
 
@@ -135,7 +135,8 @@ class BulkEditor(Stage):
     def _score(self, rows, chunk, results) -> None:
         idx = [k for k, r in enumerate(results) if not r.get("reject")]
         for k in idx:
-            results[k]["l2"] = results[k].get("l2", rgb_rmse(chunk[k][1], results[k]["image"]))
+            if "l2" not in results[k]:
+                results[k]["l2"] = rgb_rmse(chunk[k][1], results[k]["image"])
         if self.clip is None or not idx:
             return
         cap = self.config.get("caption_column")
@@ -233,6 +234,7 @@ class SDEditEditor(BulkEditor):
         n = len(images)
         lo, hi = [0] * n, [steps] * n
         best: list[dict | None] = [None] * n
+        nsfw: set[int] = set()
         while True:
             active = [i for i in range(n) if lo[i] < hi[i]]
             if not active:
@@ -244,16 +246,20 @@ class SDEditEditor(BulkEditor):
                 [seeds[i] for i in active],
             )
             for j, i in enumerate(active):
+                if flags[j]:
+                    nsfw.add(i)
+                    lo[i] = hi[i]
+                    continue
                 l2 = rgb_rmse(images[i], outs[j])
                 if l2 <= target:
                     lo[i] = mids[i]
-                    best[i] = {"image": outs[j], "l2": l2, "nsfw": flags[j]}
+                    best[i] = {"image": outs[j], "l2": l2}
                 else:
                     hi[i] = mids[i] - 1
         results = []
         for i in range(n):
-            b = best[i] or {"image": images[i].copy(), "l2": 0.0, "nsfw": False}
-            if b["nsfw"]:
+            b = best[i] or {"image": images[i].copy(), "l2": 0.0}
+            if i in nsfw:
                 results.append({"reject": "nsfw"})
             else:
                 results.append({"image": b["image"], "l2": b["l2"], "t0_steps": lo[i],

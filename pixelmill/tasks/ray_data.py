@@ -25,6 +25,20 @@ class _StageActor:
         return self.stage(batch)
 
 
+def quiet_data_context() -> None:
+    """No Ray Data progress bars or per-run stats logs: pixelmill shows its own progress."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def ray_remote_args(stage: Stage) -> dict[str, Any]:
     """Ray actor arguments for a stage's declared resources."""
     r = stage.resources
@@ -74,6 +88,7 @@ def run_stage(
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    quiet_data_context()
     probe = builder()
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map_batches(_read_spec_batch, fn_kwargs={"columns": columns}, batch_size=1,

@@ -166,7 +166,10 @@ def test_tiny_builders_are_deterministic_and_leave_global_rng_alone() -> None:
     for name in ("unet", "vae", "text_encoder"):
         sa, sb, sc = (x[name].state_dict() for x in (a, b, c))
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
-        assert not all(torch.equal(sa[k], sc[k]) for k in sa), name
+        # The VAE is the shipped, trained one whatever the seed; the rest follow the seed.
+        assert all(torch.equal(sa[k], sc[k]) for k in sa) == (name == "vae"), name
+    random_vae = build_tiny_sd_components(seed=7, pretrained_vae=False)["vae"].state_dict()
+    assert not all(torch.equal(random_vae[k], a["vae"].state_dict()[k]) for k in random_vae)
     text_cfg = a["text_encoder"].config
     assert (text_cfg.bos_token_id, text_cfg.eos_token_id, text_cfg.pad_token_id) == (49406, 49407, 49407)
     assert a["unet"].config.cross_attention_dim == text_cfg.hidden_size == 32
@@ -363,3 +366,17 @@ def test_benchmark_unet_is_sd_shaped() -> None:
     with torch.no_grad():
         out = unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 77, 768)).sample
     assert out.shape == (1, 4, 16, 16)
+
+
+def test_shipped_tiny_vae_reconstructs_images() -> None:
+    """The tiny pipelines keep the image (so faithfulness and the t0 search mean something)."""
+    from pixelmill.models.tiny_vae import SHIPPED_TINY_VAE, _synthetic_batch
+
+    assert SHIPPED_TINY_VAE.is_file()
+    x = _synthetic_batch(torch.Generator().manual_seed(99), 4, 64)
+    for pretrained, bound in ((True, lambda e: e < 0.1), (False, lambda e: e > 0.2)):
+        vae = build_tiny_sd_components(pretrained_vae=pretrained)["vae"]
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        err = float(((rec - x) / 2).pow(2).mean().sqrt())
+        assert bound(err), (pretrained, err)
