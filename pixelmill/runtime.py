@@ -148,6 +148,21 @@ class PrefectServer:
         self.proc = None
 
 
+def enable_ray_token_auth_if_available() -> None:
+    """Present this machine's Ray token when joining a cluster.
+
+    Ray 2.60 clusters use token authentication by default, but a driver joining one by
+    address only sends its token when ``RAY_AUTH_MODE=token``; without it the join fails
+    with "Authentication token is missing". An explicit ``RAY_AUTH_MODE`` is respected.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+        Path.home() / ".ray" / "auth_token"
+    ).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 @dataclass
 class Runtime:
     """Ray + Prefect for one pixelmill command; use as a context manager.
@@ -203,6 +218,7 @@ class Runtime:
             configure_logging=True,
         )
         if self.ray_address:
+            enable_ray_token_auth_if_available()
             ray.init(address=self.ray_address, **kwargs)
         else:
             ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
+from PIL import Image, UnidentifiedImageError, ImageOps
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -109,6 +109,8 @@ def normalize_image(
             img = Image.open(io.BytesIO(bytes(data)))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError("undecodable", "not a recognised image format") from exc
     except Exception as exc:
         raise ImageError("undecodable", f"{type(exc).__name__}: {exc}") from exc
 

@@ -74,7 +74,6 @@ def edit_shards(config: dict[str, Any], plan: ShardPlan, num_gpus: float, progre
         columns=input_columns(config),
         writer=DatasetWriter(config["output"], SCHEMA_NAME, SCHEMA_VERSION, plan.config),
         workers=config["workers"],
-        batch_size=config["batch_size"],
         progress=progress,
     )
     return EditSummary(

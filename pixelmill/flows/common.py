@@ -144,7 +144,6 @@ def run_stage_into_writer(
     columns: list[str],
     writer: DatasetWriter,
     workers: int,
-    batch_size: int,
     progress: Progress | None = None,
 ) -> StageStats:
     """Stream the planned input shards through a stage; commit each output shard when whole.
@@ -160,7 +159,7 @@ def run_stage_into_writer(
     seen = {name: 0 for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
-    for out in run_stage(plan.specs, columns, builder, workers=workers, batch_size=batch_size):
+    for out in run_stage(plan.specs, columns, builder, workers=workers):
         for name in pc.unique(out["shard"]).to_pylist():
             part = out.filter(pc.equal(out["shard"], name))
             sw = shard_writers.get(name) or shard_writers.setdefault(name, writer.shard(name))

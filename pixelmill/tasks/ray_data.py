@@ -66,12 +66,14 @@ def run_stage(
     columns: list[str],
     builder: Callable[[], Stage],
     workers: int,
-    batch_size: int,
 ) -> Iterator[pa.Table]:
     """Stream input shards through the stage on a pool of ``workers`` actors.
 
     Shards are read on workers (one read task per shard), so the driver never holds the
-    input.
+    input. Each stage call gets one whole shard and batches it itself (its config's
+    ``batch_size``): Ray Data coalesces blocks in arrival order, so letting it form the
+    batches would make a row's batch, and so its floating-point result, vary between
+    identical runs.
 
     Args:
         specs: one dict per input shard: ``url``, ``shard`` (name) and ``rows`` (how many
@@ -80,7 +82,6 @@ def run_stage(
         builder: a picklable zero-argument callable that builds the stage on the worker
             (builders, not objects, cross process boundaries).
         workers: actor pool size.
-        batch_size: rows per call of the stage.
 
     Yields:
         Output tables as they complete (order not guaranteed).
@@ -96,7 +97,7 @@ def run_stage(
     ds = ds.map_batches(
         _StageActor,
         fn_constructor_kwargs={"builder": builder},
-        batch_size=batch_size,
+        batch_size=None,
         batch_format="pyarrow",
         zero_copy_batch=True,
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
