@@ -125,6 +125,22 @@ def absolute_paths(cfg: EditConfig) -> EditConfig:
     })
 
 
+def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
+    """Every column the config names must be in the input; the default caption column is optional."""
+    from pixelmill.tasks.edit import template_fields
+
+    if cfg.caption_column and cfg.caption_column not in names and "caption_column" not in cfg.model_fields_set:
+        cfg = cfg.model_copy(update={"caption_column": None})
+    wanted = {"image_column": [cfg.image_column], "caption_column": [cfg.caption_column],
+              "prompt_column": [cfg.prompt_column], "instruction_column": [cfg.instruction_column],
+              "prompt": template_fields(cfg.prompt), "instruction": template_fields(cfg.instruction)}
+    for key, columns in wanted.items():
+        for col in columns:
+            if col and col not in names:
+                raise UsageError(f"{key}: column {col!r} is not in the input (columns: {', '.join(names)})")
+    return cfg
+
+
 def prepare_edit(args) -> EditConfig:
     """Validate the config and its inputs before anything starts (no Ray, no server)."""
     from pixelmill.datasets import Dataset, DatasetNotFound, config_hash, diff_config, read_manifest
@@ -138,9 +154,10 @@ def prepare_edit(args) -> EditConfig:
         raise UsageError(str(e)) from None
     cfg = absolute_paths(cfg)
     try:
-        Dataset.open(cfg.input)
+        schema = Dataset.open(cfg.input).schema
     except DatasetNotFound as e:
         raise UsageError(f"input: {e}") from None
+    cfg = check_input_columns(cfg, schema.names)
     _check_model_path("model", cfg.model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
     existing = read_manifest(cfg.output)

@@ -40,7 +40,9 @@ class EditConfig(StrictModel):
         output: dataset URL to write.
         method: ``sdedit`` (img2img with strength t0) or ``instruct_pix2pix``.
         model: local folder or hub id of the diffusers pipeline.
-        prompt / prompt_column: one prompt for all rows, or a per-row column (SDEdit).
+        prompt / prompt_column: one prompt for all rows (``{column}`` placeholders are
+            filled from the row, e.g. ``"a watercolor painting of {caption}"``), or a
+            per-row column (SDEdit).
         instruction / instruction_column: the same for InstructPix2Pix.
         strength: SDEdit t0 in (0, 1], or ``auto`` to search t0 per image for ``target_l2``.
         target_l2: with ``strength: auto``, the largest RMSE (RGB in [0, 1]) allowed.

@@ -27,11 +27,11 @@ def demo_configs(root: Path, models: dict[str, str], clip: str | None) -> dict[s
                   workers=1)
     cfgs = {
         "sdedit": EditConfig(**common, output=str(root / "datasets" / "edit-sdedit"), method="sdedit",
-                             model=models["img2img"], prompt_column="caption",
-                             negative_prompt="blurry", strength=0.6, guidance_scale=5.0),
+                             model=models["img2img"], prompt="a watercolor painting of {caption}",
+                             negative_prompt="blurry", strength=0.2, guidance_scale=5.0),
         "sdedit-auto-t0": EditConfig(**common, output=str(root / "datasets" / "edit-sdedit-auto"),
                                      method="sdedit", model=models["img2img"],
-                                     prompt="a watercolor painting", strength="auto", target_l2=0.25,
+                                     prompt="a pencil sketch of {caption}", strength="auto", target_l2=0.2,
                                      guidance_scale=5.0),
         "instruct-pix2pix": EditConfig(**common, output=str(root / "datasets" / "edit-ip2p"),
                                        method="instruct_pix2pix", model=models["instruct_pix2pix"],

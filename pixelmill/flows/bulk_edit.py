@@ -19,6 +19,7 @@ from prefect_ray.task_runners import RayTaskRunner
 from pixelmill.config import EditConfig
 from pixelmill.datasets import Dataset, DatasetWriter
 from pixelmill.flows.common import Progress, ShardPlan, plan_shards, wait_with_progress
+from pixelmill.tasks.edit import input_columns
 
 SCHEMA_NAME = "edits"
 SCHEMA_VERSION = 1
@@ -51,15 +52,6 @@ def editor_builder(config: dict[str, Any], num_gpus: float = 0.0):
 
     cls = SDEditEditor if config["method"] == "sdedit" else InstructPix2PixEditor
     return partial(cls, config, Resources(cpus=config["num_cpus_per_worker"], gpus=num_gpus))
-
-
-def input_columns(config: dict[str, Any]) -> list[str]:
-    """The input columns the edit stage reads."""
-    cols = ["id", config["image_column"]]
-    for key in ("caption_column", "prompt_column", "instruction_column"):
-        if config.get(key):
-            cols.append(config[key])
-    return list(dict.fromkeys(cols))
 
 
 @task(name="edit-shards", retries=0, cache_policy=NO_CACHE)

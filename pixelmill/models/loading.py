@@ -121,6 +121,9 @@ def _dtype_kwarg() -> str:
 def _from_pretrained(
     loader: Callable[..., Any], name: str, model: str, dtype: torch.dtype, revision: str | None
 ) -> Any:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
     try:
         return loader(
             name, **{_dtype_kwarg(): dtype}, use_safetensors=True, revision=revision

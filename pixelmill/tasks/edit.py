@@ -56,6 +56,40 @@ def row_seed(config_seed: int, row_id: str) -> int:
     return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def template_fields(template: str | None) -> list[str]:
+    """The ``{column}`` names a prompt template uses (``{{`` and ``}}`` are literal braces)."""
+    import string
+
+    if not template:
+        return []
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def fill_template(template: str | None, row: dict) -> str | None:
+    """Fill ``{column}`` placeholders from the row; a missing or empty value is a row error."""
+    fields = template_fields(template)
+    if not fields:
+        return template
+    values = {}
+    for f in fields:
+        v = row.get(f)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise RowError(f"missing {f!r} for the prompt template")
+        values[f] = v
+    return template.format_map(values)
+
+
+def input_columns(config: dict[str, Any]) -> list[str]:
+    """The input columns the edit stage reads (``id`` first, then image, texts, templates)."""
+    cols = ["id", config["image_column"]]
+    for key in ("caption_column", "prompt_column", "instruction_column"):
+        if config.get(key):
+            cols.append(config[key])
+    for key in ("prompt", "instruction"):
+        cols += template_fields(config.get(key))
+    return list(dict.fromkeys(cols))
+
+
 class BulkEditor(Stage):
     """Shared row handling of the edit stages; subclasses implement ``edit``.
 
@@ -92,9 +126,10 @@ class BulkEditor(Stage):
         raise NotImplementedError  # pragma: no cover
 
     def _row_text(self, row: dict) -> str:
+        """The row's prompt/instruction: its column, or the config text with ``{column}`` filled in."""
         c = self.config
         column = c.get(f"{self.text_key}_column")
-        text = row.get(column) if column else c.get(self.text_key)
+        text = row.get(column) if column else fill_template(c.get(self.text_key), row)
         if not isinstance(text, str) or not text.strip():
             raise RowError(f"missing {self.text_key}" + (f" in column {column!r}" if column else ""))
         return text

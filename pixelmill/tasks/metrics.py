@@ -56,7 +56,7 @@ class ClipScorer:
         """Image–text similarity of each output to its target text, and directional similarity.
 
         Directional similarity is cos(E(out) − E(in), E(target) − E(source)), defined only
-        where a source caption exists.
+        where a source caption exists and differs from the target text.
         """
         e_in, e_out = self.images(inputs), self.images(outputs)
         e_t = self.texts(targets)
@@ -66,7 +66,9 @@ class ClipScorer:
         if have:
             e_s = self.texts([sources[i] for i in have])
             d_img = self._norm(e_out[have] - e_in[have])
-            d_txt = self._norm(e_t[have] - e_s)
+            raw = e_t[have] - e_s
+            d_txt = self._norm(raw)
             for j, i in enumerate(have):
-                direction[i] = float((d_img[j] * d_txt[j]).sum())
+                if float(raw[j].norm()) > 1e-6:  # no direction when target and source text agree
+                    direction[i] = float((d_img[j] * d_txt[j]).sum())
         return img_text, direction

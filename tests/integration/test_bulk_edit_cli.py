@@ -189,6 +189,10 @@ def test_bad_input_exits_2_before_anything_starts(tmp_path, images, tiny_models)
               prompt="p"), "input:"),
         (dict(input=images[0], output=str(tmp_path / "o"), model=tiny_models["img2img"], prompt="p",
               steps="many"), "steps:"),
+        (dict(input=images[0], output=str(tmp_path / "o"), model=tiny_models["img2img"], prompt_column="nope"),
+         "prompt_column: column 'nope' is not in the input"),
+        (dict(input=images[0], output=str(tmp_path / "o"), model=tiny_models["img2img"], prompt="a {style} cat"),
+         "prompt: column 'style' is not in the input"),
     ]
     for values, needle in cases:
         proc = run_cli(["edit", str(write_config(tmp_path / "bad.yaml", **values))], env)

@@ -146,3 +146,24 @@ def test_row_seed_is_stable_and_distinct():
 def test_encode_image_roundtrip_keeps_pixels():
     im = Image.new("RGB", (16, 8), (1, 2, 3))
     assert decode_image(encode_image(im)).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_prompt_templates_fill_from_the_row(tiny_models):
+    from pixelmill.tasks.edit import input_columns
+
+    cfg = _config(tiny_models, prompt="a watercolor painting of {caption}", clip_model=tiny_models["clip"])
+    assert input_columns(cfg) == ["id", "image", "caption"]
+    stage = SDEditEditor(cfg)
+    stage.setup()
+    batch = _batch(2).set_column(2, "caption", pa.array(["a red barn", None]))
+    out = stage(batch).to_pylist()
+    assert out[0]["edit_prompt"] == "a watercolor painting of a red barn"
+    assert out[0]["clip_direction"] is not None
+    assert out[1]["status"] == "reject" and "'caption'" in out[1]["error"]
+
+
+def test_direction_is_undefined_when_target_equals_source(tiny_models):
+    stage = SDEditEditor(_config(tiny_models, prompt=None, prompt_column="caption", clip_model=tiny_models["clip"]))
+    stage.setup()
+    row = stage(_batch(1)).to_pylist()[0]
+    assert row["status"] == "ok" and row["clip_direction"] is None and row["clip_image_text"] is not None
