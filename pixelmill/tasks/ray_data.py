@@ -92,8 +92,10 @@ def run_stage(
     quiet_data_context()
     probe = builder()
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    # Reads claim no CPU: they are light I/O, and a stage actor that claims every CPU of a
+    # node must not starve the reads that feed it.
     ds = ds.map_batches(_read_spec_batch, fn_kwargs={"columns": columns}, batch_size=1,
-                        batch_format="numpy", num_cpus=0.5)
+                        batch_format="numpy", num_cpus=0)
     ds = ds.map_batches(
         _StageActor,
         fn_constructor_kwargs={"builder": builder},
