@@ -12,7 +12,7 @@ import yaml
 
 from pixelmill.datasets import Dataset, account
 from pixelmill.datasets.images import decode_image
-from tests.conftest import run_cli
+from tests.conftest import prefect_servers_not_started_by, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,7 @@ def test_edit_accounts_for_every_row_and_reports_to_one_prefect_server(cluster, 
     names = {t.name.rsplit("-", 1)[0]: t for t in task_runs}
     assert names["edit-shards"].state.is_completed()
     assert names["commit-manifest"].state.is_completed()
+    assert prefect_servers_not_started_by(int(cluster["PIXELMILL_TEST_PREFECT_PID"])) == []
 
 
 def test_second_run_does_no_work(cluster, sdedit_config):
