@@ -316,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"pixelmill: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the traceback helps; the last line says what failed
+        import traceback
+
+        traceback.print_exc()
+        print(f"pixelmill: error: {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.command == "edit":
+            print("Committed shards are kept: rerun the same command to resume.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -158,7 +158,7 @@ class BulkEditor(Stage):
         for items in groups.values():
             for start in range(0, len(items), c["batch_size"]):
                 chunk = items[start : start + c["batch_size"]]
-                results = self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
+                results = self._edit_isolating_failures(chunk)
                 self._score(rows, chunk, results)
                 for (i, image, text, seed), res in zip(chunk, results):
                     if res.get("reject"):
@@ -166,6 +166,19 @@ class BulkEditor(Stage):
                     else:
                         out[i] = self._ok(rows[i], image, text, seed, res)
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def _edit_isolating_failures(self, chunk) -> list[dict]:
+        """Edit a chunk; if it fails, retry row by row so one bad row cannot sink the batch.
+
+        A row that fails on its own becomes a reject naming the exception (a batch failure
+        such as running out of memory is retried at batch size 1 first).
+        """
+        try:
+            return self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
+        except Exception as batch_error:  # noqa: BLE001 - isolate, then report per row
+            if len(chunk) == 1:
+                return [{"reject": f"edit_failed: {type(batch_error).__name__}: {batch_error}"[:500]}]
+        return [self._edit_isolating_failures([x])[0] for x in chunk]
 
     def _score(self, rows, chunk, results) -> None:
         idx = [k for k, r in enumerate(results) if not r.get("reject")]

@@ -167,3 +167,18 @@ def test_direction_is_undefined_when_target_equals_source(tiny_models):
     stage.setup()
     row = stage(_batch(1)).to_pylist()[0]
     assert row["status"] == "ok" and row["clip_direction"] is None and row["clip_image_text"] is not None
+
+
+def test_a_row_that_breaks_the_model_is_a_reject_not_a_failed_batch(tiny_models):
+    class Fussy(SDEditEditor):
+        def edit(self, images, texts, seeds):
+            if any("poison" in t for t in texts):
+                raise RuntimeError("shape mismatch")
+            return super().edit(images, texts, seeds)
+
+    stage = Fussy(_config(tiny_models, prompt=None, prompt_column="caption"))
+    stage.setup()
+    batch = _batch(3).set_column(2, "caption", pa.array(["fine", "poison pill", "also fine"]))
+    out = stage(batch).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "reject", "ok"]
+    assert out[1]["error"] == "edit_failed: RuntimeError: shape mismatch"
