@@ -52,6 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow_args(p)
     p.set_defaults(func=cmd_edit)
 
+    p = sub.add_parser("retrieve", help="retrieve exactly N real images per class prompt from a pool",
+                       description="Regularization retrieval (Custom Diffusion): pool rows whose CLIP similarity "
+                                   "to each class prompt is above the threshold, downloaded until exactly N per "
+                                   "prompt. Example: configs/retrieve.yaml.")
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("pool", help="build or index a retrieval pool")
+    psub = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
+    q = psub.add_parser("build", help="embed a dataset's captions and/or images with open_clip into a pool",
+                        description="Embed a pixelmill dataset with open_clip into a pool (Parquet layout), "
+                                    "as a Ray Data pipeline.")
+    q.add_argument("dataset", help="input dataset (needs `caption` and/or `image` and `url` columns)")
+    q.add_argument("--clip", required=True, help="open_clip model: local folder, hf-hub:..., or ARCH/PRETRAINED")
+    q.add_argument("--out", required=True, help="pool folder or URL to write")
+    q.add_argument("--caption-column", default="caption")
+    q.add_argument("--image-column", default="image", help="'' to embed captions only")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--overwrite", action="store_true")
+    _add_runtime_args(q)
+    q.set_defaults(func=cmd_pool_build)
+    q = psub.add_parser("index", help="build a faiss index (IVF or HNSW, inner product) and print its recall",
+                        description="Build a faiss inner-product index over a pool's normalised embeddings for "
+                                    "pools too large to scan; prints recall against the exact scan on a sample.")
+    q.add_argument("pool")
+    q.add_argument("--out", required=True, help="index folder or URL")
+    q.add_argument("--kind", choices=["text", "image"], default="text")
+    q.add_argument("--type", dest="index_type", choices=["ivf", "hnsw"], default="ivf")
+    q.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(rows))")
+    q.add_argument("--nprobe", type=int, default=16)
+    q.add_argument("--threshold", type=float, default=0.85, help="threshold used for the recall check")
+    q.set_defaults(func=cmd_pool_index)
+
     p = sub.add_parser("demo", help="run every pipeline on drawn sample images with tiny offline models",
                        description="Draw sample images, build tiny models, start the embedded runtime, "
                                    "run the bulk-edit flow with SDEdit and InstructPix2Pix, write a report.")
@@ -229,6 +262,119 @@ def print_summary(summary, as_json: bool = False) -> None:
           f"({len(summary.shards_run)} shard(s) run, {len(summary.shards_skipped)} skipped) "
           f"in {summary.seconds:.1f}s, {summary.images_per_second:.2f} images/s")
     print(f"output: {summary.output}")
+
+
+def prepare_retrieve(args):
+    """Validate a retrieval config and its pool before anything starts."""
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.datasets import config_hash, diff_config, read_manifest
+    from pixelmill.tasks.regularization import check_retrieve_inputs
+
+    overrides = list(args.overrides)
+    if args.limit is not None:
+        overrides.append(f"limit={args.limit}")
+    try:
+        cfg = load_config(RetrieveConfig, args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    cfg = cfg.model_copy(update={
+        "pool": _local_url(cfg.pool), "output": _local_url(cfg.output),
+        "index": _local_url(cfg.index) if cfg.index else None,
+    })
+    try:
+        cfg = check_retrieve_inputs(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    root_images = cfg.output.rstrip("/") + "/images"
+    existing = read_manifest(root_images)
+    hashed = cfg.output_affecting()
+    if existing is not None and existing.config_hash != config_hash(hashed):
+        changed = diff_config(existing.config, hashed)
+        if not args.overwrite:
+            raise UsageError(
+                f"output {cfg.output} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
+                "use a new output or --overwrite"
+            )
+        if not args.dry_run:
+            from pixelmill.datasets.storage import remove
+
+            remove(cfg.output)
+    return cfg
+
+
+def _local_url(value: str) -> str:
+    return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
+def cmd_retrieve(args) -> int:
+    cfg = prepare_retrieve(args)
+    from pixelmill.flows.retrieve import plan_retrieval
+
+    plan = plan_retrieval(cfg)
+    if args.dry_run:
+        print(f"retrieve {cfg.num_images} per prompt above {cfg.threshold} from {cfg.pool} -> {cfg.output}")
+        print(plan.describe())
+        return 0
+    from pixelmill.runtime import Runtime
+
+    home = Path(args.home) if args.home else default_home()
+    with Runtime(ray_address=args.ray_address or cfg.runtime.ray_address,
+                 prefect_api_url=cfg.runtime.prefect_api_url, home=home, num_cpus=cfg.runtime.num_cpus):
+        from pixelmill.flows.retrieve import retrieve_flow
+
+        summary = retrieve_flow(cfg.model_dump())
+    print_retrieve_summary(summary, cfg.num_images, args.json)
+    return 0
+
+
+def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"output": summary.output, "prompts": summary.prompts, "skipped": summary.skipped,
+                          "exported": summary.exported, "seconds": round(summary.seconds, 3)}))
+        return
+    if not summary.prompts:
+        print(f"nothing to do: {len(summary.skipped)} prompt(s) already complete in {summary.output}")
+    for pid, s in summary.prompts.items():
+        line = (f"{s['prompt']!r}: {s['found']} candidates above threshold, {s['downloaded']} downloaded, "
+                f"{s['failed']} failed, {s['dropped']} dropped")
+        if s["shortfall"]:
+            line += f"  SHORTFALL: needed {n}, got {s['downloaded']} (candidates ran out; not padded)"
+        print(line)
+    for prompt, folder in summary.exported.items():
+        print(f"real prior for {prompt!r}: {folder}")
+    print(f"output: {summary.output}  ({summary.seconds:.1f}s)")
+
+
+def cmd_pool_build(args) -> int:
+    from pixelmill.runtime import Runtime
+
+    home = Path(args.home) if args.home else default_home()
+    _check_model_path("--clip", args.clip, "clip")
+    with Runtime(ray_address=args.ray_address, home=home):
+        from pixelmill.flows.pool import build_pool_flow
+
+        summary = build_pool_flow(
+            dataset=_local_url(args.dataset), out=_local_url(args.out), clip_model=_local_url_if_path(args.clip),
+            caption_column=args.caption_column or None, image_column=args.image_column or None,
+            batch_size=args.batch_size, overwrite=args.overwrite,
+        )
+    print(f"pool: {summary['rows']} rows embedded ({summary['rejects']} rejected) into {args.out}")
+    return 0
+
+
+def _local_url_if_path(value: str) -> str:
+    from pixelmill.models.loading import looks_local
+
+    return _local_url(value) if looks_local(value) and not value.startswith(("local-dir:", "hf-hub:")) else value
+
+
+def cmd_pool_index(args) -> int:
+    from pixelmill.tasks.regularization import build_index_and_report
+
+    print(build_index_and_report(_local_url(args.pool), _local_url(args.out), kind=args.kind,
+                                 index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe,
+                                 threshold=args.threshold))
+    return 0
 
 
 def cmd_server(args) -> int:

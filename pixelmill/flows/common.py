@@ -145,6 +145,7 @@ def run_stage_into_writer(
     writer: DatasetWriter,
     workers: int,
     progress: Progress | None = None,
+    drop_columns: tuple[str, ...] = (),
 ) -> StageStats:
     """Stream the planned input shards through a stage; commit each output shard when whole.
 
@@ -164,7 +165,9 @@ def run_stage_into_writer(
             part = out.filter(pc.equal(out["shard"], name))
             sw = shard_writers.get(name) or shard_writers.setdefault(name, writer.shard(name))
             ok_mask = pc.equal(part["status"], STATUS_OK)
-            ok = part.filter(ok_mask).drop_columns(list(CONTROL_COLUMNS))
+            ok = part.filter(ok_mask).drop_columns(
+                [c for c in (*CONTROL_COLUMNS, *drop_columns) if c in part.column_names]
+            )
             rejected = part.filter(pc.equal(part["status"], STATUS_REJECT)).select(["id", "error", "stage"])
             sw.write(ok)
             if rejected.num_rows:
