@@ -133,11 +133,15 @@ def parse_answer(raw: str | None) -> tuple[str, str]:
     cut = text.find(STOP)
     if cut >= 0:
         text = text[:cut]
-    text = text.rstrip()
-    if text.endswith("END") and (len(text) == 3 or not text[-4].isalnum()):
-        text = text[:-3].rstrip()
+    trimmed = text.rstrip()
+    if trimmed.endswith("END") and (len(trimmed) == 3 or not trimmed[-4].isalnum()):
+        text = trimmed[:-3]
     parts = text.split(ANSWER_SEPARATOR)
     if len(parts) == 1:
+        if text.rstrip().endswith("\n%%"):
+            raise RowError("empty_edited_caption")
+        if text.lstrip().startswith("%%\n"):
+            raise RowError("empty_instruction")
         raise RowError("no_separator")
     if len(parts) > 2:
         raise RowError("too_many_parts")
@@ -232,8 +236,9 @@ _COLOURS = ("red", "blue", "green", "yellow", "purple", "pink", "orange", "black
             "golden", "silver", "brown", "gray", "grey", "turquoise")
 _NEW_COLOURS = ("red", "blue", "green", "yellow", "purple", "pink", "orange", "golden", "silver", "turquoise")
 _MATERIALS = {"wooden": "wood", "metal": "metal", "metallic": "metal", "glass": "glass", "stone": "stone",
-              "marble": "marble", "plastic": "plastic", "ceramic": "ceramic", "bronze": "bronze", "brick": "brick", "steel": "steel", "iron": "iron", "crystal": "crystal",
-              "paper": "paper", "ice": "ice"}
+              "marble": "marble", "plastic": "plastic", "ceramic": "ceramic", "bronze": "bronze",
+              "brick": "brick", "steel": "steel", "iron": "iron", "crystal": "crystal",
+              "paper": "paper"}
 _NEW_MATERIALS = ("wooden", "metal", "glass", "stone", "marble", "bronze", "crystal")
 
 _SWAPS: dict[str, tuple[str, ...]] = {
@@ -339,7 +344,7 @@ _WEATHER: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("rain", "in the rain", ("make it rain", "make it rainy", "add rain")),
     ("snow", "in the snow", ("make it snow", "add snow", "make it snowy")),
     ("fog", "in thick fog", ("make it foggy", "add fog")),
-    ("storm", "during a thunderstorm", ("make it stormy", "add a thunderstorm")),
+    ("storm", "during a storm", ("make it stormy", "add a storm")),
 )
 _WEATHER_PHRASE = re.compile(
     r"\b(in the (?:rain|snow|fog|mist)|in thick fog|on a (?:rainy|snowy|foggy|sunny|cloudy) day|"
@@ -495,6 +500,10 @@ def _replace(text: str, start: int, end: int, new: str) -> str:
     return _insert(text[:start] + text[end:], start, _match_case(text[start:end], new))
 
 
+def _words_of(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
 def _clean_caption(caption: str) -> str:
     return " ".join(caption.split()).rstrip(" .!;:,")
 
@@ -595,11 +604,13 @@ class TemplateInstructionWriter(InstructionWriter):
                 continue
             old = m.group(1).lower()
             new = rng.choice([c for c in _NEW_COLOURS if c != old and {c, old} != {"gray", "grey"}])
-            noun = re.sub(r"[^\w-]", "", after[0]) if after and after[0].lower() not in _NP_STOP else ""
-            thing = _the(noun) if noun and noun.isalpha() else "it"
-            instruction = rng.choice((f"make {thing} {new}", f"change the color of {thing.removeprefix('the ')} to {new}"
-                                      if thing != "it" else f"change the color to {new}", f"paint {thing} {new}"))
-            return instruction, _replace(text, m.start(1), m.end(1), new)
+            noun = re.sub(r"[^\w-]", "", after[0]).lower() if after and after[0].lower() not in _NP_STOP else ""
+            if noun.isalpha():
+                wordings = (f"make {_the(noun)} {new}", f"change the color of {_the(noun)} to {new}",
+                            f"paint {_the(noun)} {new}")
+            else:
+                wordings = (f"make it {new}", f"change the color to {new}", f"paint it {new}")
+            return rng.choice(wordings), _replace(text, m.start(1), m.end(1), new)
         matches = _matches(_COLOURABLE_RE, text)
         if not matches:
             return None
@@ -636,40 +647,45 @@ class TemplateInstructionWriter(InstructionWriter):
         return instruction, _insert(text, m.start(1), new + " ")
 
     def _add_object(self, text: str, rng: random.Random) -> tuple[str, str] | None:
-        options: list[Callable[[], tuple[str, str] | None]] = []
+        present = _words_of(text)
+
+        def fresh(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+            return [it for it in items if it[0].split()[-1] not in present]
+
+        options: list[Callable[[], tuple[str, str]]] = []
         beings = _matches(_WEARER_RE, text)
-        if beings and not re.search(r"\b(wearing|flock|herd|swarm|school)\b", text, re.IGNORECASE):
+        wearables = fresh(_WEARABLES)
+        if beings and wearables and not re.search(r"\b(wearing|flock|herd|swarm|school)\b", text, re.IGNORECASE):
             being = beings[0]
 
             def wear() -> tuple[str, str]:
                 noun = being.group(1).lower()
-                plural = _WEARER_FORMS[noun][1]
-                single, many = rng.choice(_WEARABLES)
-                item = many if plural else single
+                single, many = rng.choice(wearables)
+                item = many if _WEARER_FORMS[noun][1] else single
                 instruction = rng.choice((f"put {item} on {_the(noun)}", f"give {_the(noun)} {item}",
                                           f"have {_the(noun)} wear {item}", f"add {item}"))
                 return instruction, text[: being.end(1)] + f" wearing {item}" + text[being.end(1):]
             options.append(wear)
-        joiner = " and " if re.search(r"\bwith\b", text, re.IGNORECASE) else " with "
-        food = _SWEET_RE.search(text) or _SAVOURY_RE.search(text)
-        if food:
-            table = _SWEET_ADDITIONS if _SWEET_RE.search(text) else _SAVOURY_ADDITIONS
+        joiner = " and " if "with" in present else " with "
+        garnishes = fresh(_SWEET_ADDITIONS if _SWEET_RE.search(text) else _SAVOURY_ADDITIONS)
+        if (_SWEET_RE.search(text) or _SAVOURY_RE.search(text)) and garnishes:
             def garnish() -> tuple[str, str]:
-                item, phrase = rng.choice(table)
+                item, phrase = rng.choice(garnishes)
                 instruction = rng.choice((f"add {item}", f"put {item} on it", f"add {item} on top"))
-                return instruction, f"{text} {phrase}" if not phrase.startswith("with ") else text + joiner + phrase[5:]
+                edited = text + joiner + phrase[5:] if phrase.startswith("with ") else f"{text} {phrase}"
+                return instruction, edited
             options.append(garnish)
-        if _OUTDOOR_RE.search(text):
+        sky_items = fresh(_SKY_ADDITIONS)
+        if _OUTDOOR_RE.search(text) and sky_items:
             def sky() -> tuple[str, str]:
-                item, phrase = rng.choice(_SKY_ADDITIONS)
-                if re.search(r"\bsky\b", text, re.IGNORECASE):
-                    phrase = item
+                item, phrase = rng.choice(sky_items)
                 instruction = rng.choice((f"add {item}", f"put {item} in the sky", f"add {item} to the sky"))
-                return instruction, text + joiner + phrase
+                return instruction, text + joiner + (item if "sky" in present else phrase)
             options.append(sky)
-        if _INTERIOR_RE.search(text):
+        room_items = fresh(_INTERIOR_ADDITIONS)
+        if _INTERIOR_RE.search(text) and room_items:
             def room() -> tuple[str, str]:
-                item, phrase = rng.choice(_INTERIOR_ADDITIONS)
+                item, phrase = rng.choice(room_items)
                 instruction = rng.choice((f"add {item}", f"put {item} in the room", f"include {item}"))
                 return instruction, text + joiner + phrase
             options.append(room)
@@ -715,6 +731,8 @@ class TemplateInstructionWriter(InstructionWriter):
             return None
         start, end, head = rng.choice(candidates)
         edited = (text[:start] + text[end:]).strip()
+        if head in _words_of(edited):
+            return None
         subject = edited.split()
         if (subject and subject[0].lower() in ("a", "an")
                 and re.match(r"^\s+are\b", text[end:], re.IGNORECASE)):
@@ -730,7 +748,7 @@ class TemplateInstructionWriter(InstructionWriter):
         subject = text[m.end():] if m else text
         if not subject.strip():
             return None
-        if rng.random() < 0.25 and not re.search(r"\bstyle\b", text, re.IGNORECASE):
+        if not m and rng.random() < 0.25 and not re.search(r"\bstyle\b", text, re.IGNORECASE):
             phrase, instructions = rng.choice(_STYLE_SUFFIXES)
             return rng.choice(instructions), f"{text} {phrase}"
         prefix = m.group(0).lower() if m else ""
@@ -990,6 +1008,7 @@ class TransformersInstructionWriter(InstructionWriter):
         self.frequency_penalty = float(frequency_penalty)
         self.presence_penalty = float(presence_penalty)
         self.few_shot_file = few_shot_file
+        self.prefix = ""
         self.tokenizer: Any = None
         self.lm: Any = None
         self._fingerprint: str | None = None
@@ -1014,6 +1033,8 @@ class TransformersInstructionWriter(InstructionWriter):
         self.tokenizer, self.lm = _load_causal_lm(self.model, self.device, resolve_dtype(self.dtype_name, self.device))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:
+                raise ValueError(f"{self.model}: the tokenizer has neither a pad nor an end token to pad batches with")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._fingerprint = model_fingerprint(self.model)
         cfg = self.lm.config
@@ -1021,7 +1042,7 @@ class TransformersInstructionWriter(InstructionWriter):
 
     def prompt(self, caption: str) -> str:
         """The full prompt for one caption (few-shot prefix + caption + ``"\\n##\\n"``)."""
-        return getattr(self, "prefix", "") + caption + PROMPT_SEPARATOR
+        return self.prefix + caption + PROMPT_SEPARATOR
 
     def write(self, captions: list[str], seeds: list[int]) -> list[WriterAnswer]:
         self.setup()
@@ -1266,7 +1287,8 @@ class OpenAIInstructionWriter(InstructionWriter):
                         cause = f"http_{status}"
                         retry_after = _retry_after(response.headers.get("retry-after"))
                     elif status >= 400:
-                        return WriterAnswer(raw=None, error=f"http_{status}: {_error_message(response)}"[:300])
+                        message = _redact(_error_message(response), os.environ.get(self.api_key_env))
+                        return WriterAnswer(raw=None, error=f"http_{status}: {message}"[:300])
                     else:
                         return self._answer(response)
                 if attempt < self.retries:
@@ -1295,6 +1317,15 @@ class OpenAIInstructionWriter(InstructionWriter):
             return WriterAnswer(raw=None, error="bad_response")
         model = data.get("model") if isinstance(data.get("model"), str) else None
         return WriterAnswer(raw=text, finish_reason=choice.get("finish_reason"), model=model)
+
+
+def _redact(text: str, secret: str | None) -> str:
+    """``text`` with any occurrence of ``secret`` (and of its first 8 characters) masked."""
+    if secret:
+        text = text.replace(secret, "***")
+        if len(secret) >= 8:
+            text = text.replace(secret[:8], "***")
+    return text
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -1453,7 +1484,8 @@ class InstructionStage(Stage):
                 return [WriterAnswer(raw=None, error=f"writer_failed: {type(exc).__name__}: {exc}"[:300])]
             return [self._write([x])[0] for x in chunk]
         if len(answers) != len(chunk):
-            raise RuntimeError(f"{type(self.writer).__name__} returned {len(answers)} answers for {len(chunk)} captions")
+            raise RuntimeError(
+                f"{type(self.writer).__name__} returned {len(answers)} answers for {len(chunk)} captions")
         return answers
 
     def _judge(self, row: dict, seed: int, caption: str, answer: WriterAnswer) -> dict[str, Any]:

@@ -201,7 +201,9 @@ class FakeLLMServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-llm", daemon=True)
+        httpd = self._httpd
+        self._thread = threading.Thread(target=lambda: httpd.serve_forever(poll_interval=0.05), name="fake-llm",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -225,6 +227,6 @@ class FakeLLMServer:
             self._attempts[key] += 1
         if self.api_key is not None and req.headers.get("authorization") != f"Bearer {self.api_key}":
             return error_reply(401, "Incorrect API key provided.")
-        if not (req.path.endswith("/completions")):
+        if req.path not in ("/v1/completions", "/v1/chat/completions"):
             return error_reply(404, f"no route {req.path}")
         return self.handler(req, attempt)
