@@ -59,7 +59,6 @@ from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT, Resources, RowError,
 
 STATUS_DROPPED = "dropped"
 RECORD_MAX_TOKENS = 1024
-METHOD = "prompt-to-prompt self-attention sharing, DDIM eta=0"
 
 
 def require_p2p_pipeline(pipe: Any) -> None:
@@ -262,7 +261,8 @@ class P2PController(AttentionController):
         record: Store the self- and cross-attention probabilities of both branches at
             every step (``records`` and ``cross_records``: one dict per step, layer →
             tensor shaped (2 [uncond, cond], 2 [source, edited], N, heads, Lq, Lk)).
-        explicit_maps: Materialise the maps even when not recording (benchmarks).
+        explicit_maps: On steps that share, materialise and copy the maps instead of
+            substituting Q/K (what a map-copying processor does; for benchmarks).
     """
 
     def __init__(
@@ -287,59 +287,80 @@ class P2PController(AttentionController):
                 [[j if m is None else m for j, m in enumerate(row)] for row in cross_maps]
             )
             self.cross_alpha = torch.tensor([[m is not None for m in row] for row in cross_maps])
-        self.share = 0 < self.p * steps
+        self.begin_step(0)
+        self.records.clear()
+        self.cross_records.clear()
 
     def begin_step(self, step: int) -> None:
+        """Set the step and which pairs share on it (decided on the CPU: no device syncs per layer)."""
         self.step = step
         self.share = step < self.p * self.steps
+        self.share_idx = self.share.nonzero().flatten()
+        self.sharing = self.share_idx.numel() > 0
+        self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         if self.record:
             self.records.append({})
             self.cross_records.append({})
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._device_cache:
+            if name == "cross_mask":
+                value = self.cross_alpha & self.share.view(-1, 1)
+            else:
+                value = getattr(self, name)
+            self._device_cache[key] = value.to(device)
+        return self._device_cache[key]
 
     def attend(self, attn, layer, is_cross, query, key, value, mask):
         n, heads = self.n, attn.heads
         if query.shape[0] != 4 * n * heads:
             raise ValueError(f"P2P expects a batch of 4×{n} pairs, got {query.shape[0] // heads}")
-        share = self.share.to(query.device)
         if is_cross:
-            replace = self.cross_index is not None and bool(share.any())
+            replace = self.cross_index is not None and self.sharing
             if not (replace or self.record):
                 return _sdpa(query, key, value, mask, attn.scale)
             probs = attn.get_attention_scores(query, key, mask)
             if replace:
-                probs = self._replace_cross(probs, share, heads)
+                probs = self._replace_cross(probs, heads)
             if self.record:
                 self.cross_records[-1][layer] = _branches(probs, n, heads).detach().to("cpu", torch.float32).clone()
             return torch.bmm(probs, value)
-        if not self.explicit:
-            if bool(share.any()):
-                query, key = (self._copy_source(x, share, heads) for x in (query, key))
+        if not (self.record or (self.explicit and self.sharing)):
+            if self.sharing:
+                query, key = self._copy_source(query, heads), self._copy_source(key, heads)
             return _sdpa(query, key, value, mask, attn.scale)
         probs = attn.get_attention_scores(query, key, mask)
-        if bool(share.any()):
-            probs = self._copy_source(probs, share, heads)
+        if self.sharing:
+            probs = self._copy_source(probs, heads)
         if self.record:
             self.records[-1][layer] = _branches(probs, n, heads).detach().to("cpu", torch.float32).clone()
         return torch.bmm(probs, value)
 
-    def _copy_source(self, x: torch.Tensor, share: torch.Tensor, heads: int) -> torch.Tensor:
-        b = _branches(x, self.n, heads)
-        m = share.view(1, self.n, *([1] * (b.dim() - 3)))
-        edited = torch.where(m, b[:, 0], b[:, 1])
-        return torch.stack([b[:, 0], edited], dim=1).reshape(x.shape)
+    def _copy_source(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """Overwrite, in place, the edited rows of sharing pairs with their source rows.
 
-    def _replace_cross(self, probs: torch.Tensor, share: torch.Tensor, heads: int) -> torch.Tensor:
-        b = _branches(probs, self.n, heads)
+        ``x`` is always a fresh tensor of this layer's call (projections or probabilities).
+        """
+        b = _branches(x.contiguous(), self.n, heads)
+        if self.share_idx.numel() == self.n:
+            b[:, 1] = b[:, 0]
+        else:
+            idx = self._on("share_idx", x.device)
+            b[:, 1, idx] = b[:, 0, idx]
+        return b.view(x.shape)
+
+    def _replace_cross(self, probs: torch.Tensor, heads: int) -> torch.Tensor:
+        """The conditional edited maps take the source's columns at aligned tokens (sharing pairs)."""
+        b = _branches(probs.contiguous(), self.n, heads)
         lk = b.shape[-1]
         if self.cross_index.shape[1] != lk:
             raise ValueError(f"token alignment has {self.cross_index.shape[1]} positions, text has {lk}")
         src, ed = b[1, 0], b[1, 1]
-        index = self.cross_index.to(probs.device).view(self.n, 1, 1, lk).expand_as(src)
-        replaced = torch.gather(src, -1, index)
-        m = (self.cross_alpha.to(probs.device) & share.view(-1, 1)).view(self.n, 1, 1, lk)
-        out = b.clone()
-        out[1, 1] = torch.where(m, replaced, ed)
-        return out.reshape(probs.shape)
+        index = self._on("cross_index", probs.device).view(self.n, 1, 1, lk).expand_as(src)
+        m = self._on("cross_mask", probs.device).view(self.n, 1, 1, lk)
+        b[1, 1] = torch.where(m, torch.gather(src, -1, index), ed)
+        return b.view(probs.shape)
 
 
 @dataclass

@@ -23,6 +23,15 @@ EDIT = "a photo of a dog on a sofa"
 SIZE = 32  # 16×16 latents with the tiny VAE: maps are 256×256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and one thread cannot be oversubscribed by a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -197,7 +206,7 @@ def test_stage_samples_are_seeded_per_row_and_sample_and_reproducible(tiny_model
     again = stage(pa.Table.from_pylist(ROWS[::-1])).to_pylist()
     by_id = {r["id"]: r for r in again}
     ok = [r for r in first.to_pylist() if r["status"] == "ok"]
-    assert sorted(r["id"] for r in ok) == ["c1-000", "c1-001", "c2-000", "c2-001"] or len(ok) == 4
+    assert sorted(r["parent_id"] for r in ok) == ["c1", "c1", "c2", "c2"]  # max_per_caption=2 of 3
     for r in first.to_pylist():
         if r["status"] == "reject":
             continue
@@ -207,7 +216,8 @@ def test_stage_samples_are_seeded_per_row_and_sample_and_reproducible(tiny_model
         assert (r["p"], r["cfg"]) == sample_params(r["seed"], (0.1, 0.9), (7.5, 15.0))
         assert 0.1 <= r["p"] <= 0.9 and 7.5 <= r["cfg"] <= 15.0
         other = by_id[r["id"]]
-        assert other["status"] == r["status"] and other["clip_direction"] == pytest.approx(r["clip_direction"], abs=1e-4)
+        assert other["status"] == r["status"]
+        assert other["clip_direction"] == pytest.approx(r["clip_direction"], abs=1e-4)
         if r["status"] == "ok":
             for col in ("input_image", "edited_image"):
                 a, b = _arr(decode_image(r[col])), _arr(decode_image(other[col]))

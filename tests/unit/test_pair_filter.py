@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -23,6 +22,15 @@ from pixelmill.tasks.pair_filter import (
 )
 
 T = FilterThresholds(min_image_similarity=0.6, min_direction=0.15, min_image_caption=0.25, max_per_caption=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and one thread cannot be oversubscribed by a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _s(image=0.9, direction=0.5, source=0.3, edited=0.3) -> PairScores:
@@ -219,7 +227,8 @@ def test_a_failing_render_is_isolated_to_its_caption(tiny_models, monkeypatch):
                                      samples_per_caption=2, steps=1, height=32, width=32, batch_size=4,
                                      min_image_similarity=-1, min_direction=-1, min_image_caption=-1))
     stage.setup()
-    rows = [dict(ROWS[0]), {"id": "x", "caption": "a boom box", "edit_prompt": "e", "edited_caption": "a red boom box"}]
+    boom = {"id": "x", "caption": "a boom box", "edit_prompt": "e", "edited_caption": "a red boom box"}
+    rows = [dict(ROWS[0]), boom]
     out = stage(pa.Table.from_pylist(rows)).to_pylist()
     assert [r["id"] for r in out if r["status"] == "ok"] == ["keep-000", "keep-001"]
     reject = [r for r in out if r["status"] == "reject"]
