@@ -256,3 +256,81 @@ class RetrieveConfig(StrictModel):
                  download=self.download.model_dump(include={"max_bytes", "respect_robots_tags",
                                                             "allow_loopback", "allow_private_addresses"}))
         return d
+
+
+class InstructionSettings(StrictModel):
+    """The text stage: which writer writes (instruction, edited caption) for each caption."""
+
+    writer: Literal["template", "transformers", "openai"] = "template"
+    options: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(default=16, ge=1)
+    min_length: int = Field(default=2, ge=0)
+    max_length: int = Field(default=256, ge=1)
+
+
+class PairRenderSettings(StrictModel):
+    """The image stage: Prompt-to-Prompt rendering and the CLIP filter (InstructPix2Pix defaults)."""
+
+    model: str
+    clip_model: str
+    samples_per_caption: int = Field(default=100, ge=1)
+    steps: int = Field(default=25, ge=1)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    p_range: tuple[float, float] = (0.1, 0.9)
+    cfg_range: tuple[float, float] = (7.5, 15.0)
+    cross_replace: bool = False
+    batch_size: int = Field(default=4, ge=1)
+    min_image_similarity: float = 0.7
+    min_direction: float = 0.2
+    min_image_caption: float = 0.2
+    max_per_caption: int = Field(default=4, ge=1)
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+class PairsConfig(StrictModel):
+    """Instruction pairs (InstructPix2Pix's dataset): captions → instructions → image pairs.
+
+    Args:
+        input: dataset with ``id`` and a caption column.
+        output: root folder with ``text/`` (instructions, reused when complete) and ``pairs/``.
+    """
+
+    input: str
+    output: str
+    caption_column: str = "caption"
+    seed: int = 0
+    text: InstructionSettings = Field(default_factory=InstructionSettings)
+    images: PairRenderSettings
+    workers: int = Field(default=1, ge=1)
+    num_gpus_per_worker: float = Field(default=1.0, ge=0)
+    num_cpus_per_worker: float = Field(default=1.0, gt=0)
+    limit: int | None = Field(default=None, ge=1)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def text_stage_config(self) -> dict[str, Any]:
+        t = self.text
+        return {"writer": t.writer, "writer_options": dict(t.options), "caption_column": self.caption_column,
+                "seed": self.seed, "batch_size": t.batch_size, "min_length": t.min_length,
+                "max_length": t.max_length}
+
+    def image_stage_config(self) -> dict[str, Any]:
+        d = self.images.model_dump()
+        d["p_range"], d["cfg_range"] = tuple(d["p_range"]), tuple(d["cfg_range"])
+        d["seed"] = self.seed
+        return d
+
+    def text_affecting(self) -> dict[str, Any]:
+        cfg = self.text_stage_config()
+        cfg.pop("batch_size")
+        cfg["writer_options"] = {k: v for k, v in cfg["writer_options"].items()
+                                 if k not in ("concurrency", "timeout", "device", "api_key_env")}
+        return {"input": self.input, "limit": self.limit, **cfg}
+
+    def pairs_affecting(self) -> dict[str, Any]:
+        cfg = self.image_stage_config()
+        for k in ("batch_size", "device"):
+            cfg.pop(k)
+        cfg["p_range"], cfg["cfg_range"] = list(cfg["p_range"]), list(cfg["cfg_range"])
+        return {"text": self.text_affecting(), **cfg}

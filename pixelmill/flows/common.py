@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pixelmill.datasets import Dataset, DatasetWriter, config_hash, read_manifest
-from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT
+from pixelmill.tasks.stage import STATUS_DROPPED, STATUS_OK, STATUS_REJECT
 
 CONTROL_COLUMNS = ("status", "error", "stage", "shard")
 
@@ -123,6 +123,7 @@ class StageStats:
     rows_in: int = 0
     rows_out: int = 0
     rejects: int = 0
+    dropped: int = 0
     worker: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,37 +150,46 @@ def run_stage_into_writer(
 ) -> StageStats:
     """Stream the planned input shards through a stage; commit each output shard when whole.
 
-    Rows with ``status == ok`` go to the shard's data, the rest to its rejects; a shard is
-    committed once as many rows came back as went in, so a crash never leaves a half shard
-    that looks complete.
+    Rows with ``status == ok`` go to the shard's data, ``dropped`` rows (candidates a
+    stage drops by design) to its ``__dropped/`` table, ``reject`` rows to its rejects. A
+    stage may make several rows per input (``parent_id`` names the input); a shard is
+    committed once every one of its input ids came back (as a parent or a reject), so a
+    crash never leaves a half shard that looks complete.
     """
     from pixelmill.tasks.ray_data import run_stage
 
     writer.open()
     expected = {s["shard"]: s["rows"] for s in plan.specs}
-    seen = {name: 0 for name in expected}
+    seen: dict[str, set[str]] = {name: set() for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
     for out in run_stage(plan.specs, columns, builder, workers=workers):
+        key = "parent_id" if "parent_id" in out.column_names else "id"
         for name in pc.unique(out["shard"]).to_pylist():
             part = out.filter(pc.equal(out["shard"], name))
             sw = shard_writers.get(name) or shard_writers.setdefault(name, writer.shard(name))
-            ok_mask = pc.equal(part["status"], STATUS_OK)
-            ok = part.filter(ok_mask).drop_columns(
-                [c for c in (*CONTROL_COLUMNS, *drop_columns) if c in part.column_names]
-            )
-            rejected = part.filter(pc.equal(part["status"], STATUS_REJECT)).select(["id", "error", "stage"])
-            sw.write(ok)
+            status = part["status"]
+            drop = [c for c in (*CONTROL_COLUMNS, *drop_columns) if c in part.column_names]
+            ok = part.filter(pc.equal(status, STATUS_OK))
+            sw.write(ok.drop_columns(drop))
+            dropped = part.filter(pc.equal(status, STATUS_DROPPED))
+            if dropped.num_rows:
+                sw.drop(dropped.drop_columns([c for c in drop if c not in ("error", "stage")]))
+            rejected = part.filter(pc.equal(status, STATUS_REJECT)).select(["id", "error", "stage"])
             if rejected.num_rows:
                 sw.reject(rejected)
+            before = len(seen[name])
+            for table in (ok, dropped):
+                seen[name].update(str(v) for v in table[key].to_pylist() if v is not None)
+            seen[name].update(rejected["id"].to_pylist())
             stats.rows_out += ok.num_rows
             stats.rejects += rejected.num_rows
-            seen[name] += part.num_rows
+            stats.dropped += dropped.num_rows
             if progress is not None:
-                progress.add(part.num_rows)
-            if seen[name] == expected[name]:
+                progress.add(len(seen[name]) - before)
+            if len(seen[name]) == expected[name]:
                 sw.commit(input_rows=expected[name])
-    unfinished = {k: (seen[k], v) for k, v in expected.items() if seen[k] != v}
+    unfinished = {k: (len(seen[k]), v) for k, v in expected.items() if len(seen[k]) != v}
     if unfinished:
-        raise RuntimeError(f"stage returned a different number of rows than it was given: {unfinished}")
+        raise RuntimeError(f"stage accounted for a different number of inputs than it was given: {unfinished}")
     return stats

@@ -5,8 +5,10 @@ A stage is a small class: the constructor takes its config (plain data, cheap to
 an Arrow table. Resources are data on the stage; ``tasks/ray_data.py`` is the one place
 that turns them into Ray arguments.
 
-Every output row carries ``status`` (``ok`` or ``reject``), and rejects carry ``error``
-and ``stage``: a bad row is recorded, never dropped and never fatal to the batch.
+Every output row carries ``status``: ``ok``, ``reject`` (with ``error`` and ``stage``: a
+bad input row is recorded, never lost and never fatal to the batch) or ``dropped`` (a
+candidate a stage drops by design, kept with its scores in ``__dropped/``). A stage that
+makes several rows per input names the input in ``parent_id``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow as pa
 
 STATUS_OK = "ok"
 STATUS_REJECT = "reject"
+STATUS_DROPPED = "dropped"
 
 
 @dataclass(frozen=True)
