@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float, default=0.85, help="threshold used for the recall check")
     q.set_defaults(func=cmd_pool_index)
 
+    p = sub.add_parser("pairs", help="generate instruction-edit image pairs (InstructPix2Pix's dataset pipeline)",
+                       description="Captions -> (instruction, edited caption) by a writer -> Prompt-to-Prompt "
+                                   "before/after images from K seeds -> CLIP filter. Example: configs/pairs.yaml.")
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_pairs)
+
     p = sub.add_parser("demo", help="run every pipeline on drawn sample images with tiny offline models",
                        description="Draw sample images, build tiny models, start the embedded runtime, "
                                    "run the bulk-edit flow with SDEdit and InstructPix2Pix, write a report.")
@@ -374,6 +380,105 @@ def cmd_pool_index(args) -> int:
     print(build_index_and_report(_local_url(args.pool), _local_url(args.out), kind=args.kind,
                                  index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe,
                                  threshold=args.threshold))
+    return 0
+
+
+def check_output_config(url: str, hashed: dict, args) -> None:
+    """Exit 2 naming the changed keys when ``url`` was made with another config (unless --overwrite)."""
+    from pixelmill.datasets import config_hash, diff_config, read_manifest
+
+    existing = read_manifest(url)
+    if existing is None or existing.config_hash == config_hash(hashed):
+        return
+    changed = diff_config(existing.config, hashed)
+    if not args.overwrite:
+        raise UsageError(f"output {url} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
+                         "use a new output or --overwrite")
+    if not args.dry_run:
+        from pixelmill.datasets.storage import remove
+
+        remove(url)
+
+
+def prepare_pairs(args):
+    """Validate a pairs config and its inputs before anything starts."""
+    from pixelmill.config import PairsConfig
+    from pixelmill.datasets import Dataset, DatasetNotFound
+
+    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
+    try:
+        cfg = load_config(PairsConfig, args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    images = cfg.images.model_copy(update={"model": _local_url_if_path(cfg.images.model),
+                                           "clip_model": _local_url_if_path(cfg.images.clip_model)})
+    options = dict(cfg.text.options)
+    if cfg.text.writer == "transformers" and isinstance(options.get("model"), str):
+        options["model"] = _local_url_if_path(options["model"])
+    if isinstance(options.get("few_shot_file"), str):
+        options["few_shot_file"] = _local_url(options["few_shot_file"])
+    cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": _local_url(cfg.output), "images": images,
+                                 "text": cfg.text.model_copy(update={"options": options})})
+    try:
+        names = Dataset.open(cfg.input).schema.names
+    except DatasetNotFound as e:
+        raise UsageError(f"input: {e}") from None
+    if cfg.caption_column not in names:
+        raise UsageError(f"caption_column: column {cfg.caption_column!r} is not in the input "
+                         f"(columns: {', '.join(names)})")
+    _check_model_path("images.model", cfg.images.model, "pipeline")
+    _check_model_path("images.clip_model", cfg.images.clip_model, "clip")
+    if cfg.text.writer == "transformers":
+        _check_model_path("text.options.model", options.get("model"), "folder")
+    try:
+        from pixelmill.tasks.instructions import build_writer
+
+        build_writer(cfg.text.writer, options)
+    except ValueError as e:
+        raise UsageError(f"text.options: {e}") from None
+    from pixelmill.datasets.storage import join
+
+    check_output_config(join(cfg.output, "text"), cfg.text_affecting(), args)
+    check_output_config(join(cfg.output, "pairs"), cfg.pairs_affecting(), args)
+    return cfg
+
+
+def cmd_pairs(args) -> int:
+    cfg = prepare_pairs(args)
+    if args.dry_run:
+        from pixelmill.flows.common import plan_shards
+        from pixelmill.datasets.storage import join
+
+        text = plan_shards({"input": cfg.input, "output": join(cfg.output, "text"), "limit": cfg.limit},
+                           cfg.text_affecting())
+        print(f"pairs: {cfg.input} -> {cfg.output} (writer {cfg.text.writer}, "
+              f"{cfg.images.samples_per_caption} samples per caption)")
+        print("text stage: " + text.describe())
+        print("image stage: runs over text/ once it is complete" + (
+            "" if text.todo else " (text/ is complete; run without --dry-run to see its shards)"))
+        return 0
+    from pixelmill.runtime import Runtime
+
+    home = Path(args.home) if args.home else default_home()
+    with Runtime(ray_address=args.ray_address or cfg.runtime.ray_address,
+                 prefect_api_url=cfg.runtime.prefect_api_url, home=home, num_cpus=cfg.runtime.num_cpus):
+        import ray
+
+        from pixelmill.flows.pairs import pairs_flow
+
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        s = pairs_flow(cfg.model_dump(), num_gpus=cfg.num_gpus_per_worker if gpus else 0.0)
+    data = {k: getattr(s, k) for k in ("output", "captions", "instructions", "text_rejects", "pairs", "dropped",
+                                       "pair_rejects", "text_skipped", "pairs_skipped")}
+    data["seconds"] = round(s.seconds, 3)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"text: {s.captions} captions -> {s.instructions} instructions + {s.text_rejects} rejected "
+              f"({len(s.text_skipped)} shard(s) skipped)")
+        print(f"pairs: {s.pairs} kept, {s.dropped} dropped by the CLIP filter, {s.pair_rejects} captions with no "
+              f"surviving pair ({len(s.pairs_skipped)} shard(s) skipped) in {s.seconds:.1f}s")
+        print(f"output: {s.output}/pairs (columns input_image, edit_prompt, edited_image)")
     return 0
 
 

@@ -200,14 +200,12 @@ class _NpyReader:
         self.url = url
         self.header = header
         self._array: np.ndarray | None = None
-        if _is_local(url) or header.fortran:
-            _, path = storage.resolve(url)
-            if _is_local(url):
-                self._array = np.load(path, mmap_mode="r", allow_pickle=False)
-            else:
-                fs, path = storage.resolve(url)
-                with fs.open(path, "rb") as f:
-                    self._array = np.load(f, allow_pickle=False)
+        fs, path = storage.resolve(url)
+        if _is_local(url):
+            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif header.fortran:
+            with fs.open(path, "rb") as f:
+                self._array = np.load(f, allow_pickle=False)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         if self._array is not None:
@@ -760,6 +758,53 @@ def _as_str_list(column: pa.ChunkedArray | pa.Array) -> list[str]:
 # -------------------------------------------------------------------------- validation
 
 
+_TORCH: Any = None
+
+
+def _torch() -> Any:
+    """torch when importable (its fp16→fp32 copy is vectorised; numpy's is ~20× slower), else False."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+
+            _TORCH = torch
+        except ImportError:  # pragma: no cover - torch is a core dependency
+            _TORCH = False
+    return _TORCH
+
+
+def upcast_into(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Copy fp16 (or fp32) rows into a preallocated fp32 buffer; returns ``out[:len(src)]``.
+
+    numpy's float16 cast is scalar code (about 0.7 G values/s); torch's copy is
+    vectorised (F16C/AVX-512), so it is used when available.
+
+    Args:
+        src: ``(rows, dim)`` vectors, any float dtype and byte order.
+        out: ``(>= rows, dim)`` C-contiguous float32 buffer.
+    """
+    dst = out[: len(src)]
+    torch = _torch()
+    if torch and src.dtype.isnative and src.dtype in (np.float16, np.float32):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memory maps: we never write to them
+            torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    else:
+        np.copyto(dst, src, casting="unsafe")
+    return dst
+
+
+def norms_of(x32: np.ndarray) -> np.ndarray:
+    """Row L2 norms of a C-contiguous float32 block (torch's reduction when available)."""
+    torch = _torch()
+    if torch:
+        return torch.linalg.vector_norm(torch.from_numpy(x32), dim=1).numpy()
+    return np.sqrt(np.einsum("ij,ij->i", x32, x32))
+
+
 def row_norms(emb: np.ndarray, sub_rows: int = 4096) -> np.ndarray:
     """L2 norms of the rows of an embedding block, computed in fp32.
 
@@ -768,9 +813,10 @@ def row_norms(emb: np.ndarray, sub_rows: int = 4096) -> np.ndarray:
         sub_rows: rows upcast at a time (bounds the temporary fp32 copy).
     """
     out = np.empty(len(emb), np.float32)
+    buf = np.empty((min(sub_rows, len(emb)), emb.shape[1] if emb.ndim == 2 else 0), np.float32)
     for s in range(0, len(emb), sub_rows):
-        x = np.asarray(emb[s:s + sub_rows], dtype=np.float32)
-        out[s:s + len(x)] = np.sqrt(np.einsum("ij,ij->i", x, x))
+        x = upcast_into(emb[s:s + sub_rows], buf)
+        out[s:s + len(x)] = norms_of(x)
     return out
 
 

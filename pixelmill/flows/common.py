@@ -56,6 +56,8 @@ def plan_shards(config: dict[str, Any], hashed: dict[str, Any]) -> ShardPlan:
         if remaining is not None:
             rows = min(rows, remaining)
             remaining -= rows
+        if rows == 0:  # nothing to make from an empty input shard
+            continue
         plan.rows_total += rows
         if name in committed:
             plan.skip.append(name)

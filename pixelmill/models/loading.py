@@ -521,7 +521,8 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
 
     Args:
         model: the model name as the user wrote it.
-        kind: ``pipeline`` (a diffusers folder with ``model_index.json``) or ``clip``.
+        kind: ``pipeline`` (a diffusers folder with ``model_index.json``), or anything
+            else for a model that only has to exist (``clip``, ``folder``).
 
     Raises:
         ModelNotFound: naming the path and what is missing.
