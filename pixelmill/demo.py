@@ -3,7 +3,8 @@
 Draws a small sample image dataset (one file corrupt on purpose, to show rejects),
 builds tiny random-weight models, starts the embedded runtime (local Ray + a Prefect API
 server on 127.0.0.1), runs the bulk-edit flow with SDEdit (fixed t0 and the t0 search)
-and with InstructPix2Pix, and writes one HTML report.
+and with InstructPix2Pix, generates instruction pairs (template writer, Prompt-to-Prompt,
+CLIP filter), and writes one HTML report.
 """
 
 from __future__ import annotations
@@ -83,7 +84,24 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
             _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected, "
                  f"{s.images_per_second:.1f} images/s")
             sections.append((name, cfg.output))
-    report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo: bulk editing")
+
+        from pixelmill.config import PairsConfig
+        from pixelmill.flows.pairs import pairs_flow
+
+        pairs = PairsConfig(
+            input=str(root / "datasets" / "images"), output=str(root / "datasets" / "pairs"), seed=0,
+            images=dict(model=models["img2img"], clip_model=models["clip"], samples_per_caption=3, steps=4,
+                        height=64, width=64, max_per_caption=2, min_direction=-1.0, min_image_caption=-1.0),
+        )
+        (root / "configs" / "pairs.yaml").write_text(
+            yaml.safe_dump(pairs.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
+        remove(pairs.output)
+        _say("instruction pairs: template writer -> Prompt-to-Prompt pairs (3 seeds each) -> CLIP filter")
+        ps = pairs_flow(pairs.model_dump(), num_gpus=0.0)
+        _say(f"  {ps.captions} captions -> {ps.instructions} instructions -> {ps.pairs} pairs kept, "
+             f"{ps.dropped} dropped, {ps.pair_rejects} captions without a pair")
+        sections.append(("instruction pairs", str(root / "datasets" / "pairs" / "pairs")))
+    report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo")
     _say(f"finished in {time.perf_counter() - t_start:.0f}s")
     print()
     print(f"Report:  {report}")
