@@ -33,11 +33,13 @@ THRESHOLD = 0.85
 def make_pool(rows: int, dim: int, queries: np.ndarray, planted: int, seed: int = 0) -> np.ndarray:
     """Random fp16 unit vectors, with ``planted`` rows per query at similarity ≈ 0.9."""
     rng = np.random.default_rng(seed)
+    import torch
+
     x = np.empty((rows, dim), np.float16)
     for s in range(0, rows, BLOCK):
         v = rng.standard_normal((min(BLOCK, rows - s), dim), dtype=np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        x[s:s + len(v)] = v
+        torch.from_numpy(x[s:s + len(v)]).copy_(torch.from_numpy(v))
     where = rng.choice(rows, size=(len(queries), planted), replace=False)
     for qi, rows_q in enumerate(where):
         noise = rng.standard_normal((planted, dim), dtype=np.float32)
@@ -96,10 +98,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     pool32 = np.empty((n, d), np.float32)
-    from pixelmill.datasets.pool import upcast_into
+    from pixelmill.datasets.pool import torch_single_thread, upcast_into
 
-    for s in range(0, n, BLOCK):
-        upcast_into(pool16[s:s + BLOCK], pool32[s:s + BLOCK])
+    with torch_single_thread():
+        for s in range(0, n, BLOCK):
+            upcast_into(pool16[s:s + BLOCK], pool32[s:s + BLOCK])
     print(f"fp32 copy made in {time.perf_counter() - t0:.1f}s ({pool32.nbytes / 2**30:.2f} GiB)")
     q1 = np.ascontiguousarray(queries[1][0])
     t, _ = best_of(args.reps, lambda: pool32 @ q1)
@@ -122,7 +125,9 @@ def main() -> None:
         index = faiss.IndexFlatIP(d)
         buf = np.empty((BLOCK, d), np.float32)
         for s in range(0, n, BLOCK):
-            index.add(upcast_into(pool16[s:s + BLOCK], buf))
+            with torch_single_thread():
+                x = upcast_into(pool16[s:s + BLOCK], buf)
+            index.add(x)
         for p in (1, 64):
             t, _ = best_of(args.reps, lambda: index.search(queries[p], args.k))
             rates[f"faiss_topk{p}"] = n / t

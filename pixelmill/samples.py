@@ -9,6 +9,8 @@ palette, EXIF orientation) and, on request, files that cannot be decoded at all.
 
 from __future__ import annotations
 
+import http.server
+
 import io
 import random
 from collections.abc import Callable
@@ -311,3 +313,74 @@ def draw_sample_images(
         _write(stem + ".txt", (caption + "\n").encode("utf-8"))
         written.append(stem + ext)
     return sorted(written)
+
+
+POOL_SUBJECTS = ("dog", "cat", "house", "car")
+POOL_ADJECTIVES = ("brown", "black", "small", "happy", "white", "big", "sleepy", "young", "red", "old",
+                   "tiny", "fluffy")
+
+
+def sample_pool_captions(per_subject: int = 12) -> list[str]:
+    """Captions for a sample retrieval pool: "a photo of a <adjective> <subject>" variations."""
+    return [f"a photo of a {adj} {subject}" for subject in POOL_SUBJECTS
+            for adj in POOL_ADJECTIVES[:per_subject]]
+
+
+def write_sample_pool_source(folder: str, base_url: str, out_url: str, per_subject: int = 12,
+                             seed: int = 0) -> int:
+    """Draw one image per sample caption into ``folder`` and write a dataset for ``pool build``.
+
+    The dataset has ``id``, ``caption``, ``url`` (``base_url`` + file name, for a loopback
+    server serving ``folder``) and ``image``; returns its row count.
+    """
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter, stable_id
+
+    captions = sample_pool_captions(per_subject)
+    paths = draw_sample_images(folder, n=len(captions), seed=seed)
+    rows = []
+    for caption, path in zip(captions, paths):
+        name = path.rsplit("/", 1)[-1]
+        with open(path, "rb") as f:
+            data = f.read()
+        rows.append({"id": stable_id("pool", caption), "caption": caption, "url": f"{base_url.rstrip('/')}/{name}",
+                     "image": {"bytes": data, "path": name}})
+    writer = DatasetWriter(out_url, "images", 1, {"sample_pool": per_subject, "seed": seed}).open(overwrite=True)
+    sw = writer.shard("00000")
+    sw.write(pa.Table.from_pylist(rows))
+    sw.commit()
+    writer.finish()
+    return len(rows)
+
+
+class LoopbackFileServer:
+    """Serve a folder over HTTP on 127.0.0.1 (a free port) in a background thread.
+
+    The demo's stand-in for the web: retrieval downloads the sample pool's images from it.
+    """
+
+    def __init__(self, folder: str) -> None:
+        import functools
+        import threading
+
+        handler = functools.partial(_QuietHandler, directory=folder)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "LoopbackFileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's name
+        pass

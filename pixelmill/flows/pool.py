@@ -63,5 +63,8 @@ def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str
         with remote_options(num_cpus=0):
             result = embed_pool.submit(config, plan).result()
     DatasetWriter(out, *SCHEMA, hashed).open().finish()
-    write_pool_info(out, clip_model=clip_model)
+    schema = Dataset.open(out).schema
+    column = "text_emb" if "text_emb" in schema.names else "img_emb"
+    dim = Dataset.open(out).read_shard(Dataset.open(out).shard_names()[0], [column])[column][0]
+    write_pool_info(out, clip_model, len(dim.as_py()))
     return result

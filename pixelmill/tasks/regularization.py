@@ -1,0 +1,270 @@
+"""Regularization retrieval steps: scan → candidates, exact-N downloads → images, export.
+
+These run on Ray workers inside the retrieval flow's tasks (no Prefect here). The scan
+and index code live in ``tasks/retrieval.py``, the safe downloader in ``tasks/download.py``;
+this module turns their results into pixelmill datasets and the folder layout diffusers'
+Custom Diffusion trainer reads with ``--real_prior``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import pyarrow as pa
+
+from pixelmill.config import RetrieveConfig
+from pixelmill.datasets import IMAGE_TYPE, Dataset, DatasetWriter, encode_image
+from pixelmill.datasets.storage import exists, join, makedirs, read_text, resolve, write_text_atomic
+
+CANDIDATE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("parent_id", pa.string()), ("prompt", pa.string()), ("pool_id", pa.string()),
+    ("part", pa.string()), ("row", pa.int64()), ("similarity", pa.float64()), ("candidate_rank", pa.int64()),
+    ("url", pa.string()), ("caption", pa.string()),
+])
+
+IMAGE_SCHEMA = pa.schema([
+    ("id", pa.string()), ("parent_id", pa.string()), ("image", IMAGE_TYPE), ("caption", pa.string()),
+    ("url", pa.string()), ("similarity", pa.float64()), ("prompt", pa.string()), ("rank", pa.int64()),
+    ("candidate_rank", pa.int64()), ("pool_id", pa.string()), ("sha256", pa.string()),
+    ("http_status", pa.int64()), ("width", pa.int64()), ("height", pa.int64()), ("clip_model", pa.string()),
+    ("embedding", pa.string()), ("threshold", pa.float64()), ("pool", pa.string()),
+])
+
+DROPPED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("parent_id", pa.string()), ("pool_id", pa.string()), ("url", pa.string()),
+    ("similarity", pa.float64()), ("candidate_rank", pa.int64()), ("drop_reason", pa.string()),
+    ("error_message", pa.string()),
+])
+
+
+def slug(text: str, max_len: int = 60) -> str:
+    """A folder name for a prompt: lowercase words joined by underscores."""
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return s[:max_len] or "prompt"
+
+
+def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: str, images_url: str,
+                    stats_url: str, schema: tuple[str, int]) -> dict[str, Any]:
+    """Download exactly N images for one prompt and commit its shard of the images dataset.
+
+    Accepted images are the N highest-similarity distinct ones that downloaded; failed,
+    duplicate and surplus candidates go to ``__dropped/`` with their reasons; a prompt
+    with no image at all is a reject. img2dataset-style stats go to ``stats/<pid>_stats.json``.
+    """
+    from pixelmill.tasks.download import DownloadConfig, run_download_exact_n
+
+    cands = Dataset.open(candidates_url).read_shard(pid).sort_by("candidate_rank").to_pylist()
+    dcfg = DownloadConfig(**cfg.download.model_dump(), resolution=cfg.resolution, max_pixels=cfg.max_pixels)
+    res = run_download_exact_n([{**c, "id": c["pool_id"]} for c in cands], cfg.num_images, dcfg)
+    by_pool = {c["pool_id"]: c for c in cands}
+    rows = []
+    for a in res.accepted:
+        c = by_pool[a["id"]]
+        rows.append({
+            "id": f"{pid}-{a['rank']:04d}", "parent_id": pid, "image": encode_image(a["image"], "JPEG"),
+            "caption": c["caption"], "url": c["url"], "similarity": c["similarity"], "prompt": prompt,
+            "rank": a["rank"], "candidate_rank": c["candidate_rank"], "pool_id": c["pool_id"],
+            "sha256": a["sha256"], "http_status": a.get("http_status"), "width": a["image"].width,
+            "height": a["image"].height, "clip_model": cfg.clip_model, "embedding": cfg.embedding,
+            "threshold": cfg.threshold, "pool": cfg.pool,
+        })
+    dropped = [_dropped_row(pid, d, "failed") for d in res.failed]
+    dropped += [_dropped_row(pid, d, d["reason"]) for d in res.dropped]
+    writer = DatasetWriter(images_url, *schema, cfg.output_affecting()).open()
+    sw = writer.shard(pid)
+    sw.write(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    if dropped:
+        sw.drop(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA))
+    message = res.message or ""
+    if not rows:
+        reason = (f"no image: {len(cands)} candidates above threshold {cfg.threshold}, none downloaded"
+                  if cands else f"no candidate above threshold {cfg.threshold}")
+        sw.reject(pa.table({"id": [pid], "error": [reason], "stage": ["download"]}))
+        message = message or reason
+    sw.commit(input_rows=1)
+    stats = {**res.stats, "prompt": prompt, "prompt_id": pid, "found": len(cands), "message": message}
+    makedirs(stats_url)
+    write_text_atomic(join(stats_url, f"{pid}_stats.json"), json.dumps(stats, indent=2, default=str))
+    return {"prompt": prompt, "found": len(cands), "downloaded": len(rows), "failed": len(res.failed),
+            "dropped": len(res.dropped), "shortfall": res.shortfall, "message": message}
+
+
+def _dropped_row(pid: str, d: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {"id": f"{pid}:{d['id']}", "parent_id": pid, "pool_id": d["id"], "url": d.get("url"),
+            "similarity": d.get("similarity"), "candidate_rank": d.get("candidate_rank"),
+            "drop_reason": reason, "error_message": d.get("error_message")}
+
+
+def export_custom_diffusion(images_url: str, out_url: str, prompts: dict[str, str], n: int) -> dict[str, str]:
+    """Write ``<out>/<prompt slug>/`` folders in the layout of diffusers' ``retrieve.py``.
+
+    Each holds ``images/<i>.jpg``, ``caption.txt``, ``urls.txt`` and ``images.txt`` (one
+    line per image, in rank order), exactly N images: what the Custom Diffusion trainer
+    asserts with ``--real_prior --num_class_images N``. Prompts short of N are not
+    exported (the trainer would refuse them); an export already complete is left as is.
+    """
+    ds = Dataset.open(images_url)
+    done: dict[str, str] = {}
+    shards = set(ds.shard_names())
+    for pid, prompt in prompts.items():
+        if pid not in shards:
+            continue
+        folder = join(out_url, slug(prompt))
+        if _export_complete(folder, n):
+            done[prompt] = folder
+            continue
+        table = ds.read_shard(pid).sort_by("rank")
+        if table.num_rows != n:
+            continue
+        makedirs(join(folder, "images"))
+        fs, _ = resolve(folder)
+        paths = []
+        for i, row in enumerate(table.select(["image"]).to_pylist()):
+            path = join(folder, "images", f"{i}.jpg")
+            with fs.open(resolve(path)[1], "wb") as f:
+                f.write(row["image"]["bytes"])
+            paths.append(path)
+        write_text_atomic(join(folder, "caption.txt"), "\n".join(table["caption"].to_pylist()) + "\n")
+        write_text_atomic(join(folder, "urls.txt"), "\n".join(table["url"].to_pylist()) + "\n")
+        write_text_atomic(join(folder, "images.txt"), "\n".join(paths) + "\n")
+        done[prompt] = folder
+    return done
+
+
+def _export_complete(folder: str, n: int) -> bool:
+    url = join(folder, "images.txt")
+    if not exists(url):
+        return False
+    lines = [x for x in read_text(url).splitlines() if x]
+    return len(lines) == n and all(exists(p) for p in lines)
+
+
+def clip_embed_dim(clip_model: str) -> int | None:
+    """The embedding width of an open_clip model, from its config (no weights loaded)."""
+    from pathlib import Path
+
+    from pixelmill.models.loading import looks_local
+
+    if looks_local(clip_model):
+        cfg_file = Path(clip_model.removeprefix("local-dir:")).expanduser() / "open_clip_config.json"
+        if cfg_file.is_file():
+            return int(json.loads(cfg_file.read_text())["model_cfg"]["embed_dim"])
+        return None
+    import open_clip
+
+    arch = clip_model.removeprefix("hf-hub:").split("/")[0]
+    cfg = open_clip.get_model_config(arch)
+    return int(cfg["embed_dim"]) if cfg else None
+
+
+def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
+    """Refuse, before anything starts, a pool that cannot be scanned with the CLIP model.
+
+    Fills ``clip_model`` from the pool's ``pool.json`` when the config leaves it out, and
+    checks the structure (embedding width against the model, aligned parts) without
+    reading every vector; bad vectors are found by the scan itself.
+
+    Raises:
+        ValueError: naming the field and the problem.
+    """
+    from pixelmill.datasets.pool import Pool, PoolError, validate
+    from pixelmill.models.loading import ModelNotFound, check_model_reference
+
+    try:
+        pool = Pool.open(cfg.pool)
+    except (PoolError, FileNotFoundError) as e:
+        raise ValueError(f"pool: {e}") from None
+    with pool:
+        clip_model = cfg.clip_model or pool.clip_model
+        if not clip_model:
+            raise ValueError("clip_model: not set, and the pool has no pool.json naming the model it was "
+                             "embedded with")
+        try:
+            check_model_reference(clip_model, "clip")
+        except ModelNotFound as e:
+            raise ValueError(f"clip_model: {e}") from None
+        if cfg.embedding not in pool.kinds:
+            raise ValueError(f"embedding: the pool has no {cfg.embedding} embeddings (it has {', '.join(pool.kinds)})")
+        try:
+            validate(pool, clip_embed_dim(clip_model), cfg.embedding, check_values=False, clip_model=clip_model)
+        except PoolError as e:
+            raise ValueError(f"pool: {e}") from None
+    if cfg.index and not exists(join(cfg.index, "index.json")):
+        raise ValueError(f"index: no faiss index at {cfg.index} (build one with `pixelmill pool index`)")
+    return cfg.model_copy(update={"clip_model": clip_model})
+
+
+def write_candidates(cfg: RetrieveConfig, prompts: dict[str, str], url: str,
+                     schema: tuple[str, int]) -> dict[str, int]:
+    """Embed the prompts, scan the pool (or its index) once for all, write one shard per prompt.
+
+    Pool rows whose vectors are NaN/Inf/zero fail the run naming them, or with
+    ``invalid_vectors: reject`` are recorded in the candidates' ``__rejects/``.
+    """
+    from pixelmill.datasets.pool import PoolError
+    from pixelmill.tasks.retrieval import embed_prompts, scan_pool_ray, search_index
+
+    pids = list(prompts)
+    queries = embed_prompts([prompts[p] for p in pids], cfg.clip_model)
+    if cfg.index:
+        result = search_index(cfg.index, queries, cfg.threshold, k=cfg.index_k, pool_url=cfg.pool)
+    else:
+        result = scan_pool_ray(cfg.pool, queries, cfg.threshold, kind=cfg.embedding,
+                               filters=cfg.filters.model_dump(), block_rows=cfg.scan_block_rows,
+                               max_candidates=cfg.max_candidates, num_tasks=cfg.scan_tasks)
+    bad = result.rejects
+    if bad.num_rows and cfg.invalid_vectors == "error":
+        ids = bad["id"].to_pylist()
+        raise PoolError(f"{cfg.pool}: {len(ids)} pool row(s) have invalid vectors (NaN/Inf/zero), e.g. "
+                        f"{', '.join(ids[:5])}; fix the pool or set invalid_vectors: reject")
+    writer = DatasetWriter(url, *schema, cfg.scan_affecting()).open()
+    counts = {}
+    for qi, pid in enumerate(pids):
+        t = result.candidates[qi]
+        n = t.num_rows
+        rows = pa.table({
+            "id": [f"{pid}:{x}" for x in t["id"].to_pylist()], "parent_id": [pid] * n,
+            "prompt": [prompts[pid]] * n, "pool_id": t["id"], "part": t["part"], "row": t["row"],
+            "similarity": t["similarity"], "candidate_rank": list(range(n)),
+            "url": t["url"] if "url" in t.column_names else [None] * n,
+            "caption": t["caption"] if "caption" in t.column_names else [None] * n,
+        }).cast(CANDIDATE_SCHEMA)
+        sw = writer.shard(pid)
+        sw.write(rows)
+        if qi == 0 and bad.num_rows:
+            sw.reject(bad.select(["id", "error", "stage"]))
+        sw.commit(input_rows=1)
+        counts[pid] = n
+    return counts
+
+
+def build_index_and_report(pool_url: str, out_url: str, kind: str = "text", index_type: str = "ivf",
+                           nlist: int | None = None, nprobe: int = 16, threshold: float = 0.85,
+                           sample: int = 32) -> str:
+    """Build a faiss index over a pool and measure its recall against the exact scan.
+
+    Recall is measured with ``sample`` pool vectors as queries (each finds itself and its
+    neighbours above ``threshold``), so it needs no prompts.
+    """
+    import time
+
+    import numpy as np
+
+    from pixelmill.datasets.pool import Pool
+    from pixelmill.tasks.retrieval import build_index, measure_recall
+
+    t0 = time.perf_counter()
+    info = build_index(pool_url, out_url, kind=kind, index_type=index_type, nlist=nlist, nprobe=nprobe)
+    built = time.perf_counter() - t0
+    with Pool.open(pool_url) as pool:
+        block = next(pool.iter_blocks(kind, block_rows=max(sample * 50, 1024)))
+        emb = np.asarray(block.emb, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    queries = emb[rng.choice(len(emb), size=min(sample, len(emb)), replace=False)]
+    recall = measure_recall(pool_url, out_url, queries, threshold, sample=None)
+    return (f"index: {out_url} ({index_type}, {kind} embeddings, {info.get('ntotal', '?')} vectors) "
+            f"built in {built:.1f}s\nrecall vs the exact scan above {threshold}: {recall:.3f} "
+            f"on {len(queries)} sample queries")

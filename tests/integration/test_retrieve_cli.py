@@ -1,0 +1,124 @@
+"""Regularization retrieval through the real CLI: pool build, then exactly N per prompt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pixelmill.datasets import Dataset
+from tests.conftest import run_cli
+from tests.helpers.http_server import serve_directory
+
+pytestmark = pytest.mark.slow
+
+BAD_ROUTES = ["/stall", "/corrupt.png", "/page.html", "/noai.png", "/to-metadata", "/missing-404.png",
+              "/loop", "/huge.png"]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, tiny_models, cluster):
+    """A sample pool built with `pixelmill pool build`; some dog URLs point at bad routes."""
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+    from pixelmill.samples import write_sample_pool_source
+
+    root = tmp_path_factory.mktemp("pool")
+    with serve_directory(str(root)) as srv:
+        write_sample_pool_source(str(root / "files"), srv.base_url + "/files", str(root / "src0"))
+        rows = Dataset.open(str(root / "src0")).to_table().to_pylist()
+        bad = iter(BAD_ROUTES)
+        for row in rows:
+            if " dog" in row["caption"] and row["caption"].split()[-2] in ("small", "red", "fluffy", "black"):
+                row["url"] = srv.base_url + next(bad)
+        w = DatasetWriter(str(root / "src"), "images", 1, {"t": 1}).open()
+        sw = w.shard("00000")
+        sw.write(pa.Table.from_pylist(rows))
+        sw.commit()
+        w.finish()
+        proc = run_cli(["pool", "build", str(root / "src"), "--clip", tiny_models["clip"],
+                        "--out", str(root / "pool")], cluster)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        yield {"url": str(root / "pool"), "server": srv, "rows": rows}
+
+
+def _reference(prompt: str, rows, clip: str, threshold: float) -> list[str]:
+    """Brute-force numpy reference: ids above threshold, by similarity."""
+    from pixelmill.tasks.retrieval import embed_prompts
+
+    caps = [r["caption"] for r in rows]
+    sims = embed_prompts(caps, clip) @ embed_prompts([prompt], clip)[0]
+    order = sorted((i for i in range(len(rows)) if sims[i] > threshold), key=lambda i: (-sims[i], rows[i]["id"]))
+    return [rows[i]["id"] for i in order]
+
+
+def test_retrieve_exactly_n_with_failures_and_shortfall(cluster, tmp_path, pool, tiny_models):
+    cfg = tmp_path / "retrieve.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        prompts=["a photo of a dog", "a photo of a cat"], pool=pool["url"], output=str(tmp_path / "out"),
+        num_images=6, threshold=0.85, resolution=64,
+        download=dict(allow_loopback=True, timeout=2, retries=0),
+    )))
+    dry = run_cli(["retrieve", str(cfg), "--dry-run"], cluster)
+    assert dry.returncode == 0 and "2 to scan" in dry.stdout, dry.stderr
+    proc = run_cli(["retrieve", str(cfg), "--json"], cluster)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_prompt = {v["prompt"]: v for v in s["prompts"].values()}
+    dog, cat = by_prompt["a photo of a dog"], by_prompt["a photo of a cat"]
+    assert dog["downloaded"] == 6 and dog["shortfall"] == 0 and dog["failed"] >= 1
+    ref_cat = _reference("a photo of a cat", pool["rows"], tiny_models["clip"], 0.85)
+    assert cat["found"] == len(ref_cat) < 6 and cat["shortfall"] == 6 - cat["downloaded"] > 0
+
+    images = Dataset.open(str(tmp_path / "out" / "images"))
+    assert images.complete
+    table = images.to_table().to_pylist()
+    dog_rows = sorted((r for r in table if r["prompt"] == "a photo of a dog"), key=lambda r: r["rank"])
+    assert len(dog_rows) == 6
+    sims = [r["similarity"] for r in dog_rows]
+    assert sims == sorted(sims, reverse=True) and min(sims) > 0.85
+    # the accepted ones are the best-ranked candidates that are not behind a bad route
+    ref_dog = _reference("a photo of a dog", pool["rows"], tiny_models["clip"], 0.85)
+    good = {r["id"] for r in pool["rows"] if "/files/" in r["url"]}
+    assert [r["pool_id"] for r in dog_rows] == [i for i in ref_dog if i in good][:6]
+    dropped = images.dropped().to_pylist()
+    reasons = {d["error_message"] for d in dropped if d["drop_reason"] == "failed"}
+    # bad routes ranked above the 6th good image were tried and failed with their reasons
+    assert reasons and all(r.split(":")[0] in ("not_an_image", "robots", "undecodable", "blocked_address",
+                                                 "timeout", "http_404", "redirect_loop", "too_large")
+                           for r in reasons), reasons
+    assert any(r.startswith("not_an_image") for r in reasons) and any(r.startswith("robots") for r in reasons)
+    assert all(d["parent_id"] for d in dropped)
+
+    # export: exactly N files for the complete prompt; the short one is not exported
+    folder = Path(s["exported"]["a photo of a dog"])
+    assert len(list((folder / "images").glob("*.jpg"))) == 6
+    for name in ("caption.txt", "images.txt", "urls.txt"):
+        assert len((folder / name).read_text().splitlines()) == 6
+    assert "a photo of a cat" not in s["exported"]
+    stats = json.loads(next((tmp_path / "out" / "stats").glob("*_stats.json")).read_text())
+    assert "successes" in stats and "failed_to_download" in stats
+
+    again = run_cli(["retrieve", str(cfg), "--json"], cluster)
+    s2 = json.loads(again.stdout.strip().splitlines()[-1])
+    assert s2["prompts"] == {} and len(s2["skipped"]) == 2
+
+
+def test_pool_with_wrong_width_is_refused_before_anything_starts(tmp_path, pool, tiny_models):
+    from pixelmill.datasets.pool import write_laion_layout
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((4, 48)).astype(np.float16)
+    meta = pa.table({"url": ["http://127.0.0.1/x.png"] * 4, "caption": ["a dog"] * 4})
+    write_laion_layout(str(tmp_path / "laion"), [(emb, emb, meta)], clip_model=tiny_models["clip"])
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(dict(prompts=["a dog"], pool=str(tmp_path / "laion"), output=str(tmp_path / "o"),
+                                       num_images=2)))
+    proc = run_cli(["retrieve", str(cfg)], {"RAY_ADDRESS": "127.0.0.1:1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "48" in proc.stderr and "32" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,238 @@
+"""Retrieval pools: both layouts, any fsspec URL, block reads, row reads, validation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pixelmill.datasets import storage
+from pixelmill.datasets.manifest import read_manifest
+from pixelmill.datasets.pool import (
+    BAD_NONFINITE,
+    BAD_ZERO,
+    POOL_INFO_NAME,
+    Pool,
+    PoolError,
+    embedding_array,
+    embedding_matrix,
+    validate,
+    write_laion_layout,
+    write_pool_parquet,
+)
+
+DIM = 8
+SIZES = (37, 50, 13)
+
+
+def make_parts(seed: int = 0, sizes=SIZES, dim: int = DIM, dtype=np.float16):
+    """LAION-style parts: (img_emb, text_emb, metadata) with ids ``p{part}-{row}``."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for i, n in enumerate(sizes):
+        meta = pa.table({
+            "id": [f"p{i}-{r}" for r in range(n)],
+            "url": [f"https://example.com/{i}/{r}.jpg" for r in range(n)],
+            "caption": [f"caption {i} {r}" for r in range(n)],
+            "punsafe": rng.random(n),
+            "width": rng.integers(64, 1024, n),
+            "height": rng.integers(64, 1024, n),
+        })
+        parts.append((rng.standard_normal((n, dim)).astype(dtype), rng.standard_normal((n, dim)).astype(dtype), meta))
+    return parts
+
+
+def as_parquet_table(parts) -> pa.Table:
+    tables = []
+    for img, txt, meta in parts:
+        tables.append(meta.append_column("text_emb", embedding_array(txt, txt.dtype))
+                      .append_column("img_emb", embedding_array(img, img.dtype)))
+    return pa.concat_tables(tables)
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request, tmp_path) -> str:
+    if request.param == "local":
+        yield str(tmp_path)
+        return
+    url = f"memory://pool-{uuid.uuid4().hex}"
+    yield url
+    storage.remove(url)
+
+
+def test_laion_layout_reads_every_row_in_order_with_its_metadata(root):
+    parts = make_parts()
+    url = write_laion_layout(storage.join(root, "laion"), parts, clip_model="tiny-clip")
+    pool = Pool.open(url)
+    assert pool.layout == "laion"
+    assert [p.name for p in pool.parts] == ["0", "1", "2"]
+    assert pool.num_rows == sum(SIZES) and pool.dim == DIM and pool.clip_model == "tiny-clip"
+    assert pool.kinds == ["text", "image"]
+    assert json.loads(storage.read_text(storage.join(url, POOL_INFO_NAME))) == {
+        "clip_model": "tiny-clip", "dim": DIM, "layout": "laion"}
+
+    blocks = list(pool.iter_blocks("text", block_rows=16, columns=["url", "caption"]))
+    # blocks never cross parts: 37 -> 16+16+5, 50 -> 16*3+2, 13 -> 13
+    assert [(b.part, b.start, len(b)) for b in blocks][:4] == [("0", 0, 16), ("0", 16, 16), ("0", 32, 5), ("1", 0, 16)]
+    assert len(blocks) == 3 + 4 + 1
+    emb = np.concatenate([b.emb for b in blocks])
+    assert emb.dtype == np.float16
+    np.testing.assert_array_equal(emb, np.concatenate([p[1] for p in parts]))
+    ids = [i for b in blocks for i in b.ids]
+    assert ids == [f"p{i}-{r}" for i, n in enumerate(SIZES) for r in range(n)]
+    urls = [u for b in blocks for u in b.meta.column("url").to_pylist()]
+    assert urls == [f"https://example.com/{i}/{r}.jpg" for i, n in enumerate(SIZES) for r in range(n)]
+    image = np.concatenate([b.emb for b in pool.iter_blocks("image", block_rows=1000)])
+    np.testing.assert_array_equal(image, np.concatenate([p[0] for p in parts]))
+
+
+def test_laion_layout_without_id_column_gets_part_row_ids(tmp_path):
+    parts = [(img, txt, meta.drop_columns(["id"])) for img, txt, meta in make_parts()]
+    pool = Pool.open(write_laion_layout(str(tmp_path), parts))
+    assert not pool.has_ids and pool.clip_model is None
+    block = pool.read_block("text", "1", 10, 13, columns=["id", "caption"])
+    assert block.ids == ["1:10", "1:11", "1:12"]
+    assert block.meta.to_pydict() == {"id": ["1:10", "1:11", "1:12"], "caption": ["caption 1 10", "caption 1 11", "caption 1 12"]}
+
+
+def test_parquet_layout_matches_laion_layout(root):
+    parts = make_parts(seed=3)
+    laion = Pool.open(write_laion_layout(storage.join(root, "laion"), parts, clip_model="m"))
+    url = write_pool_parquet(storage.join(root, "pq"), as_parquet_table(parts), clip_model="m", rows_per_shard=40)
+    pool = Pool.open(url)
+    assert pool.layout == "parquet"
+    assert [p.rows for p in pool.parts] == [40, 40, 20]
+    assert pool.clip_model == "m" and pool.dim == DIM and pool.num_rows == laion.num_rows
+    manifest = read_manifest(url)
+    assert manifest.config["clip_model"] == "m" and manifest.config["embed_dim"] == DIM
+    assert not storage.exists(storage.join(url, POOL_INFO_NAME))  # a JSON beside one shard breaks load_dataset
+    for kind in ("text", "image"):
+        a = list(pool.iter_blocks(kind, block_rows=16, columns=["url"]))
+        b = list(laion.iter_blocks(kind, block_rows=16, columns=["url"]))
+        np.testing.assert_array_equal(np.concatenate([x.emb for x in a]), np.concatenate([x.emb for x in b]))
+        assert [i for x in a for i in x.ids] == [i for x in b for i in x.ids]
+        assert sum((x.meta.column("url").to_pylist() for x in a), []) == sum((x.meta.column("url").to_pylist() for x in b), [])
+
+
+def test_fixed_size_list_and_fp32_columns_read_as_stored(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((30, DIM)).astype(np.float32)
+    table = pa.table({"id": [f"r{i}" for i in range(30)], "caption": ["c"] * 30,
+                      "text_emb": embedding_array(emb, np.float32, fixed_size=True)})
+    pool = Pool.open(write_pool_parquet(str(tmp_path), table, rows_per_shard=7))
+    got = np.concatenate([b.emb for b in pool.iter_blocks(block_rows=5)])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, emb)
+
+
+def test_read_rows_follows_the_requested_order(root):
+    parts = make_parts()
+    for url in (write_laion_layout(storage.join(root, "laion"), parts),
+                write_pool_parquet(storage.join(root, "pq"), as_parquet_table(parts[1:2]))):
+        pool = Pool.open(url)
+        part = pool.parts[-1 if pool.layout == "laion" else 0]
+        meta = parts[int(part.name) if pool.layout == "laion" else 1][2]
+        got = pool.read_rows(part.name, [12, 3, 12, 0], ["id", "url"])
+        assert got.column("id").to_pylist() == [meta["id"][r].as_py() for r in (12, 3, 12, 0)]
+        assert got.column("url").to_pylist() == [meta["url"][r].as_py() for r in (12, 3, 12, 0)]
+        with pytest.raises(PoolError, match="no metadata column"):
+            pool.read_rows(part.name, [0], ["aesthetic"])
+
+
+def test_remote_npy_is_read_by_range_like_a_local_memory_map(tmp_path):
+    parts = make_parts(sizes=(300,), dim=16)
+    local = Pool.open(write_laion_layout(str(tmp_path), parts))
+    url = f"memory://ranged-{uuid.uuid4().hex}"
+    remote = Pool.open(write_laion_layout(url, parts))
+    try:
+        for start, stop in ((0, 1), (17, 230), (299, 300), (250, 400)):
+            np.testing.assert_array_equal(remote.read_block("text", "0", start, stop).emb,
+                                          local.read_block("text", "0", start, stop).emb)
+    finally:
+        storage.remove(url)
+
+
+def test_not_a_pool_is_refused(tmp_path):
+    with pytest.raises(PoolError, match="no pool at"):
+        Pool.open(str(tmp_path))
+    with pytest.raises(PoolError, match="no embedding column"):
+        Pool.open(write_pool_parquet_plain(tmp_path / "plain"))
+    pool = Pool.open(write_laion_layout(str(tmp_path / "laion"), [(None, t, m) for _, t, m in make_parts()]))
+    assert pool.kinds == ["text"]
+    with pytest.raises(PoolError, match="no image embeddings"):
+        list(pool.iter_blocks("image"))
+
+
+def write_pool_parquet_plain(path) -> str:
+    import pyarrow.parquet as pq
+
+    path.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), str(path / "part-00000.parquet"))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def test_validate_accepts_a_good_pool_and_reports_its_shape(root):
+    pool = Pool.open(write_laion_layout(storage.join(root, "ok"), make_parts(), clip_model="m"))
+    report = validate(pool, DIM, clip_model="other")
+    assert report.ok and report.num_rows == sum(SIZES) and report.dim == DIM and report.parts == 3
+    assert report.warnings == [f"pool {pool.url} records CLIP model 'm', queries use 'other'"]
+
+
+def test_validate_refuses_a_width_other_than_the_clip_models(tmp_path):
+    pool = Pool.open(write_laion_layout(str(tmp_path), make_parts()))
+    with pytest.raises(PoolError) as err:
+        validate(pool, expected_dim=512, check_values=False)
+    assert "width 8" in str(err.value) and "embedding width 512" in str(err.value)
+
+
+def test_validate_names_a_misaligned_part_and_both_counts(tmp_path):
+    parts = make_parts()
+    img, txt, meta = parts[1]
+    parts[1] = (img, txt[:45], meta)
+    pool = Pool.open(write_laion_layout(str(tmp_path), parts))
+    with pytest.raises(PoolError, match=r"part 1 is misaligned: text_emb_1.npy has 45 rows but metadata_1.parquet has 50"):
+        validate(pool, DIM)
+    validate(pool, DIM, kind="image", check_values=False)  # the image side of part 1 is fine
+    with pytest.raises(PoolError, match="misaligned"):
+        list(pool.iter_blocks("text"))  # never scanned with shifted ids, validated or not
+
+
+def test_validate_finds_nan_inf_and_zero_rows(tmp_path):
+    parts = make_parts()
+    txt0, txt2 = parts[0][1].copy(), parts[2][1].copy()
+    txt0[[3, 20], 1] = np.nan
+    txt0[30, 0] = np.inf
+    txt2[5] = 0
+    parts[0] = (parts[0][0], txt0, parts[0][2])
+    parts[2] = (parts[2][0], txt2, parts[2][2])
+    pool = Pool.open(write_laion_layout(str(tmp_path), parts))
+    with pytest.raises(PoolError) as err:
+        validate(pool, DIM)
+    message = str(err.value)
+    assert "3 with NaN/Inf values (first ids: p0-3, p0-20, p0-30)" in message
+    assert "1 all-zero or null (first ids: p2-5)" in message
+
+    report = validate(pool, DIM, on_bad="reject")
+    assert report.bad_ids == ["p0-3", "p0-20", "p0-30", "p2-5"]
+    assert report.bad.column("error").to_pylist() == [BAD_NONFINITE] * 3 + [BAD_ZERO]
+    assert report.skip() == {"0": {3: BAD_NONFINITE, 20: BAD_NONFINITE, 30: BAD_NONFINITE}, "2": {5: BAD_ZERO}}
+
+
+def test_null_and_ragged_parquet_embeddings(tmp_path):
+    values = [[1.0] * DIM, None, [0.5] * DIM]
+    table = pa.table({"id": ["a", "b", "c"], "text_emb": pa.array(values, pa.list_(pa.float16()))})
+    matrix, nulls = embedding_matrix(table.column("text_emb"))
+    assert nulls.tolist() == [False, True, False] and not matrix[1].any()
+    pool = Pool.open(write_pool_parquet(str(tmp_path / "null"), table))
+    assert validate(pool, DIM, on_bad="reject").bad_ids == ["b"]
+
+    ragged = pa.table({"id": ["a", "b"], "text_emb": pa.array([[1.0] * DIM, [1.0] * (DIM - 1)], pa.list_(pa.float16()))})
+    pool = Pool.open(write_pool_parquet(str(tmp_path / "ragged"), ragged))
+    with pytest.raises(PoolError, match="row 1 has 7 values but row 0 has 8"):
+        validate(pool, DIM)

@@ -1,0 +1,394 @@
+"""Regularization retrieval, pool side: exact scans (local and Ray), filters, faiss indices, embedding."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pixelmill.datasets import storage
+from pixelmill.datasets.images import IMAGE_TYPE, encode_image
+from pixelmill.datasets.pool import (
+    BAD_NONFINITE,
+    BAD_ZERO,
+    Pool,
+    PoolError,
+    embedding_array,
+    validate,
+    write_laion_layout,
+    write_pool_parquet,
+)
+from pixelmill.tasks.retrieval import (
+    CandidateFilters,
+    ExactScanner,
+    PoolEmbedder,
+    build_index,
+    embed_prompts,
+    measure_recall,
+    normalize_queries,
+    scan_block,
+    scan_pool,
+    scan_pool_ray,
+    search_index,
+)
+
+DIM = 16
+
+
+def pool_parts(seed: int = 0, sizes=(300, 411, 89), dim: int = DIM, dtype=np.float16, ids: bool = True):
+    """Parts whose rows cluster around 4 directions, so thresholds near 0.8 select a few dozen rows."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((4, dim))
+    parts = []
+    for i, n in enumerate(sizes):
+        txt = centers[rng.integers(0, 4, n)] + 0.6 * rng.standard_normal((n, dim))
+        txt *= rng.uniform(0.5, 2.0, (n, 1))  # stored rows need not be unit vectors
+        img = rng.standard_normal((n, dim))
+        cols = {
+            "url": [f"https://x/{i}/{r}" for r in range(n)],
+            "caption": [f"c{i}-{r}" for r in range(n)],
+            "punsafe": rng.random(n),
+            "pwatermark": rng.random(n),
+            "width": rng.integers(100, 1200, n),
+            "height": rng.integers(100, 1200, n),
+        }
+        if ids:
+            cols = {"id": [f"id{i}-{r:04d}" for r in range(n)], **cols}
+        parts.append((img.astype(dtype), txt.astype(dtype), pa.table(cols)))
+    return parts, centers
+
+
+def queries_near(centers: np.ndarray, seed: int = 1, p: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = centers[np.arange(p) % len(centers)] + 0.3 * rng.standard_normal((p, centers.shape[1]))
+    return normalize_queries(q)
+
+
+def brute_force(parts, queries: np.ndarray, threshold: float, keep=None):
+    """Reference: per query, [(id, part, row, sim)] above the threshold, sorted by -sim then id."""
+    out = []
+    for qi, q in enumerate(queries):
+        rows = []
+        for p, (_, txt, meta) in enumerate(parts):
+            x = txt.astype(np.float64)
+            sims = (x @ q.astype(np.float64)) / np.linalg.norm(x, axis=1)
+            ids = meta.column("id").to_pylist() if "id" in meta.column_names else [f"{p}:{r}" for r in range(len(x))]
+            for r in np.nonzero(sims > threshold)[0]:
+                if keep is None or keep(meta, r):
+                    rows.append((ids[r], str(p), int(r), float(sims[r])))
+        out.append(sorted(rows, key=lambda t: (-t[3], t[0])))
+    return out
+
+
+def as_rows(table: pa.Table):
+    return list(zip(table.column("id").to_pylist(), table.column("part").to_pylist(),
+                    table.column("row").to_pylist(), table.column("similarity").to_pylist()))
+
+
+def assert_same(got: pa.Table, want: list) -> None:
+    rows = as_rows(got)
+    assert [r[:3] for r in rows] == [w[:3] for w in want]
+    np.testing.assert_allclose([r[3] for r in rows], [w[3] for w in want], atol=1e-5)
+
+
+def margin_ok(parts, queries, threshold) -> bool:
+    """No similarity within 1e-5 of the threshold, so fp32 and fp64 agree on every row."""
+    sims = np.concatenate([
+        (t.astype(np.float64) @ queries.T.astype(np.float64)) / np.linalg.norm(t.astype(np.float64), axis=1)[:, None]
+        for _, t, _ in parts])
+    return float(np.min(np.abs(sims - threshold))) > 1e-5
+
+
+# ------------------------------------------------------------------------- exact scans
+
+
+def test_exact_scan_equals_brute_force(tmp_path):
+    parts, centers = pool_parts()
+    q = queries_near(centers)
+    assert margin_ok(parts, q, 0.8)
+    url = write_laion_layout(str(tmp_path), parts)
+    res = scan_pool(url, q, 0.8, block_rows=128)
+    want = brute_force(parts, q, 0.8)
+    assert all(len(w) >= 10 for w in want)  # the test scores real hit lists
+    for got, w in zip(res.candidates, want):
+        assert_same(got, w)
+        assert got.column_names == ["id", "part", "row", "similarity", "url", "caption"]
+        assert got.column("url").to_pylist() == [f"https://x/{p}/{r}" for _, p, r, _ in w]
+    assert res.scanned == 800 and res.rejects.num_rows == 0 and res.filtered == [0] * 6
+
+
+def test_laion_and_parquet_layouts_give_the_same_scan(tmp_path):
+    parts, centers = pool_parts(seed=5)
+    q = queries_near(centers, p=4)
+    laion = scan_pool(write_laion_layout(str(tmp_path / "laion"), parts), q, 0.75, block_rows=100)
+    table = pa.concat_tables([m.append_column("text_emb", embedding_array(t)) for _, t, m in parts])
+    pq_pool = write_pool_parquet(str(tmp_path / "pq"), table, rows_per_shard=1000)
+    parquet = scan_pool(pq_pool, q, 0.75, block_rows=100)
+    for a, b in zip(laion.candidates, parquet.candidates):
+        assert a.num_rows > 0
+        # same rows, ids and similarities; parts are named differently (0/1/2 vs one shard)
+        assert a.column("id").to_pylist() == b.column("id").to_pylist()
+        assert a.column("caption").to_pylist() == b.column("caption").to_pylist()
+        np.testing.assert_allclose(a.column("similarity").to_numpy(), b.column("similarity").to_numpy(), atol=1e-6)
+
+
+def test_threshold_is_strict():
+    block = np.zeros((3, DIM), np.float16)
+    block[0, :2] = (3, 4)  # cosine to e0 is exactly 3/5
+    block[1, :2] = (4, 3)  # 4/5
+    block[2, 1] = 1  # orthogonal
+    e0 = np.zeros((1, DIM), np.float32)
+    e0[0, 0] = 1
+    assert [r for _, r, _ in scan_block(block, e0, 0.6)] == [1]
+    assert [(r, s) for _, r, s in scan_block(block, e0, 0.5999)] == [(0, pytest.approx(0.6)), (1, pytest.approx(0.8))]
+    assert scan_block(block, e0, 0.8) == []
+
+
+def test_many_prompts_in_one_pass_equal_one_at_a_time(tmp_path):
+    parts, centers = pool_parts(seed=2)
+    q = queries_near(centers, p=9)
+    assert margin_ok(parts, q, 0.7)  # one query uses a dot, several a gemm: sims agree to an ulp, not bitwise
+    url = write_laion_layout(str(tmp_path), parts)
+    together = scan_pool(url, q, 0.7)
+    for i in range(len(q)):
+        alone = scan_pool(url, q[i:i + 1], 0.7)
+        assert together.candidates[i].num_rows > 0
+        assert_same(together.candidates[i], as_rows(alone.candidates[0]))
+    emb = parts[0][1]
+    hits = scan_block(emb, q, 0.7, sub_rows=64)
+    for i in range(len(q)):
+        one = scan_block(emb, q[i:i + 1], 0.7)
+        assert [r for qi, r, _ in hits if qi == i] == [r for _, r, _ in one]
+        np.testing.assert_allclose([s for qi, _, s in hits if qi == i], [s for _, _, s in one], atol=1e-6)
+
+
+def test_max_candidates_keeps_the_best_and_says_so(tmp_path):
+    parts, centers = pool_parts()
+    q = queries_near(centers, p=3)
+    url = write_laion_layout(str(tmp_path), parts)
+    full = scan_pool(url, q, 0.7)
+    top = scan_pool(url, q, 0.7, max_candidates=5, columns=["url"])
+    for f, t in zip(full.candidates, top.candidates):
+        assert f.num_rows > 5
+        assert as_rows(t) == as_rows(f)[:5]
+    assert top.truncated == [True] * 3 and full.truncated == [False] * 3
+
+
+def test_filters_drop_rows_and_count_them(tmp_path):
+    parts, centers = pool_parts(seed=7)
+    q = queries_near(centers, p=4)
+    url = write_laion_layout(str(tmp_path), parts)
+    filters = {"max_punsafe": 0.5, "max_pwatermark": 0.8, "min_width": 300, "min_height": 200, "max_aspect": 2.0}
+
+    def keep(meta, r):
+        w, h = meta["width"][r].as_py(), meta["height"][r].as_py()
+        return (meta["punsafe"][r].as_py() <= 0.5 and meta["pwatermark"][r].as_py() <= 0.8
+                and w >= 300 and h >= 200 and max(w / h, h / w) <= 2.0)
+
+    res = scan_pool(url, q, 0.7, filters=filters)
+    want, everything = brute_force(parts, q, 0.7, keep), brute_force(parts, q, 0.7)
+    for got, w, e, dropped in zip(res.candidates, want, everything, res.filtered):
+        assert 0 < len(w) < len(e)
+        assert_same(got, w)
+        assert dropped == len(e) - len(w)
+
+
+def test_filter_on_a_missing_column_or_null_value(tmp_path):
+    parts, centers = pool_parts()
+    no_wm = [(i, t, m.drop_columns(["pwatermark"])) for i, t, m in parts]
+    url = write_laion_layout(str(tmp_path / "a"), no_wm)
+    with pytest.raises(PoolError, match="filter max_pwatermark=0.5 needs metadata column 'pwatermark'"):
+        scan_pool(url, queries_near(centers), 0.8, filters={"max_pwatermark": 0.5})
+    with pytest.raises(ValueError, match="unknown filter"):
+        CandidateFilters.coerce({"max_nsfw": 0.1})
+    meta = pa.table({"punsafe": pa.array([0.1, None, 0.9], pa.float64())})
+    assert CandidateFilters(max_punsafe=0.5).mask(meta).tolist() == [True, False, False]
+
+
+def test_rejected_rows_are_skipped_and_recorded(tmp_path):
+    parts, centers = pool_parts()
+    q = queries_near(centers, p=4)
+    txt = parts[1][1].copy()
+    hits = brute_force(parts, q, 0.7)
+    victim = next(h for hs in hits for h in hs if h[1] == "1")[2]  # a row that would be a candidate
+    txt[victim, 3] = np.nan
+    txt[7] = 0
+    parts[1] = (parts[1][0], txt, parts[1][2])
+    url = write_laion_layout(str(tmp_path), parts)
+    report = validate(url, DIM, on_bad="reject")
+    assert sorted(report.bad_ids) == sorted([f"id1-{victim:04d}", "id1-0007"])
+
+    for skip in (report, None):  # with the report, or found by the scan itself
+        res = scan_pool(url, q, 0.7, skip=skip)
+        got_ids = {i for c in res.candidates for i in c.column("id").to_pylist()}
+        assert f"id1-{victim:04d}" not in got_ids
+        assert res.rejects.sort_by("row").to_pydict()["id"] == sorted([f"id1-0007", f"id1-{victim:04d}"])
+        reasons = dict(zip(res.rejects.column("id").to_pylist(), res.rejects.column("error").to_pylist()))
+        assert reasons == {f"id1-{victim:04d}": BAD_NONFINITE, "id1-0007": BAD_ZERO}
+        assert set(res.rejects.column("stage").to_pylist()) == {"pool_validate" if skip else "pool_scan"}
+        assert res.scanned == 800 - 2
+
+
+def test_query_width_and_kind_are_checked(tmp_path):
+    parts, _ = pool_parts()
+    url = write_laion_layout(str(tmp_path), [(None, t, m) for _, t, m in parts])
+    with pytest.raises(PoolError, match="queries have width 4 but the pool's text embeddings have 16"):
+        scan_pool(url, np.ones((1, 4), np.float32), 0.5)
+    with pytest.raises(PoolError, match="no image embeddings"):
+        scan_pool(url, np.ones((1, DIM), np.float32), 0.5, kind="image")
+
+
+def test_memory_pool_scans_image_embeddings(tmp_path):
+    parts, _ = pool_parts(ids=False)
+    url = f"memory://scan-{uuid.uuid4().hex}"
+    try:
+        write_laion_layout(url, parts)
+        img = np.concatenate([p[0] for p in parts]).astype(np.float64)
+        q = normalize_queries(img[[5, 420]])
+        res = scan_pool(url, q, 0.6, kind="image", block_rows=64)
+        ref = [[(f"{p}:{r}", str(p), r) for p in range(3) for r in range(len(parts[p][0]))] for _ in q]
+        sims = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ q.T.astype(np.float64)
+        for qi, got in enumerate(res.candidates):
+            order = sorted((i for i in range(len(img)) if sims[i, qi] > 0.6), key=lambda i: (-sims[i, qi], ref[qi][i][0]))
+            assert got.column("id").to_pylist() == [ref[qi][i][0] for i in order]
+            assert got.column("id")[0].as_py() == ("0:5" if qi == 0 else "1:120")  # the row itself, similarity 1
+    finally:
+        storage.remove(url)
+
+
+# ---------------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cpu2():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_scan_equals_local_scan(ray_cpu2, tmp_path):
+    parts, centers = pool_parts(seed=4, sizes=(300, 411, 89, 250))
+    q = queries_near(centers, p=5)
+    url = write_laion_layout(str(tmp_path), parts)
+    skip = {"2": {10: "manual"}}
+    local = scan_pool(url, q, 0.72, block_rows=100, filters={"max_punsafe": 0.7}, max_candidates=12, skip=skip)
+    distributed = scan_pool_ray(url, q, 0.72, block_rows=100, filters={"max_punsafe": 0.7}, max_candidates=12,
+                                skip=skip, num_tasks=4)
+    for a, b in zip(local.candidates, distributed.candidates):
+        assert a.num_rows > 0
+        assert a.equals(b)
+    assert distributed.filtered == local.filtered and distributed.truncated == local.truncated
+    assert distributed.scanned == local.scanned == 1049
+    assert distributed.rejects.column("id").to_pylist() == local.rejects.column("id").to_pylist() == ["id2-0010"]
+
+
+# -------------------------------------------------------------------------------- faiss
+
+
+@pytest.fixture(scope="module")
+def clustered_pool(tmp_path_factory):
+    """20k × 64 fp16 vectors in 50 clusters, and 20 queries near cluster centres (~300 rows above 0.8 each)."""
+    rng = np.random.default_rng(11)
+    dim, n = 64, 20_000
+    centers = rng.standard_normal((50, dim))
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x = centers[rng.integers(0, 50, n)] + 0.08 * rng.standard_normal((n, dim))
+    parts = []
+    for i, (s, e) in enumerate(((0, 8000), (8000, 20_000))):
+        meta = pa.table({"url": [f"u{i}/{r}" for r in range(e - s)], "caption": [f"c{r}" for r in range(e - s)]})
+        parts.append((None, x[s:e].astype(np.float16), meta))
+    url = write_laion_layout(str(tmp_path_factory.mktemp("clustered")), parts)
+    q = normalize_queries(centers[:20] + 0.03 * rng.standard_normal((20, dim)))
+    return url, q
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_faiss_index_recall_and_mapping(clustered_pool, tmp_path, index_type):
+    url, q = clustered_pool
+    out = str(tmp_path / index_type)
+    info = build_index(url, out, index_type=index_type, M=16)
+    assert info["rows"] == 20_000 and info["parts"] == [{"part": "0", "offset": 0, "rows": 8000},
+                                                        {"part": "1", "offset": 8000, "rows": 12000}]
+    assert measure_recall(url, out, q, threshold=0.8, k=2000) >= 0.9  # top-k, then threshold
+    assert measure_recall(url, out, q, threshold=0.8, k=None) >= 0.9  # range search
+    # the measure is not vacuous: starving the search (1 list of 512, or a beam of 4) loses hits
+    assert measure_recall(url, out, q, threshold=0.8, k=None, nprobe=1, ef_search=4) < 0.7
+    exact = scan_pool(url, q[:3], 0.8)
+    approx = search_index(out, q[:3], 0.8, k=2000)
+    for e, a in zip(exact.candidates, approx.candidates):
+        assert a.num_rows > 50
+        sims = a.column("similarity").to_numpy()
+        assert (sims > 0.8).all() and (np.diff(sims) <= 0).all()
+        # every index hit maps back to the right row: same id, url and similarity as the exact scan
+        by_id = {i: (u, s) for i, u, s in zip(e.column("id").to_pylist(), e.column("url").to_pylist(),
+                                              e.column("similarity").to_pylist())}
+        for i, u, s in zip(a.column("id").to_pylist(), a.column("url").to_pylist(), sims):
+            assert by_id[i][0] == u and by_id[i][1] == pytest.approx(s, abs=1e-5)
+
+
+def test_range_search_and_tiny_k(clustered_pool, tmp_path):
+    url, q = clustered_pool
+    out = str(tmp_path / "ivf")
+    build_index(url, out, index_type="ivf", nlist=64, nprobe=16)
+    ranged = search_index(out, q[:2], 0.8, k=None)
+    topk = search_index(out, q[:2], 0.8, k=10)
+    assert all(t.num_rows == 10 for t in topk.candidates) and topk.truncated == [True, True]
+    for r, t in zip(ranged.candidates, topk.candidates):
+        assert r.num_rows > 10 and as_rows(t) == as_rows(r)[:10]
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pool_embedder_embeds_captions_and_images_and_rejects_bad_rows(tiny_models, tmp_path):
+    clip = tiny_models["clip"]
+    captions = ["a photo of a dog", "a red car", None, "a cat"]
+    images = [encode_image(Image.new("RGB", (40, 30), (200, 10, 10))), encode_image(Image.new("RGB", (64, 64), "blue")),
+              encode_image(Image.new("RGB", (8, 8), "green")), {"bytes": b"not an image", "path": None}]
+    batch = pa.table({"id": ["a", "b", "c", "d"], "caption": captions,
+                      "image": pa.array(images, IMAGE_TYPE), "shard": ["00000"] * 4})
+    stage = PoolEmbedder({"clip_model": clip, "caption_column": "caption", "image_column": "image",
+                          "device": "cpu", "batch_size": 2})
+    stage.setup()
+    out = stage(batch)
+    assert out.column("status").to_pylist() == ["ok", "ok", "reject", "reject"]
+    assert out.column("error")[2].as_py() == "missing caption in column 'caption'"
+    assert out.column("error")[3].as_py().startswith("undecodable")
+    assert out.column("stage").to_pylist() == [None, None, "pool_embed", "pool_embed"]
+    assert out.schema.field("text_emb").type == pa.list_(pa.float16())
+    assert out.column("text_emb")[3].as_py() is None and out.column("img_emb")[3].as_py() is None
+    text = np.array(out.column("text_emb").to_pylist()[:2], np.float32)
+    img = np.array(out.column("img_emb").to_pylist()[:2], np.float32)
+    assert text.shape == img.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=2e-3)
+    assert not np.allclose(img[0], img[1], atol=1e-2)  # different images, different embeddings
+    prompts = embed_prompts(["a photo of a dog", "a red car"], clip, device="cpu")
+    assert prompts.dtype == np.float32
+    np.testing.assert_allclose(text, prompts, atol=2e-3)  # the same text model and normalisation
+
+    # the stage's output is a Parquet-layout pool, and a caption finds itself
+    rows = out.filter(pa.compute.equal(out.column("status"), "ok")).drop_columns(["image", "status", "error", "stage", "shard"])
+    url = write_pool_parquet(str(tmp_path / "pool"), rows, clip_model=clip)
+    validate(url, expected_dim=prompts.shape[1], kind="image")
+    res = scan_pool(url, prompts, 0.99)
+    assert [t.column("id").to_pylist() for t in res.candidates] == [["a"], ["b"]]
+
+
+def test_embed_prompts_refuses_empty_prompts(tiny_models):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        embed_prompts(["a dog", "  "], tiny_models["clip"])
