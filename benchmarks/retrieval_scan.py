@@ -81,8 +81,9 @@ def main() -> None:
     t0 = time.perf_counter()
     pool16 = make_pool(n, d, queries[64], args.planted)
     queries[1] = queries[64][:1].copy()
-    print(f"pool: {n:,} × {d} fp16 in memory ({pool16.nbytes / 2**30:.2f} GiB), built in {time.perf_counter() - t0:.1f}s; "
-          f"{os.cpu_count()} CPUs; threshold {THRESHOLD}, blocks of {BLOCK:,} rows")
+    print(f"pool: {n:,} × {d} fp16 in memory ({pool16.nbytes / 2**30:.2f} GiB), "
+          f"built in {time.perf_counter() - t0:.1f}s; {os.cpu_count()} CPUs; threshold {THRESHOLD}, "
+          f"blocks of {BLOCK:,} rows")
 
     def pixelmill_scan(q: np.ndarray) -> int:
         hits = 0

@@ -4,7 +4,8 @@ Draws a small sample image dataset (one file corrupt on purpose, to show rejects
 builds tiny random-weight models, starts the embedded runtime (local Ray + a Prefect API
 server on 127.0.0.1), runs the bulk-edit flow with SDEdit (fixed t0 and the t0 search)
 and with InstructPix2Pix, generates instruction pairs (template writer, Prompt-to-Prompt,
-CLIP filter), and writes one HTML report.
+CLIP filter), retrieves exactly N regularization images per class prompt from a sample
+pool served on 127.0.0.1, and writes one HTML report.
 """
 
 from __future__ import annotations
@@ -45,6 +46,37 @@ def demo_configs(root: Path, models: dict[str, str], clip: str | None) -> dict[s
             yaml.safe_dump(cfg.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False)
         )
     return cfgs
+
+
+def _demo_retrieval(root: Path, models: dict[str, str]) -> str:
+    """Build a sample pool served from 127.0.0.1 and retrieve exactly N images per prompt."""
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.datasets.storage import remove
+    from pixelmill.flows.pool import build_pool_flow
+    from pixelmill.flows.retrieve import retrieve_flow
+    from pixelmill.samples import LoopbackFileServer, write_sample_pool_source
+
+    web = root / "web"
+    with LoopbackFileServer(str(web)) as server:
+        _say(f"regularization retrieval: a sample pool of 48 drawn images served at {server.base_url}")
+        write_sample_pool_source(str(web / "images"), server.base_url + "/images", str(root / "datasets" / "pool-src"))
+        remove(str(root / "datasets" / "pool"))
+        build_pool_flow(dataset=str(root / "datasets" / "pool-src"), out=str(root / "datasets" / "pool"),
+                        clip_model=models["clip"], batch_size=16)
+        cfg = RetrieveConfig(prompts=["a photo of a dog", "a photo of a car"], pool=str(root / "datasets" / "pool"),
+                             clip_model=models["clip"], output=str(root / "datasets" / "regularization"),
+                             num_images=4, threshold=0.85, resolution=64,
+                             download={"allow_loopback": True, "timeout": 5})
+        (root / "configs" / "retrieve.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
+        remove(cfg.output)
+        summary = retrieve_flow(cfg.model_dump())
+        for s in summary.prompts.values():
+            _say(f"  {s['prompt']!r}: {s['found']} candidates above {cfg.threshold}, {s['downloaded']} downloaded "
+                 f"(exactly {cfg.num_images} wanted)")
+        for prompt, folder in summary.exported.items():
+            _say(f"  --real_prior folder for {prompt!r}: {folder}")
+    return str(root / "datasets" / "regularization" / "images")
 
 
 def run_demo(root: Path, ray_address: str | None = None) -> int:
@@ -101,6 +133,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
         _say(f"  {ps.captions} captions -> {ps.instructions} instructions -> {ps.pairs} pairs kept, "
              f"{ps.dropped} dropped, {ps.pair_rejects} captions without a pair")
         sections.append(("instruction pairs", str(root / "datasets" / "pairs" / "pairs")))
+        sections.append(("regularization retrieval", _demo_retrieval(root, models)))
     report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo")
     _say(f"finished in {time.perf_counter() - t_start:.0f}s")
     print()

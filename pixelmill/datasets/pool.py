@@ -231,8 +231,8 @@ class _NpyReader:
 class _ParquetReader:
     """Row ranges of one Parquet file, reading only the row groups that hold them.
 
-    The last row groups read are kept, so consecutive blocks that share a row group
-    read it once.
+    The row groups of the last read are kept, so consecutive blocks that share a row
+    group (block and row-group sizes rarely line up) read it once.
     """
 
     def __init__(self, url: str) -> None:
@@ -245,19 +245,22 @@ class _ParquetReader:
         self.group_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_rows = int(self.group_starts[-1])
         self.schema = self._pf.schema_arrow
-        self._cache: tuple[tuple[int, ...], tuple[str, ...], pa.Table] | None = None
+        self._cache: dict[int, pa.Table] = {}
 
     def _groups(self, rows: np.ndarray) -> list[int]:
         groups = np.searchsorted(self.group_starts, rows, side="right") - 1
         return sorted(set(int(g) for g in groups))
 
     def _read_groups(self, groups: list[int], columns: list[str]) -> pa.Table:
-        key = (tuple(groups), tuple(columns))
-        if self._cache is not None and self._cache[0] == key[0] and set(columns) <= set(self._cache[1]):
-            return self._cache[2]
-        table = self._pf.read_row_groups(groups, columns=columns)
-        self._cache = (key[0], key[1], table)
-        return table
+        tables = {}
+        for g in groups:
+            cached = self._cache.get(g)
+            if cached is not None and set(columns) <= set(cached.column_names):
+                tables[g] = cached.select(columns)
+            else:
+                tables[g] = self._pf.read_row_group(g, columns=columns)
+        self._cache = tables
+        return pa.concat_tables([tables[g] for g in groups]) if len(groups) > 1 else tables[groups[0]]
 
     def read_range(self, start: int, stop: int, columns: list[str]) -> pa.Table:
         """Rows ``start:stop`` (clipped to the file) of ``columns``."""
@@ -274,8 +277,7 @@ class _ParquetReader:
         if len(rows) == 0:
             return self.schema.empty_table().select(columns)
         groups = self._groups(rows)
-        table = pa.concat_tables([self._pf.read_row_group(g, columns=columns) for g in groups]) \
-            if len(groups) > 1 else self._pf.read_row_group(groups[0], columns=columns)
+        table = self._read_groups(groups, columns)
         offsets = np.zeros(len(self.group_starts), np.int64)
         pos = 0
         for g in groups:
@@ -288,7 +290,9 @@ class _ParquetReader:
         self._file.close()
 
 
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, where: str = "column") -> tuple[np.ndarray, np.ndarray]:
+def embedding_matrix(
+    column: pa.ChunkedArray | pa.Array, where: str = "column", row_offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Turn an Arrow list (or fixed-size-list) embedding column into a ``(rows, dim)`` array.
 
     Values keep their stored float type (float64 becomes float32). Null rows become
@@ -297,6 +301,7 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, where: str = "column") 
     Args:
         column: ``list<float16|float32>``, ``large_list`` or ``fixed_size_list`` values.
         where: named in errors (file and column).
+        row_offset: added to row numbers in errors (the block's first row).
 
     Returns:
         ``(matrix, null_mask)``.
@@ -320,9 +325,9 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, where: str = "column") 
         dim = int(lengths[0]) if len(lengths) else 0
         bad = np.nonzero(lengths != dim)[0]
         if len(bad):
-            row = int(np.nonzero(~nulls)[0][bad[0]])
-            raise PoolError(f"{where}: row {row} has {int(lengths[bad[0]])} values but row "
-                            f"{int(np.nonzero(~nulls)[0][0])} has {dim}; embeddings must all have one width")
+            rows = np.nonzero(~nulls)[0] + row_offset
+            raise PoolError(f"{where}: row {int(rows[bad[0]])} has {int(lengths[bad[0]])} values but row "
+                            f"{int(rows[0])} has {dim}; embeddings must all have one width")
     values = valid.flatten().to_numpy(zero_copy_only=False)
     if values.dtype == np.float64:
         values = values.astype(np.float32)
@@ -363,6 +368,19 @@ def _laion_files(url: str, folder: str, prefix: str, ext: str) -> dict[str, str]
         if m and m.group("prefix") == prefix and m.group("ext") == ext:
             out[str(int(m.group("num")))] = storage.join(url, folder, name)
     return out
+
+
+def _first_list_width(ds: Any, column: str) -> int:
+    """Width of a variable-length list column: the length of its first stored row."""
+    for name in ds.shard_names():
+        if ds.shard_rows(name):
+            reader = _ParquetReader(ds.shard_url(name))
+            try:
+                first = reader.read_range(0, 1, [column]).column(0)[0].as_py()
+            finally:
+                reader.close()
+            return len(first or [])
+    return 0
 
 
 def _read_info(url: str) -> dict[str, Any]:
@@ -492,9 +510,13 @@ class Pool:
                     or not pa.types.is_floating(t.value_type):
                 raise PoolError(f"{url}: column {EMB_COLUMNS[kind]} has type {t}; "
                                 "embeddings must be list<float16|float32> columns")
-            dtypes[kind] = "float32" if t.value_type == pa.float64() else t.value_type.to_pandas_dtype().__name__
+            dtypes[kind] = "float16" if t.value_type == pa.float16() else "float32"
             if pa.types.is_fixed_size_list(t):
                 dims[kind] = t.list_size
+            elif info.get("dim") is not None:
+                dims[kind] = int(info["dim"])
+            else:
+                dims[kind] = _first_list_width(ds, EMB_COLUMNS[kind])
         names = ds.shard_names() if only is None else [n for n in ds.shard_names() if n in set(only)]
         parts = []
         for name in names:
@@ -502,26 +524,7 @@ class Pool:
             shard_url = ds.shard_url(name)
             parts.append(PoolPart(name, rows, {k: rows for k in kinds}, dict(dims), dict(dtypes),
                                   shard_url, {k: shard_url for k in kinds}))
-        pool = cls(url, LAYOUT_PARQUET, parts, info,
-                   [n for n in schema.names if n not in EMB_COLUMNS.values()])
-        missing = [k for k in kinds if k not in dims]
-        if missing:
-            pool._probe_list_dims(missing)
-        return pool
-
-    def _probe_list_dims(self, kinds: list[str]) -> None:
-        """Width of variable-length list columns: the declared dim, else the first stored row."""
-        for kind in kinds:
-            dim = self.info.get("dim")
-            if dim is None:
-                for part in self.parts:
-                    if part.rows:
-                        reader = self._parquet_reader(part.metadata_url)
-                        col = reader.read_range(0, 1, [EMB_COLUMNS[kind]]).column(0)
-                        dim = len(col[0].as_py() or [])
-                        break
-            for part in self.parts:
-                part.emb_dims[kind] = int(dim or 0)
+        return cls(url, LAYOUT_PARQUET, parts, info, [n for n in schema.names if n not in EMB_COLUMNS.values()])
 
     # ---- description
 
@@ -576,7 +579,8 @@ class Pool:
         if kind not in part.emb_rows:
             return f"part {part.name} has no {kind} embeddings ({folder}/{folder}_{part.name}.npy is missing)"
         if part.rows < 0:
-            return f"part {part.name} has {kind} embeddings but no metadata (metadata/metadata_{part.name}.parquet is missing)"
+            return (f"part {part.name} has {kind} embeddings but no metadata "
+                    f"(metadata/metadata_{part.name}.parquet is missing)")
         if part.emb_rows[kind] != part.rows:
             return (f"part {part.name} is misaligned: {posixpath.basename(part.emb_urls[kind])} has "
                     f"{part.emb_rows[kind]} rows but {posixpath.basename(part.metadata_url)} has {part.rows}")
@@ -651,7 +655,7 @@ class Pool:
             emb_col = EMB_COLUMNS[kind]
             want = [emb_col] + meta_cols + (["id"] if self.has_ids and "id" not in meta_cols else [])
             table = reader.read_range(start, stop, want)
-            emb, _ = embedding_matrix(table.column(emb_col), f"{p.metadata_url} column {emb_col}")
+            emb, _ = embedding_matrix(table.column(emb_col), f"{p.metadata_url} column {emb_col}", start)
             self._check_width(emb, p, kind)
             ids = _as_str_list(table.column("id")) if self.has_ids else None
             meta = self._meta_table(table, columns, p.name, start)
@@ -721,7 +725,8 @@ class Pool:
         columns = self._check_columns(columns)
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= p.rows):
-            raise PoolError(f"part {p.name} has {p.rows} rows; asked for row {int(idx.max() if idx.max() >= p.rows else idx.min())}")
+            bad = int(idx.max() if idx.max() >= p.rows else idx.min())
+            raise PoolError(f"part {p.name} has {p.rows} rows; asked for row {bad}")
         meta_cols = [c for c in columns if c in self.metadata_columns]
         table = self._parquet_reader(p.metadata_url).read_rows(idx, meta_cols) if meta_cols else None
         arrays = []
@@ -945,7 +950,8 @@ def validate(
     pool = pool if isinstance(pool, Pool) else Pool.open(pool)
     pool._require_kind(kind)
     if pool.layout == LAYOUT_PARQUET and not pool.info.get("complete", True):
-        raise PoolError(f"pool dataset {pool.url} is incomplete: its producer has not finished (no complete manifest)")
+        raise PoolError(f"pool dataset {pool.url} is incomplete: its producer has not finished "
+                        "(its manifest is not marked complete)")
     column = EMB_COLUMNS[kind]
     widths = {p.name: p.emb_dims[kind] for p in pool.parts if kind in p.emb_dims}
     reference = expected_dim if expected_dim is not None else next(iter(widths.values()), 0)

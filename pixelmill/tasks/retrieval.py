@@ -28,7 +28,7 @@ import tempfile
 import threading
 from contextlib import nullcontext
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -137,7 +137,8 @@ def _torch_buffers(rows: int, dim: int) -> tuple[Any, Any]:
     torch = torch_module()
     bufs = getattr(_local, "bufs", None)
     if bufs is None or bufs[0].shape[1] != dim or bufs[0].shape[0] < rows:
-        bufs = _local.bufs = (torch.empty((rows, dim), dtype=torch.float32), torch.empty(rows, dtype=torch.float32))
+        bufs = _local.bufs = (torch.empty((rows, dim), dtype=torch.float32),
+                              torch.empty(rows, dtype=torch.float32))
     return bufs
 
 
@@ -609,7 +610,8 @@ class ExactScanner:
             mask, skipped = self._skip_mask(skip_map.get(r.part), r.start, len(block))
             hits = scan_block_hits(block.emb, q, threshold, mask, self.sub_rows)
             self._record_rejects(rejects, block, skipped, skip_map.get(r.part), hits)
-            scanned += len(block) - len(skipped) - len(np.setdiff1d(np.union1d(hits.nonfinite, hits.zero), skipped))
+            unscored = np.union1d(np.union1d(hits.nonfinite, hits.zero), skipped)
+            scanned += len(block) - len(unscored)
             qi, rows, sims = hits.query, hits.row, hits.similarity
             if len(qi) and filter_cols:
                 unique = np.unique(rows)
@@ -708,7 +710,8 @@ def _scan_task(
     """One Ray task's share: open the pool from its URL and scan the given ranges."""
     parts = list(dict.fromkeys(r[0] for r in ranges))
     with Pool.open(pool_url, parts=parts) as pool:
-        scanner = ExactScanner(pool, kind, filters, columns, max_candidates, sub_rows=sub_rows)  # type: ignore[arg-type]
+        scanner = ExactScanner(pool, kind, filters, columns, max_candidates,  # type: ignore[arg-type]
+                               sub_rows=sub_rows)
         return scanner.scan(queries, threshold, skip, [BlockRange(*r) for r in ranges])
 
 
@@ -762,7 +765,8 @@ def scan_pool_ray(
     """
     import ray
 
-    q = normalize_queries(queries)
+    raw = np.ascontiguousarray(queries, dtype=np.float32)
+    q = normalize_queries(raw)
     with Pool.open(pool_url) as pool:
         scanner = ExactScanner(pool, kind, filters, columns, max_candidates, block_rows)
         dim = pool.dim_of(kind)
@@ -771,14 +775,13 @@ def scan_pool_ray(
         ranges = pool.block_ranges(kind, block_rows)
         resolved_columns = scanner.columns
     if not ranges:
-        with Pool.open(pool_url) as pool:
-            return ExactScanner(pool, kind, filters, columns, max_candidates, block_rows).scan(q, threshold)
+        return scan_pool(pool_url, raw, threshold, kind, filters, block_rows, columns, max_candidates, skip)
     if num_tasks is None:
         num_tasks = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     groups = _split_ranges(ranges, max(1, min(num_tasks, len(ranges))))
     skip_map = as_skip(skip)
-    remote = ray.remote(num_cpus=task_cpus, max_retries=2)(_scan_task)
-    q_ref = ray.put(q)
+    remote = ray.remote(num_cpus=task_cpus)(_scan_task)
+    q_ref = ray.put(raw)  # tasks normalise exactly as a local scan does
     refs = []
     for group in groups:
         parts = {r.part for r in group}

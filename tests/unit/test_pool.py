@@ -76,7 +76,8 @@ def test_laion_layout_reads_every_row_in_order_with_its_metadata(root):
 
     blocks = list(pool.iter_blocks("text", block_rows=16, columns=["url", "caption"]))
     # blocks never cross parts: 37 -> 16+16+5, 50 -> 16*3+2, 13 -> 13
-    assert [(b.part, b.start, len(b)) for b in blocks][:4] == [("0", 0, 16), ("0", 16, 16), ("0", 32, 5), ("1", 0, 16)]
+    spans = [(b.part, b.start, len(b)) for b in blocks]
+    assert spans[:4] == [("0", 0, 16), ("0", 16, 16), ("0", 32, 5), ("1", 0, 16)]
     assert len(blocks) == 3 + 4 + 1
     emb = np.concatenate([b.emb for b in blocks])
     assert emb.dtype == np.float16
@@ -95,7 +96,8 @@ def test_laion_layout_without_id_column_gets_part_row_ids(tmp_path):
     assert not pool.has_ids and pool.clip_model is None
     block = pool.read_block("text", "1", 10, 13, columns=["id", "caption"])
     assert block.ids == ["1:10", "1:11", "1:12"]
-    assert block.meta.to_pydict() == {"id": ["1:10", "1:11", "1:12"], "caption": ["caption 1 10", "caption 1 11", "caption 1 12"]}
+    assert block.meta.to_pydict() == {"id": ["1:10", "1:11", "1:12"],
+                                      "caption": ["caption 1 10", "caption 1 11", "caption 1 12"]}
 
 
 def test_parquet_layout_matches_laion_layout(root):
@@ -114,7 +116,8 @@ def test_parquet_layout_matches_laion_layout(root):
         b = list(laion.iter_blocks(kind, block_rows=16, columns=["url"]))
         np.testing.assert_array_equal(np.concatenate([x.emb for x in a]), np.concatenate([x.emb for x in b]))
         assert [i for x in a for i in x.ids] == [i for x in b for i in x.ids]
-        assert sum((x.meta.column("url").to_pylist() for x in a), []) == sum((x.meta.column("url").to_pylist() for x in b), [])
+        urls = [[u for x in blocks for u in x.meta.column("url").to_pylist()] for blocks in (a, b)]
+        assert urls[0] == urls[1]
 
 
 def test_fixed_size_list_and_fp32_columns_read_as_stored(tmp_path):
@@ -196,7 +199,8 @@ def test_validate_names_a_misaligned_part_and_both_counts(tmp_path):
     img, txt, meta = parts[1]
     parts[1] = (img, txt[:45], meta)
     pool = Pool.open(write_laion_layout(str(tmp_path), parts))
-    with pytest.raises(PoolError, match=r"part 1 is misaligned: text_emb_1.npy has 45 rows but metadata_1.parquet has 50"):
+    expected = r"part 1 is misaligned: text_emb_1.npy has 45 rows but metadata_1.parquet has 50"
+    with pytest.raises(PoolError, match=expected):
         validate(pool, DIM)
     validate(pool, DIM, kind="image", check_values=False)  # the image side of part 1 is fine
     with pytest.raises(PoolError, match="misaligned"):
@@ -232,7 +236,8 @@ def test_null_and_ragged_parquet_embeddings(tmp_path):
     pool = Pool.open(write_pool_parquet(str(tmp_path / "null"), table))
     assert validate(pool, DIM, on_bad="reject").bad_ids == ["b"]
 
-    ragged = pa.table({"id": ["a", "b"], "text_emb": pa.array([[1.0] * DIM, [1.0] * (DIM - 1)], pa.list_(pa.float16()))})
+    ragged = pa.table({"id": ["a", "b"],
+                       "text_emb": pa.array([[1.0] * DIM, [1.0] * (DIM - 1)], pa.list_(pa.float16()))})
     pool = Pool.open(write_pool_parquet(str(tmp_path / "ragged"), ragged))
     with pytest.raises(PoolError, match="row 1 has 7 values but row 0 has 8"):
         validate(pool, DIM)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
 import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
@@ -16,7 +16,6 @@ from pixelmill.datasets.images import IMAGE_TYPE, encode_image
 from pixelmill.datasets.pool import (
     BAD_NONFINITE,
     BAD_ZERO,
-    Pool,
     PoolError,
     embedding_array,
     validate,
@@ -29,6 +28,7 @@ from pixelmill.tasks.retrieval import (
     PoolEmbedder,
     build_index,
     embed_prompts,
+    merge_results,
     measure_recall,
     normalize_queries,
     scan_block,
@@ -179,6 +179,20 @@ def test_max_candidates_keeps_the_best_and_says_so(tmp_path):
     assert top.truncated == [True] * 3 and full.truncated == [False] * 3
 
 
+def test_scanning_ranges_separately_then_merging_equals_one_scan(tmp_path):
+    parts, centers = pool_parts(seed=8)
+    q = queries_near(centers, p=3)
+    scanner = ExactScanner(write_laion_layout(str(tmp_path), parts), max_candidates=20, block_rows=64)
+    ranges = scanner.pool.block_ranges("text", 64)
+    assert len(ranges) == 5 + 7 + 2
+    whole = scanner.scan(q, 0.7)
+    pieces = [scanner.scan(q, 0.7, ranges=ranges[i::3]) for i in range(3)]  # interleaved shares
+    merged = merge_results(pieces, max_candidates=20)
+    assert [a.equals(b) for a, b in zip(whole.candidates, merged.candidates)] == [True] * 3
+    assert merged.truncated == whole.truncated == [True] * 3
+    assert sum(p.scanned for p in pieces) == whole.scanned == 800
+
+
 def test_filters_drop_rows_and_count_them(tmp_path):
     parts, centers = pool_parts(seed=7)
     q = queries_near(centers, p=4)
@@ -254,7 +268,8 @@ def test_memory_pool_scans_image_embeddings(tmp_path):
         ref = [[(f"{p}:{r}", str(p), r) for p in range(3) for r in range(len(parts[p][0]))] for _ in q]
         sims = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ q.T.astype(np.float64)
         for qi, got in enumerate(res.candidates):
-            order = sorted((i for i in range(len(img)) if sims[i, qi] > 0.6), key=lambda i: (-sims[i, qi], ref[qi][i][0]))
+            above = [i for i in range(len(img)) if sims[i, qi] > 0.6]
+            order = sorted(above, key=lambda i: (-sims[i, qi], ref[qi][i][0]))
             assert got.column("id").to_pylist() == [ref[qi][i][0] for i in order]
             assert got.column("id")[0].as_py() == ("0:5" if qi == 0 else "1:120")  # the row itself, similarity 1
     finally:
@@ -266,9 +281,13 @@ def test_memory_pool_scans_image_embeddings(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_cpu2():
+    """A local 2-CPU Ray on 127.0.0.1 for this module (reused if one is already connected)."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
+    if ray.is_initialized():
+        yield ray
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -348,17 +367,13 @@ def test_range_search_and_tiny_k(clustered_pool, tmp_path):
 # ----------------------------------------------------------------------------- embedding
 
 
-def png(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 30), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_pool_embedder_embeds_captions_and_images_and_rejects_bad_rows(tiny_models, tmp_path):
     clip = tiny_models["clip"]
     captions = ["a photo of a dog", "a red car", None, "a cat"]
-    images = [encode_image(Image.new("RGB", (40, 30), (200, 10, 10))), encode_image(Image.new("RGB", (64, 64), "blue")),
-              encode_image(Image.new("RGB", (8, 8), "green")), {"bytes": b"not an image", "path": None}]
+    images = [encode_image(Image.new("RGB", (40, 30), (200, 10, 10))),
+              encode_image(Image.new("RGB", (64, 64), "blue")),
+              encode_image(Image.new("RGB", (8, 8), "green")),
+              {"bytes": b"not an image", "path": None}]
     batch = pa.table({"id": ["a", "b", "c", "d"], "caption": captions,
                       "image": pa.array(images, IMAGE_TYPE), "shard": ["00000"] * 4})
     stage = PoolEmbedder({"clip_model": clip, "caption_column": "caption", "image_column": "image",
@@ -382,7 +397,8 @@ def test_pool_embedder_embeds_captions_and_images_and_rejects_bad_rows(tiny_mode
     np.testing.assert_allclose(text, prompts, atol=2e-3)  # the same text model and normalisation
 
     # the stage's output is a Parquet-layout pool, and a caption finds itself
-    rows = out.filter(pa.compute.equal(out.column("status"), "ok")).drop_columns(["image", "status", "error", "stage", "shard"])
+    ok = out.filter(pc.equal(out.column("status"), "ok"))
+    rows = ok.drop_columns(["image", "status", "error", "stage", "shard"])
     url = write_pool_parquet(str(tmp_path / "pool"), rows, clip_model=clip)
     validate(url, expected_dim=prompts.shape[1], kind="image")
     res = scan_pool(url, prompts, 0.99)
