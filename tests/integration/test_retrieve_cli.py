@@ -122,3 +122,24 @@ def test_pool_with_wrong_width_is_refused_before_anything_starts(tmp_path, pool,
     proc = run_cli(["retrieve", str(cfg)], {"RAY_ADDRESS": "127.0.0.1:1"})
     assert proc.returncode == 2, proc.stderr
     assert "48" in proc.stderr and "32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pool_index_cli_prints_recall_and_retrieve_uses_it(cluster, tmp_path, pool, tiny_models):
+    proc = run_cli(["pool", "index", pool["url"], "--out", str(tmp_path / "index"), "--type", "hnsw",
+                    "--threshold", "0.85"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recall = float(proc.stdout.split("recall vs the exact scan above 0.85:")[1].split()[0])
+    assert recall >= 0.9
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        prompts=["a photo of a car"], pool=pool["url"], index=str(tmp_path / "index"), output=str(tmp_path / "o"),
+        num_images=3, resolution=64, download=dict(allow_loopback=True, timeout=2, retries=0))))
+    run = run_cli(["retrieve", str(cfg), "--json"], cluster)
+    assert run.returncode == 0, run.stderr[-3000:]
+    s = json.loads(run.stdout.strip().splitlines()[-1])
+    car = next(iter(s["prompts"].values()))
+    ref = _reference("a photo of a car", pool["rows"], tiny_models["clip"], 0.85)
+    assert car["downloaded"] == 3 and car["found"] <= len(ref)
+    got = [r["pool_id"] for r in sorted(Dataset.open(str(tmp_path / "o" / "images")).to_table().to_pylist(),
+                                        key=lambda r: r["rank"])]
+    assert got == [i for i in ref if i in set(got)]  # similarity order, all above the threshold
