@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -182,7 +181,7 @@ def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
 
 def prepare_edit(args) -> EditConfig:
     """Validate the config and its inputs before anything starts (no Ray, no server)."""
-    from pixelmill.datasets import Dataset, DatasetNotFound, config_hash, diff_config, read_manifest
+    from pixelmill.datasets import Dataset, DatasetNotFound
 
     overrides = list(args.overrides)
     if args.limit is not None:
@@ -199,19 +198,7 @@ def prepare_edit(args) -> EditConfig:
     cfg = check_input_columns(cfg, schema.names)
     _check_model_path("model", cfg.model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
-    existing = read_manifest(cfg.output)
-    hashed = cfg.output_affecting()
-    if existing is not None and existing.config_hash != config_hash(hashed):
-        changed = diff_config(existing.config, hashed)
-        if not args.overwrite:
-            raise UsageError(
-                f"output {cfg.output} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
-                "use a new output or --overwrite"
-            )
-        if not args.dry_run:
-            from pixelmill.datasets.storage import remove
-
-            remove(cfg.output)
+    check_output_config(cfg.output, cfg.output_affecting(), args)
     return cfg
 
 
@@ -273,7 +260,6 @@ def print_summary(summary, as_json: bool = False) -> None:
 def prepare_retrieve(args):
     """Validate a retrieval config and its pool before anything starts."""
     from pixelmill.config import RetrieveConfig
-    from pixelmill.datasets import config_hash, diff_config, read_manifest
     from pixelmill.tasks.regularization import check_retrieve_inputs
 
     overrides = list(args.overrides)
@@ -291,20 +277,9 @@ def prepare_retrieve(args):
         cfg = check_retrieve_inputs(cfg)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    root_images = cfg.output.rstrip("/") + "/images"
-    existing = read_manifest(root_images)
-    hashed = cfg.output_affecting()
-    if existing is not None and existing.config_hash != config_hash(hashed):
-        changed = diff_config(existing.config, hashed)
-        if not args.overwrite:
-            raise UsageError(
-                f"output {cfg.output} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
-                "use a new output or --overwrite"
-            )
-        if not args.dry_run:
-            from pixelmill.datasets.storage import remove
+    from pixelmill.datasets.storage import join
 
-            remove(cfg.output)
+    check_output_config(join(cfg.output, "images"), cfg.output_affecting(), args, remove_url=cfg.output)
     return cfg
 
 
@@ -383,8 +358,11 @@ def cmd_pool_index(args) -> int:
     return 0
 
 
-def check_output_config(url: str, hashed: dict, args) -> None:
-    """Exit 2 naming the changed keys when ``url`` was made with another config (unless --overwrite)."""
+def check_output_config(url: str, hashed: dict, args, remove_url: str | None = None) -> None:
+    """Exit 2 naming the changed keys when ``url`` was made with another config.
+
+    With ``--overwrite`` the old output (``remove_url``, default ``url``) is removed instead.
+    """
     from pixelmill.datasets import config_hash, diff_config, read_manifest
 
     existing = read_manifest(url)
@@ -397,7 +375,7 @@ def check_output_config(url: str, hashed: dict, args) -> None:
     if not args.dry_run:
         from pixelmill.datasets.storage import remove
 
-        remove(url)
+        remove(remove_url or url)
 
 
 def prepare_pairs(args):

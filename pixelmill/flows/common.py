@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from pixelmill.datasets import Dataset, DatasetWriter, config_hash, read_manifest

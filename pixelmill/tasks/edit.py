@@ -10,7 +10,6 @@ batch), and scored.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import defaultdict
 from typing import Any
 

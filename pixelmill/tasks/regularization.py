@@ -8,7 +8,6 @@ Custom Diffusion trainer reads with ``--real_prior``.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from typing import Any
