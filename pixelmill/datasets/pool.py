@@ -784,9 +784,10 @@ def torch_module() -> Any:
 def torch_single_thread() -> Iterator[None]:
     """Run torch's CPU kernels on the calling thread only, restoring the setting after.
 
-    Use it around torch work interleaved with another library's thread pool (numpy's
-    OpenBLAS, faiss' OpenMP): two pools of spinning workers fight for the cores
-    (measured on 2 cores: 0.3 M instead of 11 M vectors/s for upcast + BLAS product).
+    torch's OpenMP workers spin at barriers: beside another thread pool (numpy's
+    OpenBLAS, faiss) or another busy process they stall (measured on 2 cores: 0.3 M
+    instead of 11 M vectors/s for upcast + BLAS product; 1.4 M instead of 14 M beside
+    one busy process). Single-threaded torch degrades gracefully instead.
     """
     torch = torch_module()
     previous = torch.get_num_threads() if torch else 1
@@ -839,9 +840,10 @@ def row_norms(emb: np.ndarray, sub_rows: int = 4096) -> np.ndarray:
     """
     out = np.empty(len(emb), np.float32)
     buf = np.empty((min(sub_rows, len(emb)), emb.shape[1] if emb.ndim == 2 else 0), np.float32)
-    for s in range(0, len(emb), sub_rows):
-        x = upcast_into(emb[s:s + sub_rows], buf)
-        out[s:s + len(x)] = norms_of(x)
+    with torch_single_thread():
+        for s in range(0, len(emb), sub_rows):
+            x = upcast_into(emb[s:s + sub_rows], buf)
+            out[s:s + len(x)] = norms_of(x)
     return out
 
 

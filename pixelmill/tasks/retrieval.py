@@ -4,7 +4,9 @@ Custom Diffusion keeps pool rows whose caption's CLIP text embedding has cosine
 similarity above 0.85 to the class prompt. The exact scan here reads every vector once
 for all prompts together (``block @ queries.T``), upcasting fp16 storage to fp32 in
 cache-sized sub-blocks: numpy's own fp16 arithmetic is ~50× slower than fp32 BLAS, and
-a whole-block fp32 copy would double the memory traffic. Similarities are computed in
+a whole-block fp32 copy would double the memory traffic. torch does the upcast (its
+copy is vectorised, numpy's cast is not), single-threaded per caller; one-prompt scans
+spread sub-blocks over a few Python threads (see ``_scores_torch``). Similarities are computed in
 fp32 as ``dot / ‖row‖`` (queries are unit vectors) and compared strictly with the
 threshold rounded to fp32, so a row exactly at the threshold is never a candidate.
 
@@ -26,8 +28,9 @@ import math
 import os
 import tempfile
 import threading
-from contextlib import nullcontext
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -161,43 +164,80 @@ class BlockHits:
     zero: np.ndarray
 
 
-def _scores_torch(emb: np.ndarray, q: np.ndarray, sub_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    pool = _EXECUTORS.get(workers)
+    if pool is None:
+        pool = _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="pixelmill-scan")
+    return pool
+
+
+def _upcast(src: np.ndarray, buf: Any) -> Any:
+    """The fp32 torch view of ``src``: zero-copy for C-contiguous fp32, else copied into ``buf``."""
+    torch = torch_module()
+    if src.dtype == np.float32 and src.flags.c_contiguous:
+        return torch.from_numpy(src)
+    x = buf[: len(src)]
+    if not src.dtype.isnative:
+        src = src.astype(src.dtype.newbyteorder("="))
+    x.copy_(torch.from_numpy(np.ascontiguousarray(src)))
+    return x
+
+
+def _single_query_scores(src: np.ndarray, q0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dots and norms of one sub-block against one query, on the calling thread only.
+
+    Runs inside the caller's ``torch_single_thread()``: torch's thread count is
+    process-wide, so the workers' torch calls are single-threaded too.
+    """
+    torch = torch_module()
+    buf, _ = _torch_buffers(len(src), src.shape[1])
+    with torch.inference_mode():
+        x = _upcast(src, buf)
+        norms = torch.linalg.vector_norm(x, dim=1).numpy()
+        return np.vecdot(x.numpy(), q0), norms
+
+
+def _scores_torch(emb: np.ndarray, q: np.ndarray, sub_rows: int,
+                  workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(offset, dots, norms)`` per sub-block.
 
-    Upcast and norms run in torch (numpy's fp16 cast is scalar code); torch's and
-    numpy's OpenBLAS thread pools are never both active, as their spinning workers
-    fight for the cores (measured on 2 cores: 0.3 M instead of 14 M vectors/s). One
-    query is memory-bound: torch keeps the caller's thread count (``OMP_NUM_THREADS=1``
-    in a one-CPU Ray task) and the product is ``np.vecdot``, a per-row dot on the
-    calling thread that never wakes the BLAS pool (twice torch's ``mv`` here). Several
-    queries are compute-bound: torch runs on one thread and OpenBLAS's threaded gemm
-    does the product (steadier than torch's MKL gemm for small query counts).
+    torch does the upcast and the norms (numpy's fp16 cast is scalar code), always on
+    one thread per caller: torch's OpenMP workers spin at barriers, and when another
+    process or numpy's OpenBLAS pool holds a core they stall (measured on 2 cores: 14 M
+    vectors/s quiet, 1.4 M beside one busy process). Instead:
+
+    - one query (memory-bound): sub-blocks go to ``workers`` Python threads, each doing
+      upcast, norms and ``np.vecdot`` (a per-row dot that never wakes the BLAS pool)
+      single-threaded: 15.5 M vectors/s quiet, 7-9 M beside one busy process;
+    - several queries (compute-bound): OpenBLAS's threaded gemm does the product,
+      degrading under load no worse than bare BLAS.
     """
-    import warnings
-
-    torch = torch_module()
     n, dim = emb.shape
+    if len(q) == 1:
+        chunks = (emb[s:s + sub_rows] for s in range(0, n, sub_rows))
+        if workers > 1 and n > sub_rows:
+            results = _executor(workers).map(_single_query_scores, chunks, [q[0]] * ((n + sub_rows - 1) // sub_rows))
+        else:
+            results = (_single_query_scores(c, q[0]) for c in chunks)
+        for i, (dots, norms) in enumerate(results):
+            yield i * sub_rows, dots, norms
+        return
+    torch = torch_module()
     buf, nbuf = _torch_buffers(min(sub_rows, n), dim)
-    single = len(q) == 1
-    q0, qt = q[0], np.ascontiguousarray(q.T)
-    with warnings.catch_warnings(), torch.inference_mode(), (nullcontext() if single else torch_single_thread()):
-        warnings.simplefilter("ignore", UserWarning)  # read-only memory maps: never written
+    qt = np.ascontiguousarray(q.T)
+    with torch.inference_mode():
         for s in range(0, n, sub_rows):
-            src = emb[s:s + sub_rows]
-            m = len(src)
-            if src.dtype == np.float32 and src.flags.c_contiguous:
-                x = torch.from_numpy(src)
-            else:
-                x = buf[:m]
-                x.copy_(torch.from_numpy(np.ascontiguousarray(src)) if src.dtype.isnative
-                        else torch.from_numpy(src.astype(src.dtype.newbyteorder("="))))
-            norms = nbuf[:m]
+            x = _upcast(emb[s:s + sub_rows], buf)
+            norms = nbuf[: len(x)]
             torch.linalg.vector_norm(x, dim=1, out=norms)
-            xn = x.numpy()
-            yield s, np.vecdot(xn, q0) if single else xn @ qt, norms.numpy()
+            yield s, x.numpy() @ qt, norms.numpy()
 
 
-def _scores_numpy(emb: np.ndarray, q: np.ndarray, sub_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _scores_numpy(emb: np.ndarray, q: np.ndarray,
+                  sub_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """The same as :func:`_scores_torch` without torch (numpy's fp16 cast is ~20× slower)."""
     qv = q[0] if len(q) == 1 else np.ascontiguousarray(q.T)
     for s in range(0, len(emb), sub_rows):
@@ -211,6 +251,7 @@ def scan_block_hits(
     threshold: float,
     skip_mask: np.ndarray | None = None,
     sub_rows: int = SUB_ROWS,
+    threads: int | None = None,
 ) -> BlockHits:
     """Array form of :func:`scan_block`, also naming the rows that could not be scored.
 
@@ -221,6 +262,8 @@ def scan_block_hits(
         skip_mask: ``(n,)`` booleans; True rows are never hits.
         sub_rows: rows upcast and multiplied at a time; 4096 × 512 fp32 is 8 MB, which
             stays in the last-level cache between the upcast and the product.
+        threads: threads for a one-query scan (default: torch's thread count, which
+            follows ``OMP_NUM_THREADS``, so one in a one-CPU Ray task).
     """
     n = len(emb_block)
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -230,9 +273,19 @@ def scan_block_hits(
         raise ValueError(f"skip_mask has {len(skip_mask)} entries for {n} rows")
     thr = np.float32(threshold)
     qs, rs, ss, nonfinite, zero = [], [], [], [], []
-    scores = _scores_torch if torch_module() else _scores_numpy
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for s, dots, norms in scores(emb_block, q, sub_rows) if n else ():
+    torch = torch_module()
+    if torch:
+        workers = max(1, threads if threads is not None else torch.get_num_threads())
+        scores = _scores_torch(emb_block, q, sub_rows, workers) if n else iter(())
+    else:
+        scores = _scores_numpy(emb_block, q, sub_rows)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"), torch_single_thread(), \
+            warnings.catch_warnings():
+        # torch warns that read-only memory maps are not writable; they are never written.
+        # Filters are process-wide, so this covers the worker threads too (they only run
+        # while this block is active).
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        for s, dots, norms in scores:
             sims = dots.reshape(len(norms), -1)
             sims /= norms[:, None]
             lo, hi = norms.min(), norms.max()
@@ -263,6 +316,7 @@ def scan_block(
     threshold: float,
     skip_mask: np.ndarray | None = None,
     sub_rows: int = SUB_ROWS,
+    threads: int | None = None,
 ) -> list[tuple[int, int, float]]:
     """Rows of a block whose cosine similarity to a query is strictly above ``threshold``.
 
@@ -276,12 +330,13 @@ def scan_block(
         threshold: the similarity a hit must exceed (strictly, in fp32).
         skip_mask: ``(n,)`` booleans; True rows are never hits.
         sub_rows: rows upcast at a time.
+        threads: threads for a one-query scan (default: torch's thread count).
 
     Returns:
         ``(query_idx, row_idx_in_block, similarity)`` for every hit, ordered by row then
         query.
     """
-    h = scan_block_hits(emb_block, queries, threshold, skip_mask, sub_rows)
+    h = scan_block_hits(emb_block, queries, threshold, skip_mask, sub_rows, threads)
     return list(zip(h.query.tolist(), h.row.tolist(), h.similarity.astype(np.float64).tolist()))
 
 

@@ -32,6 +32,7 @@ from pixelmill.tasks.retrieval import (
     measure_recall,
     normalize_queries,
     scan_block,
+    scan_block_hits,
     scan_pool,
     scan_pool_ray,
     search_index,
@@ -147,6 +148,28 @@ def test_threshold_is_strict():
     assert [r for _, r, _ in scan_block(block, e0, 0.6)] == [1]
     assert [(r, s) for _, r, s in scan_block(block, e0, 0.5999)] == [(0, pytest.approx(0.6)), (1, pytest.approx(0.8))]
     assert scan_block(block, e0, 0.8) == []
+
+
+def test_threaded_one_prompt_scan_equals_sequential_and_reference():
+    rng = np.random.default_rng(9)
+    emb = rng.standard_normal((10_000, DIM)).astype(np.float16)
+    emb[[2500, 9001]] = 0
+    emb[7777, 3] = np.inf
+    q = normalize_queries(emb[42:43].astype(np.float32))
+    skip = np.zeros(len(emb), bool)
+    skip[[43, 5000]] = True
+    threaded = scan_block_hits(emb, q, 0.5, skip, sub_rows=1000, threads=2)
+    sequential = scan_block_hits(emb, q, 0.5, skip, sub_rows=1000, threads=1)
+    for name in ("query", "row", "similarity", "nonfinite", "zero"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(sequential, name))
+    x = emb.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sims = (x @ q[0].astype(np.float64)) / np.linalg.norm(x, axis=1)
+    want = np.nonzero((sims > 0.5) & ~skip & np.isfinite(sims))[0]
+    assert len(want) > 100 and 42 in want.tolist()
+    np.testing.assert_array_equal(threaded.row, want)
+    np.testing.assert_allclose(threaded.similarity, sims[want], atol=1e-5)
+    assert threaded.nonfinite.tolist() == [7777] and threaded.zero.tolist() == [2500, 9001]
 
 
 def test_many_prompts_in_one_pass_equal_one_at_a_time(tmp_path):
