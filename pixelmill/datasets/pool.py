@@ -1115,7 +1115,3 @@ def as_skip(skip: ValidationReport | Mapping[str, Any] | None) -> dict[str, dict
             out[str(part)] = {int(r): "skipped" for r in np.asarray(rows).reshape(-1)}
     return out
 
-
-def write_pool_info(url: str, clip_model: str | None, dim: int, layout: str = "parquet") -> None:
-    """Write ``pool.json`` (the CLIP model, width and layout) at a pool's root."""
-    _write_info(url, clip_model, dim, layout)

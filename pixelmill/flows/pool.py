@@ -42,8 +42,7 @@ def embed_pool(config: dict[str, Any], plan) -> dict[str, int]:
 def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str | None = "caption",
                     image_column: str | None = "image", batch_size: int = 64, overwrite: bool = False,
                     device: str = "auto", workers: int = 1) -> dict[str, int]:
-    """Embed ``dataset`` into a pool at ``out`` (Parquet layout, plus ``pool.json``)."""
-    from pixelmill.datasets.pool import write_pool_info
+    """Embed ``dataset`` into a pool at ``out`` (Parquet layout; the manifest names the CLIP model)."""
     from pixelmill.datasets.storage import remove
 
     names = Dataset.open(dataset).schema.names
@@ -54,7 +53,11 @@ def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str
     config = dict(input=dataset, output=out, clip_model=clip_model, caption_column=caption_column,
                   image_column=image_column, batch_size=batch_size, device=device, workers=workers,
                   keep_columns=keep, limit=None)
-    hashed = {k: config[k] for k in ("input", "clip_model", "caption_column", "image_column")}
+    from pixelmill.datasets.pool import pool_manifest_config
+    from pixelmill.tasks.regularization import clip_embed_dim
+
+    hashed = {k: config[k] for k in ("input", "caption_column", "image_column")}
+    hashed.update(pool_manifest_config(clip_model, clip_embed_dim(clip_model) or 0))
     if overwrite:
         remove(out)
     plan = plan_shards(config, hashed)
@@ -63,8 +66,4 @@ def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str
         with remote_options(num_cpus=0):
             result = embed_pool.submit(config, plan).result()
     DatasetWriter(out, *SCHEMA, hashed).open().finish()
-    schema = Dataset.open(out).schema
-    column = "text_emb" if "text_emb" in schema.names else "img_emb"
-    dim = Dataset.open(out).read_shard(Dataset.open(out).shard_names()[0], [column])[column][0]
-    write_pool_info(out, clip_model, len(dim.as_py()))
     return result
