@@ -63,13 +63,16 @@ class PairsSummary:
 
 @task(name="write-instructions", cache_policy=NO_CACHE)
 def write_instructions(config: dict[str, Any], plan: ShardPlan) -> dict[str, int]:
-    """Text stage over the planned caption shards."""
-    from pixelmill.tasks.instructions import InstructionStage
+    """Text stage over the planned caption shards, deduplicating captions across all shards."""
+    from pixelmill.tasks.instructions import InstructionStage, find_duplicate_captions
 
     cfg = PairsConfig.model_validate(config)
+    duplicates = join(config["output"], "text-duplicates.json")
+    find_duplicate_captions(cfg.input, cfg.caption_column, cfg.limit, duplicates)
+    stage_config = {**cfg.text_stage_config(), "duplicates_url": duplicates}
     stats = run_stage_into_writer(
         plan=plan,
-        builder=partial(InstructionStage, cfg.text_stage_config(), Resources(cpus=cfg.num_cpus_per_worker)),
+        builder=partial(InstructionStage, stage_config, Resources(cpus=cfg.num_cpus_per_worker)),
         columns=["id", cfg.caption_column],
         writer=DatasetWriter(stage_urls(config)["text"], *TEXT, plan.config),
         workers=cfg.workers,

@@ -23,6 +23,8 @@ rejected (``duplicate_caption``). Every input row gives exactly one output row.
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import inspect
 import logging
@@ -1392,7 +1394,40 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "batch_size": 16,
     "min_length": 2,
     "max_length": 256,
+    "duplicates_url": None,
 }
+
+
+def find_duplicate_captions(dataset_url: str, caption_column: str, limit: int | None, out_url: str) -> int:
+    """Map every row whose normalised caption appeared earlier in the input to that first row.
+
+    Order is shard name, then row (the flow's plan order), within the first ``limit``
+    rows. Writes ``{id: first_id}`` as JSON to ``out_url``; returns how many duplicates.
+    """
+    from pixelmill.datasets import Dataset
+    from pixelmill.datasets.storage import write_text_atomic
+
+    ds = Dataset.open(dataset_url)
+    first: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    remaining = limit
+    for name in ds.shard_names():
+        if remaining is not None and remaining <= 0:
+            break
+        t = ds.read_shard(name, ["id", caption_column])
+        if remaining is not None:
+            t = t.slice(0, remaining)
+            remaining -= t.num_rows
+        for row_id, caption in zip(t["id"].to_pylist(), t[caption_column].to_pylist()):
+            key = normalize_caption(caption) if isinstance(caption, str) else ""
+            if not key:
+                continue
+            if key in first:
+                duplicates[str(row_id)] = first[key]
+            else:
+                first[key] = str(row_id)
+    write_text_atomic(out_url, json.dumps(duplicates))
+    return len(duplicates)
 
 
 class InstructionStage(Stage):
@@ -1407,9 +1442,9 @@ class InstructionStage(Stage):
     error, ``truncated`` when the answer hit ``max_tokens``, or a parse/filter reason).
     Rejects keep the raw answer and whatever parsed, for inspection.
 
-    Deduplication is per call: ``tasks/ray_data.py`` hands a stage one whole shard per
-    call, so duplicates are caught within a shard; a flow that wants global dedup
-    partitions rows by ``normalize_caption`` before sharding.
+    Deduplication is per call, plus global when ``duplicates_url`` names a JSON map of
+    row id → the id of the first row with the same normalised caption (what
+    :func:`find_duplicate_captions` writes for the whole input, across shards).
 
     A writer error that every row would hit (bad API key, wrong URL) raises
     ``WriterFatalError`` out of ``__call__`` instead of rejecting the whole dataset.
@@ -1444,6 +1479,11 @@ class InstructionStage(Stage):
 
     def setup(self) -> None:
         self.writer.setup()
+        self.duplicates: dict[str, str] = {}
+        if self.config.get("duplicates_url"):
+            from pixelmill.datasets.storage import read_text
+
+            self.duplicates = json.loads(read_text(self.config["duplicates_url"]))
         self._ready = True
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -1461,6 +1501,10 @@ class InstructionStage(Stage):
                 out[i] = self._row(row, seed, None, error=f"missing_caption in column {c['caption_column']!r}")
                 continue
             key = normalize_caption(caption)
+            if str(row.get("id")) in self.duplicates:
+                out[i] = self._row(row, seed, None,
+                                   error=f"duplicate_caption of {self.duplicates[str(row.get('id'))]}")
+                continue
             if key in seen:
                 out[i] = self._row(row, seed, None, error="duplicate_caption")
                 continue

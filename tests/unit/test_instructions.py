@@ -595,3 +595,29 @@ def test_openai_write_works_inside_a_running_event_loop(monkeypatch):
 
         [answer] = asyncio.run(main())
     assert parse_answer(answer.raw) == ("make it snowy", "a red car in the snow")
+
+
+def test_duplicate_captions_are_found_across_shards_and_rejected(tmp_path):
+    import json as _json
+
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+    from pixelmill.tasks.instructions import InstructionStage, find_duplicate_captions
+
+    w = DatasetWriter(str(tmp_path / "caps"), "captions", 1, {"t": 1}).open()
+    for name, ids, caps in (("00000", ["a", "b"], ["A red car.", "a cat"]),
+                            ("00001", ["c", "d"], ["a red car", "a dog"])):
+        sw = w.shard(name)
+        sw.write(pa.table({"id": ids, "caption": caps}))
+        sw.commit()
+    w.finish()
+    out = str(tmp_path / "dups.json")
+    assert find_duplicate_captions(str(tmp_path / "caps"), "caption", None, out) == 1
+    assert _json.loads(open(out).read()) == {"c": "a"}
+    stage = InstructionStage({"writer": "template", "duplicates_url": out})
+    rows = stage(pa.table({"id": ["c", "d"], "caption": ["a red car", "a dog"]})).to_pylist()
+    assert rows[0]["status"] == "reject" and rows[0]["error"] == "duplicate_caption of a"
+    assert rows[1]["status"] == "ok"
+    # with a limit, later shards are not read, so nothing is a duplicate
+    assert find_duplicate_captions(str(tmp_path / "caps"), "caption", 2, out) == 0
