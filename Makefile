@@ -28,6 +28,8 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/bulk_edit.py
+	$(PY) benchmarks/retrieval_scan.py
+	$(PY) benchmarks/pairs.py
 
 clean:
 	rm -rf pixelmill-demo .pixelmill .pytest_cache
