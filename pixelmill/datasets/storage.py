@@ -13,13 +13,25 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 
+class StorageUnavailable(ValueError):
+    """A storage URL whose filesystem package is missing (``s3://`` without s3fs, ...)."""
+
+
 def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     """Return the filesystem and the filesystem-native path for a URL.
 
     Args:
         url: a local path or any fsspec URL.
+
+    Raises:
+        StorageUnavailable: the URL's protocol needs a package that is not installed.
     """
-    fs, path = fsspec.core.url_to_fs(str(url))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url))
+    except ImportError as exc:
+        extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(str(url).split("://")[0], None)
+        hint = f" (pip install 'pixelmill[{extra}]')" if extra else ""
+        raise StorageUnavailable(f"cannot open {url}: {exc}{hint}") from None
     return fs, path
 
 

@@ -174,7 +174,7 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
 
     try:
         pool = Pool.open(cfg.pool)
-    except (PoolError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"pool: {e}") from None
     with pool:
         clip_model = cfg.clip_model or pool.clip_model
