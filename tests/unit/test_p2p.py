@@ -24,12 +24,8 @@ SIZE = 32  # 16×16 latents with the tiny VAE: maps are 256×256
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and one thread cannot be oversubscribed by a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models run fastest on one thread (see the conftest fixture)."""
 
 
 @pytest.fixture(scope="module")

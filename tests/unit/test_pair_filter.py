@@ -25,12 +25,8 @@ T = FilterThresholds(min_image_similarity=0.6, min_direction=0.15, min_image_cap
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and one thread cannot be oversubscribed by a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models run fastest on one thread (see the conftest fixture)."""
 
 
 def _s(image=0.9, direction=0.5, source=0.3, edited=0.3) -> PairScores:
