@@ -216,14 +216,20 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def run_edit(cfg: EditConfig, args, show_progress: bool = True):
-    """Start the runtime and run the bulk-edit flow."""
+def flow_runtime(args, runtime_cfg=None):
+    """The Runtime for a command: ``--ray-address``/``--home`` first, then the config's ``runtime``."""
+    from pixelmill.config import RuntimeConfig
     from pixelmill.runtime import Runtime
 
-    home = Path(args.home) if getattr(args, "home", None) else default_home()
-    with Runtime(ray_address=args.ray_address or cfg.runtime.ray_address,
-                 prefect_api_url=cfg.runtime.prefect_api_url, home=home,
-                 num_cpus=cfg.runtime.num_cpus):
+    rc = runtime_cfg or RuntimeConfig()
+    home = Path(args.home).resolve() if getattr(args, "home", None) else default_home()
+    return Runtime(ray_address=getattr(args, "ray_address", None) or rc.ray_address,
+                   prefect_api_url=rc.prefect_api_url, home=home, num_cpus=rc.num_cpus)
+
+
+def run_edit(cfg: EditConfig, args, show_progress: bool = True):
+    """Start the runtime and run the bulk-edit flow."""
+    with flow_runtime(args, cfg.runtime):
         import ray
 
         from pixelmill.flows.bulk_edit import bulk_edit_flow
@@ -296,11 +302,8 @@ def cmd_retrieve(args) -> int:
         print(f"retrieve {cfg.num_images} per prompt above {cfg.threshold} from {cfg.pool} -> {cfg.output}")
         print(plan.describe())
         return 0
-    from pixelmill.runtime import Runtime
 
-    home = Path(args.home) if args.home else default_home()
-    with Runtime(ray_address=args.ray_address or cfg.runtime.ray_address,
-                 prefect_api_url=cfg.runtime.prefect_api_url, home=home, num_cpus=cfg.runtime.num_cpus):
+    with flow_runtime(args, cfg.runtime):
         from pixelmill.flows.retrieve import retrieve_flow
 
         summary = retrieve_flow(cfg.model_dump())
@@ -327,11 +330,9 @@ def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
 
 
 def cmd_pool_build(args) -> int:
-    from pixelmill.runtime import Runtime
 
-    home = Path(args.home) if args.home else default_home()
     _check_model_path("--clip", args.clip, "clip")
-    with Runtime(ray_address=args.ray_address, home=home):
+    with flow_runtime(args):
         from pixelmill.flows.pool import build_pool_flow
 
         summary = build_pool_flow(
@@ -435,11 +436,8 @@ def cmd_pairs(args) -> int:
         print("image stage: runs over text/ once it is complete" + (
             "" if text.todo else " (text/ is complete; run without --dry-run to see its shards)"))
         return 0
-    from pixelmill.runtime import Runtime
 
-    home = Path(args.home) if args.home else default_home()
-    with Runtime(ray_address=args.ray_address or cfg.runtime.ray_address,
-                 prefect_api_url=cfg.runtime.prefect_api_url, home=home, num_cpus=cfg.runtime.num_cpus):
+    with flow_runtime(args, cfg.runtime):
         import ray
 
         from pixelmill.flows.pairs import pairs_flow

@@ -136,7 +136,8 @@ def retrieve_flow(config: dict[str, Any]) -> RetrieveSummary:
     if plan.scan:
         with remote_options(num_cpus=0):
             scan_pool.submit(config, {pid: plan.prompts[pid] for pid in plan.scan}).result()
-    if plan.scan or read_manifest(p["candidates"]) is None or not read_manifest(p["candidates"]).complete:
+    scanned = read_manifest(p["candidates"])
+    if plan.scan or scanned is None or not scanned.complete:
         commit(p["candidates"], CANDIDATES, cfg.scan_affecting())
     with remote_options(num_cpus=0.5):
         futures = {pid: download_images.submit(config, pid, plan.prompts[pid]) for pid in plan.download}
