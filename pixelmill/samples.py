@@ -15,6 +15,7 @@ import io
 import random
 from collections.abc import Callable
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelmill.datasets import storage
@@ -393,3 +394,49 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's name
         pass
+
+
+def draw_concept_images(n: int, seed: int = 0, size: tuple[int, int] = (64, 64),
+                        color: tuple[int, int, int] = (220, 40, 40), shape: str = "disk") -> list[Image.Image]:
+    """``n`` pictures of one made-up subject (a coloured disk or square with a stripe) on varied backgrounds.
+
+    The subject keeps its colour and shape while its position, scale and background
+    change, as a handful of photos of one object would: a small instance set for the
+    fine-tuning tests and demo.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = size
+        bg = rng.integers(40, 200, size=3)
+        grad = np.linspace(0.6, 1.2, h)[:, None, None] * bg[None, None, :]
+        arr = np.clip(np.repeat(grad, w, axis=1), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        d = ImageDraw.Draw(img)
+        r = int(min(w, h) * rng.uniform(0.2, 0.32))
+        cx, cy = int(rng.uniform(r, w - r)), int(rng.uniform(r, h - r))
+        box = (cx - r, cy - r, cx + r, cy + r)
+        (d.ellipse if shape == "disk" else d.rectangle)(box, fill=tuple(int(c) for c in color))
+        d.rectangle((cx - r // 2, cy - 2, cx + r // 2, cy + 2), fill=(250, 250, 250))
+        out.append(img)
+    return out
+
+
+def write_image_dataset(url: str, images: list[Image.Image], captions: list[str] | None = None,
+                        ids: list[str] | None = None) -> str:
+    """Write images (and captions) as a one-shard pixelmill dataset; returns ``url``."""
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+    from pixelmill.datasets.images import IMAGE_TYPE, encode_image
+
+    ids = ids or [f"{i:04d}" for i in range(len(images))]
+    captions = captions or [""] * len(images)
+    table = pa.table({"id": ids, "image": pa.array([encode_image(im) for im in images], IMAGE_TYPE),
+                      "caption": captions})
+    writer = DatasetWriter(url, "images", 1, {"source": "pixelmill.samples"}).open(overwrite=True)
+    sw = writer.shard("00000")
+    sw.write(table)
+    sw.commit()
+    writer.finish()
+    return url

@@ -159,3 +159,46 @@ def write_text_atomic(url: str, text: str) -> None:
 def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole file (parents created); use a temporary folder + :func:`move` for atomicity."""
+    fs, path = resolve(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def put_dir(local_dir: str, url: str) -> None:
+    """Copy a local folder tree to ``url`` (replacing what is there)."""
+    import os
+
+    fs, path = resolve(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    for root, _dirs, files in os.walk(local_dir):
+        rel = os.path.relpath(root, local_dir)
+        target = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
+        fs.makedirs(target, exist_ok=True)
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                fs.pipe_file(posixpath.join(target, name), f.read())
+
+
+def get_dir(url: str, local_dir: str) -> str:
+    """Copy a folder tree at ``url`` to a local folder; returns ``local_dir``."""
+    import os
+
+    fs, path = resolve(url)
+    for src in fs.find(path):
+        rel = posixpath.relpath(src, path)
+        dst = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with fs.open(src, "rb") as f, open(dst, "wb") as out:
+            out.write(f.read())
+    return local_dir
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path of ``url``, or None when it is not on the local disk."""
+    fs, path = resolve(url)
+    return path if "file" in _protocols(fs) else None

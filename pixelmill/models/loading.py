@@ -535,3 +535,32 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
     path = _local_path(model)
     if not path.exists():
         raise ModelNotFound(f"model not found: {path} (from model name {model!r})")
+
+
+def load_training_components(model: str, revision: str | None = None) -> dict[str, Any]:
+    """Load the parts of an SD-shaped pipeline a trainer needs, in fp32 on the CPU.
+
+    Training keeps every weight in fp32 (mixed precision is autocast, never fp16
+    weights: an fp16 VAE gives NaN losses and fp16 trainable weights break the grad
+    scaler, two of the most reported fine-tuning bugs). The caller moves parts to its
+    device. An InstructPix2Pix checkpoint loads with its 8-channel UNet.
+
+    Returns:
+        ``{"tokenizer", "text_encoder", "vae", "unet", "scheduler", "pipeline_class"}``.
+
+    Raises:
+        ModelNotFound: The folder is missing or not a pipeline.
+        ValueError: The pipeline is not SD-shaped (no UNet/VAE/CLIP text encoder).
+    """
+    import diffusers
+
+    name, index = _read_model_index(model, revision)
+    class_name = str(index.get("_class_name", ""))
+    cls = getattr(diffusers, class_name, None) if class_name else None
+    if cls is None or not issubclass(cls, diffusers.DiffusionPipeline):
+        cls = diffusers.DiffusionPipeline
+    pipe = _from_pretrained(cls.from_pretrained, name, model, torch.float32, revision)
+    require_sd_shaped(pipe, "fine-tuning")
+    parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler")}
+    parts["pipeline_class"] = type(pipe).__name__
+    return parts

@@ -1,0 +1,306 @@
+"""The trainer core every method shares.
+
+One step: for each gradient-accumulation micro-batch, take this worker's part of the
+global micro-batch, prepare pixels (or read cached latents), draw the VAE sample, noise
+and timestep from the sample id, predict the noise and add the per-sample loss (class
+samples weighted by ``prior_loss_weight``), normalised by the GLOBAL batch size. Then
+sum the gradients over workers (an all-reduce; nothing else is shared), clip, step,
+let the method restore what must not change, update the EMA, and log.
+
+Because every sample's randomness is derived from ``(seed, step, sample id)`` and the
+loss is normalised globally, a step's update does not depend on how many workers share
+it, and a resumed job repeats exactly the steps it would have run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from pixelmill.tasks.train.data import (
+    Augment, BatchSchedule, Prepared, Sample, TrainingData, bucket_sizes, generator, nearest_bucket, prepare, shard,
+)
+from pixelmill.tasks.train.methods import Method
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then constant, linear or cosine decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the trainable tensors (decay warms up as in diffusers)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: p.detach().clone().float() for k, p in params.items()}
+        self.updates = 0
+
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for k, p in params.items():
+                self.shadow[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def swap(self, params: dict[str, torch.Tensor]) -> None:
+        """Exchange the live weights and the averages (call twice to undo)."""
+        with torch.no_grad():
+            for k, p in params.items():
+                live = p.detach().clone()
+                p.copy_(self.shadow[k].to(p.dtype))
+                self.shadow[k].copy_(live.float())
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    instance_loss: float
+    prior_loss: float | None
+    lr: float
+    seconds: float
+
+
+@dataclass
+class Trainer:
+    """Runs a method's training from ``start_step`` to ``max_steps``.
+
+    Args:
+        method: the method (its ``setup`` already called).
+        data: the job's samples.
+        settings: the job's ``TrainSettings`` as a dict.
+        device: where the models run.
+        rank / world: this worker's place in a data-parallel group (torch.distributed
+            must be initialised when ``world > 1``).
+        latent_cache: optional ``{(sample id, flip): (mean, std)}`` VAE posteriors.
+        text_cache: optional ``{prompt: embedding}`` for methods with fixed text.
+        vae_multiple: pixel sizes must be multiples of this (bucket sizes).
+    """
+
+    method: Method
+    data: TrainingData
+    settings: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
+    latent_cache: dict | None = None
+    text_cache: dict | None = None
+    vae_multiple: int = 8
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        if s["train_batch_size"] % self.world:
+            raise ValueError(f"train_batch_size {s['train_batch_size']} is not divisible by {self.world} workers")
+        parts = self.method.parts
+        self.unet, self.vae, self.te, self.tok = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+        self.params = self.method.trainable()
+        self.names = sorted(self.params)
+        self.optimizer = torch.optim.AdamW(
+            [self.params[k] for k in self.names], lr=s["learning_rate"], betas=(s["adam_beta1"], s["adam_beta2"]),
+            weight_decay=s["adam_weight_decay"], eps=s["adam_epsilon"],
+        )
+        use_ema = s["use_ema"] if s["use_ema"] is not None else self.method.use_ema_default
+        self.ema = EMA(self.params, s["ema_decay"]) if use_ema else None
+        self.prior = bool(self.method.prior and self.data.klass and
+                          (s["with_prior_preservation"] is None or s["with_prior_preservation"]))
+        self.aug = Augment(center_crop=s["center_crop"], random_flip=s["random_flip"], rescale=s["rescale"])
+        res = s["resolution"]
+        self.buckets = bucket_sizes(res, self.vae_multiple) if s["aspect_buckets"] else [(res, res)]
+        sample_buckets = [nearest_bucket(x.size, self.buckets) if s["aspect_buckets"] else 0
+                          for x in self.data.instance]
+        self.schedule = BatchSchedule(sample_buckets, s["train_batch_size"], s["seed"], "instance")
+        self.class_schedule = (BatchSchedule([0] * len(self.data.klass), s["train_batch_size"], s["seed"], "class")
+                               if self.prior else None)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s["mixed_precision"])
+        self.scaler = (torch.amp.GradScaler("cuda") if s["mixed_precision"] == "fp16" and self.device.type == "cuda"
+                       else None)
+        if s["mixed_precision"] == "fp16" and self.device.type != "cuda":
+            raise ValueError("mixed_precision fp16 needs a CUDA device; use bf16 on CPU")
+        if s["gradient_checkpointing"]:
+            self.unet.enable_gradient_checkpointing()
+            if self.method.trains_text and hasattr(self.te, "gradient_checkpointing_enable"):
+                self.te.gradient_checkpointing_enable()
+        self.unet.train()
+        self.te.train(self.method.trains_text)
+        self.vae.eval()
+        self._null_text: torch.Tensor | None = None
+
+    # -- state ----------------------------------------------------------------------------
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self, step: int) -> StepLog:
+        s = self.settings
+        t0 = time.perf_counter()
+        accum = s["gradient_accumulation_steps"]
+        norm = s["train_batch_size"] * accum
+        lr = s["learning_rate"] * lr_factor(step, s["lr_warmup_steps"], s["max_steps"], s["lr_scheduler"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, dtype=torch.float64)  # instance loss sum, class loss sum, class count
+        for micro in range(accum):
+            b = step * accum + micro
+            bucket, idx = self.schedule.batch(b)
+            samples = [self.data.instance[i] for i in shard(idx, self.rank, self.world)]
+            if self.prior:
+                _, cidx = self.class_schedule.batch(b)
+                samples += [self.data.klass[i] for i in shard(cidx, self.rank, self.world)]
+            per_sample = self.losses(samples, self.buckets[bucket], step)
+            weights = torch.tensor([s["prior_loss_weight"] if x.kind == "class" else 1.0 for x in samples],
+                                   device=per_sample.device)
+            loss = (per_sample * weights).sum() / norm
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            ps = per_sample.detach().double().cpu()
+            is_class = torch.tensor([x.kind == "class" for x in samples])
+            sums += torch.stack([ps[~is_class].sum(), ps[is_class].sum(), is_class.sum().double()])
+        grads = [self.params[k] for k in self.names]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in grads:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            dist.all_reduce(sums)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(grads, s["max_grad_norm"])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.method.after_step()
+        if self.ema is not None:
+            self.ema.update(self.params)
+        inst = float(sums[0] / norm)
+        prior = float(sums[1] / sums[2]) if sums[2] > 0 else None
+        total = inst + (s["prior_loss_weight"] * prior if prior is not None else 0.0)
+        return StepLog(step + 1, total, inst, prior, lr, time.perf_counter() - t0)
+
+    # -- the loss -------------------------------------------------------------------------
+    def losses(self, samples: list[Sample], size: tuple[int, int], step: int) -> torch.Tensor:
+        """Per-sample noise-prediction MSE (masked to the image for rescaled samples)."""
+        seed = self.settings["seed"]
+        prepared = [prepare(x, size, self.aug, seed, step, self.method.prompt(x, seed, step)) for x in samples]
+        prompts = [p.prompt for p in prepared]
+        latents = torch.cat([self.latents(x, p, seed, step) for x, p in zip(samples, prepared)])
+        noise = torch.cat([torch.randn(latents.shape[1:], generator=generator(seed, step, x.id, "noise"))[None]
+                           for x in samples]).to(self.device)
+        T = self.noise_scheduler.config.num_train_timesteps
+        t = torch.tensor([int(torch.randint(0, T, (), generator=generator(seed, step, x.id, "t"))) for x in samples],
+                         device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        batch: dict[str, Any] = {}
+        text = self.encode_text(prompts)
+        if samples and samples[0].source is not None:
+            text, batch["source_latents"] = self._pair_conditioning(samples, prepared, text, seed, step)
+        with self._autocast():
+            pred = self.unet(self.method.unet_input(noisy, batch), t, text).sample
+        pred = pred.float()
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        err = (pred - target) ** 2
+        masks = [p.mask for p in prepared]
+        if any(m is not None for m in masks):
+            h, w = err.shape[-2:]
+            m = torch.stack([F.interpolate(mm[None, None], size=(h, w), mode="nearest")[0, 0] if mm is not None
+                             else torch.ones(h, w) for mm in masks]).to(err.device)[:, None]
+            return (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1)
+        return err.mean(dim=(1, 2, 3))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def latents(self, sample: Sample, prepared: Prepared, seed: int, step: int) -> torch.Tensor:
+        """The scaled VAE latent of a sample: posterior mean + std · ε(sample, step)."""
+        key = (sample.id, prepared.flip)
+        if self.latent_cache is not None and key in self.latent_cache and prepared.mask is None:
+            mean, std = (x.to(self.device) for x in self.latent_cache[key])
+        else:
+            mean, std = self.posterior(prepared.pixels)
+        eps = torch.randn(mean.shape, generator=generator(seed, step, sample.id, "vae")).to(self.device)
+        return ((mean + std * eps) * self.vae.config.scaling_factor)[None]
+
+    @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior mean and std of one image (fp32: an fp16 VAE gives NaNs)."""
+        dist = self.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
+        return dist.mean[0], dist.std[0]
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.text_cache is not None and self.method.text_is_fixed() and all(p in self.text_cache for p in prompts):
+            return torch.stack([self.text_cache[p] for p in prompts]).to(self.device)
+        ids = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(self.device)
+        if self.method.trains_text:
+            with self._autocast():
+                return self.te(ids)[0].float()
+        with torch.no_grad(), self._autocast():
+            return self.te(ids)[0].float()
+
+    def _pair_conditioning(self, samples, prepared, text, seed, step):
+        """Source-image latents (posterior mode) and the paper's conditioning dropout."""
+        with torch.no_grad():
+            src = torch.stack([self.vae.encode(p.source[None].to(self.device)).latent_dist.mode()[0]
+                               for p in prepared])
+        prob = self.settings["conditioning_dropout_prob"]
+        if prob > 0:
+            r = torch.tensor([torch.rand((), generator=generator(seed, step, x.id, "dropout")).item()
+                              for x in samples], device=self.device)
+            drop_text = (r < 2 * prob)[:, None, None]
+            text = torch.where(drop_text, self.null_text().expand_as(text), text)
+            keep_image = 1.0 - ((r >= prob) & (r < 3 * prob)).float()
+            src = src * keep_image[:, None, None, None]
+        return text, src
+
+    def null_text(self) -> torch.Tensor:
+        if self._null_text is None:
+            self._null_text = self.encode_text([""]).detach()
+        return self._null_text
+
+    # -- fixed-triple evaluation loss (for tests and reports) ------------------------------
+    @torch.no_grad()
+    def fixed_loss(self, n_steps: int = 4) -> float:
+        """Mean loss over the first ``n_steps`` steps' (image, noise, timestep) draws, without training."""
+        total, count = 0.0, 0
+        for st in range(n_steps):
+            bucket, idx = self.schedule.batch(st)
+            samples = [self.data.instance[i] for i in idx]
+            total += float(self.losses(samples, self.buckets[bucket], st).sum().float())
+            count += len(samples)
+        return total / count
+
+
+def run_steps(trainer: Trainer, start: int, stop: int, on_step: Callable[[StepLog], None]) -> None:
+    """Run steps ``start..stop-1``, calling ``on_step`` after each (logging, checkpoints, samples)."""
+    for step in range(start, stop):
+        on_step(trainer.step(step))

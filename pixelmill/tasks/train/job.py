@@ -1,0 +1,451 @@
+"""One fine-tuning job: decide (skip / resume / start), train, save, evaluate, record.
+
+``run_job(spec)`` is what the campaign flow runs, one Prefect task per job on a Ray
+worker. A job that asks for several workers trains data-parallel under Ray Train's
+``TorchTrainer`` (gloo on CPU, NCCL on GPUs); each worker runs ``train_worker`` and
+rank 0 writes checkpoints, artifacts and samples. ``python -m pixelmill.tasks.train.job
+SPEC.json`` runs a job spec directly in this process (what the resume tests kill).
+
+A job spec is a plain dict made by the flow: ``id``, ``name``, ``method``, ``model``,
+``settings`` (TrainSettings), ``concepts`` (Concept dicts with ``instance_prompt_text``,
+``class_prompt_text`` and resolved ``class_data``), ``dir`` (the job's URL), ``cache``
+(``latents``/``text`` URLs or None), ``eval`` (EvalSettings) and ``clip_model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixelmill.datasets import storage
+from pixelmill.tasks.train.checkpoint import JobStore
+from pixelmill.tasks.train.data import Sample, TrainingData, TrainingDataError, read_image_rows
+
+STATUS_FINISHED = "finished"
+STATUS_RUNNING = "running"
+STATUS_FAILED = "failed"
+
+
+# -- data ----------------------------------------------------------------------------------
+
+def load_training_data(spec: dict[str, Any]) -> TrainingData:
+    """The job's samples from its datasets; raises ``TrainingDataError`` naming what is wrong."""
+    s, method = spec["settings"], spec["method"]
+    data = TrainingData()
+    for ci, c in enumerate(spec["concepts"]):
+        what = f"concept {c['name']!r} instance_data"
+        if method == "instruct_pix2pix":
+            cols = (s["input_column"], s["instruction_column"])
+            rows, skipped = read_image_rows(c["instance_data"], s["edited_column"], what, extra=cols)
+            for r in rows:
+                src = r.get(s["input_column"])
+                src_bytes = src.get("bytes") if isinstance(src, dict) else src
+                if not src_bytes or not r.get(s["instruction_column"]):
+                    skipped.append({"id": r["id"], "dataset": c["instance_data"], "reason": "missing input image or instruction"})
+                    continue
+                data.instance.append(Sample(f"pair{ci}:{r['id']}", "pair", r[s["instruction_column"]], r["_bytes"],
+                                            source=bytes(src_bytes), concept=ci, size=r["_size"]))
+        else:
+            rows, skipped = read_image_rows(c["instance_data"], c.get("image_column", "image"), what)
+            data.instance += [Sample(f"c{ci}:{r['id']}", "instance", c["instance_prompt_text"], r["_bytes"],
+                                     concept=ci, size=r["_size"]) for r in rows]
+        data.skipped += skipped
+        uses_prior = method in ("dreambooth", "custom_diffusion") and s.get("with_prior_preservation") is not False
+        if uses_prior and c.get("class_data"):
+            crows, cskipped = read_image_rows(c["class_data"], "image", f"concept {c['name']!r} class_data")
+            crows = crows[: s["num_class_images"]]
+            data.klass += [Sample(f"class{ci}:{r['id']}", "class", c["class_prompt_text"], r["_bytes"],
+                                  concept=ci, size=r["_size"]) for r in crows]
+            data.skipped += cskipped
+        elif uses_prior and s.get("with_prior_preservation"):
+            raise TrainingDataError(f"concept {c['name']!r}: with_prior_preservation needs class images "
+                                    "(class_data, or let the campaign generate them)")
+    if not data.instance:
+        raise TrainingDataError(f"job {spec['name']!r}: no training samples")
+    return data
+
+
+# -- caches --------------------------------------------------------------------------------
+
+def cache_key(spec: dict[str, Any], kind: str) -> str:
+    """Jobs share a cache when the model, data and image geometry (or prompts) match."""
+    s = spec["settings"]
+    parts = {"model": spec.get("model_hash", spec["model"]), "data": spec.get("data_hashes"), "kind": kind}
+    if kind == "latents":
+        parts.update({k: s[k] for k in ("resolution", "aspect_buckets", "center_crop")})
+    else:
+        parts["concepts"] = [(c["instance_prompt_text"], c["class_prompt_text"]) for c in spec["concepts"]]
+        parts["rescale"] = s["rescale"]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_allowed(spec: dict[str, Any], method) -> dict[str, bool]:
+    s = spec["settings"]
+    return {
+        "latents": bool(s["cache_latents"] and s["center_crop"] and not s["rescale"]),
+        "text": bool(s["cache_text_embeddings"] and method.text_is_fixed()),
+    }
+
+
+def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) -> tuple[dict | None, dict | None]:
+    """VAE posteriors of every sample (both flips) and embeddings of every fixed prompt."""
+    from PIL import Image
+
+    from pixelmill.tasks.train.data import _cover_crop, _open, pixel_tensor
+
+    latents = None
+    if allowed["latents"]:
+        latents = {}
+        for x in data.instance + data.klass:
+            bucket = trainer.buckets[0] if not trainer.settings["aspect_buckets"] else None
+            if bucket is None:
+                from pixelmill.tasks.train.data import nearest_bucket
+
+                bucket = trainer.buckets[nearest_bucket(x.size, trainer.buckets)]
+            img, _, _ = _cover_crop(_open(x.image), None, bucket, True, None)
+            for flip in (False, True):
+                im = img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+                mean, std = trainer.posterior(pixel_tensor(im))
+                latents[(x.id, flip)] = (mean.cpu(), std.cpu())
+    text = None
+    if allowed["text"]:
+        prompts = sorted({x.prompt for x in data.instance + data.klass} | {""})
+        if trainer.settings["rescale"]:
+            prompts = sorted(set(prompts) | {p + q for q in prompts for p in
+                                             ("a far away ", "very small ", "zoomed in ", "close up ")})
+        text = {}
+        for i in range(0, len(prompts), 16):
+            chunk = prompts[i:i + 16]
+            emb = trainer.encode_text(chunk).detach().cpu()
+            text.update(dict(zip(chunk, emb)))
+    return latents, text
+
+
+def _cache_to_bytes(latents: dict | None, text: dict | None) -> tuple[bytes | None, bytes | None]:
+    from safetensors.torch import save
+
+    lb = tb = None
+    if latents is not None:
+        flat = {}
+        for (sid, flip), (m, sd) in latents.items():
+            flat[f"{sid}|{int(flip)}|mean"], flat[f"{sid}|{int(flip)}|std"] = m.contiguous(), sd.contiguous()
+        lb = save(flat)
+    if text is not None:
+        tb = save({hashlib.sha1(p.encode()).hexdigest(): e.contiguous() for p, e in text.items()},
+                  metadata={"prompts": json.dumps({hashlib.sha1(p.encode()).hexdigest(): p for p in text})})
+    return lb, tb
+
+
+def _cache_from_storage(spec: dict[str, Any]) -> tuple[dict | None, dict | None]:
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    cache = spec.get("cache") or {}
+    latents = text = None
+    if cache.get("latents") and storage.exists(cache["latents"]):
+        flat = load(storage.read_bytes(cache["latents"]))
+        latents = {}
+        for k, v in flat.items():
+            sid, flip, part = k.rsplit("|", 2)
+            latents.setdefault((sid, flip == "1"), [None, None])[0 if part == "mean" else 1] = v
+        latents = {k: tuple(v) for k, v in latents.items()}
+    if cache.get("text") and storage.exists(cache["text"]):
+        raw = storage.read_bytes(cache["text"])
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+            f.write(raw)
+            f.flush()
+            with safe_open(f.name, "pt") as sf:
+                names = json.loads(sf.metadata()["prompts"])
+        text = {names[k]: v for k, v in load(raw).items()}
+    return latents, text
+
+
+# -- training -------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory while training: CUDA allocated bytes, or this process's RSS sampled on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+
+            def sample() -> None:
+                while not self._stop.is_set():
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    self._stop.wait(0.02)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_rss"
+
+
+def _device(spec: dict[str, Any]) -> torch.device:
+    from pixelmill.models.device import resolve_device
+
+    return resolve_device(spec["settings"].get("device", "auto"))
+
+
+def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: torch.device | None = None,
+                 stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) one job on this worker; rank 0 also saves artifacts and evaluates.
+
+    Args:
+        spec: the job spec (see the module docstring).
+        rank / world: data-parallel place; torch.distributed is initialised when world > 1.
+        device: defaults to the spec's device setting.
+        stop_at: stop after this step without finishing (tests, benchmarks).
+    """
+    from pixelmill.models.loading import load_training_components
+    from pixelmill.tasks.train.core import Trainer
+    from pixelmill.tasks.train.methods import make_method
+
+    s = spec["settings"]
+    device = device or _device(spec)
+    store = JobStore(spec["dir"])
+    parts = load_training_components(spec["model"])
+    method = make_method(spec["method"], parts, s, spec["concepts"])
+    method.setup()
+    data = load_training_data(spec)
+    for k in ("unet", "text_encoder", "vae"):
+        parts[k].to(device)
+    vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    multiple = vae_scale * 2 ** (len(parts["unet"].config.block_out_channels) - 1)
+    trainer = Trainer(method, data, s, device=device, rank=rank, world=world, vae_multiple=multiple)
+    allowed = cache_allowed(spec, method)
+    if any(allowed.values()):
+        latents, text = _cache_from_storage(spec)
+        if (allowed["latents"] and latents is None) or (allowed["text"] and text is None):
+            built = build_caches(trainer, data, method, {"latents": allowed["latents"] and latents is None,
+                                                          "text": allowed["text"] and text is None})
+            latents = latents if latents is not None else built[0]
+            text = text if text is not None else built[1]
+        trainer.latent_cache, trainer.text_cache = latents, text
+    start, log = 0, store.read_log()
+    steps = store.checkpoint_steps()
+    if steps:
+        ckpt = store.load_checkpoint(steps[-1])
+        method.load_state(ckpt["model"])
+        trainer.load_optimizer_state(ckpt["optimizer"])
+        if trainer.ema is not None and ckpt["ema"] is not None:
+            trainer.ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
+            trainer.ema.updates = ckpt["state"].get("ema_updates", steps[-1])
+        start = steps[-1]
+    log = [r for r in log if r["step"] <= start]
+    end = min(s["max_steps"], stop_at) if stop_at is not None else s["max_steps"]
+    t0 = time.perf_counter()
+    with PeakMemory(device) as mem:
+        for step in range(start, end):
+            entry = trainer.step(step)
+            if rank == 0 and (entry.step % s["log_every"] == 0 or entry.step == end):
+                log.append({"step": entry.step, "loss": entry.loss, "instance_loss": entry.instance_loss,
+                            "prior_loss": entry.prior_loss, "lr": entry.lr, "seconds": entry.seconds})
+            if entry.step % s["checkpoint_every"] == 0 or entry.step == s["max_steps"]:
+                _checkpoint(store, trainer, method, entry.step, rank, world, log, s)
+            if rank == 0 and s.get("validation_every") and entry.step % s["validation_every"] == 0:
+                _validation(spec, method, trainer, data, entry.step, device)
+    seconds = time.perf_counter() - t0
+    out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds,
+           "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, "skipped_rows": data.skipped,
+           "steps_per_second": (end - start) / seconds if seconds > 0 and end > start else None}
+    if rank == 0 and end == s["max_steps"]:
+        out.update(_finish(spec, method, trainer, data, device))
+    out["method_obj"] = method if world == 1 else None
+    return out
+
+
+def _checkpoint(store, trainer, method, step, rank, world, log, s) -> None:
+    if rank == 0:
+        ema = {k: v.detach().cpu() for k, v in trainer.ema.shadow.items()} if trainer.ema is not None else None
+        extra = {"ema_updates": trainer.ema.updates if trainer.ema else 0}
+        store.save_checkpoint(step, method.state(), trainer.optimizer_state(), ema, extra, s["keep_checkpoints"])
+        store.write_log(log)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _with_ema(trainer, fn):
+    if trainer.ema is None:
+        return fn()
+    trainer.ema.swap(trainer.params)
+    try:
+        return fn()
+    finally:
+        trainer.ema.swap(trainer.params)
+
+
+def _validation(spec, method, trainer, data, step, device) -> None:
+    from pixelmill.tasks.train.evaluate import render_samples, write_samples
+
+    s, e = spec["settings"], spec["eval"]
+    prompts = s.get("validation_prompts") or e["prompts"][:1]
+    was = trainer.unet.training
+    trainer.unet.eval()
+    rows = _with_ema(trainer, lambda: render_samples(method, data, spec["concepts"], prompts, 1, e["steps"],
+                                                     e["guidance_scale"], e["image_guidance_scale"], e["seed"],
+                                                     s["resolution"], device))
+    trainer.unet.train(was)
+    write_samples(spec["dir"], f"step-{step:06d}", rows)
+
+
+def _finish(spec, method, trainer, data, device) -> dict[str, Any]:
+    """Save the artifacts (EMA weights where the method uses them) and evaluate."""
+    from pixelmill.tasks.train.evaluate import clip_metrics, render_samples, write_samples
+
+    s, e = spec["settings"], spec["eval"]
+    trainer.unet.eval()
+    trainer.te.eval()
+    local = storage.local_path(spec["dir"])
+    tmp = Path(tempfile.mkdtemp(prefix="pixelmill-artifacts-", dir=local if local else None))
+    try:
+        files = _with_ema(trainer, lambda: method.save(tmp))
+        storage.remove(storage.join(spec["dir"], "artifacts"))
+        if local:
+            os.replace(tmp, os.path.join(local, "artifacts"))
+        else:
+            storage.put_dir(str(tmp), storage.join(spec["dir"], "artifacts"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = _with_ema(trainer, lambda: render_samples(method, data, spec["concepts"], e["prompts"],
+                                                     e["samples_per_prompt"], e["steps"], e["guidance_scale"],
+                                                     e["image_guidance_scale"], e["seed"], s["resolution"], device))
+    metrics = clip_metrics(rows, data, spec.get("clip_model"), str(device))
+    index = write_samples(spec["dir"], "final", rows)
+    return {"artifacts": files, "metrics": metrics, "samples": index}
+
+
+# -- the job entry ----------------------------------------------------------------------------
+
+def job_state(spec: dict[str, Any]) -> tuple[str, int]:
+    """(``finished`` | ``resume`` | ``new`` | ``retry``, last step) of a job from its storage."""
+    store = JobStore(spec["dir"])
+    rec = store.record()
+    steps = store.checkpoint_steps()
+    last = steps[-1] if steps else 0
+    if rec and rec.get("status") == STATUS_FINISHED and rec.get("step", 0) >= spec["settings"]["max_steps"] \
+            and storage.exists(store.path("artifacts")):
+        return "finished", rec["step"]
+    if rec and rec.get("status") == STATUS_FAILED:
+        return "retry", last
+    return ("resume", last) if last > 0 else ("new", 0)
+
+
+def run_job(spec: dict[str, Any], stop_at: int | None = None) -> dict[str, Any]:
+    """Run one job to ``max_steps`` (skipping a finished one), record it and return its summary."""
+    state, last = job_state(spec)
+    store = JobStore(spec["dir"])
+    if state == "finished":
+        rec = store.record()
+        return {**rec, "skipped": True}
+    rec = store.record() or {}
+    attempts = rec.get("attempts", [])
+    store.update_record(id=spec["id"], name=spec["name"], method=spec["method"], status=STATUS_RUNNING,
+                        step=last, max_steps=spec["settings"]["max_steps"], settings=spec["settings"],
+                        concepts=[c["name"] for c in spec["concepts"]], error=None,
+                        attempts=attempts + [{"start_step": last, "started": time.time()}])
+    try:
+        if spec["settings"]["num_workers"] > 1:
+            result = _run_data_parallel(spec, stop_at)
+        else:
+            result = train_worker(spec, stop_at=stop_at)
+            result.pop("method_obj", None)
+    except Exception as e:  # noqa: BLE001 - recorded on the job, then re-raised for Prefect
+        store.update_record(status=STATUS_FAILED, error=f"{type(e).__name__}: {e}")
+        raise
+    rec = store.record()
+    attempts = rec["attempts"]
+    attempts[-1].update({"end_step": result["end_step"], "seconds": result["seconds"]})
+    finished = result["end_step"] >= spec["settings"]["max_steps"]
+    total_seconds = sum(a.get("seconds", 0) for a in attempts)
+    fields = dict(status=STATUS_FINISHED if finished else STATUS_RUNNING, step=result["end_step"],
+                  attempts=attempts, seconds=total_seconds, peak_memory_bytes=max(
+                      rec.get("peak_memory_bytes") or 0, result["peak_memory_bytes"]),
+                  memory_kind=result["memory_kind"], skipped_rows=result["skipped_rows"],
+                  steps_per_second=result["steps_per_second"])
+    if finished:
+        fields.update(artifacts=result.get("artifacts"), metrics=result.get("metrics"), samples=result.get("samples"))
+    return {**store.update_record(**fields), "skipped": False, "start_step": result["start_step"]}
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    out = train_worker(config["spec"], rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+                       stop_at=config.get("stop_at"))
+    out.pop("method_obj", None)
+    if ctx.get_world_rank() == 0:
+        storage.write_text_atomic(storage.join(config["spec"]["dir"], ".worker-result.json"), json.dumps(out, default=str))
+
+
+def _run_data_parallel(spec: dict[str, Any], stop_at: int | None) -> dict[str, Any]:
+    """Run ``train_worker`` on ``num_workers`` Ray Train workers and return rank 0's summary."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = spec["settings"]
+    use_gpu = s["num_gpus"] > 0
+    per_worker = {"CPU": s["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = s["num_gpus"] / s["num_workers"]
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"spec": spec, "stop_at": stop_at},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"pixelmill-{spec['id']}", storage_path=tempfile.mkdtemp(prefix="pixelmill-train-")),
+    )
+    trainer.fit()
+    url = storage.join(spec["dir"], ".worker-result.json")
+    result = json.loads(storage.read_text(url))
+    storage.remove(url)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pixelmill.tasks.train.job SPEC.json``: run one job spec in this process."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m pixelmill.tasks.train.job SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    summary = run_job(spec)
+    print(json.dumps({k: summary.get(k) for k in ("id", "status", "step", "start_step", "skipped")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
