@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow_args(p)
     p.set_defaults(func=cmd_retrieve)
 
+    p = sub.add_parser("finetune", help="run a fine-tuning campaign (or `finetune status CAMPAIGN.yaml`)",
+                       usage="pixelmill finetune [status] CAMPAIGN.yaml [options]",
+                       description="Fine-tuning campaign: Textual Inversion, DreamBooth, LoRA, Custom Diffusion and "
+                                   "InstructPix2Pix jobs, listed or expanded from a grid, one Prefect task per job "
+                                   "on Ray. `pixelmill finetune status CAMPAIGN.yaml` shows each job's state. "
+                                   "Example: configs/finetune.yaml.")
+    _add_flow_args(p)
+    p.add_argument("status_config", nargs="?", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("pool", help="build or index a retrieval pool")
     psub = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
     q = psub.add_parser("build", help="embed a dataset's captions and/or images with open_clip into a pool",
@@ -308,6 +318,124 @@ def cmd_retrieve(args) -> int:
 
         summary = retrieve_flow(cfg.model_dump())
     print_retrieve_summary(summary, cfg.num_images, args.json)
+    return 0
+
+
+def prepare_finetune(config_path: str, args):
+    """Load and check a campaign before anything starts: config, paths, models, datasets, tokens."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.flows.campaign import check_campaign_inputs
+
+    overrides = list(args.overrides)
+    if args.limit is not None:
+        overrides.append(f"limit={args.limit}")
+    try:
+        cfg = load_config(CampaignConfig, config_path, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    model_local = _local_url_if_path
+    concepts = {
+        name: c.model_copy(update={
+            "instance_data": _local_url(c.instance_data),
+            "class_data": _local_url(c.class_data) if c.class_data and c.class_data != "retrieval" else c.class_data,
+        }) for name, c in cfg.concepts.items()
+    }
+    jobs = [j.model_copy(update={"model": model_local(j.model) if j.model else None}) for j in cfg.jobs]
+    retrieve = dict(cfg.retrieve) if cfg.retrieve else None
+    if retrieve and "pool" in retrieve:
+        retrieve["pool"] = _local_url(retrieve["pool"])
+    cfg = cfg.model_copy(update={"output": _local_url(cfg.output), "model": model_local(cfg.model),
+                                 "clip_model": model_local(cfg.clip_model) if cfg.clip_model else None,
+                                 "concepts": concepts, "jobs": jobs, "retrieve": retrieve})
+    try:
+        cfg = CampaignConfig.model_validate(cfg.model_dump())
+        cfg.expand()
+    except (ConfigError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for model in sorted({cfg.model, *(j.model for j in cfg.jobs if j.model)}):
+        _check_model_path("model", model, "pipeline")
+    _check_model_path("clip_model", cfg.clip_model, "clip")
+    if retrieve:
+        from pixelmill.config import RetrieveConfig
+
+        try:
+            RetrieveConfig.model_validate({**retrieve, "output": cfg.output})
+        except Exception as e:  # noqa: BLE001 - pydantic's message names the field
+            raise UsageError(f"retrieve: {e}") from None
+    try:
+        check_campaign_inputs(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
+
+
+def cmd_finetune(args) -> int:
+    if args.config == "status":
+        if not args.status_config:
+            raise UsageError("usage: pixelmill finetune status CAMPAIGN.yaml")
+        return finetune_status(args.status_config, args)
+    if args.status_config:
+        raise UsageError(f"unexpected argument {args.status_config!r} (did you mean `finetune status`?)")
+    cfg = prepare_finetune(args.config, args)
+    from pixelmill.flows.campaign import plan_campaign
+
+    plan = plan_campaign(cfg)
+    if args.dry_run:
+        print(f"campaign -> {cfg.output}")
+        print(plan.describe())
+        return 0
+    if args.overwrite:
+        from pixelmill.datasets import storage
+
+        for j in plan.jobs:
+            storage.remove(j.spec["dir"])
+    with flow_runtime(args, cfg.runtime):
+        from pixelmill.flows.finetune import finetune_flow
+
+        summary = finetune_flow(cfg.model_dump())
+    data = {"output": summary.output, "ran": summary.ran, "skipped": summary.skipped, "failed": summary.failed,
+            "class_images": summary.class_images, "results": summary.results, "report": summary.report,
+            "seconds": round(summary.seconds, 3)}
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"done: {len(summary.ran)} job(s) trained, {len(summary.skipped)} skipped (finished), "
+              f"{len(summary.failed)} failed in {summary.seconds:.1f}s")
+        for name, err in summary.failed.items():
+            print(f"  FAILED {name}: {err}")
+        print(f"results: {summary.results}\nreport:  {summary.report}")
+    return 1 if summary.failed else 0
+
+
+def finetune_status(config_path: str, args) -> int:
+    """Print each job's state without starting anything."""
+    from pixelmill.flows.campaign import plan_campaign
+    from pixelmill.tasks.train.results import result_row
+
+    cfg = prepare_finetune(config_path, args)
+    plan = plan_campaign(cfg)
+    rows = []
+    for j in plan.jobs:
+        r = result_row(j.spec)
+        state = {"finished": "finished", "resume": "interrupted" if r["status"] == "running" else "resumable",
+                 "retry": "failed", "new": "not started"}[j.state]
+        if j.state == "resume" and r["status"] == "finished":
+            state = "extend"  # finished, max_steps raised
+        rows.append({**r, "state": state})
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("job", "name", "method", "state", "step", "max_steps", "final_loss",
+                                             "clip_text_alignment", "clip_image_alignment", "error")} for r in rows]))
+        return 0
+    print(f"campaign {cfg.output}: {len(rows)} job(s)")
+    print(f"  {'job':<12} {'name':<36} {'method':<18} {'state':<12} {'step':>11} {'loss':>8}  clip text/image")
+    for r in rows:
+        clip = ("—" if r["clip_text_alignment"] is None
+                else f"{r['clip_text_alignment']:.3f}/{r['clip_image_alignment']:.3f}")
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "—"
+        print(f"  {r['job']:<12} {r['name'][:36]:<36} {r['method']:<18} {r['state']:<12} "
+              f"{str(r['step']) + '/' + str(r['max_steps']):>11} {loss:>8}  {clip}")
+        if r["error"]:
+            print(f"      error: {r['error']}")
     return 0
 
 

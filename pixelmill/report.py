@@ -498,3 +498,87 @@ def render_multi_report(
     )
     _write(out_file, _page(title, body))
     return out_file
+
+
+def _loss_svg(log: list[dict[str, Any]], width: int = 360, height: int = 120) -> str:
+    """An inline SVG of the loss per step (raw, faint) and its running mean (bold)."""
+    pts = [(r["step"], r["loss"]) for r in log if r.get("loss") is not None]
+    if len(pts) < 2:
+        return '<p class="muted">no loss curve yet</p>'
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    span_y = (y1 - y0) or 1.0
+    pad = 28
+
+    def xy(x: float, y: float) -> str:
+        return (f"{pad + (x - x0) / max(1, x1 - x0) * (width - pad - 6):.1f},"
+                f"{6 + (1 - (y - y0) / span_y) * (height - 24):.1f}")
+
+    k = max(1, len(ys) // 10)
+    smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+    raw = " ".join(xy(x, y) for x, y in pts)
+    avg = " ".join(xy(x, y) for x, y in zip(xs, smooth))
+    return (f'<svg class="loss" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="training loss"><rect x="0" y="0" width="{width}" height="{height}" '
+            f'fill="#fff"/><polyline points="{raw}" fill="none" stroke="#9ec5fe" stroke-width="1"/>'
+            f'<polyline points="{avg}" fill="none" stroke="#0969da" stroke-width="2"/>'
+            f'<text x="2" y="12" font-size="10" fill="#656d76">{y1:.3g}</text>'
+            f'<text x="2" y="{height - 12}" font-size="10" fill="#656d76">{y0:.3g}</text>'
+            f'<text x="{pad}" y="{height - 2}" font-size="10" fill="#656d76">step {x0}</text>'
+            f'<text x="{width - 60}" y="{height - 2}" font-size="10" fill="#656d76">step {x1}</text></svg>')
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_campaign_report(out_file: str, jobs: list[dict[str, Any]]) -> str:
+    """Write a fine-tuning campaign's report: the results table, then per job its loss curve and samples.
+
+    Args:
+        out_file: where the HTML goes (the campaign output root, so sample links are relative).
+        jobs: per job ``row`` (a results-table row), ``log`` (loss entries), ``samples``
+            (index entries with ``file``, ``prompt``, CLIP scores) and ``rel_dir``.
+    """
+    head = ("<tr><th>job</th><th>method</th><th>concepts</th><th>status</th><th>steps</th><th>time (s)</th>"
+            "<th>peak MB</th><th>CLIP text</th><th>CLIP image</th><th>final loss</th></tr>")
+    body_rows = []
+    for j in jobs:
+        r = j["row"]
+        status = r["status"] if not r.get("error") else f'{r["status"]}: {r["error"]}'
+        body_rows.append(
+            f'<tr><td><a href="#job-{_e(r["job"])}">{_e(r["name"])}</a><br><span class="mono muted">{_e(r["job"])}'
+            f'</span></td><td>{_e(r["method"])}</td><td>{_e(", ".join(r["concepts"]))}</td>'
+            f'<td>{_e(status)}</td><td>{r["step"]}/{r["max_steps"]}</td><td>{_fmt(r["seconds"], 1)}</td>'
+            f'<td>{_fmt(r["peak_memory_mb"], 0)}</td><td>{_fmt(r["clip_text_alignment"])}</td>'
+            f'<td>{_fmt(r["clip_image_alignment"])}</td><td>{_fmt(r["final_loss"], 4)}</td></tr>')
+    sections = []
+    for j in jobs:
+        r = j["row"]
+        figs = []
+        for s in j["samples"]:
+            caption = f'{s.get("prompt", "")}'
+            score = s.get("clip_text_alignment")
+            figs.append(
+                f'<figure><div class="frame"><img src="{_e(j["rel_dir"] + "/" + s["file"])}" alt="{_e(caption)}">'
+                f'</div><figcaption>{_e(caption)}<span>{_fmt(score, 2) if score is not None else ""}</span>'
+                f'</figcaption></figure>')
+        samples = (f'<div class="images">{"".join(figs)}</div>' if figs
+                   else '<p class="muted">no samples yet (the job has not finished)</p>')
+        arts = "".join(f"<li class=\"mono\">{_e(a)}</li>" for a in r["artifacts"]) or "<li class='muted'>none</li>"
+        sections.append(
+            f'<section class="dataset" id="job-{_e(r["job"])}"><h2>{_e(r["name"])} '
+            f'<span class="muted">{_e(r["method"])} · {_e(r["job"])}</span></h2>'
+            f'<div class="summary"><div class="body"><div>{_loss_svg(j["log"])}</div>'
+            f'<div class="meta"><span class="k">artifacts</span><ul>{arts}</ul>'
+            f'<details><summary>settings</summary><pre>{_e(json.dumps(json.loads(r["settings"]), indent=2))}'
+            f'</pre></details></div></div></div><h3>Samples</h3>{samples}</section>')
+    body = (f'<h2>Results <span class="muted">({len(jobs)} jobs)</span></h2>'
+            f'<table class="results"><thead>{head}</thead><tbody>{"".join(body_rows)}</tbody></table>'
+            + "".join(sections))
+    _write(out_file, _page("pixelmill fine-tuning campaign", body))
+    return out_file

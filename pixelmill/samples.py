@@ -427,16 +427,24 @@ def write_image_dataset(url: str, images: list[Image.Image], captions: list[str]
     """Write images (and captions) as a one-shard pixelmill dataset; returns ``url``."""
     import pyarrow as pa
 
-    from pixelmill.datasets import DatasetWriter
     from pixelmill.datasets.images import IMAGE_TYPE, encode_image
 
     ids = ids or [f"{i:04d}" for i in range(len(images))]
     captions = captions or [""] * len(images)
     table = pa.table({"id": ids, "image": pa.array([encode_image(im) for im in images], IMAGE_TYPE),
                       "caption": captions})
-    writer = DatasetWriter(url, "images", 1, {"source": "pixelmill.samples"}).open(overwrite=True)
-    sw = writer.shard("00000")
-    sw.write(table)
-    sw.commit()
+    return write_table_dataset(url, table, "images", {"source": "pixelmill.samples"})
+
+
+def write_table_dataset(url: str, table, schema_name: str, config: dict, rows_per_shard: int | None = None) -> str:
+    """Write an Arrow table as a complete pixelmill dataset (replacing what is there)."""
+    from pixelmill.datasets import DatasetWriter
+
+    writer = DatasetWriter(url, schema_name, 1, config).open(overwrite=True)
+    step = rows_per_shard or max(1, table.num_rows)
+    for k, start in enumerate(range(0, max(1, table.num_rows), step)):
+        sw = writer.shard(f"{k:05d}")
+        sw.write(table.slice(start, step))
+        sw.commit()
     writer.finish()
     return url

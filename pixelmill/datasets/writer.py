@@ -376,3 +376,15 @@ class DatasetWriter:
     @staticmethod
     def _part_files(folder: str) -> list[str]:
         return [n for n in storage.listdir(folder) if n.startswith("part-") and n.endswith(".parquet")]
+
+
+def write_parquet_file(url: str, table: pa.Table) -> None:
+    """Write one Parquet file atomically (a temporary name, then a rename)."""
+    import uuid
+
+    fs, path = storage.resolve(url)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)

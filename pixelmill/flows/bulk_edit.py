@@ -1,4 +1,4 @@
-"""The bulk-edit flow: SDEdit or InstructPix2Pix over an image dataset.
+"""The bulk-edit flow: SDEdit (optionally masked), InstructPix2Pix or Text2Live over an image dataset.
 
 Reading the flow function shows the DAG: plan shards (skip committed ones), run the edit
 stage over the rest as one Ray Data pipeline driven by one Prefect task on a Ray worker,
@@ -47,10 +47,17 @@ def editor_builder(config: dict[str, Any], num_gpus: float = 0.0):
     """A picklable builder for the configured editor (built on the worker, not here)."""
     from functools import partial
 
-    from pixelmill.tasks.edit import InstructPix2PixEditor, SDEditEditor
+    from pixelmill.tasks.edit import InstructPix2PixEditor, MaskedSDEditEditor, SDEditEditor
     from pixelmill.tasks.stage import Resources
+    from pixelmill.tasks.text2live import Text2LiveEditor
 
-    cls = SDEditEditor if config["method"] == "sdedit" else InstructPix2PixEditor
+    if config["method"] == "sdedit":
+        masked = config.get("mask_column") or config.get("stroke_column")
+        cls = MaskedSDEditEditor if masked else SDEditEditor
+    elif config["method"] == "text2live":
+        cls = Text2LiveEditor
+    else:
+        cls = InstructPix2PixEditor
     return partial(cls, config, Resources(cpus=config["num_cpus_per_worker"], gpus=num_gpus))
 
 

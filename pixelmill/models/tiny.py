@@ -359,3 +359,36 @@ def build_sd_unet_for_benchmark(
             ),
         )
     return unet.to(device=device, dtype=dtype).eval()
+
+
+def save_tiny_vit(out_dir: str | Path, seed: int = 0) -> str:
+    """Write a random-weight tiny timm ViT folder (timm's hub layout) and return its path.
+
+    ``config.json`` names the architecture (``vit_tiny_patch16_224``) with ``model_args``
+    shrinking it (64 px, patch 8, width 32, 2 blocks, 2 heads, no head) and its
+    ``pretrained_cfg`` (mean/std 0.5); ``model.safetensors`` holds the weights. It loads
+    with ``pixelmill.models.vit.load_vit(folder)``, the stand-in for DINO in Text2Live's
+    structure loss.
+
+    Args:
+        out_dir: Target folder, created if missing.
+        seed: Weight seed.
+    """
+    import timm
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_args = {"img_size": 64, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0}
+    config = {
+        "architecture": "vit_tiny_patch16_224",
+        "num_classes": 0,
+        "model_args": model_args,
+        "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 64, 64]},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    with _seeded(seed):
+        model = timm.create_model(config["architecture"], pretrained=False, **model_args)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)

@@ -1,7 +1,7 @@
-"""Bulk-edit stages: SDEdit (fixed t0 or a per-image t0 search) and InstructPix2Pix.
+"""Bulk-edit stages: SDEdit (fixed t0 or a per-image t0 search, optionally masked) and InstructPix2Pix.
 
 Each stage maps a batch of input rows to one output row per input: an edited row, or a
-reject with its reason (undecodable or oversized image, missing prompt, ``nsfw``).
+reject with its reason (undecodable or oversized image, missing prompt, bad mask, ``nsfw``).
 Rows are normalised on read, grouped by size, edited in batches with one generator per
 row (seeded by the row id and the config seed, so a row's noise never depends on its
 batch), and scored.
@@ -13,6 +13,7 @@ import hashlib
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -86,6 +87,9 @@ def input_columns(config: dict[str, Any]) -> list[str]:
             cols.append(config[key])
     for key in ("prompt", "instruction"):
         cols += template_fields(config.get(key))
+    for key in ("mask_column", "stroke_column"):
+        if config.get(key):
+            cols.append(config[key])
     return list(dict.fromkeys(cols))
 
 
@@ -100,6 +104,7 @@ class BulkEditor(Stage):
     name = "edit"
     method = ""
     text_key = "prompt"
+    extra_fields: tuple[pa.Field, ...] = ()
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
         super().__init__(config, resources)
@@ -124,6 +129,24 @@ class BulkEditor(Stage):
         """Edit same-size images; one dict per row with ``image`` and method fields, or ``reject``."""
         raise NotImplementedError  # pragma: no cover
 
+    @property
+    def output_schema(self) -> pa.Schema:
+        """``OUTPUT_SCHEMA`` plus this editor's own result columns (``extra_fields``)."""
+        return pa.schema(list(OUTPUT_SCHEMA) + list(self.extra_fields))
+
+    def row_inputs(self, row: dict, image: Image.Image) -> dict:
+        """Per-row inputs beyond image and text (a mask, a guide image); a ``RowError`` rejects the row.
+
+        Args:
+            row: the input row.
+            image: the row's image, normalised to the working size.
+        """
+        return {}
+
+    def edit_chunk(self, chunk: list[tuple]) -> list[dict]:
+        """Edit one chunk of ``(index, image, text, seed, inputs)`` items (``inputs``: from ``row_inputs``)."""
+        return self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
+
     def _row_text(self, row: dict) -> str:
         """The row's prompt/instruction: its column, or the config text with ``{column}`` filled in."""
         c = self.config
@@ -137,7 +160,7 @@ class BulkEditor(Stage):
         c = self.config
         rows = batch.to_pylist()
         out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
-        groups: dict[tuple[int, int], list[tuple[int, Image.Image, str, int]]] = defaultdict(list)
+        groups: dict[tuple[int, int], list[tuple[int, Image.Image, str, int, dict]]] = defaultdict(list)
         for i, row in enumerate(rows):
             try:
                 raw = row.get(c["image_column"])
@@ -149,22 +172,23 @@ class BulkEditor(Stage):
                 except ImageError as e:
                     raise RowError(str(e)) from None
                 text = self._row_text(row)
+                extra = self.row_inputs(row, image)
             except RowError as e:
                 out[i] = self._reject(row, e.reason)
                 continue
-            groups[image.size].append((i, image, text, row_seed(c["seed"], str(row["id"]))))
+            groups[image.size].append((i, image, text, row_seed(c["seed"], str(row["id"])), extra))
 
         for items in groups.values():
             for start in range(0, len(items), c["batch_size"]):
                 chunk = items[start : start + c["batch_size"]]
                 results = self._edit_isolating_failures(chunk)
                 self._score(rows, chunk, results)
-                for (i, image, text, seed), res in zip(chunk, results):
+                for (i, image, text, seed, _), res in zip(chunk, results):
                     if res.get("reject"):
                         out[i] = self._reject(rows[i], res["reject"])
                     else:
                         out[i] = self._ok(rows[i], image, text, seed, res)
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        return pa.Table.from_pylist(out, schema=self.output_schema)
 
     def _edit_isolating_failures(self, chunk) -> list[dict]:
         """Edit a chunk; if it fails, retry row by row so one bad row cannot sink the batch.
@@ -173,7 +197,7 @@ class BulkEditor(Stage):
         such as running out of memory is retried at batch size 1 first).
         """
         try:
-            return self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
+            return self.edit_chunk(chunk)
         except Exception as batch_error:  # noqa: BLE001 - isolate, then report per row
             if len(chunk) == 1:
                 return [{"reject": f"edit_failed: {type(batch_error).__name__}: {batch_error}"[:500]}]
@@ -230,6 +254,7 @@ class BulkEditor(Stage):
             "width": edited.width,
             "height": edited.height,
             "status": STATUS_OK,
+            **{f.name: res.get(f.name) for f in self.extra_fields},
         }
 
     def generators(self, seeds: list[int]):
@@ -275,7 +300,11 @@ class SDEditEditor(BulkEditor):
         k = min(int(c["steps"] * c["strength"]), c["steps"])
         return _with_safety(result, [{"strength": k / c["steps"], "t0_steps": k} for _ in images])
 
-    def _search(self, images, texts, seeds) -> list[dict]:
+    def _search(self, images, texts, seeds, masks=None, originals=None) -> list[dict]:
+        """Binary-search t0 per row; ``masks``/``originals`` make it masked SDEdit (see ``sdedit_steps``).
+
+        The faithfulness measured is RMSE to ``images`` (SDEdit's guides).
+        """
         c = self.config
         steps, target = c["steps"], c["target_l2"]
         n = len(images)
@@ -291,6 +320,8 @@ class SDEditEditor(BulkEditor):
                 self.pipe, [images[i] for i in active], [texts[i] for i in active],
                 [mids[i] for i in active], steps, c["guidance_scale"], c.get("negative_prompt"),
                 [seeds[i] for i in active],
+                masks=[masks[i] for i in active] if masks is not None else None,
+                originals=[originals[i] for i in active] if originals is not None else None,
             )
             for j, i in enumerate(active):
                 if flags[j]:
@@ -305,13 +336,193 @@ class SDEditEditor(BulkEditor):
                     hi[i] = mids[i] - 1
         results = []
         for i in range(n):
-            b = best[i] or {"image": images[i].copy(), "l2": 0.0}
+            unedited = unedited_output(images[i], masks[i] if masks is not None else None,
+                                       originals[i] if originals is not None else None)
+            b = best[i] or {"image": unedited, "l2": rgb_rmse(images[i], unedited)}
             if i in nsfw:
                 results.append({"reject": "nsfw"})
             else:
                 results.append({"image": b["image"], "l2": b["l2"], "t0_steps": lo[i],
                                 "strength": lo[i] / steps})
         return results
+
+
+class MaskedSDEditEditor(SDEditEditor):
+    """Masked SDEdit: the SDEdit paper's stroke-based editing and image compositing.
+
+    The guide (the input, or with ``stroke_column`` the stroke-painted input) is noised
+    to t0 and denoised with the prompt; at every step, outside the edit region (max-pooled
+    to latent resolution) the latent is replaced by the original image's latent noised
+    to that step with the same noise, so the edit blends into kept surroundings (see
+    ``sdedit_steps``). After decoding, the original pixels are pasted back everywhere
+    outside the dilated edit region.
+
+    The region comes from ``mask_column`` (nonzero = edit) or, with ``stroke_column``,
+    from where the stroke image differs from the input by more than ``stroke_threshold``
+    in some channel. It is read at the input's own size (a mask or stroke image of
+    another size is a reject), brought to the working size conservatively (a working
+    pixel is in the region when any source pixel under it is), then grown by
+    ``mask_dilation`` pixels (square).
+
+    Guarantee: outside the dilated region every pixel of ``edited_image`` equals
+    ``input_image``, the input as the stage normalises it (8-bit RGB, EXIF-rotated, long
+    side resized to ``resolution`` and snapped to multiples of 8). When the input is
+    already an RGB image of that size, normalising leaves it as is, so those pixels are
+    the input file's own, bit for bit.
+
+    ``strength`` may be fixed or ``auto`` (the t0 search, measured against the guide).
+    ``l2`` is the RMSE to the guide (SDEdit's faithfulness; with ``mask_column`` the guide
+    is the input). ``mask_fraction`` is the fraction of output pixels allowed to change.
+    Needs an SD-shaped pipeline. Rows with a missing, undecodable, empty or wrong-size
+    mask (or stroke image) are rejects naming the problem.
+    """
+
+    extra_fields = (pa.field("mask_fraction", pa.float64()),)
+
+    def load_pipeline(self):
+        from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped
+
+        pipe = load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+        require_sd_shaped(pipe, "masked SDEdit")
+        return pipe
+
+    def row_inputs(self, row: dict, image: Image.Image) -> dict:
+        c = self.config
+        column = c.get("mask_column") or c["stroke_column"]
+        kind = "mask" if c.get("mask_column") else "stroke"
+        cell = row.get(column)
+        data = cell.get("bytes") if isinstance(cell, dict) else cell
+        if not data:
+            raise RowError(f"{kind}_missing: no image in column {column!r}")
+        source = _image_bytes(row.get(c["image_column"]))
+        try:
+            size = oriented_size(source)
+            if kind == "mask":
+                guide, region = image, read_mask(data, size)
+            else:
+                guide = normalize_image(data, c["resolution"], c["max_pixels"])
+                region = stroke_region(source, data, c["stroke_threshold"], c["max_pixels"])
+        except ImageError as e:
+            raise RowError(f"{kind}_{e.reason}: {e.detail}" if e.detail else f"{kind}_{e.reason}") from None
+        except Exception as e:  # noqa: BLE001 - a bad mask is a reject, never a failed batch
+            raise RowError(f"{kind}_undecodable: {type(e).__name__}: {e}"[:500]) from None
+        if not region.any():
+            detail = ("has no nonzero pixel" if kind == "mask" else
+                      f"differs from the input by at most stroke_threshold={c['stroke_threshold']} everywhere")
+            raise RowError(f"{kind}_empty: the {kind} in column {column!r} {detail}")
+        if guide.size != image.size:
+            raise RowError(f"{kind}_size_mismatch: guide is {guide.size}, the image {image.size}")
+        mask = dilate_mask(resize_mask(region, image.size), c["mask_dilation"])
+        return {"guide": guide, "mask": mask, "mask_fraction": float(mask.mean())}
+
+    def edit_chunk(self, chunk: list[tuple]) -> list[dict]:
+        c = self.config
+        images, texts, seeds = [x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk]
+        guides, masks = [x[4]["guide"] for x in chunk], [x[4]["mask"] for x in chunk]
+        if c["strength"] == "auto":
+            results = self._search(guides, texts, seeds, masks=masks, originals=images)
+        else:
+            steps = c["steps"]
+            k = min(int(steps * c["strength"]), steps)
+            outs, flags = sdedit_steps(self.pipe, guides, texts, [k] * len(chunk), steps, c["guidance_scale"],
+                                       c.get("negative_prompt"), seeds, masks=masks, originals=images)
+            results = [
+                {"reject": "nsfw"} if flag else
+                {"image": out, "l2": rgb_rmse(guide, out), "strength": k / steps, "t0_steps": k}
+                for out, flag, guide in zip(outs, flags, guides)
+            ]
+        for res, item in zip(results, chunk):
+            if not res.get("reject"):
+                res["mask_fraction"] = item[4]["mask_fraction"]
+        return results
+
+
+def _image_bytes(cell: Any) -> bytes:
+    return (cell.get("bytes") if isinstance(cell, dict) else cell) or b""
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """An encoded image's (width, height) after EXIF orientation, read from its header only."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("undecodable", f"{type(e).__name__}: {e}") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def read_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Decode a mask image into a bool array (True = edit) of the source image's ``size``.
+
+    A pixel is in the region when its grey level is nonzero and, for masks with
+    transparency, it is not fully transparent. The size is checked from the header
+    before any pixel is decoded (so the image's ``max_pixels`` bounds the mask too).
+
+    Raises:
+        ImageError: ``undecodable`` or ``size_mismatch``.
+    """
+    import io
+
+    from PIL import ImageOps
+
+    mask_size = oriented_size(data)
+    if mask_size != tuple(size):
+        raise ImageError("size_mismatch", f"mask is {mask_size[0]}x{mask_size[1]}, the image {size[0]}x{size[1]}")
+    try:
+        im = Image.open(io.BytesIO(bytes(data)))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        region = np.asarray(im.convert("L")) > 0
+        if "A" in im.getbands() or "transparency" in im.info:
+            region &= np.asarray(im.convert("RGBA").getchannel("A")) > 0
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("undecodable", f"{type(e).__name__}: {e}") from None
+    return region
+
+
+def stroke_region(image: bytes, strokes: bytes, threshold: int, max_pixels: int) -> np.ndarray:
+    """Where a stroke-painted copy differs from the image: any channel by more than ``threshold``.
+
+    Both are compared at the image's own size (decoded to RGB the way the stage reads
+    images, without resizing), so thin strokes are not averaged away.
+
+    Raises:
+        ImageError: the stroke image is undecodable or of another size.
+    """
+
+    size = oriented_size(image)
+    stroke_size = oriented_size(strokes)
+    if stroke_size != size:
+        raise ImageError("size_mismatch",
+                         f"stroke image is {stroke_size[0]}x{stroke_size[1]}, the image {size[0]}x{size[1]}")
+    a = np.asarray(normalize_image(image, max(size), max_pixels, multiple=1), dtype=np.int16)
+    b = np.asarray(normalize_image(strokes, max(size), max_pixels, multiple=1), dtype=np.int16)
+    return np.abs(a - b).max(axis=-1) > threshold
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bring a bool mask to ``size`` (width, height) conservatively: True wherever any source pixel is."""
+
+    if mask.shape == (size[1], size[0]):
+        return mask.copy()
+    area = Image.fromarray(mask.astype(np.float32), "F").resize(size, Image.Resampling.BOX)
+    return np.asarray(area) > 0
+
+
+def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Grow a bool mask by ``radius`` pixels (square structuring element, separable max filter)."""
+    import torch
+
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    k = 2 * radius + 1
+    t = torch.nn.functional.max_pool2d(t, (1, k), stride=1, padding=(0, radius))
+    t = torch.nn.functional.max_pool2d(t, (k, 1), stride=1, padding=(radius, 0))
+    return t[0, 0].numpy() > 0
 
 
 class InstructPix2PixEditor(BulkEditor):
@@ -351,13 +562,34 @@ def _with_safety(result, extras: list[dict]) -> list[dict]:
     ]
 
 
-def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds):
+def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds, masks=None, originals=None):
     """SDEdit with a different number of noised steps ``k`` per row, in one batch.
 
     Each row is noised to the timestep ``steps - k`` places from the start of a
     ``steps``-step DDIM schedule (as diffusers' img2img does for strength ``k/steps``)
     and denoised from there; rows join the batch when their start step comes. ``k = 0``
     returns the input unchanged.
+
+    With ``masks`` this is masked SDEdit (the SDEdit paper's editing and compositing):
+    outside each row's mask, max-pooled to latent resolution, the latent is replaced
+    after the initial noising and after every step by the original's latent noised to
+    that step with the row's noise (the clean latent after the last step); after
+    decoding, the original's pixels are pasted back outside the pixel mask, so they
+    come back bit for bit.
+
+    Args:
+        pipe: an SD-shaped pipeline (see ``require_sd_shaped``).
+        images: same-size RGB images, SDEdit's guides.
+        texts: one prompt per row.
+        ks: noised steps per row, 0 to ``steps``.
+        steps: DDIM steps of the full schedule.
+        guidance: classifier-free guidance scale (off at 1 or below).
+        negative: negative prompt for every row, or None.
+        seeds: one generator seed per row.
+        masks: optional bool arrays (H, W), True where a row may change.
+        originals: with ``masks``, the images kept outside them (default: ``images``);
+            a row whose original is not its guide encodes both, drawing from its
+            generator in the order guide, original, noise.
 
     Returns:
         (images, nsfw flags)
@@ -377,14 +609,34 @@ def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds):
         cond, uncond = pipe.encode_prompt(
             texts, device, 1, cfg, negative_prompt=[negative] * n if negative else None
         )
-        x = pipe.image_processor.preprocess(images).to(device=device, dtype=dtype)
         sf = pipe.vae.config.scaling_factor
-        lat0 = torch.cat(
-            [pipe.vae.encode(x[i : i + 1]).latent_dist.sample(gens[i]) for i in range(n)]
-        ) * sf
+
+        def encode(ims, rows):
+            x = pipe.image_processor.preprocess(ims).to(device=device, dtype=dtype)
+            return [pipe.vae.encode(x[j : j + 1]).latent_dist.sample(gens[i]) * sf for j, i in enumerate(rows)]
+
+        lat0 = torch.cat(encode(images, range(n)))
+        keep0 = lmask = None
+        if masks is not None:
+            originals = list(originals) if originals is not None else list(images)
+            own = [i for i in range(n) if originals[i] is not images[i]]
+            keep0 = lat0.clone()
+            if own:
+                keep0[own] = torch.cat(encode([originals[i] for i in own], own))
+            lmask = torch.stack([
+                torch.nn.functional.adaptive_max_pool2d(
+                    torch.from_numpy(np.asarray(m, dtype=np.float32))[None], tuple(lat0.shape[-2:]))
+                for m in masks
+            ]).to(device=device, dtype=dtype)
         noise = torch.cat(
             [torch.randn(lat0[i : i + 1].shape, generator=gens[i], dtype=torch.float32) for i in range(n)]
         ).to(device=device, dtype=dtype)
+
+        def keep_outside(rows, t):
+            """Outside the latent masks, the original latent noised to ``t`` (clean for t < 0)."""
+            kept = keep0[rows] if t < 0 else sched.add_noise(keep0[rows], noise[rows], t.reshape(1))
+            return lmask[rows] * lat[rows] + (1 - lmask[rows]) * kept
+
         lat = lat0.clone()
         alphas = sched.alphas_cumprod.to(device)
         final_alpha = sched.final_alpha_cumprod.to(device)
@@ -393,6 +645,8 @@ def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds):
             if k > 0:
                 t = timesteps[steps - k]
                 lat[i : i + 1] = sched.add_noise(lat0[i : i + 1], noise[i : i + 1], t.reshape(1))
+                if lmask is not None:
+                    lat[i : i + 1] = keep_outside([i], t)
         for j, t in enumerate(timesteps):
             act = [i for i, k in enumerate(ks) if k > 0 and j >= steps - k]
             if not act:
@@ -410,10 +664,37 @@ def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds):
             a_prev = alphas[prev] if prev >= 0 else final_alpha
             x0 = (xa - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             lat[act] = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(dtype)
+            if lmask is not None:
+                lat[act] = keep_outside(act, prev).to(dtype)
         decoded = pipe.vae.decode(lat / sf).sample
         flags = [False] * n
         if getattr(pipe, "safety_checker", None) is not None:
             decoded, nsfw = pipe.run_safety_checker(decoded, device, cond.dtype)
             flags = [bool(f) for f in nsfw] if nsfw is not None else flags
         out = pipe.image_processor.postprocess(decoded, output_type="pil")
-    return [im.copy() if k == 0 else o for im, o, k in zip(images, out, ks)], flags
+    results = [im.copy() if k == 0 else o for im, o, k in zip(images, out, ks)]
+    if masks is not None:
+        results = [paste_outside_mask(r, o, m) for r, o, m in zip(results, originals, masks)]
+    return results, flags
+
+
+def unedited_output(guide: Image.Image, mask: Any = None, original: Image.Image | None = None) -> Image.Image:
+    """What (masked) SDEdit returns at t0 = 0: the guide, with the original pasted outside the mask."""
+    if mask is None:
+        return guide.copy()
+    return paste_outside_mask(guide, original if original is not None else guide, mask)
+
+
+def paste_outside_mask(edited: Image.Image, original: Image.Image, mask: Any) -> Image.Image:
+    """``edited`` inside ``mask`` (bool H×W), ``original``'s exact pixels everywhere else.
+
+    Raises:
+        ValueError: the images and the mask differ in size.
+    """
+
+    e = np.asarray(edited.convert("RGB"))
+    o = np.asarray(original.convert("RGB"))
+    m = np.asarray(mask, dtype=bool)
+    if e.shape != o.shape or m.shape != o.shape[:2]:
+        raise ValueError(f"paste: edited {e.shape}, original {o.shape} and mask {m.shape} differ in size")
+    return Image.fromarray(np.where(m[..., None], e, o), "RGB")

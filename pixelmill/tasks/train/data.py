@@ -95,7 +95,8 @@ def _open(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ...] = (),
+                    shard: str | None = None) -> tuple[list[dict], list[dict]]:
     """Read ``id``, images and ``extra`` columns from a dataset; bad images become skipped rows.
 
     Raises:
@@ -107,6 +108,8 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
         ds = Dataset.open(url)
     except (FileNotFoundError, ValueError) as e:
         raise TrainingDataError(f"{what}: cannot open dataset {url!r}: {e}") from None
+    if shard is not None and shard not in ds.shard_names():
+        raise TrainingDataError(f"{what}: dataset {url!r} has no shard {shard!r}")
     names = ds.schema.names if ds.shard_names() else []
     missing = [c for c in (image_column, *extra) if c not in names]
     if not ds.shard_names():
@@ -115,7 +118,8 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
         raise TrainingDataError(f"{what}: dataset {url!r} has no column(s) {missing}; it has {names}")
     cols = [c for c in ("id", image_column, *extra) if c in names]
     rows, skipped = [], []
-    for i, row in enumerate(ds.to_table(columns=cols).to_pylist()):
+    table = ds.read_shard(shard, columns=cols) if shard is not None else ds.to_table(columns=cols)
+    for i, row in enumerate(table.to_pylist()):
         rid = str(row.get("id") if row.get("id") is not None else i)
         data = _image_bytes(row.get(image_column))
         try:

@@ -61,12 +61,16 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                                      concept=ci, size=r["_size"]) for r in rows]
         data.skipped += skipped
         uses_prior = method in ("dreambooth", "custom_diffusion") and s.get("with_prior_preservation") is not False
-        if uses_prior and c.get("class_data"):
-            crows, cskipped = read_image_rows(c["class_data"], "image", f"concept {c['name']!r} class_data")
-            crows = crows[: s["num_class_images"]]
-            data.klass += [Sample(f"class{ci}:{r['id']}", "class", c["class_prompt_text"], r["_bytes"],
-                                  concept=ci, size=r["_size"]) for r in crows]
-            data.skipped += cskipped
+        if uses_prior and c.get("class_sources"):
+            for src in c["class_sources"]:
+                need = s["num_class_images"] - sum(x.concept == ci for x in data.klass)
+                if need <= 0:
+                    break
+                crows, cskipped = read_image_rows(src["url"], "image", f"concept {c['name']!r} class images",
+                                                  shard=src.get("shard"))
+                data.klass += [Sample(f"class{ci}:{src['url']}:{r['id']}", "class", c["class_prompt_text"],
+                                      r["_bytes"], concept=ci, size=r["_size"]) for r in crows[:need]]
+                data.skipped += cskipped
         elif uses_prior and s.get("with_prior_preservation"):
             raise TrainingDataError(f"concept {c['name']!r}: with_prior_preservation needs class images "
                                     "(class_data, or let the campaign generate them)")
@@ -170,6 +174,51 @@ def _cache_from_storage(spec: dict[str, Any]) -> tuple[dict | None, dict | None]
     return latents, text
 
 
+def load_or_build_caches(spec, trainer, data, method) -> tuple[dict | None, dict | None]:
+    """Read the job's caches from storage, building (and storing) the missing ones."""
+    allowed = cache_allowed(spec, method)
+    if not any(allowed.values()):
+        return None, None
+    latents, text = _cache_from_storage(spec)
+    need = {"latents": allowed["latents"] and latents is None, "text": allowed["text"] and text is None}
+    if any(need.values()):
+        built = build_caches(trainer, data, method, need)
+        lb, tb = _cache_to_bytes(*built)
+        for kind, blob in (("latents", lb), ("text", tb)):
+            url = (spec.get("cache") or {}).get(kind)
+            if blob is not None and url:
+                tmp = f"{url}.{os.getpid()}.tmp"
+                storage.write_bytes(tmp, blob)
+                storage.move(tmp, url)
+        latents = latents if latents is not None else built[0]
+        text = text if text is not None else built[1]
+    return (latents if allowed["latents"] else None), (text if allowed["text"] else None)
+
+
+def _setup(spec: dict[str, Any], device: torch.device, rank: int = 0, world: int = 1):
+    from pixelmill.models.loading import load_training_components
+    from pixelmill.tasks.train.core import Trainer
+    from pixelmill.tasks.train.methods import make_method
+
+    parts = load_training_components(spec["model"])
+    method = make_method(spec["method"], parts, spec["settings"], spec["concepts"])
+    method.setup()
+    data = load_training_data(spec)
+    for k in ("unet", "text_encoder", "vae"):
+        parts[k].to(device)
+    vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    multiple = vae_scale * 2 ** (len(parts["unet"].config.block_out_channels) - 1)
+    trainer = Trainer(method, data, spec["settings"], device=device, rank=rank, world=world, vae_multiple=multiple)
+    return method, data, trainer
+
+
+def write_caches(spec: dict[str, Any]) -> list[str]:
+    """Build the job's caches on storage (the flow's cache stage); returns the URLs written or found."""
+    method, data, trainer = _setup(spec, _device(spec))
+    load_or_build_caches(spec, trainer, data, method)
+    return [u for u in (spec.get("cache") or {}).values() if u and storage.exists(u)]
+
+
 # -- training -------------------------------------------------------------------------------
 
 class PeakMemory:
@@ -225,31 +274,11 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
         device: defaults to the spec's device setting.
         stop_at: stop after this step without finishing (tests, benchmarks).
     """
-    from pixelmill.models.loading import load_training_components
-    from pixelmill.tasks.train.core import Trainer
-    from pixelmill.tasks.train.methods import make_method
-
     s = spec["settings"]
     device = device or _device(spec)
     store = JobStore(spec["dir"])
-    parts = load_training_components(spec["model"])
-    method = make_method(spec["method"], parts, s, spec["concepts"])
-    method.setup()
-    data = load_training_data(spec)
-    for k in ("unet", "text_encoder", "vae"):
-        parts[k].to(device)
-    vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
-    multiple = vae_scale * 2 ** (len(parts["unet"].config.block_out_channels) - 1)
-    trainer = Trainer(method, data, s, device=device, rank=rank, world=world, vae_multiple=multiple)
-    allowed = cache_allowed(spec, method)
-    if any(allowed.values()):
-        latents, text = _cache_from_storage(spec)
-        if (allowed["latents"] and latents is None) or (allowed["text"] and text is None):
-            built = build_caches(trainer, data, method, {"latents": allowed["latents"] and latents is None,
-                                                          "text": allowed["text"] and text is None})
-            latents = latents if latents is not None else built[0]
-            text = text if text is not None else built[1]
-        trainer.latent_cache, trainer.text_cache = latents, text
+    method, data, trainer = _setup(spec, device, rank, world)
+    trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
     start, log = 0, store.read_log()
     steps = store.checkpoint_steps()
     if steps:

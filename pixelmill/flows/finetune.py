@@ -1,0 +1,140 @@
+"""The fine-tuning campaign flow.
+
+Reading the flow function shows the DAG: plan the jobs (skip finished ones) → run the
+campaign's retrieval when it has one (its datasets are reused when complete) →
+generate missing class images (one Ray Data stage per class prompt) → build shared
+latent / text-embedding caches (one task per cache, reused by every job that shares
+it) → one Prefect task per job on Ray with the job's GPUs (a multi-worker job drives a
+Ray Train ``TorchTrainer`` from a task that claims nothing) → the results table and
+report. A failed job is recorded and does not stop the others; a rerun retries it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect_ray.context import remote_options
+from prefect_ray.task_runners import RayTaskRunner
+
+from pixelmill.config import CampaignConfig
+from pixelmill.flows.campaign import CampaignPlan, ClassImageRequest, plan_campaign
+
+CLASS_IMAGES = ("class-images", 1)
+
+
+@dataclass
+class CampaignSummary:
+    """What a campaign run did."""
+
+    output: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    class_images: int = 0
+    results: str | None = None
+    report: str | None = None
+    seconds: float = 0.0
+
+
+@task(name="generate-class-images", cache_policy=NO_CACHE)
+def generate_class_images(request: ClassImageRequest, num_gpus: float) -> int:
+    """Generate one request's missing class images into its dataset (resumable per shard)."""
+    from functools import partial
+
+    from pixelmill.datasets import DatasetWriter, storage
+    from pixelmill.flows.common import plan_shards, run_stage_into_writer
+    from pixelmill.samples import write_table_dataset
+    from pixelmill.tasks.stage import Resources
+    from pixelmill.tasks.train.class_images import ClassImageGenerator, prompt_rows
+
+    root = request.url.rsplit("/", 1)[0]
+    prompts = storage.join(root, "prompts")
+    table = prompt_rows(request.prompt, request.first_index, request.count, request.seed)
+    write_table_dataset(prompts, table, "class-prompts", {"key": request.key}, rows_per_shard=8)
+    config = {"input": prompts, "output": request.url}
+    hashed = {"key": request.key}
+    plan = plan_shards(config, hashed)
+    stage_cfg = {"model": request.model, "resolution": request.resolution}
+    writer = DatasetWriter(request.url, *CLASS_IMAGES, hashed)
+    if plan.todo:
+        run_stage_into_writer(plan, partial(ClassImageGenerator, stage_cfg, Resources(cpus=1, gpus=num_gpus)),
+                              ["id", "prompt", "seed"], writer, workers=1)
+    writer.open()
+    writer.finish()
+    return plan.rows_todo
+
+
+@task(name="build-cache", cache_policy=NO_CACHE)
+def build_cache(spec: dict[str, Any]) -> list[str]:
+    """Compute a job's latent / text-embedding caches once; jobs sharing the key reuse them."""
+    from pixelmill.tasks.train.job import write_caches
+
+    return write_caches(spec)
+
+
+@task(name="train-job", cache_policy=NO_CACHE, retries=0)
+def train_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train, save and evaluate one job (resuming from its last checkpoint)."""
+    from pixelmill.tasks.train.job import run_job
+
+    return run_job(spec)
+
+
+@task(name="collect-results", cache_policy=NO_CACHE)
+def collect_results(config: dict[str, Any], specs: list[dict[str, Any]]) -> tuple[str, str]:
+    """Write ``results.parquet`` and ``report.html`` under the campaign output."""
+    from pixelmill.tasks.train.results import write_results
+
+    return write_results(config["output"], specs)
+
+
+def _job_resources(spec: dict[str, Any]) -> dict[str, float]:
+    s = spec["settings"]
+    if s["num_workers"] > 1:
+        return {"num_cpus": 0, "num_gpus": 0}  # the TorchTrainer's workers claim the resources
+    return {"num_cpus": s["cpus_per_worker"], "num_gpus": s["num_gpus"]}
+
+
+@flow(name="finetune", task_runner=RayTaskRunner(), log_prints=True)
+def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
+    """Plan → retrieval → class images → caches → jobs → results and report."""
+    t0 = time.perf_counter()
+    cfg = CampaignConfig.model_validate(config)
+    summary = CampaignSummary(output=cfg.output)
+    plan: CampaignPlan = plan_campaign(cfg)
+    if plan.retrieve is not None:
+        from pixelmill.flows.retrieve import retrieve_flow
+
+        retrieve_flow(plan.retrieve)
+    todo = [j for j in plan.jobs if j.action != "skip"]
+    summary.skipped = [j.spec["name"] for j in plan.jobs if j.action == "skip"]
+    if todo:
+        gpus = max((j.spec["settings"]["num_gpus"] for j in todo), default=0)
+        with remote_options(num_cpus=0):
+            for fut in [generate_class_images.submit(r, min(gpus, 1.0)) for r in plan.class_images]:
+                summary.class_images += fut.result()
+        caches: dict[tuple, dict[str, Any]] = {}
+        for j in todo:
+            c = j.spec["cache"]
+            if c["latents"] or c["text"]:
+                caches.setdefault((c["latents"], c["text"]), j.spec)
+        for spec in caches.values():
+            with remote_options(**_job_resources(spec)):
+                build_cache.submit(spec).result()
+        futures = {}
+        for j in todo:
+            with remote_options(**_job_resources(j.spec)):
+                futures[j.spec["name"]] = train_job.submit(j.spec)
+        for name, fut in futures.items():
+            try:
+                fut.result()
+                summary.ran.append(name)
+            except Exception as e:  # noqa: BLE001 - one failed job never stops the campaign
+                summary.failed[name] = f"{type(e).__name__}: {e}"
+    summary.results, summary.report = collect_results(config, [j.spec for j in plan.jobs])
+    summary.seconds = time.perf_counter() - t0
+    return summary

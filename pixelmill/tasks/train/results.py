@@ -1,0 +1,66 @@
+"""The campaign results table and report, from each job's record on storage.
+
+One row per job (``results.parquet`` under the campaign output): job id and name,
+method, concepts, state, steps, wall time, peak memory, the CLIP metrics, the artifact
+paths and the weight-affecting settings (as JSON), so every job of every run compares
+in one table (pandas, DuckDB, ``datasets``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from pixelmill.datasets import storage
+from pixelmill.tasks.train.checkpoint import JobStore
+
+RESULTS_SCHEMA = pa.schema([
+    ("job", pa.string()), ("name", pa.string()), ("method", pa.string()), ("concepts", pa.list_(pa.string())),
+    ("status", pa.string()), ("step", pa.int64()), ("max_steps", pa.int64()), ("seconds", pa.float64()),
+    ("steps_per_second", pa.float64()), ("peak_memory_mb", pa.float64()), ("memory_kind", pa.string()),
+    ("clip_text_alignment", pa.float64()), ("clip_image_alignment", pa.float64()), ("final_loss", pa.float64()),
+    ("artifacts", pa.list_(pa.string())), ("job_dir", pa.string()), ("settings", pa.string()),
+    ("error", pa.string()), ("attempts", pa.int64()),
+])
+
+
+def result_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """The results-table row of one job (``not started`` when it has no record yet)."""
+    store = JobStore(spec["dir"])
+    rec = store.record() or {}
+    log = store.read_log()
+    metrics = rec.get("metrics") or {}
+    artifacts = [storage.join(spec["dir"], "artifacts", a) for a in (rec.get("artifacts") or [])]
+    peak = rec.get("peak_memory_bytes")
+    return {
+        "job": spec["id"], "name": spec["name"], "method": spec["method"],
+        "concepts": [c["name"] for c in spec["concepts"]], "status": rec.get("status", "not started"),
+        "step": rec.get("step", 0), "max_steps": spec["settings"]["max_steps"], "seconds": rec.get("seconds"),
+        "steps_per_second": rec.get("steps_per_second"), "peak_memory_mb": peak / 2**20 if peak else None,
+        "memory_kind": rec.get("memory_kind"), "clip_text_alignment": metrics.get("clip_text_alignment"),
+        "clip_image_alignment": metrics.get("clip_image_alignment"),
+        "final_loss": log[-1]["loss"] if log else None, "artifacts": artifacts, "job_dir": spec["dir"],
+        "settings": json.dumps(spec["settings"], sort_keys=True), "error": rec.get("error"),
+        "attempts": len(rec.get("attempts", [])),
+    }
+
+
+def write_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
+    """Write ``results.parquet`` and ``report.html``; returns their URLs."""
+    from pixelmill.datasets.writer import write_parquet_file
+    from pixelmill.report import render_campaign_report
+
+    rows = [result_row(s) for s in specs]
+    table_url = storage.join(output, "results.parquet")
+    write_parquet_file(table_url, pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
+    jobs = []
+    for spec, row in zip(specs, rows):
+        store = JobStore(spec["dir"])
+        rec = store.record() or {}
+        jobs.append({"row": row, "log": store.read_log(), "samples": rec.get("samples") or [],
+                     "rel_dir": f"jobs/{spec['id']}"})
+    report_url = storage.join(output, "report.html")
+    render_campaign_report(report_url, jobs)
+    return table_url, report_url
