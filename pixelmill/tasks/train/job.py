@@ -29,7 +29,7 @@ import torch
 
 from pixelmill.datasets import storage
 from pixelmill.tasks.train.checkpoint import JobStore
-from pixelmill.tasks.train.data import Sample, TrainingData, TrainingDataError, read_image_rows
+from pixelmill.tasks.train.data import Sample, TrainingData, TrainingDataError, derived_seed, read_image_rows
 
 STATUS_FINISHED = "finished"
 STATUS_RUNNING = "running"
@@ -202,7 +202,10 @@ def _setup(spec: dict[str, Any], device: torch.device, rank: int = 0, world: int
 
     parts = load_training_components(spec["model"])
     method = make_method(spec["method"], parts, spec["settings"], spec["concepts"])
-    method.setup()
+    with torch.random.fork_rng(devices=[]):
+        # new weights (LoRA matrices) start the same on every worker and every attempt
+        torch.manual_seed(derived_seed(spec["settings"]["seed"], "init"))
+        method.setup()
     data = load_training_data(spec)
     for k in ("unet", "text_encoder", "vae"):
         parts[k].to(device)
