@@ -1,0 +1,387 @@
+"""Fine-tuning methods on tiny models (CPU): artifacts load with diffusers' own loaders and
+reproduce the trained pipeline, only the intended parameters change, the loss falls,
+resume is exact, and bad input fails before training."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pixelmill.config import CampaignConfig
+from pixelmill.flows.campaign import check_campaign_inputs, plan_campaign
+from pixelmill.samples import draw_concept_images, write_image_dataset, write_table_dataset
+from pixelmill.tasks.train.data import TrainingDataError
+from pixelmill.tasks.train.job import run_job, train_worker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("train-data")
+    from pixelmill.datasets.images import IMAGE_TYPE, encode_image
+
+    src = draw_concept_images(4, seed=3, color=(30, 30, 220))
+    dst = draw_concept_images(4, seed=3, color=(230, 200, 20))
+    pairs = pa.table({
+        "id": [f"p{i}" for i in range(4)],
+        "input_image": pa.array([encode_image(im) for im in src], IMAGE_TYPE),
+        "edited_image": pa.array([encode_image(im) for im in dst], IMAGE_TYPE),
+        "edit_prompt": ["make the disk yellow"] * 4,
+    })
+    return {
+        "dog": write_image_dataset(str(root / "dog"), draw_concept_images(4, seed=0)),
+        "cat": write_image_dataset(str(root / "cat"), draw_concept_images(4, seed=1, color=(40, 200, 40),
+                                                                        shape="square")),
+        "class": write_image_dataset(str(root / "class"), draw_concept_images(4, seed=2, color=(120, 120, 120))),
+        "pairs": write_table_dataset(str(root / "pairs"), pairs, "pairs", {"t": 1}),
+        "root": root,
+    }
+
+
+def campaign(tiny_models, data, tmp_path, method, concepts=("dog",), **settings) -> CampaignConfig:
+    base = dict(resolution=64, max_steps=4, train_batch_size=2, learning_rate=1e-3, checkpoint_every=2,
+                num_class_images=4, random_flip=True)
+    base.update(settings)
+    return CampaignConfig.model_validate({
+        "output": str(tmp_path / "out"), "model": tiny_models["img2img"], "clip_model": tiny_models["clip"],
+        "concepts": {
+            "dog": {"instance_data": data["dog"], "token": "<dog1>" if method != "dreambooth" else "sks",
+                    "class_word": "dog", "class_data": data["class"]},
+            "cat": {"instance_data": data["cat"], "token": "<cat1>", "class_word": "cat", "class_data": data["class"]},
+            "edits": {"instance_data": data["pairs"], "token": "x"},
+        },
+        "defaults": base,
+        "jobs": [{"method": method, "concepts": list(concepts)}],
+        "eval": {"prompts": ["a photo of {concept}"], "samples_per_prompt": 1, "steps": 3},
+    })
+
+
+def spec_for(cfg: CampaignConfig) -> dict:
+    plan = plan_campaign(cfg)
+    assert not plan.class_images
+    return plan.jobs[0].spec
+
+
+def _generate(pipe, prompt="a photo of <dog1> dog", **kw):
+    g = torch.Generator("cpu").manual_seed(11)
+    return pipe(prompt=prompt, num_inference_steps=3, guidance_scale=5.0, height=64, width=64, generator=g,
+                output_type="np", **kw).images[0]
+
+
+def _fresh(tiny_models):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["img2img"], use_safetensors=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _trained_pipe(out):
+    pipe = out["method_obj"].pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _base_state(tiny_models):
+    pipe = _fresh(tiny_models)
+    return {**{f"unet.{k}": v.clone() for k, v in pipe.unet.state_dict().items()},
+            **{f"te.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()}}
+
+
+# -- artifacts load with diffusers' loaders and reproduce the trained pipeline --------------
+
+def test_textual_inversion_artifact_and_only_new_rows_change(tiny_models, data, tmp_path):
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "textual_inversion", num_vectors=2, learning_rate=5e-2))
+    out = train_worker(spec)
+    method = out["method_obj"]
+    emb = method.parts["text_encoder"].get_input_embeddings().weight.detach()
+    base = _fresh(tiny_models).text_encoder.get_input_embeddings().weight.detach()
+    n_old = base.shape[0]
+    assert emb.shape[0] == n_old + 2
+    assert torch.equal(emb[:n_old], base), "a non-placeholder embedding row changed"
+    init = base[_fresh(tiny_models).tokenizer.encode("dog", add_special_tokens=False)[0]]
+    assert not torch.allclose(emb[n_old], init), "the placeholder row did not train"
+
+    artifacts = Path(spec["dir"]) / "artifacts"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(artifacts / "learned_embeds.safetensors"))
+    assert list(saved) == ["<dog1>"] and saved["<dog1>"].shape == (2, emb.shape[1])
+    fresh = _fresh(tiny_models)
+    fresh.load_textual_inversion(str(artifacts))
+    prompt = "a photo of <dog1>"  # both pipelines expand a multi-vector token to "<dog1> <dog1>_1"
+    np.testing.assert_allclose(_generate(fresh, prompt), _generate(_trained_pipe(out), prompt), atol=1e-5)
+    assert not np.allclose(_generate(fresh, prompt), _generate(_fresh(tiny_models), prompt), atol=1e-3)
+
+
+def test_lora_artifact_scale_zero_and_base_untouched(tiny_models, data, tmp_path):
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "lora", rank=4))
+    out = train_worker(spec)
+    trained = out["method_obj"]
+    base = _base_state(tiny_models)
+    unet_state = trained.parts["unet"].state_dict()
+    for k, v in unet_state.items():
+        if "lora_" in k:
+            continue
+        name = "unet." + k.replace(".base_layer", "")
+        assert torch.equal(v, base[name]), f"base weight {k} changed"
+    fresh = _fresh(tiny_models)
+    fresh.load_lora_weights(str(Path(spec["dir"]) / "artifacts"))
+    np.testing.assert_allclose(_generate(fresh), _generate(_trained_pipe(out)), atol=1e-5)
+    plain = _generate(_fresh(tiny_models))
+    np.testing.assert_allclose(_generate(fresh, cross_attention_kwargs={"scale": 0.0}), plain, atol=1e-6)
+    assert not np.allclose(_generate(fresh), plain, atol=1e-4)
+
+
+def test_custom_diffusion_two_concepts_only_kv_and_modifier_rows(tiny_models, data, tmp_path):
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "custom_diffusion", concepts=("dog", "cat"),
+                             learning_rate=1e-2))
+    out = train_worker(spec)
+    method = out["method_obj"]
+    base = _base_state(tiny_models)
+    for k, v in method.parts["unet"].state_dict().items():
+        if "custom_diffusion" in k:
+            continue
+        assert torch.equal(v, base[f"unet.{k}"]), f"{k} changed"
+    trained_kv = [k for k in method.trainable() if k.startswith("unet.")]
+    assert trained_kv and all("attn2" in k and ("to_k_custom" in k or "to_v_custom" in k) for k in trained_kv)
+    emb = method.parts["text_encoder"].get_input_embeddings().weight.detach()
+    n_old = base["te.embeddings.token_embedding.weight"].shape[0]
+    assert torch.equal(emb[:n_old], base["te.embeddings.token_embedding.weight"])
+    for k, v in method.parts["text_encoder"].state_dict().items():
+        if "token_embedding" not in k:
+            assert torch.equal(v, base[f"te.{k}"])
+    changed = [k for k, p in method.procs.items()
+               if not torch.equal(p.to_k_custom_diffusion.weight, base[f"unet.{k[:-len('.processor')]}.to_k.weight"])]
+    assert changed, "no cross-attention K changed"
+
+    art = Path(spec["dir"]) / "artifacts"
+    assert {p.name for p in art.iterdir()} >= {"pytorch_custom_diffusion_weights.safetensors",
+                                               "<dog1>.safetensors", "<cat1>.safetensors"}
+    fresh = _fresh(tiny_models)
+    # diffusers 0.42 only sets the processors when given the pipeline (without it the call is a silent no-op)
+    fresh.unet.load_attn_procs(str(art), weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=fresh)
+    fresh.load_textual_inversion(str(art), weight_name="<dog1>.safetensors")
+    fresh.load_textual_inversion(str(art), weight_name="<cat1>.safetensors")
+    prompt = "a photo of <dog1> dog with <cat1> cat"
+    np.testing.assert_allclose(_generate(fresh, prompt), _generate(_trained_pipe(out), prompt), atol=1e-5)
+
+
+def test_dreambooth_prior_saves_full_pipeline(tiny_models, data, tmp_path):
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "dreambooth", with_prior_preservation=True,
+                             prior_loss_weight=0.5, train_text_encoder=True))
+    out = train_worker(spec)
+    log = [json.loads(x) for x in (Path(spec["dir"]) / "loss.jsonl").read_text().splitlines()]
+    assert all(r["prior_loss"] is not None for r in log)
+    for r in log:  # total = instance + weight * prior
+        assert r["loss"] == pytest.approx(r["instance_loss"] + 0.5 * r["prior_loss"], rel=1e-6)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(str(Path(spec["dir"]) / "artifacts"), use_safetensors=True)
+    loaded.scheduler = DDIMScheduler.from_config(loaded.scheduler.config)
+    loaded.set_progress_bar_config(disable=True)
+    prompt = "a photo of sks dog"
+    np.testing.assert_allclose(_generate(loaded, prompt), _generate(_trained_pipe(out), prompt), atol=1e-5)
+
+
+def test_prior_loss_uses_the_class_half_only(tiny_models, data, tmp_path):
+    """The logged prior loss is the mean per-sample loss of the class samples of the batch, nothing else."""
+    from pixelmill.tasks.train.job import _setup
+
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "dreambooth", with_prior_preservation=True,
+                             learning_rate=1e-12))
+    method, d, trainer = _setup(spec, torch.device("cpu"))
+    _, idx = trainer.schedule.batch(0)
+    _, cidx = trainer.class_schedule.batch(0)
+    inst = trainer.losses([d.instance[i] for i in idx], trainer.buckets[0], 0)
+    klass = trainer.losses([d.klass[i] for i in cidx], trainer.buckets[0], 0)
+    log = trainer.step(0)
+    assert log.instance_loss == pytest.approx(float(inst.mean()), rel=1e-4)
+    assert log.prior_loss == pytest.approx(float(klass.mean()), rel=1e-4)
+    assert abs(log.prior_loss - log.instance_loss) > 1e-4  # the two halves are different data
+
+
+def test_instruct_pix2pix_widens_unet_and_saves_editing_pipeline(tiny_models, data, tmp_path):
+    cfg = campaign(tiny_models, data, tmp_path, "instruct_pix2pix", concepts=("edits",), use_ema=True)
+    spec = spec_for(cfg)
+    out = train_worker(spec)
+    unet = out["method_obj"].parts["unet"]
+    assert unet.config.in_channels == 8
+    from pixelmill.models.loading import load_instruct_pix2pix_pipeline
+
+    pipe = load_instruct_pix2pix_pipeline(str(Path(spec["dir"]) / "artifacts"), device="cpu")
+    assert pipe.unet.config.in_channels == 8
+    ema = out["method_obj"]  # the saved weights are the EMA weights, not the live ones
+    saved = pipe.unet.state_dict()
+    live = {k: v for k, v in unet.state_dict().items()}
+    assert any(not torch.equal(saved[k], live[k]) for k in ("conv_in.weight", "conv_out.weight"))
+    assert ema is not None
+
+
+# -- learning happens ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,lr", [("dreambooth", 1e-3), ("lora", 1e-2)])
+def test_loss_on_fixed_triples_falls(tiny_models, data, tmp_path, method, lr):
+    from pixelmill.tasks.train.job import _setup
+
+    spec = spec_for(campaign(tiny_models, data, tmp_path, method, max_steps=30, learning_rate=lr,
+                             with_prior_preservation=False, random_flip=False, center_crop=True))
+    _, _, trainer = _setup(spec, torch.device("cpu"))
+    before = trainer.fixed_loss(4)
+    for step in range(30):
+        trainer.step(step)
+    after = trainer.fixed_loss(4)
+    assert after < 0.75 * before, (before, after)
+
+
+# -- resume, skip --------------------------------------------------------------------------
+
+def _weights(spec) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(spec["dir"]) / "artifacts" / "pytorch_lora_weights.safetensors"))
+
+
+def test_killed_job_resumes_from_checkpoint_and_matches_uninterrupted(tiny_models, data, tmp_path):
+    cfg = campaign(tiny_models, data, tmp_path, "lora", max_steps=40, checkpoint_every=2, keep_checkpoints=1)
+    spec = spec_for(cfg)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pixelmill.tasks.train.job", str(spec_file)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpts = Path(spec["dir"]) / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((p / "state.json").exists() for p in ckpts.glob("step-*")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rec = json.loads((Path(spec["dir"]) / "job.json").read_text())
+    assert rec["status"] == "running" and rec["attempts"][-1].get("end_step") is None
+
+    resumed = run_job(spec)
+    assert 0 < resumed["start_step"] < 40
+    assert resumed["status"] == "finished" and resumed["step"] == 40
+    assert [a["start_step"] for a in resumed["attempts"]] == [0, resumed["start_step"]]
+
+    straight = copy.deepcopy(spec)
+    straight["dir"] = str(tmp_path / "straight")
+    run_job(straight)
+    a, b = _weights(spec), _weights(straight)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+    again = run_job(spec)
+    assert again["skipped"] is True
+
+
+def test_raising_max_steps_resumes_a_finished_job(tiny_models, data, tmp_path):
+    cfg = campaign(tiny_models, data, tmp_path, "lora", max_steps=2)
+    first = spec_for(cfg)
+    run_job(first)
+    longer = spec_for(campaign(tiny_models, data, tmp_path, "lora", max_steps=4))
+    assert longer["id"] == first["id"]
+    plan = plan_campaign(campaign(tiny_models, data, tmp_path, "lora", max_steps=4))
+    assert plan.jobs[0].state == "resume" and plan.jobs[0].last_step == 2
+    out = run_job(longer)
+    assert out["start_step"] == 2 and out["step"] == 4
+
+
+def test_job_id_ignores_placement_and_eval(tiny_models, data, tmp_path):
+    a = spec_for(campaign(tiny_models, data, tmp_path, "lora"))
+    b = spec_for(campaign(tiny_models, data, tmp_path, "lora", num_workers=2, checkpoint_every=7,
+                          cache_latents=True))
+    c = spec_for(campaign(tiny_models, data, tmp_path, "lora", rank=8))
+    assert a["id"] == b["id"] and a["id"] != c["id"]
+
+
+# -- data parallel ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_workers_match_one_worker(tiny_models, data, tmp_path, cluster):
+    import ray
+
+    from pixelmill.tasks.train.job import _run_data_parallel
+
+    def spec(name, workers, seed=0):
+        s = spec_for(campaign(tiny_models, data, tmp_path / name, "lora", max_steps=3, train_batch_size=4,
+                              num_workers=workers, cpus_per_worker=0.5, seed=seed))
+        return s
+
+    ray.init(address=cluster["RAY_ADDRESS"])
+    try:
+        two = spec("two", 2)
+        result = _run_data_parallel(two, None)
+        assert result["end_step"] == 3
+    finally:
+        ray.shutdown()
+    one, other_seed = spec("one", 1), spec("seed", 1, seed=1)
+    train_worker(one)
+    train_worker(other_seed)
+    a, b, c = _weights(two), _weights(one), _weights(other_seed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((c[k] - b[k]).abs().max().item() for k in a) > 1e-3  # negative control
+
+
+# -- mixed precision ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["textual_inversion", "dreambooth", "lora", "custom_diffusion", "instruct_pix2pix"])
+def test_bf16_autocast_runs_with_finite_loss(tiny_models, data, tmp_path, method):
+    from pixelmill.tasks.train.job import _setup
+
+    concepts = ("edits",) if method == "instruct_pix2pix" else ("dog",)
+    spec = spec_for(campaign(tiny_models, data, tmp_path, method, concepts=concepts, mixed_precision="bf16",
+                             gradient_checkpointing=True))
+    _, _, trainer = _setup(spec, torch.device("cpu"))
+    losses = [trainer.step(s).loss for s in range(2)]
+    assert all(np.isfinite(x) and x > 0 for x in losses)
+
+
+# -- caches ---------------------------------------------------------------------------------
+
+def test_cached_latents_and_text_give_the_same_weights(tiny_models, data, tmp_path):
+    plain = spec_for(campaign(tiny_models, data, tmp_path / "a", "lora", center_crop=True))
+    cached = spec_for(campaign(tiny_models, data, tmp_path / "b", "lora", center_crop=True, cache_latents=True,
+                               cache_text_embeddings=True))
+    train_worker(plain)
+    train_worker(cached)
+    assert Path(cached["cache"]["latents"]).exists() and Path(cached["cache"]["text"]).exists()
+    a, b = _weights(plain), _weights(cached)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_bad_input_fails_before_training(tiny_models, data, tmp_path):
+    cfg = campaign(tiny_models, data, tmp_path, "textual_inversion")
+    bad = cfg.model_copy(deep=True)
+    bad.concepts["dog"].initializer_token = "golden retriever"
+    with pytest.raises(ValueError, match=r"initializer_token 'golden retriever' is 2 tokens"):
+        check_campaign_inputs(bad)
+    missing = cfg.model_copy(deep=True)
+    missing.concepts["dog"].instance_data = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"concept 'dog': instance_data: .*does not exist"):
+        check_campaign_inputs(missing)
+    pairs = campaign(tiny_models, data, tmp_path, "instruct_pix2pix", concepts=("dog",))
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['edited_image', 'input_image', 'edit_prompt'\]"):
+        check_campaign_inputs(pairs)
+    with pytest.raises(TrainingDataError, match="has no column"):
+        train_worker(spec_for(pairs))
+    assert not (Path(spec_for(pairs)["dir"]) / "checkpoints").exists()
