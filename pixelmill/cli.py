@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("edit", help="bulk-edit an image dataset with SDEdit or InstructPix2Pix",
-                       description="Bulk-edit an image dataset (SDEdit or InstructPix2Pix). "
-                                   "Examples: configs/edit-sdedit.yaml, configs/edit-ip2p.yaml.")
+    p = sub.add_parser("edit", help="bulk-edit an image dataset with SDEdit, InstructPix2Pix or Text2Live",
+                       description="Bulk-edit an image dataset (SDEdit, masked SDEdit, InstructPix2Pix or "
+                                   "Text2Live). Examples: configs/edit-sdedit.yaml, configs/edit-ip2p.yaml, "
+                                   "configs/edit-masked-sdedit.yaml, configs/edit-text2live.yaml.")
     _add_flow_args(p)
     p.set_defaults(func=cmd_edit)
 
@@ -167,10 +168,15 @@ def absolute_paths(cfg: EditConfig) -> EditConfig:
             return value
         return str(Path(value).expanduser().resolve())
 
-    return cfg.model_copy(update={
+    update = {
         "input": local(cfg.input, False), "output": local(cfg.output, False),
         "model": local(cfg.model, True), "clip_model": local(cfg.clip_model, True),
-    })
+    }
+    if cfg.text2live is not None:
+        t2l = cfg.text2live
+        update["text2live"] = t2l.model_copy(update={"structure_model": local(t2l.structure_model, True),
+                                                     "structure_weights": local(t2l.structure_weights, False)})
+    return cfg.model_copy(update=update)
 
 
 def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
@@ -181,7 +187,8 @@ def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
         cfg = cfg.model_copy(update={"caption_column": None})
     wanted = {"image_column": [cfg.image_column], "caption_column": [cfg.caption_column],
               "prompt_column": [cfg.prompt_column], "instruction_column": [cfg.instruction_column],
-              "prompt": template_fields(cfg.prompt), "instruction": template_fields(cfg.instruction)}
+              "prompt": template_fields(cfg.prompt), "instruction": template_fields(cfg.instruction),
+              "mask_column": [cfg.mask_column], "stroke_column": [cfg.stroke_column]}
     for key, columns in wanted.items():
         for col in columns:
             if col and col not in names:
@@ -208,6 +215,9 @@ def prepare_edit(args) -> EditConfig:
     cfg = check_input_columns(cfg, schema.names)
     _check_model_path("model", cfg.model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
+    if cfg.text2live is not None:
+        _check_model_path("text2live.structure_model", cfg.text2live.structure_model, "folder")
+        _check_model_path("text2live.structure_weights", cfg.text2live.structure_weights, "folder")
     check_output_config(cfg.output, cfg.output_affecting(), args)
     return cfg
 
@@ -356,12 +366,19 @@ def prepare_finetune(config_path: str, args):
         _check_model_path("model", model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
     if retrieve:
-        from pixelmill.config import RetrieveConfig
+        from pydantic import ValidationError
+
+        from pixelmill.config import RetrieveConfig, format_validation_error
+        from pixelmill.flows.campaign import retrieve_config
+        from pixelmill.tasks.regularization import check_retrieve_inputs
 
         try:
-            RetrieveConfig.model_validate({**retrieve, "output": cfg.output})
-        except Exception as e:  # noqa: BLE001 - pydantic's message names the field
+            rc = check_retrieve_inputs(RetrieveConfig.model_validate(retrieve_config(cfg)))
+        except ValidationError as e:
+            raise UsageError("retrieve: " + format_validation_error(e)) from None
+        except ValueError as e:
             raise UsageError(f"retrieve: {e}") from None
+        cfg = cfg.model_copy(update={"retrieve": rc.model_dump(exclude={"output", "runtime"})})
     try:
         check_campaign_inputs(cfg)
     except ValueError as e:

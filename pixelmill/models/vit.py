@@ -126,7 +126,10 @@ def load_vit(
         state = checkpoint_filter_fn(state, vit)
     except (ImportError, TypeError):
         pass
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"weights {path} do not fit {arch!r}: {str(e)[:500]}") from None
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ValueError(

@@ -184,6 +184,8 @@ class Text2LiveLayerGenerator:
 
     def _text(self, text: str) -> torch.Tensor:
         if text not in self._text_cache:
+            if len(self._text_cache) >= 256:  # per-row prompts: keep memory bounded
+                self._text_cache.clear()
             with torch.no_grad():
                 e = self.clip.encode_text(self.tokenizer([text]).to(self.device)).float()
             self._text_cache[text] = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -278,7 +280,8 @@ class Text2LiveLayerGenerator:
 
         result = Text2LiveResult(rgba=np.zeros((h, w, 4), np.uint8))
         result.initial_loss, _ = evaluate()
-        with _deterministic_cudnn():
+        # Deterministic cuDNN kernels while the layer trains (no effect on CPU).
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True):
             for _ in range(s.iterations):
                 boxes = []
                 for _ in range(s.views):
@@ -327,18 +330,6 @@ def _to_rgba8(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     rgb8 = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
     rgb8[a8 == 0] = 0
     return np.dstack([rgb8, a8])
-
-
-class _deterministic_cudnn:
-    """Deterministic cuDNN kernels while a layer trains (no effect on CPU)."""
-
-    def __enter__(self) -> None:
-        self._ctx = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
-                                               deterministic=True)
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
 
 
 class Text2LiveEditor(BulkEditor):

@@ -119,6 +119,9 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
     cols = [c for c in ("id", image_column, *extra) if c in names]
     rows, skipped = [], []
     table = ds.read_shard(shard, columns=cols) if shard is not None else ds.to_table(columns=cols)
+    if table.num_rows == 0:
+        where = f"shard {shard!r} of " if shard is not None else ""
+        raise TrainingDataError(f"{what}: {where}dataset {url!r} has no rows")
     for i, row in enumerate(table.to_pylist()):
         rid = str(row.get("id") if row.get("id") is not None else i)
         data = _image_bytes(row.get(image_column))
