@@ -172,11 +172,30 @@ def absolute_paths(cfg: EditConfig) -> EditConfig:
         "input": local(cfg.input, False), "output": local(cfg.output, False),
         "model": local(cfg.model, True), "clip_model": local(cfg.clip_model, True),
     }
+    if cfg.adapters:
+        update["adapters"] = resolved_adapters("adapters", cfg.adapters)
     if cfg.text2live is not None:
         t2l = cfg.text2live
         update["text2live"] = t2l.model_copy(update={"structure_model": local(t2l.structure_model, True),
                                                      "structure_weights": local(t2l.structure_weights, False)})
     return cfg.model_copy(update=update)
+
+
+def resolved_adapters(field: str, adapters: list) -> list:
+    """Adapters with absolute paths, each checked to hold adapter files (exit 2 otherwise)."""
+    from pixelmill.models.adapters import AdapterError, adapter_kind
+
+    out = []
+    for i, a in enumerate(adapters):
+        a = a.model_copy(update={"path": _local_url(a.path)})
+        try:
+            adapter_kind(a.path, a.kind)
+        except AdapterError as e:
+            raise UsageError(f"{field}[{i}]: {e}") from None
+        out.append(a)
+    if sum(adapter_kind(a.path, a.kind) == "custom_diffusion" for a in out) > 1:
+        raise UsageError(f"{field}: only one custom_diffusion adapter per pipeline (train the concepts jointly)")
+    return out
 
 
 def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
@@ -535,7 +554,8 @@ def prepare_pairs(args):
     except ConfigError as e:
         raise UsageError(str(e)) from None
     images = cfg.images.model_copy(update={"model": _local_url_if_path(cfg.images.model),
-                                           "clip_model": _local_url_if_path(cfg.images.clip_model)})
+                                           "clip_model": _local_url_if_path(cfg.images.clip_model),
+                                           "adapters": resolved_adapters("images.adapters", cfg.images.adapters)})
     options = dict(cfg.text.options)
     if cfg.text.writer == "transformers" and isinstance(options.get("model"), str):
         options["model"] = _local_url_if_path(options["model"])

@@ -86,6 +86,26 @@ class Text2LiveSettings(StrictModel):
         return self
 
 
+class AdapterSpec(StrictModel):
+    """A fine-tuned adapter to load into the pipeline (a campaign job's folder or its ``artifacts/``).
+
+    Args:
+        path: the folder; the kind is read from its files unless ``kind`` says it.
+        scale: LoRA strength (0 = the base model).
+    """
+
+    path: str
+    kind: Literal["auto", "textual_inversion", "lora", "custom_diffusion"] = "auto"
+    scale: float = 1.0
+
+
+def adapters_affecting(adapters: list["AdapterSpec"]) -> list[dict[str, Any]]:
+    """Adapters as hashed into an output's config: kind, scale and a hash of their files."""
+    from pixelmill.models.adapters import adapter_fingerprint
+
+    return [{"kind": a.kind, "scale": a.scale, "files": adapter_fingerprint(a.path)} for a in adapters]
+
+
 class EditConfig(StrictModel):
     """The bulk-edit flow: SDEdit (optionally masked), InstructPix2Pix or Text2Live over an image dataset.
 
@@ -147,6 +167,7 @@ class EditConfig(StrictModel):
     num_cpus_per_worker: float = Field(default=1.0, gt=0)
     workers: int = Field(default=1, ge=1)
     limit: int | None = Field(default=None, ge=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
@@ -197,7 +218,10 @@ class EditConfig(StrictModel):
             exclude |= {"mask_column", "stroke_column", "stroke_threshold", "mask_dilation"}
         if self.method != "text2live":
             exclude.add("text2live")
-        return self.model_dump(exclude=exclude)
+        out = self.model_dump(exclude=exclude | {"adapters"})
+        if self.adapters:  # older outputs (no adapters) keep their hashes
+            out["adapters"] = adapters_affecting(self.adapters)
+        return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -379,6 +403,7 @@ class PairRenderSettings(StrictModel):
     min_direction: float = 0.2
     min_image_caption: float = 0.2
     max_per_caption: int = Field(default=4, ge=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list)
     device: str = "auto"
     dtype: str = "auto"
 
@@ -426,6 +451,9 @@ class PairsConfig(StrictModel):
         cfg = self.image_stage_config()
         for k in ("batch_size", "device"):
             cfg.pop(k)
+        adapters = cfg.pop("adapters")
+        if adapters:
+            cfg["adapters"] = adapters_affecting(self.images.adapters)
         cfg["p_range"], cfg["cfg_range"] = list(cfg["p_range"]), list(cfg["cfg_range"])
         return {"text": self.text_affecting(), **cfg}
 

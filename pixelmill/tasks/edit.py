@@ -119,6 +119,13 @@ class BulkEditor(Stage):
         self.dtype = resolve_dtype(self.config["dtype"], self.device)
         self.pipe = self.load_pipeline()
         self.model_hash = model_fingerprint(self.config["model"])
+        if self.config.get("adapters"):
+            from pixelmill.models.adapters import apply_adapters
+
+            from pixelmill.models.adapters import adapter_fingerprint
+
+            self.adapters = apply_adapters(self.pipe, self.config["adapters"])
+            self.model_hash += "+" + "+".join(adapter_fingerprint(a["path"]) for a in self.config["adapters"])
         if self.config.get("clip_model"):
             self.clip = ClipScorer(self.config["clip_model"], device=str(self.device))
 

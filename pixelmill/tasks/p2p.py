@@ -707,6 +707,10 @@ class PairRenderStage(Stage):
         self.dtype = resolve_dtype(c["dtype"], self.device)
         self.pipe = load_text2img_pipeline(c["model"], device=str(self.device), dtype=self.dtype)
         require_p2p_pipeline(self.pipe)
+        if c.get("adapters"):
+            from pixelmill.models.adapters import apply_adapters
+
+            apply_adapters(self.pipe, c["adapters"])
         _check_size(self.pipe, int(c["height"]), int(c["width"]))
         self.model_hash = model_fingerprint(c["model"])
         self.filter = ClipPairFilter(ClipScorer(c["clip_model"], device=str(self.device)), self.thresholds)
