@@ -297,7 +297,7 @@ def build_homography_atlas(
 
 
 def motion_masks(
-    frames: Sequence[np.ndarray], atlas: Atlas, threshold: float = 0.15, open_px: int = 1
+    frames: Sequence[np.ndarray], atlas: Atlas, threshold: float = 0.1, open_px: int = 1
 ) -> list[np.ndarray]:
     """Rough per-frame foreground masks: pixels that differ from the background atlas.
 

@@ -205,7 +205,7 @@ def encode_video(
     crf: int = 18,
     mpeg4_qscale: int = 2,
 ) -> str:
-    """Write RGB frames to an MP4 file (yuv420p) at exactly ``fps``.
+    """Write RGB frames to an MP4 file (yuv420p, ``moov`` first for streaming) at exactly ``fps``.
 
     The decoded size always equals the input size: odd sizes use ``mpeg4``, which codes
     them exactly (see the module docstring). Returns the codec used.
@@ -232,7 +232,7 @@ def encode_video(
     if codec in ("libx264", "h264") and (w % 2 or h % 2):
         raise ValueError(f"{codec} in yuv420p cannot code the odd size {w}x{h}; use mpeg4")
     Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(dst_path), mode="w", format="mp4") as out:
+    with av.open(str(dst_path), mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec in ("libx264", "h264"):

@@ -61,6 +61,7 @@ def render_frames(
     uvs = [
         _scaled_uv(layer.uv, layer.image.shape, img.shape) for layer, img in zip(atlas.layers, images)
     ]
+    images = [np.ascontiguousarray(img, dtype=np.float32) for img in images]
     frames = []
     for t in range(atlas.num_frames):
         out = sample_layer(images[0], uvs[0][t])

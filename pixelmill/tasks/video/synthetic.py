@@ -124,13 +124,16 @@ def synthetic_moving_shape(
     start: tuple[float, float] | None = None,
     velocity: tuple[float, float] = (2.0, 1.0),
     color: tuple[int, int, int] = (230, 40, 40),
+    textured: bool = True,
     fps: Fraction | int = 24,
     seed: int = 1,
 ) -> SyntheticClip:
     """A static textured background with a coloured disk moving along a straight line.
 
     The disk is drawn with an anti-aliased edge; its ground-truth mask is the set of
-    pixels at least half covered. ``shifts`` is all zeros (static camera).
+    pixels at least half covered. ``shifts`` is all zeros (static camera). A textured disk
+    carries its own pattern (moving rigidly with it), like a real object: optical flow
+    inside a uniform disk is ill-defined, so flow-based methods cannot track one.
 
     Args:
         frames: number of frames ``T``.
@@ -139,6 +142,7 @@ def synthetic_moving_shape(
         start: (x, y) centre in frame 0; by default placed so the path is centred.
         velocity: (dx, dy) displacement of the centre per frame in pixels.
         color: disk RGB colour.
+        textured: overlay a pattern on the disk colour (45% texture, 55% colour).
         fps: frame rate recorded on the clip.
         seed: background texture seed.
     """
@@ -153,8 +157,16 @@ def synthetic_moving_shape(
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     background = tex(xx, yy)
     disk = np.asarray(color, dtype=np.float64) / 255.0
+    side = 2.0 * radius + 4.0
+    pattern = Texture(
+        seed + 1000, extent=(side, side), blobs=max(6, int(side * side / 10)), lines=2, blob_sigma=(1.0, 2.2)
+    )
     out, masks = [], []
     for cx, cy in centers:
+        if textured:
+            disk = 0.55 * np.asarray(color, dtype=np.float64) / 255.0 + 0.45 * pattern(
+                xx - cx + radius + 2.0, yy - cy + radius + 2.0
+            )
         coverage = np.clip(radius - np.hypot(xx - cx, yy - cy) + 0.5, 0.0, 1.0)[..., None]
         out.append(_to_uint8(coverage * disk + (1.0 - coverage) * background))
         masks.append(coverage[..., 0] >= 0.5)
