@@ -5,7 +5,9 @@ builds tiny random-weight models, starts the embedded runtime (local Ray + a Pre
 server on 127.0.0.1), runs the bulk-edit flow with SDEdit (fixed t0 and the t0 search)
 and with InstructPix2Pix, generates instruction pairs (template writer, Prompt-to-Prompt,
 CLIP filter), retrieves exactly N regularization images per class prompt from a sample
-pool served on 127.0.0.1, and writes one HTML report.
+pool served on 127.0.0.1, runs a small fine-tuning campaign (Textual Inversion, LoRA,
+DreamBooth with generated class images) and bulk-edits with two of its adapters, and
+writes the HTML reports.
 """
 
 from __future__ import annotations
@@ -79,6 +81,59 @@ def _demo_retrieval(root: Path, models: dict[str, str]) -> str:
     return str(root / "datasets" / "regularization" / "images")
 
 
+def demo_campaign(root: Path, models: dict[str, str]) -> dict:
+    """The demo's fine-tuning campaign (also written as ``configs/finetune.yaml``)."""
+    from pixelmill.samples import draw_concept_images, write_image_dataset
+
+    concept = str(root / "datasets" / "concept-dog")
+    write_image_dataset(concept, draw_concept_images(6, seed=0))
+    cfg = {
+        "output": str(root / "campaign"), "model": models["img2img"], "clip_model": models["clip"],
+        "concepts": {"dog": {"instance_data": concept, "token": "<dog1>", "class_word": "dog"},
+                     "dog-db": {"instance_data": concept, "token": "sks", "class_word": "dog"}},
+        "defaults": {"resolution": 64, "max_steps": 8, "train_batch_size": 2, "learning_rate": 1e-3,
+                     "checkpoint_every": 4, "num_class_images": 2, "center_crop": True,
+                     "cache_latents": True, "cache_text_embeddings": True},
+        "jobs": [{"name": "dog-textual-inversion", "method": "textual_inversion", "concepts": ["dog"],
+                  "settings": {"learning_rate": 5e-3}},
+                 {"name": "dog-lora", "method": "lora", "concepts": ["dog"]},
+                 {"name": "dog-dreambooth", "method": "dreambooth", "concepts": ["dog-db"]}],
+        "eval": {"prompts": ["a photo of {concept}", "a photo of {concept} on the beach"],
+                 "samples_per_prompt": 2, "steps": 10},
+    }
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    (root / "configs" / "finetune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg
+
+
+def _demo_finetune(root: Path, models: dict[str, str]) -> tuple[str, str]:
+    """Train three small jobs (one generating its DreamBooth class images), then edit with two adapters."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.datasets.storage import remove
+    from pixelmill.flows.bulk_edit import bulk_edit_flow
+    from pixelmill.flows.campaign import plan_campaign
+    from pixelmill.flows.finetune import finetune_flow
+
+    cfg = demo_campaign(root, models)
+    remove(cfg["output"])
+    _say("fine-tuning campaign: Textual Inversion, LoRA and DreamBooth (+2 generated class images), 8 steps each")
+    summary = finetune_flow(cfg)
+    _say(f"  {len(summary.ran)} jobs trained, {summary.class_images} class images generated; "
+         f"results: {summary.results}")
+    jobs = {j.spec["name"]: j.spec["dir"] for j in plan_campaign(CampaignConfig.model_validate(cfg)).jobs}
+    edit = EditConfig(input=str(root / "datasets" / "images"), output=str(root / "datasets" / "edit-adapters"),
+                      method="sdedit", model=models["img2img"], prompt="a photo of <dog1> in the style of {caption}",
+                      strength=0.5, steps=10, resolution=64, batch_size=4, seed=0,
+                      adapters=[{"path": jobs["dog-textual-inversion"]}, {"path": jobs["dog-lora"], "scale": 0.8}])
+    (root / "configs" / "edit-adapters.yaml").write_text(
+        yaml.safe_dump(edit.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
+    remove(edit.output)
+    _say("bulk-edit with the campaign's Textual Inversion embedding and LoRA (scale 0.8) loaded on the worker")
+    s = bulk_edit_flow(edit.model_dump(), num_gpus=0.0, show_progress=True)
+    _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected")
+    return summary.report, edit.output
+
+
 def run_demo(root: Path, ray_address: str | None = None) -> int:
     """Run the demo into ``root``; returns the exit status."""
     from pixelmill.datasets.importer import import_folder
@@ -134,10 +189,13 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
              f"{ps.dropped} dropped, {ps.pair_rejects} captions without a pair")
         sections.append(("instruction pairs", str(root / "datasets" / "pairs" / "pairs")))
         sections.append(("regularization retrieval", _demo_retrieval(root, models)))
+        campaign_report, adapter_edit = _demo_finetune(root, models)
+        sections.append(("bulk edit with campaign adapters", adapter_edit))
     report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo")
     _say(f"finished in {time.perf_counter() - t_start:.0f}s")
     print()
     print(f"Report:  {report}")
+    print(f"Fine-tuning campaign report: {campaign_report}")
     print(f"Configs: {root / 'configs'}  (rerun one with: pixelmill edit {root / 'configs' / 'edit-sdedit.yaml'})")
     print(f"Browse the demo's runs in the Prefect UI:  pixelmill server --home {home}")
     print("(the models are random-weight test models: the edits are noise, the pipeline is real)")
