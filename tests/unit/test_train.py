@@ -385,3 +385,81 @@ def test_bad_input_fails_before_training(tiny_models, data, tmp_path):
     with pytest.raises(TrainingDataError, match="has no column"):
         train_worker(spec_for(pairs))
     assert not (Path(spec_for(pairs)["dir"]) / "checkpoints").exists()
+
+
+# -- data, schedules, failures -----------------------------------------------------------------
+
+def test_batch_schedule_is_stateless_and_covers_every_sample_per_epoch():
+    from pixelmill.tasks.train.data import BatchSchedule, bucket_sizes, nearest_bucket
+
+    buckets = bucket_sizes(512, 64)
+    assert all(w % 64 == 0 and h % 64 == 0 and 0.75 < w * h / 512**2 < 1.3 for w, h in buckets)
+    assert buckets[nearest_bucket((1600, 900), buckets)] in ((640, 384), (704, 384), (640, 448))
+    sizes = [(64, 64)] * 5 + [(96, 48)] * 3
+    assignment = [nearest_bucket(s, buckets) for s in sizes]
+    sched = BatchSchedule(assignment, batch_size=2, seed=3)
+    epoch = [sched.batch(b) for b in range(sched.per_epoch)]
+    seen = {i for _, idx in epoch for i in idx}
+    assert seen == set(range(8))
+    for bucket, idx in epoch:  # a batch never mixes buckets
+        assert {assignment[i] for i in idx} == {bucket}
+    again = BatchSchedule(assignment, batch_size=2, seed=3)
+    assert [again.batch(b) for b in range(20)] == [sched.batch(b) for b in range(20)]
+    other = BatchSchedule(assignment, batch_size=2, seed=4)
+    assert [other.batch(b) for b in range(sched.per_epoch)] != epoch
+
+
+def test_lr_warmup_and_decay():
+    from pixelmill.tasks.train.core import lr_factor
+
+    assert [lr_factor(s, 4, 10, "constant") for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(4, 4, 10, "linear") == 1.0 and lr_factor(9, 4, 10, "linear") == pytest.approx(1 / 6)
+    assert lr_factor(4, 4, 10, "cosine") == 1.0 and lr_factor(10, 4, 10, "cosine") == pytest.approx(0.0)
+
+
+def test_rescale_augmentation_masks_the_loss_and_says_so_in_the_prompt():
+    from pixelmill.tasks.train.data import Augment, Sample, prepare
+
+    img = draw_concept_images(1, seed=0)[0]
+    import io as _io
+
+    buf = _io.BytesIO()
+    img.save(buf, "PNG")
+    sample = Sample("s1", "instance", "a photo of sks dog", buf.getvalue(), size=img.size)
+    seen = set()
+    for step in range(40):
+        p = prepare(sample, (64, 64), Augment(rescale=True), seed=0, step=step, prompt=sample.prompt)
+        assert p.pixels.shape == (3, 64, 64)
+        if p.prompt.startswith(("a far away", "very small")):
+            assert p.mask is not None and 0 < float(p.mask.mean()) < 1
+            seen.add("small")
+        elif p.prompt.startswith(("zoomed in", "close up")):
+            assert p.mask is None
+            seen.add("zoom")
+    assert seen == {"small", "zoom"}
+    same = prepare(sample, (64, 64), Augment(rescale=True), seed=0, step=7, prompt=sample.prompt)
+    again = prepare(sample, (64, 64), Augment(rescale=True), seed=0, step=7, prompt=sample.prompt)
+    assert torch.equal(same.pixels, again.pixels) and same.prompt == again.prompt
+
+
+def test_failed_job_is_recorded_and_retried(tiny_models, data, tmp_path):
+    import shutil
+
+    from pixelmill.tasks.train.job import job_state
+
+    victim = write_image_dataset(str(tmp_path / "victim"), draw_concept_images(2, seed=8))
+    cfg = campaign(tiny_models, data, tmp_path, "lora", max_steps=2, validation_every=1)
+    cfg = cfg.model_copy(deep=True)
+    cfg.concepts["dog"].instance_data = victim
+    spec = spec_for(cfg)
+    shutil.rmtree(victim)
+    with pytest.raises(TrainingDataError, match="cannot open dataset"):
+        run_job(spec)
+    rec = json.loads((Path(spec["dir"]) / "job.json").read_text())
+    assert rec["status"] == "failed" and "cannot open dataset" in rec["error"]
+    assert job_state(spec)[0] == "retry"
+    write_image_dataset(victim, draw_concept_images(2, seed=8))
+    out = run_job(spec)
+    assert out["status"] == "finished" and out["error"] is None
+    samples = sorted(p.name for p in (Path(spec["dir"]) / "samples").iterdir())
+    assert samples == ["final", "step-000001", "step-000002"]  # validation samples every step
