@@ -26,12 +26,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="folder for the embedded Prefect database and logs (default: $PIXELMILL_HOME or ./.pixelmill)")
 
 
-def _add_flow_args(p: argparse.ArgumentParser) -> None:
+def _add_flow_args(p: argparse.ArgumentParser, limit_help: str = "only the first N input rows") -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted keys for nested ones); repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the plan (shards to run and to skip) and exit")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help=limit_help)
     p.add_argument("--overwrite", action="store_true", help="replace an output made with another config")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     _add_runtime_args(p)
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "InstructPix2Pix jobs, listed or expanded from a grid, one Prefect task per job "
                                    "on Ray. `pixelmill finetune status CAMPAIGN.yaml` shows each job's state. "
                                    "Example: configs/finetune.yaml.")
-    _add_flow_args(p)
+    _add_flow_args(p, limit_help="only the first N jobs")
     p.add_argument("status_config", nargs="?", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_finetune)
 
@@ -426,6 +426,14 @@ def cmd_finetune(args) -> int:
         for j in plan.jobs:
             storage.remove(j.spec["dir"])
     with flow_runtime(args, cfg.runtime):
+        import ray
+
+        have = float(ray.cluster_resources().get("GPU", 0))
+        for j in plan.jobs:
+            s = j.spec["settings"]
+            if j.action != "skip" and s["num_gpus"] > have:
+                raise UsageError(f"job {j.spec['name']!r} asks for num_gpus={s['num_gpus']}, but the Ray cluster "
+                                 f"has {have:g} GPU(s); it would wait forever (set num_gpus: 0 to train on CPU)")
         from pixelmill.flows.finetune import finetune_flow
 
         summary = finetune_flow(cfg.model_dump())

@@ -544,16 +544,20 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]]) -> str:
         jobs: per job ``row`` (a results-table row), ``log`` (loss entries), ``samples``
             (index entries with ``file``, ``prompt``, CLIP scores) and ``rel_dir``.
     """
-    head = ("<tr><th>job</th><th>method</th><th>concepts</th><th>status</th><th>steps</th><th>time (s)</th>"
-            "<th>peak MB</th><th>CLIP text</th><th>CLIP image</th><th>final loss</th></tr>")
+    head = ("<tr><th>job</th><th>method</th><th>concepts</th><th>varies</th><th>status</th><th>steps</th>"
+            "<th>time (s)</th><th>peak MB</th><th>CLIP text</th><th>CLIP image</th><th>final loss</th></tr>")
+    settings = [json.loads(j["row"]["settings"]) for j in jobs]
+    keys = sorted(k for k in (settings[0] if settings else {})
+                  if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1)
     body_rows = []
-    for j in jobs:
+    for j, st in zip(jobs, settings):
         r = j["row"]
+        varies = ", ".join(f"{k}={st.get(k)}" for k in keys) or "—"
         status = r["status"] if not r.get("error") else f'{r["status"]}: {r["error"]}'
         body_rows.append(
             f'<tr><td><a href="#job-{_e(r["job"])}">{_e(r["name"])}</a><br><span class="mono muted">{_e(r["job"])}'
             f'</span></td><td>{_e(r["method"])}</td><td>{_e(", ".join(r["concepts"]))}</td>'
-            f'<td>{_e(status)}</td><td>{r["step"]}/{r["max_steps"]}</td><td>{_fmt(r["seconds"], 1)}</td>'
+            f'<td class="mono">{_e(varies)}</td><td>{_e(status)}</td><td>{r["step"]}/{r["max_steps"]}</td><td>{_fmt(r["seconds"], 1)}</td>'
             f'<td>{_fmt(r["peak_memory_mb"], 0)}</td><td>{_fmt(r["clip_text_alignment"])}</td>'
             f'<td>{_fmt(r["clip_image_alignment"])}</td><td>{_fmt(r["final_loss"], 4)}</td></tr>')
     sections = []
