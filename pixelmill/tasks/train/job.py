@@ -453,14 +453,18 @@ def _run_data_parallel(spec: dict[str, Any], stop_at: int | None) -> dict[str, A
     per_worker = {"CPU": s["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = s["num_gpus"] / s["num_workers"]
+    ray_storage = tempfile.mkdtemp(prefix="pixelmill-train-")
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"spec": spec, "stop_at": stop_at},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(name=f"pixelmill-{spec['id']}", storage_path=tempfile.mkdtemp(prefix="pixelmill-train-")),
+        run_config=RunConfig(name=f"pixelmill-{spec['id']}", storage_path=ray_storage),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        shutil.rmtree(ray_storage, ignore_errors=True)  # pixelmill keeps its own checkpoints in the job folder
     url = storage.join(spec["dir"], ".worker-result.json")
     result = json.loads(storage.read_text(url))
     storage.remove(url)
