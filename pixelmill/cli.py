@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow_args(p)
     p.set_defaults(func=cmd_pairs)
 
+    p = sub.add_parser("video", help="edit videos through layered atlases (homography or neural, Text2Live-style)",
+                       description="Edit every video of a dataset (a video column of paths or bytes, or a folder "
+                                   "of video files) through a layered atlas: build a homography atlas or train a "
+                                   "neural one, edit an atlas layer with SDEdit, InstructPix2Pix or Text2Live, "
+                                   "render the edit through every frame, encode an MP4 with the source's frame "
+                                   "count, size and rate. One Prefect job per video on Ray; metrics.parquet and "
+                                   "report.html under `output`. Examples: configs/video-homography.yaml, "
+                                   "configs/video-neural.yaml.")
+    _add_flow_args(p)
+    p.set_defaults(func=cmd_video)
+
     p = sub.add_parser("demo", help="run every pipeline on drawn sample images with tiny offline models",
                        description="Draw sample images, build tiny models, start the embedded runtime, "
                                    "run the bulk-edit flow with SDEdit and InstructPix2Pix, write a report.")
@@ -629,6 +640,89 @@ def cmd_pairs(args) -> int:
               f"surviving pair ({len(s.pairs_skipped)} shard(s) skipped) in {s.seconds:.1f}s")
         print(f"output: {s.output}/pairs (columns input_image, edit_prompt, edited_image)")
     return 0
+
+
+def prepare_video(args):
+    """Load and check a video config and its input before anything starts; returns (config, plan)."""
+    from pixelmill.config import VideoConfig
+    from pixelmill.datasets import DatasetNotFound, config_hash, diff_config
+    from pixelmill.flows.video_plan import plan_videos, read_output_config
+
+    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
+    try:
+        cfg = load_config(VideoConfig, args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if "://" in cfg.output and not cfg.output.startswith("file://"):
+        raise UsageError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
+                         "object-store URLs are not supported for video outputs")
+    edit = cfg.edit
+    t2l = edit.text2live
+    if t2l is not None:
+        t2l = t2l.model_copy(update={
+            "structure_model": _local_url_if_path(t2l.structure_model) if t2l.structure_model else None,
+            "structure_weights": _local_url(t2l.structure_weights) if t2l.structure_weights else None})
+    edit = edit.model_copy(update={
+        "model": _local_url_if_path(edit.model) if edit.model else None,
+        "clip_model": _local_url_if_path(edit.clip_model) if edit.clip_model else None,
+        "adapters": resolved_adapters("edit.adapters", edit.adapters), "text2live": t2l})
+    output = _local_url(cfg.output.removeprefix("file://"))
+    cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": output, "edit": edit})
+    _check_model_path("edit.model", edit.model, "pipeline")
+    _check_model_path("edit.clip_model", edit.clip_model, "clip")
+    if t2l is not None:
+        _check_model_path("edit.text2live.structure_model", t2l.structure_model, "folder")
+        _check_model_path("edit.text2live.structure_weights", t2l.structure_weights, "folder")
+    try:
+        plan = plan_videos(cfg)
+    except DatasetNotFound as e:
+        raise UsageError(f"input: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"input: {e}") from None
+    if not plan.jobs:
+        raise UsageError(f"input: {cfg.input} has no videos")
+    previous = read_output_config(cfg.output)
+    if previous is not None and previous.get("config_hash") != config_hash(plan.config) and not args.overwrite:
+        changed = diff_config(previous.get("config") or {}, plan.config)
+        raise UsageError(f"output {cfg.output} was made with another config "
+                         f"(changed: {', '.join(changed) or 'unknown'}); use a new output or --overwrite "
+                         "(videos are redone; atlases whose settings and video are unchanged are reused)")
+    return cfg, plan
+
+
+def cmd_video(args) -> int:
+    cfg, plan = prepare_video(args)
+    if args.dry_run:
+        print(f"video: {cfg.input} -> {cfg.output} ({cfg.atlas.method} atlas, {cfg.edit.method} on the "
+              f"{cfg.edit.layer} layer)")
+        print(plan.describe())
+        return 0
+    with flow_runtime(args, cfg.runtime):
+        import ray
+
+        from pixelmill.flows.video import video_flow
+
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        summary = video_flow(cfg.model_dump(), num_gpus=cfg.num_gpus if gpus else 0.0)
+    print_video_summary(summary, args.json)
+    return 1 if summary.failed else 0
+
+
+def print_video_summary(summary, as_json: bool = False) -> None:
+    data = {"output": summary.output, "videos": summary.videos, "ran": summary.ran, "skipped": summary.skipped,
+            "rejected": summary.rejected, "failed": summary.failed, "num_gpus": summary.num_gpus,
+            "metrics": summary.metrics, "report": summary.report, "seconds": round(summary.seconds, 3)}
+    if as_json:
+        print(json.dumps(data))
+        return
+    print(f"done: {summary.videos} video(s) in: {len(summary.ran)} edited, {len(summary.skipped)} skipped "
+          f"(finished before), {len(summary.rejected)} rejected, {len(summary.failed)} failed "
+          f"in {summary.seconds:.1f}s")
+    for vid, reason in summary.rejected.items():
+        print(f"  rejected {vid}: {reason}")
+    for vid, err in summary.failed.items():
+        print(f"  FAILED {vid}: {err}")
+    print(f"metrics: {summary.metrics}\nreport:  {summary.report}")
 
 
 def cmd_server(args) -> int:

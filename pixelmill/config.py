@@ -727,3 +727,220 @@ class ExpandedJob(BaseModel):
                           "data": data_hashes.get(c)} for c in self.concepts],
             "settings": s,
         }
+
+
+# --- video editing through layered atlases ---------------------------------------------
+
+# Neural atlas settings that change how often training reports or saves, not the atlas.
+NEURAL_PLACEMENT_SETTINGS = frozenset({"checkpoint_every", "progress_every"})
+
+
+def _placeholders(text: str | None) -> list[str]:
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(text or "") if f]
+
+
+class VideoAtlasSettings(StrictModel):
+    """How each video becomes a layered atlas: the ``atlas:`` block of a video config.
+
+    Args:
+        method: ``homography`` (one background mosaic, for static scenes and camera
+            pans; seconds on a CPU) or ``neural`` (Neural Layered Atlases: background and
+            foreground layers with per-frame alpha, trained per video; a GPU for real clips).
+        neural: neural atlas training settings: ``NeuralAtlasConfig`` fields, optionally
+            starting from ``preset: tiny`` (the small test/demo setting); ``neural: tiny``
+            is short for ``{preset: tiny}``. Empty: ``NeuralAtlasConfig()`` defaults.
+        masks: neural only: ``motion`` bootstraps alpha with rough masks of what moves
+            against a homography atlas of the clip (skipped when the clip cannot be
+            registered); ``none`` trains without masks.
+        reference: homography only: the reference frame (default: the middle frame).
+        blend: homography only: ``median`` (removes moving objects) or ``mean``.
+        detector: homography only: ``sift`` or ``orb`` features.
+        max_frames: the longest video accepted (every frame is held in memory); a longer
+            one is a reject naming its length, never silently cut.
+    """
+
+    method: Literal["homography", "neural"] = "homography"
+    neural: dict[str, Any] = Field(default_factory=dict)
+    masks: Literal["motion", "none"] = "motion"
+    reference: int | None = Field(default=None, ge=0)
+    blend: Literal["median", "mean"] = "median"
+    detector: Literal["sift", "orb"] = "sift"
+    max_frames: int = Field(default=240, ge=2, le=100_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("neural"), str):
+            data = {**data, "neural": {"preset": data["neural"]}}
+        elif isinstance(data, dict) and "neural" in data and data["neural"] is None:
+            data = {**data, "neural": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "VideoAtlasSettings":
+        if self.neural:
+            self.neural_config()
+        return self
+
+    def neural_config(self):
+        """The ``NeuralAtlasConfig`` these settings name (imports torch).
+
+        Raises:
+            ValueError: an unknown preset or a bad training setting, naming it.
+        """
+        from pixelmill.tasks.video.neural import NeuralAtlasConfig
+
+        fields = dict(self.neural)
+        preset = fields.pop("preset", None)
+        if preset not in (None, "tiny"):
+            raise ValueError(f"neural.preset: unknown preset {preset!r} (known: tiny)")
+        try:
+            return NeuralAtlasConfig.tiny(**fields) if preset == "tiny" else NeuralAtlasConfig(**fields)
+        except ValidationError as e:
+            raise ValueError("neural: " + "; ".join(
+                f"{'.'.join(str(x) for x in err['loc'])}: "
+                f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}"
+                for err in e.errors())) from None
+
+    def affecting(self) -> dict[str, Any]:
+        """What the atlas depends on besides the video (hashed; a change rebuilds the atlas)."""
+        if self.method == "homography":
+            return self.model_dump(include={"method", "reference", "blend", "detector", "max_frames"})
+        neural = {k: v for k, v in self.neural_config().model_dump().items() if k not in NEURAL_PLACEMENT_SETTINGS}
+        return {"method": "neural", "masks": self.masks, "max_frames": self.max_frames, "neural": neural}
+
+
+class VideoEditSettings(StrictModel):
+    """How the atlas is edited: the ``edit:`` block of a video config.
+
+    The editors are the bulk-edit stages of ``pixelmill edit``, applied to one atlas
+    layer image: ``sdedit`` and ``instruct_pix2pix`` (diffusion pipelines, with campaign
+    ``adapters``), or ``text2live`` (an RGBA layer optimised with CLIP losses, transparent
+    outside the atlas pixels some frame shows). The edit is composited over the layer.
+
+    Args:
+        method: ``sdedit``, ``instruct_pix2pix`` or ``text2live``.
+        layer: the atlas layer to edit: ``background`` (the homography atlas's only layer)
+            or ``foreground`` (neural atlases: the moving object).
+        resolution: long side the layer image is edited at (default: its own long side
+            rounded up to a multiple of 8, at most 1024); the result is resized back.
+        model, prompt, instruction, negative_prompt, strength, target_l2, steps,
+        guidance_scale, image_guidance_scale, seed, clip_model, text2live, adapters: as in
+            the bulk-edit config (``prompt`` / ``instruction`` are plain text here: a video
+            has no caption columns to fill placeholders from). With ``clip_model``, SDEdit
+            and InstructPix2Pix also report CLIP scores of the edited atlas.
+    """
+
+    method: Literal["sdedit", "instruct_pix2pix", "text2live"] = "sdedit"
+    layer: Literal["background", "foreground"] = "background"
+    model: str | None = None
+    prompt: str | None = None
+    instruction: str | None = None
+    negative_prompt: str | None = None
+    strength: float | Literal["auto"] = 0.6
+    target_l2: float | None = Field(default=None, gt=0, le=1)
+    steps: int = Field(default=50, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0)
+    image_guidance_scale: float = Field(default=1.5, ge=0)
+    resolution: int | None = Field(default=None, ge=8, le=4096)
+    seed: int = 0
+    clip_model: str | None = None
+    text2live: Text2LiveSettings | None = None
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VideoEditSettings":
+        for key in ("prompt", "instruction", "negative_prompt"):
+            if _placeholders(getattr(self, key)):
+                raise ValueError(f"`{key}`: {{column}} placeholders are not supported for videos; write the text")
+        if self.adapters and self.method == "text2live":
+            raise ValueError("`adapters` apply to sdedit and instruct_pix2pix (text2live uses no diffusion model)")
+        try:
+            self.stage_config(self.resolution or 512)
+        except ValidationError as e:
+            raise ValueError("; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from None
+        return self
+
+    def stage_config(self, resolution: int, device: str = "auto", dtype: str = "auto",
+                     num_cpus: float = 1.0) -> dict[str, Any]:
+        """The bulk-edit stage config (``EditConfig`` as a dict) that edits one atlas image."""
+        return EditConfig(
+            input="atlas", output="atlas", method=self.method, model=self.model, caption_column=None,
+            prompt=self.prompt, instruction=self.instruction, negative_prompt=self.negative_prompt,
+            strength=self.strength, target_l2=self.target_l2, steps=self.steps, guidance_scale=self.guidance_scale,
+            image_guidance_scale=self.image_guidance_scale, resolution=resolution, seed=self.seed, batch_size=1,
+            clip_model=self.clip_model, text2live=self.text2live, adapters=self.adapters, device=device,
+            dtype=dtype, num_cpus_per_worker=num_cpus, num_gpus_per_worker=0,
+        ).model_dump()
+
+    def affecting(self) -> dict[str, Any]:
+        """What the edit depends on (hashed; a change re-edits from the saved atlas)."""
+        out = self.model_dump(exclude={"adapters"})
+        if self.method != "text2live":
+            out.pop("text2live")
+        if self.adapters:
+            out["adapters"] = adapters_affecting(self.adapters)
+        return out
+
+
+class VideoConfig(StrictModel):
+    """The video flow: every video of a dataset edited through a layered atlas.
+
+    One job per video (one Prefect task on Ray, with ``num_gpus`` GPUs where the cluster
+    has them): decode, build or train the atlas, edit one atlas layer, render the edit
+    through every frame's UV map (and alpha), encode an MP4 with the source's frame
+    count, size and frame rate, and measure it.
+
+    Args:
+        input: a dataset (pixelmill dataset, or a folder of Parquet files) with ``id`` and
+            a ``video_column`` holding each video's file bytes (binary) or path (string: a
+            local path, relative to the dataset folder when relative, or an fsspec URL);
+            or a folder of video files (``.mp4 .mov .m4v .avi .mkv .webm .mpg .mpeg``),
+            each file a row whose id is its path relative to the folder; or one video file.
+        output: local root folder (PyAV and the atlas checkpoints write files): per video
+            ``videos/<id>/`` (``edited.mp4``, ``atlas/``, ``edit_layer.png``,
+            ``edited_atlas.png``, ``frames/``, ``atlas-checkpoints/``, ``metrics.json``,
+            ``job.json``), and ``metrics.parquet``, ``report.html``, ``config.json``.
+        video_column: the input column with the videos.
+        atlas: how the atlas is made (``VideoAtlasSettings``).
+        edit: how the atlas is edited (``VideoEditSettings``).
+        render: ``overlay`` (the edit layer, sampled through each frame's UV map and
+            weighted by the layer's visibility, composited over the original frames: pixels
+            the edit leaves transparent stay the original) or ``atlas`` (every frame
+            re-rendered from the edited atlas layers, as in Neural Layered Atlases).
+        device, dtype: ``auto`` (CUDA when the job has a GPU) or explicit.
+        num_gpus: GPUs each video job claims (used when the cluster has GPUs; 0 otherwise).
+        cpus_per_job: CPUs each video job claims (and its torch thread count).
+        limit: only the first N input rows.
+    """
+
+    input: str
+    output: str
+    video_column: str = "video"
+    atlas: VideoAtlasSettings = Field(default_factory=VideoAtlasSettings)
+    edit: VideoEditSettings
+    render: Literal["overlay", "atlas"] = "overlay"
+    device: str = "auto"
+    dtype: str = "auto"
+    num_gpus: float = Field(default=1.0, ge=0)
+    cpus_per_job: float = Field(default=1.0, gt=0)
+    limit: int | None = Field(default=None, ge=1)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VideoConfig":
+        if self.edit.layer == "foreground" and self.atlas.method != "neural":
+            raise ValueError("`edit.layer: foreground` needs `atlas.method: neural` "
+                             "(a homography atlas has only the background layer)")
+        return self
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The keys whose change changes the outputs (hashed into ``config.json``).
+
+        Placement (GPUs, CPUs, device, runtime) and ``limit`` (a larger limit only adds
+        videos) are left out.
+        """
+        return {"input": self.input, "video_column": self.video_column, "atlas": self.atlas.affecting(),
+                "edit": self.edit.affecting(), "render": self.render}

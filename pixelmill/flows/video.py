@@ -1,0 +1,101 @@
+"""The video flow: every video of a dataset edited through a layered atlas.
+
+Reading the flow function shows the DAG: plan the videos (skip finished ones, record the
+ones known bad) → one Prefect task per video on Ray, claiming ``cpus_per_job`` CPUs and
+``num_gpus`` GPUs (decode, atlas, edit, render, encode, measure: ``tasks/video/job.py``)
+→ the metrics table and report. A rejected or failed video is recorded and never stops
+the others; a rerun skips finished and rejected videos, retries failed ones and resumes
+neural atlas training from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect_ray.context import remote_options
+from prefect_ray.task_runners import RayTaskRunner
+
+from pixelmill.config import VideoConfig
+from pixelmill.flows.video_plan import VideoPlan, plan_videos, write_output_config
+
+
+@dataclass
+class VideoSummary:
+    """What a video run did. Every planned video is in exactly one of ``ran``, ``skipped``,
+    ``rejected`` or ``failed``."""
+
+    output: str
+    videos: int = 0
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    num_gpus: float = 0.0
+    metrics: str | None = None
+    report: str | None = None
+    seconds: float = 0.0
+
+
+@task(name="video-job", cache_policy=NO_CACHE, retries=0)
+def video_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Edit one video through its atlas (resuming atlas work where there is some)."""
+    from pixelmill.tasks.video.job import run_video_job
+
+    return run_video_job(spec)
+
+
+@task(name="collect-video-results", cache_policy=NO_CACHE)
+def collect_video_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
+    """Write ``metrics.parquet`` and ``report.html`` under the output root."""
+    from pixelmill.tasks.video.results import write_video_results
+
+    return write_video_results(output, specs)
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+@flow(name="video", task_runner=RayTaskRunner(), log_prints=True)
+def video_flow(config: dict[str, Any], num_gpus: float | None = None) -> VideoSummary:
+    """Plan → one job per video on Ray → metrics table and report.
+
+    Args:
+        config: a ``VideoConfig`` as a dict.
+        num_gpus: GPUs per video job; default: the config's ``num_gpus`` when the cluster
+            has GPUs, else 0.
+    """
+    t0 = time.perf_counter()
+    cfg = VideoConfig.model_validate(config)
+    plan: VideoPlan = plan_videos(cfg)
+    write_output_config(cfg.output, plan.config)
+    gpus = num_gpus if num_gpus is not None else (cfg.num_gpus if _cluster_gpus() else 0.0)
+    summary = VideoSummary(output=cfg.output, videos=len(plan.jobs), num_gpus=gpus)
+    futures = {}
+    for job in plan.jobs:
+        if job.runs:
+            with remote_options(num_cpus=cfg.cpus_per_job, num_gpus=gpus):
+                futures[job.spec["id"]] = video_job.submit(job.spec)
+        elif job.action == "skip":
+            summary.skipped.append(job.spec["id"])
+        else:
+            summary.rejected[job.spec["id"]] = job.reason or "rejected"
+    for vid, fut in futures.items():
+        try:
+            result = fut.result()
+        except Exception as e:  # noqa: BLE001 - one failed video never stops the others
+            summary.failed[vid] = f"{type(e).__name__}: {e}"
+            continue
+        if result.get("status") == "rejected":
+            summary.rejected[vid] = result.get("error") or "rejected"
+        else:
+            summary.ran.append(vid)
+    summary.metrics, summary.report = collect_video_results(cfg.output, [j.spec for j in plan.jobs])
+    summary.seconds = time.perf_counter() - t0
+    return summary
