@@ -30,6 +30,7 @@ bench: install
 	$(PY) benchmarks/bulk_edit.py
 	$(PY) benchmarks/retrieval_scan.py
 	$(PY) benchmarks/pairs.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf pixelmill-demo .pixelmill .pytest_cache

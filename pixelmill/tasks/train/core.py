@@ -206,7 +206,7 @@ class Trainer:
     def losses(self, samples: list[Sample], size: tuple[int, int], step: int) -> torch.Tensor:
         """Per-sample noise-prediction MSE (masked to the image for rescaled samples)."""
         seed = self.settings["seed"]
-        prepared = [prepare(x, size, self.aug, seed, step, self.method.prompt(x, seed, step)) for x in samples]
+        prepared = [self._prepare(x, size, seed, step) for x in samples]
         prompts = [p.prompt for p in prepared]
         latents = torch.cat([self.latents(x, p, seed, step) for x, p in zip(samples, prepared)])
         noise = torch.cat([torch.randn(latents.shape[1:], generator=generator(seed, step, x.id, "noise"))[None]
@@ -234,6 +234,21 @@ class Trainer:
                              else torch.ones(h, w) for mm in masks]).to(err.device)[:, None]
             return (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1)
         return err.mean(dim=(1, 2, 3))
+
+    def _prepare(self, sample: Sample, size: tuple[int, int], seed: int, step: int) -> Prepared:
+        """``data.prepare``, without decoding the image when its latent is cached.
+
+        With a center crop and no rescale, the flip is the only draw ``prepare`` makes from
+        the sample's generator, so drawing it here gives the same flip as decoding would.
+        """
+        prompt = self.method.prompt(sample, seed, step)
+        if (self.latent_cache is not None and sample.source is None and self.aug.center_crop
+                and not self.aug.rescale):
+            flip = bool(self.aug.random_flip and
+                        torch.rand((), generator=generator(seed, step, sample.id, "augment")).item() < 0.5)
+            if (sample.id, flip) in self.latent_cache:
+                return Prepared(None, prompt, None, flip)
+        return prepare(sample, size, self.aug, seed, step, prompt)
 
     def _autocast(self):
         if self.autocast_dtype is None:

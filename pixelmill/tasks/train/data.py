@@ -157,7 +157,7 @@ class Augment:
 class Prepared:
     """A sample made ready for a step: pixels at the bucket size, its prompt, and a loss mask."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     prompt: str
     mask: torch.Tensor | None
     flip: bool

@@ -1,0 +1,583 @@
+"""Fine-tuning steps/s and peak memory: pixelmill's LoRA and DreamBooth trainer vs a plain loop.
+
+The plain loop is diffusers + PEFT written the way diffusers' example scripts write it
+(issue #5); the target is >= 1.2x steps/s for pixelmill with cached latents and text
+embeddings, at no more memory.
+
+What runs. One SD-shaped pipeline saved with ``save_pretrained``: the benchmark UNet
+(``build_sd_unet_for_benchmark``, blocks 64/128/256, 17.6M parameters), an 8x VAE and the
+tiny CLIP text encoder (width 32 = the UNet's cross-attention width), random weights
+(speed does not depend on them). Eight instance images from ``draw_concept_images``,
+drawn larger than the training resolution and not square, so every variant resizes,
+center-crops and randomly flips them. For each method, three variants train the same
+job with the same batch size, resolution, fp32 weights and torch threads:
+
+* ``baseline``: a plain loop in this file, as ``train_text_to_image_lora.py`` /
+  ``train_dreambooth.py`` do it: a torch ``DataLoader`` (num_workers 0) whose dataset
+  decodes each image and applies torchvision Resize / CenterCrop / RandomHorizontalFlip /
+  ToTensor / Normalize and tokenizes the prompt on access; then per step
+  ``vae.encode(pixels).latent_dist.sample() * scaling_factor``, ``text_encoder(ids)[0]``,
+  noise, random timesteps, ``add_noise``, ``unet(...).sample``, MSE, backward,
+  ``clip_grad_norm_`` (max 1.0, as both scripts do), AdamW step, LR-scheduler step,
+  ``zero_grad``. LoRA is PEFT ``unet.add_adapter(LoraConfig(r=4, lora_alpha=4,
+  init_lora_weights="gaussian", target_modules=[to_k, to_q, to_v, to_out.0]))``;
+  DreamBooth trains the full UNet, without prior preservation (so every variant's batch is
+  instance images only). The scripts' ``accelerate`` wrapper is left out: on one CPU
+  process it adds nothing.
+* ``pixelmill``: the same job planned by ``plan_campaign`` and run by pixelmill's trainer
+  (``_setup`` + ``load_or_build_caches`` + ``trainer.step``, the loop ``train_worker``
+  runs) with ``cache_latents``, ``cache_text_embeddings`` and ``center_crop`` on.
+* ``pixelmill-nocache``: the same without the caches (where the gain comes from).
+
+How. Speed: the three variants are loaded into ONE process (``--worker speed``), each
+runs ``--warmup`` untimed steps, then ``--steps`` rounds of one step of each variant, in
+rotating order; so every variant sees the same load from whatever else runs on the
+machine. steps/s is one over the median step time; "vs base" is the median over rounds
+of (baseline step time / variant step time) within the same round; the mean steps/s and
+process CPU seconds per step are printed beside them. Each timed step is also split into
+parts (data, VAE, text encoder, UNet forward, optimizer; the rest is mostly the backward
+pass) by timing the loop's calls. Memory: each variant alone in its own process
+(``--worker memory``) loads, builds its caches (the one-off cache build time is reported
+from here), and runs ``--warmup`` + ``--mem-steps`` steps; "loaded" is its RSS before the
+first step, "train peak" its RSS sampled every 5 ms over the steps (the target compares
+this), "process max" its ``ru_maxrss`` (imports, model load and cache build included).
+"model load" is timed after the imports.
+
+``--vae sd-share`` (default, blocks 32/64/128/128) makes the VAE encoder ~30% of a
+full-UNet training step's FLOPs, as SD 1.5's VAE encoder is of an SD 1.5 training step at
+512 px (~32%): the proportion caching latents acts on in real jobs. ``--vae light`` is
+bulk_edit.py's VAE (blocks 16/32/64/64), ~10% of a step; caching latents can only save the
+encoder's share, so that model caps the gain near 1.1x.
+
+    python benchmarks/finetune.py [--resolution 256 --batch 2 --warmup 2 --steps 12 --mem-steps 2
+                                   --threads 2 --methods lora,dreambooth --vae sd-share]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VARIANTS = ("baseline", "pixelmill", "pixelmill-nocache")
+LABELS = {
+    "baseline": "baseline (diffusers + PEFT loop)",
+    "pixelmill": "pixelmill, cached latents + text",
+    "pixelmill-nocache": "pixelmill, no caches",
+}
+PARTS = ("data", "vae", "text", "unet fwd", "optim", "bwd + rest")
+TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+LORA_RANK = 4
+LR = {"lora": 1e-4, "dreambooth": 5e-6}  # the two scripts' defaults
+INSTANCE_PROMPT = "a photo of sks dog"
+N_IMAGES = 8
+VAES = {
+    "light": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16),
+    "sd-share": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=32),
+}
+RESULT_TAG = "FINETUNE_RESULT "
+
+
+# -- the model and the data ----------------------------------------------------------------
+
+def build_model(out: Path, vae: str) -> str:
+    """Save an SD-shaped pipeline: benchmark UNet 64/128/256, an 8x VAE, the tiny text encoder."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from pixelmill.models.tiny import TINY_CROSS_ATTENTION_DIM, build_sd_unet_for_benchmark, build_tiny_sd_components
+
+    comps = build_tiny_sd_components()
+    comps["unet"] = build_sd_unet_for_benchmark(block_out_channels=(64, 128, 256),
+                                                cross_attention_dim=TINY_CROSS_ATTENTION_DIM)
+    comps["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                 sample_size=512, **VAES[vae])
+    StableDiffusionPipeline(**comps).save_pretrained(str(out), safe_serialization=True)
+    return str(out)
+
+
+def image_size(resolution: int) -> tuple[int, int]:
+    """Drawn size: larger than the training resolution and not square (so resize and crop both work)."""
+    return resolution * 5 // 4, resolution * 9 // 8
+
+
+def build_data(url: str, resolution: int) -> str:
+    from pixelmill.samples import draw_concept_images, write_image_dataset
+
+    images = draw_concept_images(N_IMAGES, seed=0, size=image_size(resolution))
+    return write_image_dataset(url, images, captions=[INSTANCE_PROMPT] * N_IMAGES)
+
+
+def pixelmill_spec(root: Path, tag: str, model: str, data: str, method: str, cached: bool, args) -> dict[str, Any]:
+    """The job spec ``plan_campaign`` makes for this benchmark's job."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.flows.campaign import plan_campaign
+
+    shutil.rmtree(root / f"campaign-{tag}", ignore_errors=True)  # a fresh cache each run (--workdir reuse)
+    settings = dict(resolution=args.resolution, train_batch_size=args.batch, max_steps=total_steps(args) + 1,
+                    learning_rate=LR[method], center_crop=True, random_flip=True, cache_latents=cached,
+                    cache_text_embeddings=cached, checkpoint_every=10**6, device="cpu", mixed_precision="no",
+                    seed=0)
+    if method == "lora":
+        settings.update(rank=LORA_RANK, alpha=LORA_RANK, target_modules=TARGET_MODULES)
+    else:
+        settings.update(with_prior_preservation=False)
+    cfg = CampaignConfig.model_validate({
+        "output": str(root / f"campaign-{tag}"), "model": model,
+        "concepts": {"dog": {"instance_data": data, "token": "sks", "class_word": "dog",
+                             "instance_prompt": INSTANCE_PROMPT}},
+        "defaults": settings, "jobs": [{"method": method, "concepts": ["dog"]}],
+    })
+    plan = plan_campaign(cfg)
+    assert not plan.class_images and len(plan.jobs) == 1, plan.describe()
+    spec = plan.jobs[0].spec
+    assert spec["concepts"][0]["instance_prompt_text"] == INSTANCE_PROMPT
+    return spec
+
+
+# -- measurement helpers ---------------------------------------------------------------------
+
+class RssPeak:
+    """Peak RSS of this process, sampled every 5 ms in a thread while the block runs."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self.peak = 0
+
+    def __enter__(self) -> "RssPeak":
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._proc.memory_info().rss)
+                self._stop.wait(0.005)
+
+        self.start = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class PartClock:
+    """Seconds per named step part, added to the running variant's table while it runs a timed step."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, float] | None = None
+
+    def add(self, name: str, t0: float) -> None:
+        if self.active is not None:
+            self.active[name] += time.perf_counter() - t0
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.add(name, t0)
+        timed.original = fn
+        return timed
+
+
+CLOCK = PartClock()
+
+
+class Variant:
+    """One variant's step function and what its timed steps measured."""
+
+    def __init__(self, name: str, step, setup_seconds: float, cache_seconds: float | None) -> None:
+        self.name, self.step = name, step
+        self.setup_seconds, self.cache_seconds = setup_seconds, cache_seconds
+        self.times: list[float] = []
+        self.cpu = 0.0
+        self.parts = {p: 0.0 for p in PARTS}
+        self.next_step = 0
+
+    def run(self, timed: bool) -> None:
+        i, self.next_step = self.next_step, self.next_step + 1
+        if not timed:
+            self.step(i)
+            return
+        CLOCK.active = self.parts
+        c0, t0 = time.process_time(), time.perf_counter()
+        try:
+            self.step(i)
+        finally:
+            self.times.append(time.perf_counter() - t0)
+            self.cpu += time.process_time() - c0
+            CLOCK.active = None
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.times)
+        parts = {k: v / n for k, v in self.parts.items()} if n else dict(self.parts)
+        if n:
+            parts["bwd + rest"] = sum(self.times) / n - sum(v for k, v in parts.items() if k != "bwd + rest")
+        return {"step_seconds": self.times, "cpu_per_step": self.cpu / n if n else None, "parts": parts,
+                "setup_seconds": self.setup_seconds, "cache_seconds": self.cache_seconds}
+
+
+# -- the variants -------------------------------------------------------------------------------
+
+def make_baseline(args) -> Variant:
+    """The example scripts' loop (train_text_to_image_lora.py / train_dreambooth.py), fp32, one process."""
+    import io
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from PIL import Image
+    from torchvision import transforms
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pixelmill.datasets import Dataset
+
+    clip_grad_norm_ = getattr(torch.nn.utils.clip_grad_norm_, "original", torch.nn.utils.clip_grad_norm_)
+    t0 = time.perf_counter()
+    model = args.model
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if args.method == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                    target_modules=TARGET_MODULES))
+        params = [p for p in unet.parameters() if p.requires_grad]
+    else:
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LR[args.method], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=total_steps(args))
+
+    # the scripts' dataset: encoded images, decoded and transformed on access; prompts tokenized on access
+    rows = Dataset.open(args.data).to_table(["image", "caption"]).to_pylist()
+    train_transforms = transforms.Compose([
+        transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(args.resolution),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+
+    class ImageDataset(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            image = Image.open(io.BytesIO(rows[i]["image"]["bytes"])).convert("RGB")
+            ids = tokenizer(rows[i]["caption"], max_length=tokenizer.model_max_length, padding="max_length",
+                            truncation=True, return_tensors="pt").input_ids[0]
+            return {"pixel_values": train_transforms(image), "input_ids": ids}
+
+    def collate(examples):
+        pixels = torch.stack([e["pixel_values"] for e in examples]).to(memory_format=torch.contiguous_format)
+        return {"pixel_values": pixels.float(), "input_ids": torch.stack([e["input_ids"] for e in examples])}
+
+    loader = torch.utils.data.DataLoader(ImageDataset(), batch_size=args.batch, shuffle=True, collate_fn=collate,
+                                         num_workers=0, drop_last=True)
+    setup_s = time.perf_counter() - t0
+    # train_dreambooth.py zeroes grads in place (--set_grads_to_none defaults off); the LoRA script sets None
+    set_to_none = args.method == "lora"
+    batches = iter(loader)
+    unet.train()
+
+    def step(_: int) -> None:
+        nonlocal batches
+        t = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:  # next epoch
+            batches = iter(loader)
+            batch = next(batches)
+        CLOCK.add("data", t)
+        t = time.perf_counter()
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+        CLOCK.add("vae", t)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        t = time.perf_counter()
+        hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+        CLOCK.add("text", t)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        t = time.perf_counter()
+        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        CLOCK.add("unet fwd", t)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        loss.backward()
+        t = time.perf_counter()
+        clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=set_to_none)
+        CLOCK.add("optim", t)
+        float(loss.detach())  # the scripts log the loss every step
+
+    return Variant("baseline", step, setup_s, None)
+
+
+def make_pixelmill(name: str, spec_path: str) -> Variant:
+    """pixelmill's trainer on the planned spec: the steady-state loop of ``train_worker``."""
+    import diffusers  # noqa: F401 - imported before the load timer, as the baseline's imports are
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    from diffusers import StableDiffusionPipeline  # noqa: F401
+
+    import pixelmill.models.loading  # noqa: F401
+    import pixelmill.tasks.train.core as core
+    import pixelmill.tasks.train.methods  # noqa: F401
+    from pixelmill.tasks.train.job import _setup, load_or_build_caches
+
+    spec = json.loads(Path(spec_path).read_text())
+    t0 = time.perf_counter()
+    method, data, trainer = _setup(spec, torch.device("cpu"))
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
+    cache_s = time.perf_counter() - t0
+    cached = spec["settings"]["cache_latents"]
+    if cached:
+        assert trainer.latent_cache and trainer.text_cache, "caches were not built"
+    # time the trainer's parts (the wrappers add only while this variant runs a timed step)
+    if not hasattr(core.prepare, "original"):
+        core.prepare = CLOCK.wrap("data", core.prepare)
+    if not hasattr(torch.nn.utils.clip_grad_norm_, "original"):
+        torch.nn.utils.clip_grad_norm_ = CLOCK.wrap("optim", torch.nn.utils.clip_grad_norm_)
+    trainer.latents = CLOCK.wrap("vae", trainer.latents)
+    trainer.encode_text = CLOCK.wrap("text", trainer.encode_text)
+    trainer.unet.forward = CLOCK.wrap("unet fwd", trainer.unet.forward)
+    trainer.optimizer.step = CLOCK.wrap("optim", trainer.optimizer.step)
+    trainer.optimizer.zero_grad = CLOCK.wrap("optim", trainer.optimizer.zero_grad)
+    return Variant(name, trainer.step, setup_s, cache_s if cached else None)
+
+
+def make_variant(name: str, args, spec_path: str | None) -> Variant:
+    return make_baseline(args) if name == "baseline" else make_pixelmill(name, spec_path)
+
+
+def total_steps(args) -> int:
+    return args.warmup + max(args.steps, args.mem_steps)
+
+
+# -- the workers (subprocesses) -------------------------------------------------------------
+
+def worker_memory(args) -> dict[str, Any]:
+    """One variant alone: load, warm up, run ``--mem-steps`` steps; RSS peak over the steps."""
+    v = make_variant(args.variant, args, args.spec[0] if args.spec else None)
+    with RssPeak() as mem:
+        for _ in range(args.warmup):
+            v.run(timed=False)
+        for _ in range(args.mem_steps):
+            v.run(timed=True)
+    return {**v.summary(), "train_peak_bytes": mem.peak, "loaded_bytes": mem.start}
+
+
+def worker_speed(args) -> dict[str, Any]:
+    """All three variants in one process, stepped round-robin (rotating order): same load for each."""
+    specs = dict(zip(VARIANTS, [None] + args.spec))
+    vs = {name: make_variant(name, args, specs[name]) for name in VARIANTS}
+    for _ in range(args.warmup):
+        for v in vs.values():
+            v.run(timed=False)
+    for r in range(args.steps):
+        for name in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
+            vs[name].run(timed=True)
+    return {name: v.summary() for name, v in vs.items()}
+
+
+def worker_main(args) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = worker_memory(args) if args.worker == "memory" else worker_speed(args)
+    out = {"result": out, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB
+           "threads": torch.get_num_threads()}
+    print(RESULT_TAG + json.dumps(out), flush=True)
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+def run_worker(kind: str, method: str, args, model: str, data: str, variant: str | None,
+               specs: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--method", method, "--model", model,
+           "--data", data, "--resolution", str(args.resolution), "--batch", str(args.batch),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--mem-steps", str(args.mem_steps),
+           "--threads", str(args.threads)]
+    if variant:
+        cmd += ["--variant", variant]
+    for spec in specs:
+        cmd += ["--spec", spec]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"{method}/{kind}/{variant} worker failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n"
+                           f"{p.stderr[-5000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}"
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def report(method: str, speed: dict[str, Any], memory: dict[str, Any]) -> dict[str, float]:
+    """Print a method's tables and verdict; returns pixelmill's (cached) ratios against the baseline."""
+    mb = 1 << 20
+    base_t = speed["baseline"]["step_seconds"]
+
+    def paired(v: str) -> float:
+        """Median over rounds of baseline step time / variant step time (same round, same load)."""
+        return statistics.median(b / x for b, x in zip(base_t, speed[v]["step_seconds"]))
+
+    base_m = memory["baseline"]
+    title = (f"LoRA (rank {LORA_RANK}, alpha {LORA_RANK}, {'/'.join(TARGET_MODULES)})" if method == "lora"
+             else "DreamBooth (full UNet, no prior preservation, text encoder frozen)")
+    print(f"\n{title}")
+    print(f"  {'variant':<34}{'steps/s':>8}{'vs base':>9}{'mean steps/s':>14}{'CPU s/step':>12}{'vs base':>9}"
+          f"{'loaded MB':>11}{'train peak MB':>15}{'vs base':>9}{'process max MB':>16}{'vs base':>9}   one-off")
+    for v in VARIANTS:
+        s, m = speed[v], memory[v]
+        steps = s["step_seconds"]
+        notes = f"model load {m['setup_seconds']:.1f} s"
+        if m["cache_seconds"] is not None:
+            notes += f", cache build {m['cache_seconds']:.1f} s"
+        print(f"  {LABELS[v]:<34}{1 / statistics.median(steps):>8.3f}{paired(v):>8.2f}x"
+              f"{len(steps) / sum(steps):>14.3f}{s['cpu_per_step']:>12.2f}"
+              f"{speed['baseline']['cpu_per_step'] / s['cpu_per_step']:>8.2f}x"
+              f"{m['loaded_bytes'] / mb:>11.0f}"
+              f"{m['train_peak_bytes'] / mb:>15.0f}{m['train_peak_bytes'] / base_m['train_peak_bytes']:>8.2f}x"
+              f"{m['max_rss_bytes'] / mb:>16.0f}{m['max_rss_bytes'] / base_m['max_rss_bytes']:>8.2f}x   {notes}")
+    print(f"  wall seconds per step, by part: {'':<2}" + "".join(f"{p:>11}" for p in PARTS))
+    for v in VARIANTS:
+        print(f"  {LABELS[v]:<34}" + "".join(f"{speed[v]['parts'][p]:>11.3f}" for p in PARTS))
+    ratio = paired("pixelmill")
+    mem = memory["pixelmill"]["train_peak_bytes"] / base_m["train_peak_bytes"]
+    met = ratio >= 1.2 and mem <= 1.0
+    print(f"  {method}: target >= 1.2x steps/s (pixelmill cached vs baseline) at no more memory: "
+          f"{'MET' if met else 'NOT MET'}  (steps/s {ratio:.2f}x, train peak RSS {mem:.2f}x = "
+          f"{(memory['pixelmill']['train_peak_bytes'] - base_m['train_peak_bytes']) / mb:+.0f} MB)")
+    return {"speed": ratio, "memory": mem}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=12, help="timed rounds (one step of each variant per round)")
+    p.add_argument("--mem-steps", type=int, default=2, help="steps after warm-up in each memory run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", default="lora,dreambooth")
+    p.add_argument("--vae", choices=sorted(VAES), default="sd-share")
+    p.add_argument("--workdir", default=None, help="keep the model, data and caches here (default: a temp dir)")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=("memory", "speed"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--spec", action="append", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in LR:
+            p.error(f"unknown method {m!r}; choose from {sorted(LR)}")
+    t_start = time.perf_counter()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="pixelmill-bench-finetune-"))
+    root.mkdir(parents=True, exist_ok=True)
+    model = build_model(root / "model", args.vae)
+    data = build_data(str(root / "instance"), args.resolution)
+    vae_desc = "/".join(map(str, VAES[args.vae]["block_out_channels"]))
+    w, h = image_size(args.resolution)
+    print(f"finetune bench: SD-shaped UNet 64/128/256 (17.6M params), VAE {vae_desc} ({args.vae}, 8x), tiny CLIP "
+          f"text encoder (width 32); {N_IMAGES} instance images {w}x{h} -> {args.resolution} px "
+          f"(resize, center crop, random flip), batch {args.batch}, fp32, {args.threads} torch threads")
+    print(f"speed: the 3 variants in one process, {args.warmup} warm-up steps each, then {args.steps} rounds of one "
+          f"step each (rotating order); memory: each variant alone in its own process "
+          f"({args.warmup} + {args.mem_steps} steps)")
+    print(f"machine: {machine()}; torch {torch.__version__}; load average at start {load()}")
+
+    threads = set()
+    for method in methods:
+        specs = {}
+        for v in VARIANTS[1:]:
+            tag = f"{method}-{v}"
+            spec = pixelmill_spec(root, tag, model, data, method, v == "pixelmill", args)
+            specs[v] = str(root / f"spec-{tag}.json")
+            Path(specs[v]).write_text(json.dumps(spec))
+        memory = {}
+        for v in VARIANTS:  # the cached variant builds its cache here (fresh), so the build time is the one-off
+            out = run_worker("memory", method, args, model, data, v, [specs[v]] if v in specs else [])
+            memory[v] = {**out["result"], "max_rss_bytes": out["max_rss_bytes"]}
+            threads.add(out["threads"])
+        out = run_worker("speed", method, args, model, data, None, [specs[v] for v in VARIANTS[1:]])
+        threads.add(out["threads"])
+        report(method, out["result"], memory)
+    print(f"\nload average at end {load()}; total {time.perf_counter() - t_start:.0f} s; "
+          f"torch threads in workers: {sorted(threads)}")
+
+
+if __name__ == "__main__":
+    main()
