@@ -463,3 +463,35 @@ def test_failed_job_is_recorded_and_retried(tiny_models, data, tmp_path):
     assert out["status"] == "finished" and out["error"] is None
     samples = sorted(p.name for p in (Path(spec["dir"]) / "samples").iterdir())
     assert samples == ["final", "step-000001", "step-000002"]  # validation samples every step
+
+
+def test_custom_diffusion_crossattn_trains_q_and_out_too_and_loads(tiny_models, data, tmp_path):
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "custom_diffusion", train="crossattn",
+                             with_prior_preservation=False))
+    out = train_worker(spec)
+    names = [k for k in out["method_obj"].trainable() if k.startswith("unet.")]
+    for part in ("to_k_custom", "to_v_custom", "to_q_custom", "to_out_custom"):
+        assert any(part in k for k in names), part
+    fresh = _fresh(tiny_models)
+    art = Path(spec["dir"]) / "artifacts"
+    fresh.unet.load_attn_procs(str(art), weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=fresh)
+    fresh.load_textual_inversion(str(art), weight_name="<dog1>.safetensors")
+    prompt = "a photo of <dog1> dog"
+    np.testing.assert_allclose(_generate(fresh, prompt), _generate(_trained_pipe(out), prompt), atol=1e-5)
+
+
+def test_aspect_buckets_with_accumulation_train_on_mixed_sizes(tiny_models, data, tmp_path):
+    from pixelmill.tasks.train.job import _setup
+
+    imgs = draw_concept_images(6, seed=4, size=(96, 48))[:3] + draw_concept_images(3, seed=5, size=(48, 96))
+    mixed = write_image_dataset(str(tmp_path / "mixed"), imgs)
+    cfg = campaign(tiny_models, data, tmp_path, "lora", aspect_buckets=True, gradient_accumulation_steps=2,
+                   train_batch_size=2).model_copy(deep=True)
+    cfg.concepts["dog"].instance_data = mixed
+    spec = spec_for(cfg)
+    _, d, trainer = _setup(spec, torch.device("cpu"))
+    assert len({trainer.schedule.batch(b)[0] for b in range(trainer.schedule.per_epoch)}) == 2
+    sizes = {trainer.buckets[trainer.schedule.batch(b)[0]] for b in range(trainer.schedule.per_epoch)}
+    assert all(w != h for w, h in sizes), sizes  # landscape and portrait buckets, not squares
+    losses = [trainer.step(s).loss for s in range(3)]
+    assert all(np.isfinite(x) for x in losses)
