@@ -134,8 +134,12 @@ class Trainer:
             raise ValueError("mixed_precision fp16 needs a CUDA device; use bf16 on CPU")
         if s["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
-            if self.method.trains_text and hasattr(self.te, "gradient_checkpointing_enable"):
-                self.te.gradient_checkpointing_enable()
+            if self.method.trains_text:
+                # transformers 5 renamed it; the old name warns and will go in v6
+                enable = getattr(self.te, "activation_checkpointing_enable", None) or \
+                    getattr(self.te, "gradient_checkpointing_enable", None)
+                if enable is not None:
+                    enable()
         self.unet.train()
         self.te.train(self.method.trains_text)
         self.vae.eval()
