@@ -482,12 +482,14 @@ def finetune_status(config_path: str, args) -> int:
                                              "clip_text_alignment", "clip_image_alignment", "error")} for r in rows]))
         return 0
     print(f"campaign {cfg.output}: {len(rows)} job(s)")
-    print(f"  {'job':<12} {'name':<36} {'method':<18} {'state':<12} {'step':>11} {'loss':>8}  clip text/image")
+    w = min(60, max([4] + [len(r["name"]) for r in rows]))
+    print(f"  {'job':<12} {'name':<{w}} {'method':<18} {'state':<12} {'step':>11} {'loss':>8}  clip text/image")
     for r in rows:
         clip = ("—" if r["clip_text_alignment"] is None
                 else f"{r['clip_text_alignment']:.3f}/{r['clip_image_alignment']:.3f}")
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "—"
-        print(f"  {r['job']:<12} {r['name'][:36]:<36} {r['method']:<18} {r['state']:<12} "
+        name = r["name"] if len(r["name"]) <= w else r["name"][: w - 1] + "…"
+        print(f"  {r['job']:<12} {name:<{w}} {r['method']:<18} {r['state']:<12} "
               f"{str(r['step']) + '/' + str(r['max_steps']):>11} {loss:>8}  {clip}")
         if r["error"]:
             print(f"      error: {r['error']}")
