@@ -536,13 +536,31 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def render_campaign_report(out_file: str, jobs: list[dict[str, Any]]) -> str:
+def _concepts_html(concepts: dict[str, list[dict[str, Any]]]) -> str:
+    """One row of instance-image thumbnails per concept: what the samples should look like."""
+    rows = []
+    for name, cells in concepts.items():
+        figs = []
+        for cell in cells:
+            try:
+                uri, _ = _thumbnail(cell)
+            except Exception:  # noqa: BLE001 - an unreadable reference image is just not shown
+                continue
+            figs.append(f'<figure><div class="frame"><img src="{uri}" alt="{_e(name)}"></div></figure>')
+        rows.append(f'<h3>{_e(name)} <span class="muted">({len(figs)} of its instance images)</span></h3>'
+                    f'<div class="images">{"".join(figs) or "<p class=muted>no readable images</p>"}</div>')
+    return "<h2>Concepts</h2>" + "".join(rows) if rows else ""
+
+
+def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
+                           concepts: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """Write a fine-tuning campaign's report: the results table, then per job its loss curve and samples.
 
     Args:
         out_file: where the HTML goes (the campaign output root, so sample links are relative).
         jobs: per job ``row`` (a results-table row), ``log`` (loss entries), ``samples``
             (index entries with ``file``, ``prompt``, CLIP scores) and ``rel_dir``.
+        concepts: a few instance images (image cells) per concept, shown as the reference.
     """
     head = ("<tr><th>job</th><th>method</th><th>concepts</th><th>varies</th><th>status</th><th>steps</th>"
             "<th>time (s)</th><th>peak MB</th><th>CLIP text</th><th>CLIP image</th><th>final loss</th></tr>")
@@ -583,7 +601,7 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]]) -> str:
             f'</pre></details></div></div></div><h3>Samples</h3>{samples}</section>')
     body = (f'<h2>Results <span class="muted">({len(jobs)} jobs)</span></h2>'
             f'<table class="results"><thead>{head}</thead><tbody>{"".join(body_rows)}</tbody></table>'
-            + "".join(sections))
+            + _concepts_html(concepts or {}) + "".join(sections))
     _write(out_file, _page("pixelmill fine-tuning campaign", body))
     return out_file
 

@@ -274,3 +274,33 @@ def test_is_image_type() -> None:
     assert is_image_type(pa.struct([("bytes", pa.binary()), ("path", pa.null())]))
     assert not is_image_type(pa.binary())
     assert not is_image_type(pa.struct([("bytes", pa.binary())]))
+
+
+def test_campaign_report_shows_results_concepts_curves_and_samples(tmp_path):
+    import json as _json
+
+    from pixelmill.datasets.images import encode_image
+    from pixelmill.report import render_campaign_report
+    from pixelmill.samples import draw_concept_images
+
+    def row(name, lr, status="finished", error=None):
+        return {"job": name[:4], "name": name, "method": "lora", "concepts": ["dog"], "status": status,
+                "step": 4, "max_steps": 4, "seconds": 1.5, "peak_memory_mb": 900.0, "clip_text_alignment": 0.21,
+                "clip_image_alignment": 0.9, "final_loss": 0.5, "artifacts": ["/x/pytorch_lora_weights.safetensors"],
+                "settings": _json.dumps({"learning_rate": lr, "rank": 4}), "error": error}
+
+    log = [{"step": i, "loss": 1.0 / i} for i in range(1, 6)]
+    jobs = [{"row": row("lora-a", 0.001), "log": log, "rel_dir": "jobs/a",
+             "samples": [{"file": "samples/final/000.png", "prompt": "a photo of sks dog", "clip_text_alignment": 0.2}]},
+            {"row": row("lora-b", 0.005, "failed", "TrainingDataError: no rows"), "log": [], "rel_dir": "jobs/b",
+             "samples": []}]
+    cells = [encode_image(im) for im in draw_concept_images(3, seed=0)] + [{"bytes": b"junk", "path": None}]
+    out = render_campaign_report(str(tmp_path / "report.html"), jobs, concepts={"dog": cells})
+    html = (tmp_path / "report.html").read_text()
+    assert out.endswith("report.html")
+    assert "learning_rate=0.001" in html and "learning_rate=0.005" in html and "rank=" not in html  # only what varies
+    assert "failed: TrainingDataError: no rows" in html
+    assert html.count("<polyline") == 2  # one job has a curve (raw + smoothed), the other says so
+    assert "no loss curve yet" in html and "no samples yet" in html
+    assert 'src="jobs/a/samples/final/000.png"' in html
+    assert html.count("data:image/") == 3  # three readable instance thumbnails, the junk one skipped

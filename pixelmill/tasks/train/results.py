@@ -47,6 +47,26 @@ def result_row(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def concept_images(specs: list[dict[str, Any]], per_concept: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """A few instance images per concept (image cells), for the report's reference row."""
+    from pixelmill.datasets import Dataset
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        for c in spec["concepts"]:
+            if c["name"] in out:
+                continue
+            column = spec["settings"]["edited_column"] if spec["method"] == "instruct_pix2pix" \
+                else c.get("image_column", "image")
+            try:
+                ds = Dataset.open(c["instance_data"])
+                first = ds.shard_names()[0]
+                out[c["name"]] = ds.read_shard(first, columns=[column]).column(column).to_pylist()[:per_concept]
+            except (FileNotFoundError, IndexError, KeyError, ValueError):
+                out[c["name"]] = []
+    return out
+
+
 def write_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
     """Write ``results.parquet`` and ``report.html``; returns their URLs."""
     from pixelmill.datasets.writer import write_parquet_file
@@ -62,5 +82,5 @@ def write_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
         jobs.append({"row": row, "log": store.read_log(), "samples": rec.get("samples") or [],
                      "rel_dir": f"jobs/{spec['id']}"})
     report_url = storage.join(output, "report.html")
-    render_campaign_report(report_url, jobs)
+    render_campaign_report(report_url, jobs, concepts=concept_images(specs))
     return table_url, report_url
