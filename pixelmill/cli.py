@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_flow_config(model, path: str, args):
+    """A flow's config from YAML with ``--set`` overrides and ``--limit``; exit 2 naming the field if bad."""
+    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
+    try:
+        return load_config(model, path, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
 def _check_model_path(field: str, value: str | None, kind: str) -> None:
     from pixelmill.models.loading import ModelNotFound, check_model_reference
 
@@ -230,13 +239,7 @@ def prepare_edit(args) -> EditConfig:
     """Validate the config and its inputs before anything starts (no Ray, no server)."""
     from pixelmill.datasets import Dataset, DatasetNotFound
 
-    overrides = list(args.overrides)
-    if args.limit is not None:
-        overrides.append(f"limit={args.limit}")
-    try:
-        cfg = load_config(EditConfig, args.config, overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    cfg = load_flow_config(EditConfig, args.config, args)
     cfg = absolute_paths(cfg)
     try:
         schema = Dataset.open(cfg.input).schema
@@ -318,13 +321,7 @@ def prepare_retrieve(args):
     from pixelmill.config import RetrieveConfig
     from pixelmill.tasks.regularization import check_retrieve_inputs
 
-    overrides = list(args.overrides)
-    if args.limit is not None:
-        overrides.append(f"limit={args.limit}")
-    try:
-        cfg = load_config(RetrieveConfig, args.config, overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    cfg = load_flow_config(RetrieveConfig, args.config, args)
     cfg = cfg.model_copy(update={
         "pool": _local_url(cfg.pool), "output": _local_url(cfg.output),
         "index": _local_url(cfg.index) if cfg.index else None,
@@ -366,13 +363,7 @@ def prepare_finetune(config_path: str, args):
     from pixelmill.config import CampaignConfig
     from pixelmill.flows.campaign import check_campaign_inputs
 
-    overrides = list(args.overrides)
-    if args.limit is not None:
-        overrides.append(f"limit={args.limit}")
-    try:
-        cfg = load_config(CampaignConfig, config_path, overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    cfg = load_flow_config(CampaignConfig, config_path, args)
     model_local = _local_url_if_path
     concepts = {
         name: c.model_copy(update={
@@ -569,11 +560,7 @@ def prepare_pairs(args):
     from pixelmill.config import PairsConfig
     from pixelmill.datasets import Dataset, DatasetNotFound
 
-    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
-    try:
-        cfg = load_config(PairsConfig, args.config, overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    cfg = load_flow_config(PairsConfig, args.config, args)
     images = cfg.images.model_copy(update={"model": _local_url_if_path(cfg.images.model),
                                            "clip_model": _local_url_if_path(cfg.images.clip_model),
                                            "adapters": resolved_adapters("images.adapters", cfg.images.adapters)})
@@ -650,11 +637,7 @@ def prepare_video(args):
     from pixelmill.datasets import DatasetNotFound, config_hash, diff_config
     from pixelmill.flows.video_plan import plan_videos, read_output_config
 
-    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
-    try:
-        cfg = load_config(VideoConfig, args.config, overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+    cfg = load_flow_config(VideoConfig, args.config, args)
     if "://" in cfg.output and not cfg.output.startswith("file://"):
         raise UsageError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
                          "object-store URLs are not supported for video outputs")

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelmill.datasets import storage
+from pixelmill.datasets.writer import write_table_dataset  # noqa: F401 - also used by tests and the demo
 
 Color = tuple[int, int, int]
 
@@ -434,17 +435,3 @@ def write_image_dataset(url: str, images: list[Image.Image], captions: list[str]
     table = pa.table({"id": ids, "image": pa.array([encode_image(im) for im in images], IMAGE_TYPE),
                       "caption": captions})
     return write_table_dataset(url, table, "images", {"source": "pixelmill.samples"})
-
-
-def write_table_dataset(url: str, table, schema_name: str, config: dict, rows_per_shard: int | None = None) -> str:
-    """Write an Arrow table as a complete pixelmill dataset (replacing what is there)."""
-    from pixelmill.datasets import DatasetWriter
-
-    writer = DatasetWriter(url, schema_name, 1, config).open(overwrite=True)
-    step = rows_per_shard or max(1, table.num_rows)
-    for k, start in enumerate(range(0, max(1, table.num_rows), step)):
-        sw = writer.shard(f"{k:05d}")
-        sw.write(table.slice(start, step))
-        sw.commit()
-    writer.finish()
-    return url

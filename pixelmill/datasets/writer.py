@@ -388,3 +388,15 @@ def write_parquet_file(url: str, table: pa.Table) -> None:
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, path)
+
+
+def write_table_dataset(url: str, table, schema_name: str, config: dict, rows_per_shard: int | None = None) -> str:
+    """Write an Arrow table as a complete pixelmill dataset (replacing what is there)."""
+    writer = DatasetWriter(url, schema_name, 1, config).open(overwrite=True)
+    step = rows_per_shard or max(1, table.num_rows)
+    for k, start in enumerate(range(0, max(1, table.num_rows), step)):
+        sw = writer.shard(f"{k:05d}")
+        sw.write(table.slice(start, step))
+        sw.commit()
+    writer.finish()
+    return url

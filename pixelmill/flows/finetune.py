@@ -47,7 +47,7 @@ def generate_class_images(request: ClassImageRequest, num_gpus: float) -> int:
 
     from pixelmill.datasets import DatasetWriter, storage
     from pixelmill.flows.common import plan_shards, run_stage_into_writer
-    from pixelmill.samples import write_table_dataset
+    from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.tasks.stage import Resources
     from pixelmill.tasks.train.class_images import ClassImageGenerator, prompt_rows
 

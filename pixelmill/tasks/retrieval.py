@@ -704,21 +704,18 @@ class ExactScanner:
     @staticmethod
     def _record_rejects(out: dict[str, list], block: Any, skipped: np.ndarray,
                         part_skip: dict[int, str] | None, hits: BlockHits) -> None:
-        found = [(hits.nonfinite, BAD_NONFINITE), (hits.zero, BAD_ZERO)]
-        if len(skipped):
-            out["id"] += block.ids_at(skipped)
-            out["part"] += [block.part] * len(skipped)
-            out["row"] += (skipped + block.start).tolist()
-            out["error"] += [part_skip[int(r) + block.start] for r in skipped]
-            out["stage"] += [VALIDATE_STAGE] * len(skipped)
-        for rows, reason in found:
+        groups = [(skipped, [part_skip[int(r) + block.start] for r in skipped] if len(skipped) else [],
+                   VALIDATE_STAGE)]
+        for rows, reason in ((hits.nonfinite, BAD_NONFINITE), (hits.zero, BAD_ZERO)):
             rows = np.setdiff1d(rows, skipped)
+            groups.append((rows, [reason] * len(rows), SCAN_STAGE))
+        for rows, errors, stage in groups:
             if len(rows):
                 out["id"] += block.ids_at(rows)
                 out["part"] += [block.part] * len(rows)
                 out["row"] += (rows + block.start).tolist()
-                out["error"] += [reason] * len(rows)
-                out["stage"] += [SCAN_STAGE] * len(rows)
+                out["error"] += errors
+                out["stage"] += [stage] * len(rows)
 
 
 def scan_pool(

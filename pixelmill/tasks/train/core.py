@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from pixelmill.tasks.train.data import (
-    Augment, BatchSchedule, Prepared, Sample, TrainingData, bucket_sizes, generator, nearest_bucket, prepare, shard,
+    Augment, BatchSchedule, Prepared, Sample, TrainingData, bucket_sizes, generator, nearest_bucket, prepare,
+    prompt_key, shard,
 )
 from pixelmill.tasks.train.methods import Method
 
@@ -86,7 +87,7 @@ class Trainer:
         rank / world: this worker's place in a data-parallel group (torch.distributed
             must be initialised when ``world > 1``).
         latent_cache: optional ``{(sample id, flip): (mean, std)}`` VAE posteriors.
-        text_cache: optional ``{prompt: embedding}`` for methods with fixed text.
+        text_cache: optional ``{prompt_key(prompt): embedding}`` for methods with fixed text.
         vae_multiple: pixel sizes must be multiples of this (bucket sizes).
     """
 
@@ -144,13 +145,6 @@ class Trainer:
         self.te.train(self.method.trains_text)
         self.vae.eval()
         self._null_text: torch.Tensor | None = None
-
-    # -- state ----------------------------------------------------------------------------
-    def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
     # -- one step -------------------------------------------------------------------------
     def step(self, step: int) -> StepLog:
@@ -276,8 +270,9 @@ class Trainer:
         return dist.mean[0], dist.std[0]
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        if self.text_cache is not None and self.method.text_is_fixed() and all(p in self.text_cache for p in prompts):
-            return torch.stack([self.text_cache[p] for p in prompts]).to(self.device)
+        keys = [prompt_key(p) for p in prompts] if self.text_cache is not None else []
+        if keys and self.method.text_is_fixed() and all(k in self.text_cache for k in keys):
+            return torch.stack([self.text_cache[k] for k in keys]).to(self.device)
         ids = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids.to(self.device)
         if self.method.trains_text:
@@ -318,8 +313,3 @@ class Trainer:
             count += len(samples)
         return total / count
 
-
-def run_steps(trainer: Trainer, start: int, stop: int, on_step: Callable[[StepLog], None]) -> None:
-    """Run steps ``start..stop-1``, calling ``on_step`` after each (logging, checkpoints, samples)."""
-    for step in range(start, stop):
-        on_step(trainer.step(step))

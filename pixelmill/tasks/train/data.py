@@ -35,6 +35,11 @@ class TrainingDataError(ValueError):
     """Training data that cannot be used; raised before training starts, naming the dataset."""
 
 
+def prompt_key(prompt: str) -> str:
+    """The key of a prompt's cached text embedding."""
+    return hashlib.sha1(prompt.encode()).hexdigest()
+
+
 def derived_seed(*parts: Any) -> int:
     """A 63-bit seed from any values (stable across processes and machines)."""
     digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
@@ -179,7 +184,7 @@ def prepare(sample: Sample, size: tuple[int, int], aug: Augment, seed: int, step
     scale = 1.0
     if aug.rescale and sample.kind == "instance":
         scale = 0.4 + 1.0 * torch.rand((), generator=g).item()
-    img, src, box = _cover_crop(img, src, (w, h), aug.center_crop, g)
+    img, src = _cover_crop(img, src, (w, h), aug.center_crop, g)
     if scale < 0.95:
         sw, sh = max(1, int(w * scale)), max(1, int(h * scale))
         ox = int(torch.randint(0, w - sw + 1, (), generator=g))
@@ -219,7 +224,7 @@ def _cover_crop(img, src, size, center: bool, g):
     box = (ox, oy, ox + w, oy + h)
     if src is not None and src.size != img.size:
         src = src.resize(img.size, Image.BICUBIC)
-    return img.crop(box), (src.crop(box) if src is not None else None), box
+    return img.crop(box), (src.crop(box) if src is not None else None)
 
 
 def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:

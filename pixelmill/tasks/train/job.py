@@ -29,7 +29,9 @@ import torch
 
 from pixelmill.datasets import storage
 from pixelmill.tasks.train.checkpoint import JobStore
-from pixelmill.tasks.train.data import Sample, TrainingData, TrainingDataError, derived_seed, read_image_rows
+from pixelmill.tasks.train.data import (
+    Sample, TrainingData, TrainingDataError, derived_seed, prompt_key, read_image_rows,
+)
 
 STATUS_FINISHED = "finished"
 STATUS_RUNNING = "running"
@@ -116,7 +118,7 @@ def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) 
                 from pixelmill.tasks.train.data import nearest_bucket
 
                 bucket = trainer.buckets[nearest_bucket(x.size, trainer.buckets)]
-            img, _, _ = _cover_crop(_open(x.image), None, bucket, True, None)
+            img, _ = _cover_crop(_open(x.image), None, bucket, True, None)
             for flip in (False, True):
                 im = img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
                 mean, std = trainer.posterior(pixel_tensor(im))
@@ -131,7 +133,7 @@ def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) 
         for i in range(0, len(prompts), 16):
             chunk = prompts[i:i + 16]
             emb = trainer.encode_text(chunk).detach().cpu()
-            text.update(dict(zip(chunk, emb)))
+            text.update(zip((prompt_key(p) for p in chunk), emb))
     return latents, text
 
 
@@ -145,13 +147,11 @@ def _cache_to_bytes(latents: dict | None, text: dict | None) -> tuple[bytes | No
             flat[f"{sid}|{int(flip)}|mean"], flat[f"{sid}|{int(flip)}|std"] = m.contiguous(), sd.contiguous()
         lb = save(flat)
     if text is not None:
-        tb = save({hashlib.sha1(p.encode()).hexdigest(): e.contiguous() for p, e in text.items()},
-                  metadata={"prompts": json.dumps({hashlib.sha1(p.encode()).hexdigest(): p for p in text})})
+        tb = save({k: e.contiguous() for k, e in text.items()})
     return lb, tb
 
 
 def _cache_from_storage(spec: dict[str, Any]) -> tuple[dict | None, dict | None]:
-    from safetensors import safe_open
     from safetensors.torch import load
 
     cache = spec.get("cache") or {}
@@ -164,34 +164,47 @@ def _cache_from_storage(spec: dict[str, Any]) -> tuple[dict | None, dict | None]
             latents.setdefault((sid, flip == "1"), [None, None])[0 if part == "mean" else 1] = v
         latents = {k: tuple(v) for k, v in latents.items()}
     if cache.get("text") and storage.exists(cache["text"]):
-        raw = storage.read_bytes(cache["text"])
-        with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
-            f.write(raw)
-            f.flush()
-            with safe_open(f.name, "pt") as sf:
-                names = json.loads(sf.metadata()["prompts"])
-        text = {names[k]: v for k, v in load(raw).items()}
+        text = load(storage.read_bytes(cache["text"]))
     return latents, text
 
 
 def load_or_build_caches(spec, trainer, data, method) -> tuple[dict | None, dict | None]:
-    """Read the job's caches from storage, building (and storing) the missing ones."""
+    """Read the job's caches from storage, building (and storing) the missing ones.
+
+    In a data-parallel job with cache URLs, rank 0 builds what is missing and the other
+    workers wait for it and read the stored files, so the work is done once.
+    """
     allowed = cache_allowed(spec, method)
     if not any(allowed.values()):
         return None, None
+    urls = spec.get("cache") or {}
+    shared = trainer.world > 1 and all(urls.get(k) for k, on in allowed.items() if on)
+    if shared and trainer.rank != 0:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has stored every missing cache
+        return _allowed_only(_cache_from_storage(spec), allowed)
     latents, text = _cache_from_storage(spec)
     need = {"latents": allowed["latents"] and latents is None, "text": allowed["text"] and text is None}
     if any(need.values()):
         built = build_caches(trainer, data, method, need)
         lb, tb = _cache_to_bytes(*built)
         for kind, blob in (("latents", lb), ("text", tb)):
-            url = (spec.get("cache") or {}).get(kind)
-            if blob is not None and url:
-                tmp = f"{url}.{os.getpid()}.tmp"
+            if blob is not None and urls.get(kind):
+                tmp = f"{urls[kind]}.{os.getpid()}.tmp"
                 storage.write_bytes(tmp, blob)
-                storage.move(tmp, url)
+                storage.move(tmp, urls[kind])
         latents = latents if latents is not None else built[0]
         text = text if text is not None else built[1]
+    if shared:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return _allowed_only((latents, text), allowed)
+
+
+def _allowed_only(caches: tuple[dict | None, dict | None], allowed: dict[str, bool]):
+    latents, text = caches
     return (latents if allowed["latents"] else None), (text if allowed["text"] else None)
 
 
@@ -287,7 +300,7 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
     if steps:
         ckpt = store.load_checkpoint(steps[-1])
         method.load_state(ckpt["model"])
-        trainer.load_optimizer_state(ckpt["optimizer"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
         if trainer.ema is not None and ckpt["ema"] is not None:
             trainer.ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
             trainer.ema.updates = ckpt["state"].get("ema_updates", steps[-1])
@@ -319,7 +332,7 @@ def _checkpoint(store, trainer, method, step, rank, world, log, s) -> None:
     if rank == 0:
         ema = {k: v.detach().cpu() for k, v in trainer.ema.shadow.items()} if trainer.ema is not None else None
         extra = {"ema_updates": trainer.ema.updates if trainer.ema else 0}
-        store.save_checkpoint(step, method.state(), trainer.optimizer_state(), ema, extra, s["keep_checkpoints"])
+        store.save_checkpoint(step, method.state(), trainer.optimizer.state_dict(), ema, extra, s["keep_checkpoints"])
         store.write_log(log)
     if world > 1:
         import torch.distributed as dist

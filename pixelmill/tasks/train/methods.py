@@ -61,6 +61,7 @@ class Method:
     """
 
     name = ""
+    pipeline_class = "StableDiffusionPipeline"
     prior = False
     trains_text = False
     use_ema_default = False
@@ -118,11 +119,12 @@ class Method:
         raise NotImplementedError
 
     def pipeline(self, scheduler=None):
-        """A diffusers pipeline with the trained weights in memory (validation, evaluation)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        """A diffusers pipeline (``pipeline_class``) with the trained weights in memory."""
+        import diffusers
+        from diffusers import DDIMScheduler
 
         p = self.parts
-        return StableDiffusionPipeline(
+        return getattr(diffusers, self.pipeline_class)(
             vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
             scheduler=scheduler or DDIMScheduler.from_config(p["scheduler"].config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
@@ -366,6 +368,7 @@ class InstructPix2Pix(Method):
     """
 
     name = "instruct_pix2pix"
+    pipeline_class = "StableDiffusionInstructPix2PixPipeline"
     use_ema_default = True
 
     def setup(self) -> None:
@@ -385,16 +388,6 @@ class InstructPix2Pix(Method):
 
     def unet_input(self, noisy, batch):
         return torch.cat([noisy, batch["source_latents"]], dim=1)
-
-    def pipeline(self, scheduler=None):
-        from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
-
-        p = self.parts
-        return StableDiffusionInstructPix2PixPipeline(
-            vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
-            scheduler=scheduler or DDIMScheduler.from_config(p["scheduler"].config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
 
     def save(self, out_dir):
         self.pipeline().save_pretrained(str(out_dir), safe_serialization=True)

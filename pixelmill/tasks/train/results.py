@@ -26,11 +26,18 @@ RESULTS_SCHEMA = pa.schema([
 ])
 
 
-def result_row(spec: dict[str, Any]) -> dict[str, Any]:
-    """The results-table row of one job (``not started`` when it has no record yet)."""
+def _job_files(spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     store = JobStore(spec["dir"])
-    rec = store.record() or {}
-    log = store.read_log()
+    return store.record() or {}, store.read_log()
+
+
+def result_row(spec: dict[str, Any], files: tuple[dict, list] | None = None) -> dict[str, Any]:
+    """The results-table row of one job (``not started`` when it has no record yet).
+
+    Args:
+        files: the job's record and loss log when the caller has read them already.
+    """
+    rec, log = files or _job_files(spec)
     metrics = rec.get("metrics") or {}
     artifacts = [storage.join(spec["dir"], "artifacts", a) for a in (rec.get("artifacts") or [])]
     peak = rec.get("peak_memory_bytes")
@@ -72,15 +79,12 @@ def write_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
     from pixelmill.datasets.writer import write_parquet_file
     from pixelmill.report import render_campaign_report
 
-    rows = [result_row(s) for s in specs]
+    files = [_job_files(s) for s in specs]
+    rows = [result_row(s, f) for s, f in zip(specs, files)]
     table_url = storage.join(output, "results.parquet")
     write_parquet_file(table_url, pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-    jobs = []
-    for spec, row in zip(specs, rows):
-        store = JobStore(spec["dir"])
-        rec = store.record() or {}
-        jobs.append({"row": row, "log": store.read_log(), "samples": rec.get("samples") or [],
-                     "rel_dir": f"jobs/{spec['id']}"})
+    jobs = [{"row": row, "log": log, "samples": rec.get("samples") or [], "rel_dir": f"jobs/{spec['id']}"}
+            for spec, row, (rec, log) in zip(specs, rows, files)]
     report_url = storage.join(output, "report.html")
     render_campaign_report(report_url, jobs, concepts=concept_images(specs))
     return table_url, report_url
