@@ -1,0 +1,280 @@
+"""What every bulk-edit stage shares: the output schema, row seeds, prompt templates, ``BulkEditor``.
+
+``BulkEditor`` reads and normalises rows, rejects the bad ones with their reason,
+groups the rest by size, edits them in batches (one generator per row, seeded by the
+row id and the config seed, so a row's noise never depends on its batch), isolates
+failures row by row and scores the results; subclasses implement ``edit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from pixelmill.datasets.images import IMAGE_TYPE, ImageError, encode_image, normalize_image
+from pixelmill.tasks.metrics import ClipScorer, rgb_rmse
+from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT, Resources, RowError, Stage
+
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("input_image", IMAGE_TYPE),
+        ("edited_image", IMAGE_TYPE),
+        ("edit_prompt", pa.string()),
+        ("caption", pa.string()),
+        ("method", pa.string()),
+        ("strength", pa.float64()),
+        ("t0_steps", pa.int64()),
+        ("steps", pa.int64()),
+        ("guidance_scale", pa.float64()),
+        ("image_guidance_scale", pa.float64()),
+        ("seed", pa.int64()),
+        ("l2", pa.float64()),
+        ("clip_image_text", pa.float64()),
+        ("clip_direction", pa.float64()),
+        ("model", pa.string()),
+        ("model_hash", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("stage", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+
+
+def row_seed(config_seed: int, row_id: str) -> int:
+    """A 63-bit seed derived from the config seed and the row id (stable across runs)."""
+    h = hashlib.blake2b(f"{config_seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def template_fields(template: str | None) -> list[str]:
+    """The ``{column}`` names a prompt template uses (``{{`` and ``}}`` are literal braces)."""
+    import string
+
+    if not template:
+        return []
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def fill_template(template: str | None, row: dict) -> str | None:
+    """Fill ``{column}`` placeholders from the row; a missing or empty value is a row error."""
+    fields = template_fields(template)
+    if not fields:
+        return template
+    values = {}
+    for f in fields:
+        v = row.get(f)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise RowError(f"missing {f!r} for the prompt template")
+        values[f] = v
+    return template.format_map(values)
+
+
+def input_columns(config: dict[str, Any]) -> list[str]:
+    """The input columns the edit stage reads (``id`` first, then image, texts, templates)."""
+    cols = ["id", config["image_column"]]
+    for key in ("caption_column", "prompt_column", "instruction_column"):
+        if config.get(key):
+            cols.append(config[key])
+    for key in ("prompt", "instruction"):
+        cols += template_fields(config.get(key))
+    for key in ("mask_column", "stroke_column"):
+        if config.get(key):
+            cols.append(config[key])
+    return list(dict.fromkeys(cols))
+
+
+class BulkEditor(Stage):
+    """Shared row handling of the edit stages; subclasses implement ``edit``.
+
+    Args:
+        config: the bulk-edit config as a dict (``EditConfig.model_dump()``).
+        resources: CPUs/GPUs per worker.
+    """
+
+    name = "edit"
+    method = ""
+    text_key = "prompt"
+    extra_fields: tuple[pa.Field, ...] = ()
+
+    def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
+        super().__init__(config, resources)
+        self.pipe = None
+        self.clip: ClipScorer | None = None
+
+    def setup(self) -> None:
+        from pixelmill.models.device import resolve_device, resolve_dtype
+        from pixelmill.models.loading import model_fingerprint
+
+        self.device = resolve_device(self.config["device"])
+        self.dtype = resolve_dtype(self.config["dtype"], self.device)
+        self.pipe = self.load_pipeline()
+        self.model_hash = model_fingerprint(self.config["model"])
+        if self.config.get("adapters"):
+            from pixelmill.models.adapters import apply_adapters
+
+            from pixelmill.models.adapters import adapter_fingerprint
+
+            self.adapters = apply_adapters(self.pipe, self.config["adapters"])
+            self.model_hash += "+" + "+".join(adapter_fingerprint(a["path"]) for a in self.config["adapters"])
+        if self.config.get("clip_model"):
+            self.clip = ClipScorer(self.config["clip_model"], device=str(self.device))
+
+    def load_pipeline(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def edit(self, images: list[Image.Image], texts: list[str], seeds: list[int]) -> list[dict]:
+        """Edit same-size images; one dict per row with ``image`` and method fields, or ``reject``."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        """``OUTPUT_SCHEMA`` plus this editor's own result columns (``extra_fields``)."""
+        return pa.schema(list(OUTPUT_SCHEMA) + list(self.extra_fields))
+
+    def row_inputs(self, row: dict, image: Image.Image) -> dict:
+        """Per-row inputs beyond image and text (a mask, a guide image); a ``RowError`` rejects the row.
+
+        Args:
+            row: the input row.
+            image: the row's image, normalised to the working size.
+        """
+        return {}
+
+    def edit_chunk(self, chunk: list[tuple]) -> list[dict]:
+        """Edit one chunk of ``(index, image, text, seed, inputs)`` items (``inputs``: from ``row_inputs``)."""
+        return self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
+
+    def _row_text(self, row: dict) -> str:
+        """The row's prompt/instruction: its column, or the config text with ``{column}`` filled in."""
+        c = self.config
+        column = c.get(f"{self.text_key}_column")
+        text = row.get(column) if column else fill_template(c.get(self.text_key), row)
+        if not isinstance(text, str) or not text.strip():
+            raise RowError(f"missing {self.text_key}" + (f" in column {column!r}" if column else ""))
+        return text
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        c = self.config
+        rows = batch.to_pylist()
+        out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
+        groups: dict[tuple[int, int], list[tuple[int, Image.Image, str, int, dict]]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            try:
+                raw = row.get(c["image_column"])
+                if raw is None:
+                    raise RowError(f"missing image in column {c['image_column']!r}")
+                data = raw["bytes"] if isinstance(raw, dict) else raw
+                try:
+                    image = normalize_image(data or b"", c["resolution"], c["max_pixels"])
+                except ImageError as e:
+                    raise RowError(str(e)) from None
+                text = self._row_text(row)
+                extra = self.row_inputs(row, image)
+            except RowError as e:
+                out[i] = self._reject(row, e.reason)
+                continue
+            groups[image.size].append((i, image, text, row_seed(c["seed"], str(row["id"])), extra))
+
+        for items in groups.values():
+            for start in range(0, len(items), c["batch_size"]):
+                chunk = items[start : start + c["batch_size"]]
+                results = self._edit_isolating_failures(chunk)
+                self._score(rows, chunk, results)
+                for (i, image, text, seed, _), res in zip(chunk, results):
+                    if res.get("reject"):
+                        out[i] = self._reject(rows[i], res["reject"])
+                    else:
+                        out[i] = self._ok(rows[i], image, text, seed, res)
+        return pa.Table.from_pylist(out, schema=self.output_schema)
+
+    def _edit_isolating_failures(self, chunk) -> list[dict]:
+        """Edit a chunk; if it fails, retry row by row so one bad row cannot sink the batch.
+
+        A row that fails on its own becomes a reject naming the exception (a batch failure
+        such as running out of memory is retried at batch size 1 first).
+        """
+        try:
+            return self.edit_chunk(chunk)
+        except Exception as batch_error:  # noqa: BLE001 - isolate, then report per row
+            if len(chunk) == 1:
+                return [{"reject": f"edit_failed: {type(batch_error).__name__}: {batch_error}"[:500]}]
+        return [self._edit_isolating_failures([x])[0] for x in chunk]
+
+    def _score(self, rows, chunk, results) -> None:
+        idx = [k for k, r in enumerate(results) if not r.get("reject")]
+        for k in idx:
+            if "l2" not in results[k]:
+                results[k]["l2"] = rgb_rmse(chunk[k][1], results[k]["image"])
+        if self.clip is None or not idx:
+            return
+        cap = self.config.get("caption_column")
+        img_text, direction = self.clip.score(
+            [chunk[k][1] for k in idx],
+            [results[k]["image"] for k in idx],
+            [chunk[k][2] for k in idx],
+            [rows[chunk[k][0]].get(cap) if cap else None for k in idx],
+        )
+        for j, k in enumerate(idx):
+            results[k]["clip_image_text"] = img_text[j]
+            results[k]["clip_direction"] = direction[j]
+
+    def _base(self, row: dict) -> dict:
+        cap = self.config.get("caption_column")
+        return {
+            "id": str(row.get("id")),
+            "caption": row.get(cap) if cap else None,
+            "method": self.method,
+            "steps": self.config["steps"],
+            "guidance_scale": self.config["guidance_scale"],
+            "model": self.config["model"],
+            "shard": row.get("shard"),
+        }
+
+    def _reject(self, row: dict, reason: str) -> dict:
+        return {**self._base(row), "status": STATUS_REJECT, "error": reason, "stage": self.name}
+
+    def _ok(self, row: dict, image: Image.Image, text: str, seed: int, res: dict) -> dict:
+        edited: Image.Image = res["image"]
+        return {
+            **self._base(row),
+            "input_image": encode_image(image),
+            "edited_image": encode_image(edited),
+            "edit_prompt": text,
+            "strength": res.get("strength"),
+            "t0_steps": res.get("t0_steps"),
+            "image_guidance_scale": res.get("image_guidance_scale"),
+            "seed": seed,
+            "l2": res.get("l2"),
+            "clip_image_text": res.get("clip_image_text"),
+            "clip_direction": res.get("clip_direction"),
+            "model_hash": self.model_hash,
+            "width": edited.width,
+            "height": edited.height,
+            "status": STATUS_OK,
+            **{f.name: res.get(f.name) for f in self.extra_fields},
+        }
+
+    def generators(self, seeds: list[int]):
+        import torch
+
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def _with_safety(result, extras: list[dict]) -> list[dict]:
+    """Pair pipeline images with extras; a safety-flagged image becomes a ``nsfw`` reject."""
+    from pixelmill.models.loading import safety_flags
+
+    flags = safety_flags(result)
+    return [
+        {"reject": "nsfw"} if flagged else {"image": image, **extra}
+        for image, flagged, extra in zip(result.images, flags, extras)
+    ]

@@ -1,0 +1,31 @@
+"""InstructPix2Pix: edit each image by a written instruction."""
+
+from __future__ import annotations
+
+from pixelmill.tasks.edit.base import BulkEditor, _with_safety
+
+
+class InstructPix2PixEditor(BulkEditor):
+    """InstructPix2Pix: edit each image by a written instruction (text and image guidance)."""
+
+    method = "instruct_pix2pix"
+    text_key = "instruction"
+
+    def load_pipeline(self):
+        from pixelmill.models.loading import load_instruct_pix2pix_pipeline
+
+        return load_instruct_pix2pix_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+
+    def edit(self, images, texts, seeds):
+        c = self.config
+        negative = [c["negative_prompt"]] * len(texts) if c.get("negative_prompt") else None
+        result = self.pipe(
+            prompt=texts,
+            image=images,
+            num_inference_steps=c["steps"],
+            guidance_scale=c["guidance_scale"],
+            image_guidance_scale=c["image_guidance_scale"],
+            negative_prompt=negative,
+            generator=self.generators(seeds),
+        )
+        return _with_safety(result, [{"image_guidance_scale": c["image_guidance_scale"]} for _ in images])

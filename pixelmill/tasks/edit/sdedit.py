@@ -1,0 +1,239 @@
+"""SDEdit: ``SDEditEditor`` (fixed strength, or the per-image t0 search) and the ``sdedit_steps`` loop.
+
+``sdedit_steps`` denoises rows noised to different steps in one batch, which is what
+lets the t0 search try every row's candidate at once; with masks it is also the loop
+of masked SDEdit (see :mod:`pixelmill.tasks.edit.masked_sdedit`), so the compositing
+helpers it ends with (``paste_outside_mask``, ``unedited_output``) live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pixelmill.tasks.edit.base import BulkEditor, _with_safety
+from pixelmill.tasks.metrics import rgb_rmse
+
+
+class SDEditEditor(BulkEditor):
+    """SDEdit: noise the image to t0 and denoise with the prompt.
+
+    ``strength`` in (0, 1] runs the diffusers image-to-image pipeline (any family the
+    Auto pipeline loads). ``strength: auto`` searches, per image, the largest whole
+    number of noised steps whose output stays within ``target_l2`` of the input, by
+    binary search batched across rows; that needs an SD-shaped pipeline.
+    """
+
+    method = "sdedit"
+    text_key = "prompt"
+
+    def load_pipeline(self):
+        from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped
+
+        pipe = load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+        if self.config["strength"] == "auto":
+            require_sd_shaped(pipe, "SDEdit t0 search")
+        return pipe
+
+    def edit(self, images, texts, seeds):
+        c = self.config
+        if c["strength"] == "auto":
+            return self._search(images, texts, seeds)
+        negative = [c["negative_prompt"]] * len(texts) if c.get("negative_prompt") else None
+        result = self.pipe(
+            prompt=texts,
+            image=images,
+            strength=c["strength"],
+            num_inference_steps=c["steps"],
+            guidance_scale=c["guidance_scale"],
+            negative_prompt=negative,
+            generator=self.generators(seeds),
+        )
+        k = min(int(c["steps"] * c["strength"]), c["steps"])
+        return _with_safety(result, [{"strength": k / c["steps"], "t0_steps": k} for _ in images])
+
+    def _search(self, images, texts, seeds, masks=None, originals=None) -> list[dict]:
+        """Binary-search t0 per row; ``masks``/``originals`` make it masked SDEdit (see ``sdedit_steps``).
+
+        The faithfulness measured is RMSE to ``images`` (SDEdit's guides).
+        """
+        c = self.config
+        steps, target = c["steps"], c["target_l2"]
+        n = len(images)
+        lo, hi = [0] * n, [steps] * n
+        best: list[dict | None] = [None] * n
+        nsfw: set[int] = set()
+        while True:
+            active = [i for i in range(n) if lo[i] < hi[i]]
+            if not active:
+                break
+            mids = {i: (lo[i] + hi[i] + 1) // 2 for i in active}
+            outs, flags = sdedit_steps(
+                self.pipe, [images[i] for i in active], [texts[i] for i in active],
+                [mids[i] for i in active], steps, c["guidance_scale"], c.get("negative_prompt"),
+                [seeds[i] for i in active],
+                masks=[masks[i] for i in active] if masks is not None else None,
+                originals=[originals[i] for i in active] if originals is not None else None,
+            )
+            for j, i in enumerate(active):
+                if flags[j]:
+                    nsfw.add(i)
+                    lo[i] = hi[i]
+                    continue
+                l2 = rgb_rmse(images[i], outs[j])
+                if l2 <= target:
+                    lo[i] = mids[i]
+                    best[i] = {"image": outs[j], "l2": l2}
+                else:
+                    hi[i] = mids[i] - 1
+        results = []
+        for i in range(n):
+            unedited = unedited_output(images[i], masks[i] if masks is not None else None,
+                                       originals[i] if originals is not None else None)
+            b = best[i] or {"image": unedited, "l2": rgb_rmse(images[i], unedited)}
+            if i in nsfw:
+                results.append({"reject": "nsfw"})
+            else:
+                results.append({"image": b["image"], "l2": b["l2"], "t0_steps": lo[i],
+                                "strength": lo[i] / steps})
+        return results
+
+
+def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds, masks=None, originals=None):
+    """SDEdit with a different number of noised steps ``k`` per row, in one batch.
+
+    Each row is noised to the timestep ``steps - k`` places from the start of a
+    ``steps``-step DDIM schedule (as diffusers' img2img does for strength ``k/steps``)
+    and denoised from there; rows join the batch when their start step comes. ``k = 0``
+    returns the input unchanged.
+
+    With ``masks`` this is masked SDEdit (the SDEdit paper's editing and compositing):
+    outside each row's mask, max-pooled to latent resolution, the latent is replaced
+    after the initial noising and after every step by the original's latent noised to
+    that step with the row's noise (the clean latent after the last step); after
+    decoding, the original's pixels are pasted back outside the pixel mask, so they
+    come back bit for bit.
+
+    Args:
+        pipe: an SD-shaped pipeline (see ``require_sd_shaped``).
+        images: same-size RGB images, SDEdit's guides.
+        texts: one prompt per row.
+        ks: noised steps per row, 0 to ``steps``.
+        steps: DDIM steps of the full schedule.
+        guidance: classifier-free guidance scale (off at 1 or below).
+        negative: negative prompt for every row, or None.
+        seeds: one generator seed per row.
+        masks: optional bool arrays (H, W), True where a row may change.
+        originals: with ``masks``, the images kept outside them (default: ``images``);
+            a row whose original is not its guide encodes both, drawing from its
+            generator in the order guide, original, noise.
+
+    Returns:
+        (images, nsfw flags)
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    device = pipe.unet.device
+    dtype = pipe.unet.dtype
+    n = len(images)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps, device=device)
+    timesteps = sched.timesteps
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    cfg = guidance > 1.0
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(
+            texts, device, 1, cfg, negative_prompt=[negative] * n if negative else None
+        )
+        sf = pipe.vae.config.scaling_factor
+
+        def encode(ims, rows):
+            x = pipe.image_processor.preprocess(ims).to(device=device, dtype=dtype)
+            return [pipe.vae.encode(x[j : j + 1]).latent_dist.sample(gens[i]) * sf for j, i in enumerate(rows)]
+
+        lat0 = torch.cat(encode(images, range(n)))
+        keep0 = lmask = None
+        if masks is not None:
+            originals = list(originals) if originals is not None else list(images)
+            own = [i for i in range(n) if originals[i] is not images[i]]
+            keep0 = lat0.clone()
+            if own:
+                keep0[own] = torch.cat(encode([originals[i] for i in own], own))
+            lmask = torch.stack([
+                torch.nn.functional.adaptive_max_pool2d(
+                    torch.from_numpy(np.asarray(m, dtype=np.float32))[None], tuple(lat0.shape[-2:]))
+                for m in masks
+            ]).to(device=device, dtype=dtype)
+        noise = torch.cat(
+            [torch.randn(lat0[i : i + 1].shape, generator=gens[i], dtype=torch.float32) for i in range(n)]
+        ).to(device=device, dtype=dtype)
+
+        def keep_outside(rows, t):
+            """Outside the latent masks, the original latent noised to ``t`` (clean for t < 0)."""
+            kept = keep0[rows] if t < 0 else sched.add_noise(keep0[rows], noise[rows], t.reshape(1))
+            return lmask[rows] * lat[rows] + (1 - lmask[rows]) * kept
+
+        lat = lat0.clone()
+        alphas = sched.alphas_cumprod.to(device)
+        final_alpha = sched.final_alpha_cumprod.to(device)
+        stride = sched.config.num_train_timesteps // steps
+        for i, k in enumerate(ks):
+            if k > 0:
+                t = timesteps[steps - k]
+                lat[i : i + 1] = sched.add_noise(lat0[i : i + 1], noise[i : i + 1], t.reshape(1))
+                if lmask is not None:
+                    lat[i : i + 1] = keep_outside([i], t)
+        for j, t in enumerate(timesteps):
+            act = [i for i, k in enumerate(ks) if k > 0 and j >= steps - k]
+            if not act:
+                continue
+            xa = lat[act]
+            ca = cond[act]
+            if cfg:
+                eps = pipe.unet(torch.cat([xa, xa]), t, encoder_hidden_states=torch.cat([uncond[act], ca])).sample
+                eu, ec = eps.chunk(2)
+                eps = eu + guidance * (ec - eu)
+            else:
+                eps = pipe.unet(xa, t, encoder_hidden_states=ca).sample
+            a_t = alphas[t]
+            prev = t - stride
+            a_prev = alphas[prev] if prev >= 0 else final_alpha
+            x0 = (xa - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            lat[act] = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(dtype)
+            if lmask is not None:
+                lat[act] = keep_outside(act, prev).to(dtype)
+        decoded = pipe.vae.decode(lat / sf).sample
+        flags = [False] * n
+        if getattr(pipe, "safety_checker", None) is not None:
+            decoded, nsfw = pipe.run_safety_checker(decoded, device, cond.dtype)
+            flags = [bool(f) for f in nsfw] if nsfw is not None else flags
+        out = pipe.image_processor.postprocess(decoded, output_type="pil")
+    results = [im.copy() if k == 0 else o for im, o, k in zip(images, out, ks)]
+    if masks is not None:
+        results = [paste_outside_mask(r, o, m) for r, o, m in zip(results, originals, masks)]
+    return results, flags
+
+
+def unedited_output(guide: Image.Image, mask: Any = None, original: Image.Image | None = None) -> Image.Image:
+    """What (masked) SDEdit returns at t0 = 0: the guide, with the original pasted outside the mask."""
+    if mask is None:
+        return guide.copy()
+    return paste_outside_mask(guide, original if original is not None else guide, mask)
+
+
+def paste_outside_mask(edited: Image.Image, original: Image.Image, mask: Any) -> Image.Image:
+    """``edited`` inside ``mask`` (bool H×W), ``original``'s exact pixels everywhere else.
+
+    Raises:
+        ValueError: the images and the mask differ in size.
+    """
+
+    e = np.asarray(edited.convert("RGB"))
+    o = np.asarray(original.convert("RGB"))
+    m = np.asarray(mask, dtype=bool)
+    if e.shape != o.shape or m.shape != o.shape[:2]:
+        raise ValueError(f"paste: edited {e.shape}, original {o.shape} and mask {m.shape} differ in size")
+    return Image.fromarray(np.where(m[..., None], e, o), "RGB")
