@@ -84,8 +84,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     args = ap.parse_args()
 
-    from pixelmill.datasets.pool import torch_single_thread, upcast_into
-    from pixelmill.tasks.retrieval import normalize_queries, scan_block_hits
+    from pixelmill.tasks.retrieval import normalize_queries, scan_block_hits, torch_single_thread, upcast_into
 
     n, d = args.rows, args.dim
     rng = np.random.default_rng(1)

@@ -169,7 +169,8 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
     Raises:
         ValueError: naming the field and the problem.
     """
-    from pixelmill.datasets.pool import Pool, PoolError, validate
+    from pixelmill.datasets.pool import Pool, PoolError
+    from pixelmill.tasks.retrieval import validate
     from pixelmill.models.loading import ModelNotFound, check_model_reference
 
     try:

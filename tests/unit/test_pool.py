@@ -19,10 +19,10 @@ from pixelmill.datasets.pool import (
     PoolError,
     embedding_array,
     embedding_matrix,
-    validate,
     write_laion_layout,
     write_pool_parquet,
 )
+from pixelmill.tasks.retrieval import validate
 
 DIM = 8
 SIZES = (37, 50, 13)

@@ -18,7 +18,6 @@ from pixelmill.datasets.pool import (
     BAD_ZERO,
     PoolError,
     embedding_array,
-    validate,
     write_laion_layout,
     write_pool_parquet,
 )
@@ -36,6 +35,7 @@ from pixelmill.tasks.retrieval import (
     scan_pool,
     scan_pool_ray,
     search_index,
+    validate,
 )
 
 DIM = 16
