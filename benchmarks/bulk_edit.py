@@ -121,7 +121,7 @@ def main() -> None:
                              resolution=512, batch_size=args.batch, limit=n, workers=1,
                              num_cpus_per_worker=args.threads, caption_column=None)
             t = time.perf_counter()
-            s = bulk_edit_flow(cfg.model_dump(), num_gpus=0.0, show_progress=False)
+            s = bulk_edit_flow(cfg.model_dump(), show_progress=False)
             times[n] = time.perf_counter() - t
             assert s.rows_out == n, s
     steady = (args.n2 - args.n1) / (times[args.n2] - times[args.n1])

@@ -194,8 +194,8 @@ def absolute_paths(cfg: EditConfig) -> EditConfig:
     }
     if cfg.adapters:
         update["adapters"] = resolved_adapters("adapters", cfg.adapters)
-    if cfg.text2live is not None:
-        t2l = cfg.text2live
+    t2l = getattr(cfg, "text2live", None)
+    if t2l is not None:
         update["text2live"] = t2l.model_copy(update={"structure_model": local(t2l.structure_model, True),
                                                      "structure_weights": local(t2l.structure_weights, False)})
     return cfg.model_copy(update=update)
@@ -248,9 +248,10 @@ def prepare_edit(args) -> EditConfig:
     cfg = check_input_columns(cfg, schema.names)
     _check_model_path("model", cfg.model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
-    if cfg.text2live is not None:
-        _check_model_path("text2live.structure_model", cfg.text2live.structure_model, "folder")
-        _check_model_path("text2live.structure_weights", cfg.text2live.structure_weights, "folder")
+    t2l = getattr(cfg, "text2live", None)
+    if t2l is not None:
+        _check_model_path("text2live.structure_model", t2l.structure_model, "folder")
+        _check_model_path("text2live.structure_weights", t2l.structure_weights, "folder")
     check_output_config(cfg.output, cfg.output_affecting(), args)
     return cfg
 
@@ -283,13 +284,9 @@ def flow_runtime(args, runtime_cfg=None):
 def run_edit(cfg: EditConfig, args, show_progress: bool = True):
     """Start the runtime and run the bulk-edit flow."""
     with flow_runtime(args, cfg.runtime):
-        import ray
-
         from pixelmill.flows.bulk_edit import bulk_edit_flow
 
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        return bulk_edit_flow(cfg.model_dump(), num_gpus=cfg.num_gpus_per_worker if gpus else 0.0,
-                              show_progress=show_progress)
+        return bulk_edit_flow(cfg.model_dump(), show_progress=show_progress)
 
 
 def print_summary(summary, as_json: bool = False) -> None:
@@ -611,12 +608,9 @@ def cmd_pairs(args) -> int:
         return 0
 
     with flow_runtime(args, cfg.runtime):
-        import ray
-
         from pixelmill.flows.pairs import pairs_flow
 
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        s = pairs_flow(cfg.model_dump(), num_gpus=cfg.num_gpus_per_worker if gpus else 0.0)
+        s = pairs_flow(cfg.model_dump())
     data = {k: getattr(s, k) for k in ("output", "captions", "instructions", "text_rejects", "pairs", "dropped",
                                        "pair_rejects", "text_skipped", "pairs_skipped")}
     data["seconds"] = round(s.seconds, 3)
@@ -642,7 +636,7 @@ def prepare_video(args):
         raise UsageError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
                          "object-store URLs are not supported for video outputs")
     edit = cfg.edit
-    t2l = edit.text2live
+    t2l = getattr(edit, "text2live", None)
     if t2l is not None:
         t2l = t2l.model_copy(update={
             "structure_model": _local_url_if_path(t2l.structure_model) if t2l.structure_model else None,
@@ -650,7 +644,8 @@ def prepare_video(args):
     edit = edit.model_copy(update={
         "model": _local_url_if_path(edit.model) if edit.model else None,
         "clip_model": _local_url_if_path(edit.clip_model) if edit.clip_model else None,
-        "adapters": resolved_adapters("edit.adapters", edit.adapters), "text2live": t2l})
+        "adapters": resolved_adapters("edit.adapters", edit.adapters),
+        **({"text2live": t2l} if t2l is not None else {})})
     output = _local_url(cfg.output.removeprefix("file://"))
     cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": output, "edit": edit})
     _check_model_path("edit.model", edit.model, "pipeline")
@@ -683,12 +678,9 @@ def cmd_video(args) -> int:
         print(plan.describe())
         return 0
     with flow_runtime(args, cfg.runtime):
-        import ray
-
         from pixelmill.flows.video import video_flow
 
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        summary = video_flow(cfg.model_dump(), num_gpus=cfg.num_gpus if gpus else 0.0)
+        summary = video_flow(cfg.model_dump())
     print_video_summary(summary, args.json)
     return 1 if summary.failed else 0
 

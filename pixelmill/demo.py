@@ -129,7 +129,7 @@ def _demo_finetune(root: Path, models: dict[str, str]) -> tuple[str, str]:
         yaml.safe_dump(edit.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
     remove(edit.output)
     _say("bulk-edit with the campaign's Textual Inversion embedding and LoRA (scale 0.8) loaded on the worker")
-    s = bulk_edit_flow(edit.model_dump(), num_gpus=0.0, show_progress=True)
+    s = bulk_edit_flow(edit.model_dump(), show_progress=True)
     _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected")
     return summary.report, edit.output
 
@@ -160,12 +160,12 @@ def _demo_video(root: Path, models: dict[str, str]) -> str:
         "homography": VideoConfig(
             input=dataset, output=str(root / "video-homography"), atlas={"method": "homography"},
             edit={"method": "sdedit", "model": models["img2img"], "prompt": "a watercolor painting",
-                  "strength": 0.5, "steps": 6, "guidance_scale": 5.0}, cpus_per_job=1),
+                  "strength": 0.5, "steps": 6, "guidance_scale": 5.0}, placement={"cpus": 1}),
         "neural": VideoConfig(
             input=str(clips / "moving-shape.mp4"), output=str(root / "video-neural"),
             atlas={"method": "neural", "neural": {"preset": "tiny", "iterations": 300, "checkpoint_every": 100}},
             edit={"method": "text2live", "layer": "foreground", "prompt": "fire", "clip_model": models["clip"],
-                  "text2live": {"iterations": 30, "alpha_init": 0.5, "sparsity_weight": 0.1}}, cpus_per_job=1),
+                  "text2live": {"iterations": 30, "alpha_init": 0.5, "sparsity_weight": 0.1}}, placement={"cpus": 1}),
     }
     what = {"homography": f"{dataset} (a 10-frame pan and an 8-frame moving shape, 64x48): homography atlas, "
                           "SDEdit on the atlas",
@@ -177,7 +177,7 @@ def _demo_video(root: Path, models: dict[str, str]) -> str:
             yaml.safe_dump(cfg.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
         remove(cfg.output)
         _say(f"video editing through layered atlases, {what[name]}")
-        s = video_flow(cfg.model_dump(), num_gpus=0.0)
+        s = video_flow(cfg.model_dump())
         rejected = "".join(f"; rejected {k}: {v}" for k, v in s.rejected.items())
         _say(f"  {s.videos} video(s) in -> {len(s.ran)} edited (same frames, size and fps), {len(s.failed)} failed"
              f"{rejected}; report: {s.report}")
@@ -218,7 +218,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
         for name, cfg in cfgs.items():
             remove(cfg.output)
             _say(f"bulk-edit with {name}: {cfg.input} -> {cfg.output}")
-            s = bulk_edit_flow(cfg.model_dump(), num_gpus=0.0, show_progress=True)
+            s = bulk_edit_flow(cfg.model_dump(), show_progress=True)
             _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected, "
                  f"{s.images_per_second:.1f} images/s")
             sections.append((name, cfg.output))
@@ -235,7 +235,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
             yaml.safe_dump(pairs.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
         remove(pairs.output)
         _say("instruction pairs: template writer -> Prompt-to-Prompt pairs (3 seeds each) -> CLIP filter")
-        ps = pairs_flow(pairs.model_dump(), num_gpus=0.0)
+        ps = pairs_flow(pairs.model_dump())
         _say(f"  {ps.captions} captions -> {ps.instructions} instructions -> {ps.pairs} pairs kept, "
              f"{ps.dropped} dropped, {ps.pair_rejects} captions without a pair")
         sections.append(("instruction pairs", str(root / "datasets" / "pairs" / "pairs")))

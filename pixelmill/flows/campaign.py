@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pixelmill.config import CampaignConfig, ExpandedJob
+from pixelmill.config import CampaignConfig, ExpandedJob, train_method
 from pixelmill.datasets import storage
 
 RETRIEVAL_DIR = "retrieval"
@@ -143,8 +143,8 @@ def _complete(url: str) -> bool:
 
 
 def uses_prior(job: ExpandedJob) -> bool:
-    """DreamBooth and Custom Diffusion use prior preservation unless it is turned off."""
-    return job.method in ("dreambooth", "custom_diffusion") and job.settings.with_prior_preservation is not False
+    """Methods that declare a prior (DreamBooth, Custom Diffusion) use it unless it is turned off."""
+    return bool(train_method(job.method).meta.get("prior")) and job.settings.with_prior_preservation is not False
 
 
 def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
@@ -238,7 +238,8 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
         for i, name in enumerate(job.concepts):
             c = cfg.concepts[name]
             s = job.settings
-            cols = ((s.edited_column, s.input_column, s.instruction_column) if job.method == "instruct_pix2pix"
+            declared = train_method(job.method).meta
+            cols = ((s.edited_column, s.input_column, s.instruction_column) if declared.get("data") == "pairs"
                     else (c.image_column,))
             key = (c.instance_data, cols)
             if key not in checked:
@@ -259,13 +260,13 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
                     Dataset.open(c.class_data)
                 except FileNotFoundError as e:
                     problems.append(f"concept {name!r}: class_data: {e}")
-            if job.method in ("textual_inversion", "custom_diffusion"):
+            if declared.get("new_tokens"):
                 tok = tokenizers.get(job.model)
                 if tok is None:
                     tok = tokenizers[job.model] = _tokenizer(job.model)
                 if tok is None:
                     continue
-                init = c.initializer_token or (c.class_word if job.method == "textual_inversion"
+                init = c.initializer_token or (c.class_word if declared.get("initializer") == "class_word"
                                                else RARE_TOKENS[i % len(RARE_TOKENS)])
                 if not init:
                     problems.append(f"concept {name!r}: textual_inversion needs initializer_token or class_word")

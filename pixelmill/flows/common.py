@@ -124,6 +124,7 @@ class StageStats:
     rows_out: int = 0
     rejects: int = 0
     dropped: int = 0
+    seconds: float = 0.0
     worker: dict[str, Any] = field(default_factory=dict)
 
 
@@ -147,6 +148,7 @@ def run_stage_into_writer(
     workers: int,
     progress: Progress | None = None,
     drop_columns: tuple[str, ...] = (),
+    execute: Callable | None = None,
 ) -> StageStats:
     """Stream the planned input shards through a stage; commit each output shard when whole.
 
@@ -155,15 +157,22 @@ def run_stage_into_writer(
     stage may make several rows per input (``parent_id`` names the input); a shard is
     committed once every one of its input ids came back (as a parent or a reject), so a
     crash never leaves a half shard that looks complete.
+
+    ``execute`` runs the stage over the specs (default: Ray Data, ``tasks/ray_data.py``;
+    ``tasks.stage.run_stage_inline`` runs it in this process).
     """
+    import time
+
     from pixelmill.tasks.ray_data import run_stage
 
+    execute = execute or run_stage
+    t0 = time.perf_counter()
     writer.open()
     expected = {s["shard"]: s["rows"] for s in plan.specs}
     seen: dict[str, set[str]] = {name: set() for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
-    for out in run_stage(plan.specs, columns, builder, workers=workers):
+    for out in execute(plan.specs, columns, builder, workers=workers):
         key = "parent_id" if "parent_id" in out.column_names else "id"
         for name in pc.unique(out["shard"]).to_pylist():
             part = out.filter(pc.equal(out["shard"], name))
@@ -192,4 +201,5 @@ def run_stage_into_writer(
     unfinished = {k: (len(seen[k]), v) for k, v in expected.items() if len(seen[k]) != v}
     if unfinished:
         raise RuntimeError(f"stage accounted for a different number of inputs than it was given: {unfinished}")
+    stats.seconds = time.perf_counter() - t0
     return stats

@@ -22,8 +22,7 @@ from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import CampaignConfig
 from pixelmill.flows.campaign import CampaignPlan, ClassImageRequest, plan_campaign
-
-CLASS_IMAGES = ("class-images", 1)
+from pixelmill.flows.stage_run import run_stage
 
 
 @dataclass
@@ -40,32 +39,20 @@ class CampaignSummary:
     seconds: float = 0.0
 
 
-@task(name="generate-class-images", cache_policy=NO_CACHE)
 def generate_class_images(request: ClassImageRequest, num_gpus: float) -> int:
-    """Generate one request's missing class images into its dataset (resumable per shard)."""
-    from functools import partial
-
-    from pixelmill.datasets import DatasetWriter, storage
-    from pixelmill.flows.common import plan_shards, run_stage_into_writer
+    """Generate one request's missing class images into its dataset (a stage run, resumable per shard)."""
+    from pixelmill.datasets import storage
     from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.tasks.stage import Resources
     from pixelmill.tasks.train.class_images import ClassImageGenerator, prompt_rows
 
-    root = request.url.rsplit("/", 1)[0]
-    prompts = storage.join(root, "prompts")
+    prompts = storage.join(request.url.rsplit("/", 1)[0], "prompts")
     table = prompt_rows(request.prompt, request.first_index, request.count, request.seed)
     write_table_dataset(prompts, table, "class-prompts", {"key": request.key}, rows_per_shard=8)
-    config = {"input": prompts, "output": request.url}
-    hashed = {"key": request.key}
-    plan = plan_shards(config, hashed)
-    stage_cfg = {"model": request.model, "resolution": request.resolution}
-    writer = DatasetWriter(request.url, *CLASS_IMAGES, hashed)
-    if plan.todo:
-        run_stage_into_writer(plan, partial(ClassImageGenerator, stage_cfg, Resources(cpus=1, gpus=num_gpus)),
-                              ["id", "prompt", "seed"], writer, workers=1)
-    writer.open()
-    writer.finish()
-    return plan.rows_todo
+    r = run_stage(ClassImageGenerator, {"model": request.model, "resolution": request.resolution},
+                  Resources(cpus=1, gpus=num_gpus), input=prompts, output=request.url, hashed={"key": request.key},
+                  task_name="generate-class-images")
+    return r.plan.rows_todo
 
 
 @task(name="build-cache", cache_policy=NO_CACHE)
@@ -114,9 +101,8 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
     summary.skipped = [j.spec["name"] for j in plan.jobs if j.action == "skip"]
     if todo:
         gpus = max((j.spec["settings"]["num_gpus"] for j in todo), default=0)
-        with remote_options(num_cpus=0):
-            for fut in [generate_class_images.submit(r, min(gpus, 1.0)) for r in plan.class_images]:
-                summary.class_images += fut.result()
+        for request in plan.class_images:
+            summary.class_images += generate_class_images(request, min(gpus, 1.0))
         caches: dict[tuple, dict[str, Any]] = {}
         for j in todo:
             c = j.spec["cache"]

@@ -19,8 +19,9 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import RetrieveConfig
-from pixelmill.datasets import DatasetWriter, config_hash, read_manifest, stable_id
+from pixelmill.datasets import config_hash, read_manifest, stable_id
 from pixelmill.datasets.storage import join
+from pixelmill.flows.stage_run import commit_manifest
 
 CANDIDATES = ("candidates", 1)
 IMAGES = ("regularization", 1)
@@ -99,12 +100,6 @@ def download_images(config: dict[str, Any], pid: str, prompt: str) -> dict[str, 
     return download_prompt(cfg, pid, prompt, p["candidates"], p["images"], p["stats"], IMAGES)
 
 
-@task(name="commit-manifest", cache_policy=NO_CACHE)
-def commit(url: str, schema: tuple[str, int], hashed: dict[str, Any]) -> None:
-    """Mark a dataset complete (its shards are all committed)."""
-    DatasetWriter(url, schema[0], schema[1], hashed).open().finish()
-
-
 @task(name="export-real-prior", cache_policy=NO_CACHE)
 def export_real_prior(config: dict[str, Any], prompts: dict[str, str]) -> dict[str, str]:
     """Write the ``--real_prior`` folder layout (exactly N files per complete prompt)."""
@@ -138,14 +133,14 @@ def retrieve_flow(config: dict[str, Any]) -> RetrieveSummary:
             scan_pool.submit(config, {pid: plan.prompts[pid] for pid in plan.scan}).result()
     scanned = read_manifest(p["candidates"])
     if plan.scan or scanned is None or not scanned.complete:
-        commit(p["candidates"], CANDIDATES, cfg.scan_affecting())
+        commit_manifest(p["candidates"], CANDIDATES, cfg.scan_affecting())
     with remote_options(num_cpus=0.5):
         futures = {pid: download_images.submit(config, pid, plan.prompts[pid]) for pid in plan.download}
     for pid, fut in futures.items():
         summary.prompts[pid] = fut.result()
     m = read_manifest(p["images"])
     if plan.download or m is None or not m.complete:
-        commit(p["images"], IMAGES, cfg.output_affecting())
+        commit_manifest(p["images"], IMAGES, cfg.output_affecting())
     if cfg.export:
         summary.exported = export_real_prior(config, plan.prompts)
     summary.seconds = time.perf_counter() - t0

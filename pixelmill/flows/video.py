@@ -1,8 +1,8 @@
 """The video flow: every video of a dataset edited through a layered atlas.
 
 Reading the flow function shows the DAG: plan the videos (skip finished ones, record the
-ones known bad) → one Prefect task per video on Ray, claiming ``cpus_per_job`` CPUs and
-``num_gpus`` GPUs (decode, atlas, edit, render, encode, measure: ``tasks/video/job.py``)
+ones known bad) → one Prefect task per video on Ray, claiming the ``placement``'s CPUs and
+GPUs (decode, atlas, edit, render, encode, measure: ``tasks/video/job.py``)
 → the metrics table and report. A rejected or failed video is recorded and never stops
 the others; a rerun skips finished and rejected videos, retries failed ones and resumes
 neural atlas training from its checkpoints.
@@ -20,6 +20,7 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import VideoConfig
+from pixelmill.flows.stage_run import cluster_gpus
 from pixelmill.flows.video_plan import VideoPlan, plan_videos, write_output_config
 
 
@@ -56,31 +57,19 @@ def collect_video_results(output: str, specs: list[dict[str, Any]]) -> tuple[str
     return write_video_results(output, specs)
 
 
-def _cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
-
-
 @flow(name="video", task_runner=RayTaskRunner(), log_prints=True)
-def video_flow(config: dict[str, Any], num_gpus: float | None = None) -> VideoSummary:
-    """Plan → one job per video on Ray → metrics table and report.
-
-    Args:
-        config: a ``VideoConfig`` as a dict.
-        num_gpus: GPUs per video job; default: the config's ``num_gpus`` when the cluster
-            has GPUs, else 0.
-    """
+def video_flow(config: dict[str, Any]) -> VideoSummary:
+    """Plan → one job per video on Ray → metrics table and report."""
     t0 = time.perf_counter()
     cfg = VideoConfig.model_validate(config)
     plan: VideoPlan = plan_videos(cfg)
     write_output_config(cfg.output, plan.config)
-    gpus = num_gpus if num_gpus is not None else (cfg.num_gpus if _cluster_gpus() else 0.0)
+    gpus = cfg.placement.gpus_on(cluster_gpus())
     summary = VideoSummary(output=cfg.output, videos=len(plan.jobs), num_gpus=gpus)
     futures = {}
     for job in plan.jobs:
         if job.runs:
-            with remote_options(num_cpus=cfg.cpus_per_job, num_gpus=gpus):
+            with remote_options(num_cpus=cfg.placement.cpus, num_gpus=gpus):
                 futures[job.spec["id"]] = video_job.submit(job.spec)
         elif job.action == "skip":
             summary.skipped.append(job.spec["id"])

@@ -106,7 +106,7 @@ def plan_videos(cfg: VideoConfig) -> VideoPlan:
         atlas["neural"] = cfg.atlas.neural_config().model_dump()
     atlas_affecting = cfg.atlas.affecting()
     edit_affecting = cfg.edit.affecting()
-    stage = cfg.edit.stage_config(cfg.edit.resolution or 512, cfg.device, cfg.dtype, cfg.cpus_per_job)
+    stage = cfg.edit.stage_config(cfg.edit.resolution or 512, cfg.device, cfg.dtype, cfg.placement.cpus)
     plan = VideoPlan(output=cfg.output, config=cfg.output_affecting())
     root = storage.join(cfg.output, VIDEOS_DIR)
     for row in rows:
@@ -116,7 +116,7 @@ def plan_videos(cfg: VideoConfig) -> VideoPlan:
             "hash": _hash({"atlas": atlas_affecting, "edit": edit_affecting, "render": cfg.render, "source": source}),
             "atlas_hash": _hash({"atlas": atlas_affecting, "source": source}),
             "atlas": atlas, "edit": edit_affecting, "stage": stage, "render": cfg.render,
-            "device": cfg.device, "dtype": cfg.dtype, "cpus": cfg.cpus_per_job, "reject": row.problem,
+            "device": cfg.device, "dtype": cfg.dtype, "cpus": cfg.placement.cpus, "reject": row.problem,
         }
         if row.problem:
             plan.jobs.append(VideoJobPlan(spec, "invalid", row.problem, row.describe() if row.path else ""))

@@ -214,7 +214,7 @@ def write_candidates(cfg: RetrieveConfig, prompts: dict[str, str], url: str,
     else:
         result = scan_pool_ray(cfg.pool, queries, cfg.threshold, kind=cfg.embedding,
                                filters=cfg.filters.model_dump(), block_rows=cfg.scan_block_rows,
-                               max_candidates=cfg.max_candidates, num_tasks=cfg.scan_tasks)
+                               max_candidates=cfg.max_candidates, num_tasks=cfg.placement.workers)
     bad = result.rejects
     if bad.num_rows and cfg.invalid_vectors == "error":
         ids = bad["id"].to_pylist()

@@ -33,9 +33,26 @@ class Resources:
 
 
 class Stage:
-    """Base class for data-parallel stages (see the module docstring)."""
+    """Base class for data-parallel stages (see the module docstring).
+
+    A stage declares what the generic runner (``flows/stage_run.py``) needs to run it
+    over any dataset: ``dataset`` (the output's schema name and version),
+    :meth:`input_columns` (what it reads) and :meth:`dropped_columns` (input columns it
+    passes through but that must not reach the output).
+    """
 
     name: ClassVar[str] = "stage"
+    dataset: ClassVar[tuple[str, int]] = ("stage", 1)
+
+    @classmethod
+    def input_columns(cls, config: dict[str, Any]) -> list[str]:
+        """The input columns this stage reads for ``config``."""
+        return ["id"]
+
+    @classmethod
+    def dropped_columns(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        """Input columns the stage's output rows carry that the output dataset leaves out."""
+        return ()
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
         self.config = config
@@ -63,3 +80,21 @@ def set_torch_threads(cpus: float) -> None:
     n = max(1, int(cpus))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def run_stage_inline(specs: list[dict[str, Any]], columns: list[str], builder, workers: int = 1):
+    """Run a stage in this process, shard by shard: ``ray_data.run_stage``'s contract without Ray.
+
+    For tests and debugging (one worker; ``workers`` is ignored).
+    """
+    from pixelmill.datasets.reader import read_parquet_file
+
+    stage = builder()
+    set_torch_threads(stage.resources.cpus)
+    stage.setup()
+    for spec in specs:
+        table = read_parquet_file(str(spec["url"]), columns=columns).slice(0, int(spec["rows"]))
+        table = table.append_column("shard", pa.array([str(spec["shard"])] * table.num_rows, pa.string()))
+        out = stage(table)
+        if out.num_rows:
+            yield out

@@ -255,10 +255,10 @@ def test_mask_columns_are_read_and_hashed_only_when_used():
 
 
 def test_the_flow_picks_the_masked_editor(tiny_models):
-    from pixelmill.flows.bulk_edit import editor_builder
+    from pixelmill.flows.bulk_edit import editor_class
 
-    assert editor_builder(_config(tiny_models)).func is MaskedSDEditEditor
-    assert editor_builder(_config(tiny_models, mask_column=None)).func.__name__ == "SDEditEditor"
+    assert editor_class(_config(tiny_models)) is MaskedSDEditEditor
+    assert editor_class(_config(tiny_models, mask_column=None)).__name__ == "SDEditEditor"
 
 
 def test_example_config_validates():

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from pixelmill.config import ConfigError, EditConfig, load_config
 from pixelmill.datasets.images import decode_image
 from pixelmill.models.loading import ModelNotFound
-from pixelmill.tasks.text2live import Text2LiveEditor, Text2LiveLayerGenerator, composite
+from pixelmill.tasks.edit.text2live import Text2LiveEditor
+from pixelmill.tasks.edit.text2live_layer import Text2LiveLayerGenerator, composite
 
 ROOT = Path(__file__).resolve().parents[2]
 W, H = 64, 48
@@ -146,9 +147,9 @@ def test_a_layer_the_sparsity_prior_removes_leaves_the_image_bit_identical(tiny_
 
 
 def test_the_flow_picks_the_text2live_editor(tiny_models, tiny_vit):
-    from pixelmill.flows.bulk_edit import editor_builder
+    from pixelmill.flows.bulk_edit import editor_class
 
-    assert editor_builder(_config(tiny_models, tiny_vit)).func is Text2LiveEditor
+    assert editor_class(_config(tiny_models, tiny_vit)) is Text2LiveEditor
 
 
 @pytest.mark.parametrize(

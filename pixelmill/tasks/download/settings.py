@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from pixelmill.config.retrieve import DownloadSettings
 
 from pixelmill.tasks.download.robots import DEFAULT_ROBOTS_DIRECTIVES
 
@@ -18,20 +20,14 @@ Resolver = Callable[[str, int], Sequence[str]]
 """``(host, port) -> IP address strings``; blocking, like ``socket.getaddrinfo``."""
 
 
-class DownloadConfig(BaseModel):
-    """How candidate images are fetched: img2dataset-like defaults, safe by default.
+class DownloadConfig(DownloadSettings):
+    """The downloader's settings: the user-facing ``DownloadSettings`` plus what the run adds.
 
-    Field names are a superset of ``pixelmill.config.DownloadSettings``, so
-    ``DownloadConfig(**settings.model_dump(), resolution=..., max_pixels=...)`` works.
-
-    Construct it from the config's settings, not by hand:
-    ``pixelmill.config.DownloadSettings`` (``RetrieveConfig.download``) is the
-    user-facing, validated model and must supply every field it has; only what it lacks
-    is added here (``resolution`` and ``max_pixels`` from ``RetrieveConfig``; ``sleep``
-    and ``resolver`` are test hooks; the other fields keep their defaults), as
-    ``pixelmill.tasks.regularization.download_prompt`` does. The two models have drifted
-    (``max_bytes`` is ``ge=1024`` there but ``ge=1`` here) and are to be unified into
-    one; until then, building from the settings keeps the user-facing limits in force.
+    Every user-facing field (timeouts, retries, sizes, concurrency, the address and robots
+    policy) is declared once, in ``pixelmill.config.DownloadSettings``, with its limits;
+    this adds the image size limits from ``RetrieveConfig`` and the knobs only code sets
+    (test hooks, the content-type and robots lists). Build it as
+    ``DownloadConfig(**cfg.download.model_dump(), resolution=..., max_pixels=...)``.
 
     Args:
         timeout: seconds for one attempt, all of it (every redirect hop, headers and
@@ -64,20 +60,11 @@ class DownloadConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    timeout: float = Field(default=10.0, gt=0)
-    retries: int = Field(default=2, ge=0)
-    backoff: float = Field(default=0.5, ge=0)
     sleep: Callable[[float], Awaitable[Any]] = Field(default=asyncio.sleep, exclude=True)
-    max_bytes: int = Field(default=20_000_000, ge=1)
-    per_host_concurrency: int = Field(default=4, ge=1)
-    concurrency: int = Field(default=32, ge=1)
     user_agent: str = DEFAULT_USER_AGENT
     robots_user_agent_token: str = "pixelmill"
     allowed_content_types: tuple[str, ...] = ("image/*", "application/octet-stream", "binary/octet-stream")
-    respect_robots_tags: bool = True
     robots_directives: tuple[str, ...] = DEFAULT_ROBOTS_DIRECTIVES
-    allow_private_addresses: bool = False
-    allow_loopback: bool = False
     max_redirects: int = Field(default=5, ge=0)
     resolution: int = Field(default=512, ge=8, le=4096)
     max_pixels: int = Field(default=50_000_000, ge=64)

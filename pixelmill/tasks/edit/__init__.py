@@ -1,4 +1,4 @@
-"""Bulk-edit stages: SDEdit (fixed t0 or a per-image t0 search, optionally masked) and InstructPix2Pix.
+"""Editing methods: SDEdit (fixed t0 or a per-image t0 search, optionally masked), InstructPix2Pix, Text2Live.
 
 Each stage maps a batch of input rows to one output row per input: an edited row, or a
 reject with its reason (undecodable or oversized image, missing prompt, bad mask, ``nsfw``).
@@ -9,8 +9,10 @@ batch), and scored.
 The package is split by method: :mod:`~pixelmill.tasks.edit.base` (output schema, row
 seeds, prompt templates, the shared ``BulkEditor``), :mod:`~pixelmill.tasks.edit.sdedit`
 (SDEdit and its ``sdedit_steps`` loop), :mod:`~pixelmill.tasks.edit.masked_sdedit`
-(masked SDEdit and the mask helpers) and :mod:`~pixelmill.tasks.edit.instruct_pix2pix`.
-Text2Live lives in :mod:`pixelmill.tasks.text2live`.
+(masked SDEdit and the mask helpers), :mod:`~pixelmill.tasks.edit.instruct_pix2pix` and
+:mod:`~pixelmill.tasks.edit.text2live` (its layer generator in ``text2live_layer``). Each
+method registers itself (``pixelmill.registry``, kind ``edit``) with what it needs; a new
+method is one new file here (or in a plugin module) and nothing else changes.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import hashlib
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -101,6 +102,12 @@ class BulkEditor(Stage):
     """
 
     name = "edit"
+    dataset = ("edits", 1)
+
+    @classmethod
+    def input_columns(cls, config: dict[str, Any]) -> list[str]:
+        return input_columns(config)
+
     method = ""
     text_key = "prompt"
     extra_fields: tuple[pa.Field, ...] = ()
@@ -127,6 +134,34 @@ class BulkEditor(Stage):
             self.model_hash += "+" + "+".join(adapter_fingerprint(a["path"]) for a in self.config["adapters"])
         if self.config.get("clip_model"):
             self.clip = ClipScorer(self.config["clip_model"], device=str(self.device))
+
+    @classmethod
+    def for_config(cls, config: dict[str, Any]) -> type["BulkEditor"]:
+        """The stage class that runs ``config``: this one, unless a method picks a variant (masked SDEdit)."""
+        return cls
+
+    def edit_rgba(self, image: np.ndarray, valid: np.ndarray, row_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """Edit one H×W×3 image outside a dataset (a video atlas layer): the RGBA result and its metrics.
+
+        The edit is the image pass of this stage (one row named ``row_id``, so its seed is
+        the row's); alpha is 255 where ``valid``. A rejected row raises ``RowError``.
+        """
+        table = pa.table({"id": pa.array([row_id], pa.string()),
+                          "image": pa.array([encode_image(Image.fromarray(image))], IMAGE_TYPE)})
+        row = self(table).to_pylist()[0]
+        if row["status"] != STATUS_OK:
+            raise RowError(str(row["error"]))
+        from pixelmill.datasets.images import decode_image
+
+        edited = decode_image(row["edited_image"]).convert("RGB")
+        h, w = image.shape[:2]
+        if edited.size != (w, h):
+            edited = edited.resize((w, h), Image.Resampling.LANCZOS)
+        rgba = np.dstack([np.asarray(edited, dtype=np.uint8), np.where(valid, 255, 0).astype(np.uint8)])
+        info = {k: row.get(k) for k in ("model", "model_hash", "strength", "t0_steps", "l2", "clip_image_text",
+                                        "clip_direction", "seed")}
+        info["resolution"] = [row["width"], row["height"]]
+        return rgba, info
 
     def load_pipeline(self):  # pragma: no cover - interface
         raise NotImplementedError

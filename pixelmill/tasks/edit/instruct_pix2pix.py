@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pixelmill.registry import register
 from pixelmill.tasks.edit.base import BulkEditor, _with_safety
 
 
+@register("edit", "instruct_pix2pix", text="instruction", needs_model=True, adapters=True)
 class InstructPix2PixEditor(BulkEditor):
     """InstructPix2Pix: edit each image by a written instruction (text and image guidance)."""
 

@@ -13,10 +13,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pixelmill.registry import register
 from pixelmill.tasks.edit.base import BulkEditor, _with_safety
 from pixelmill.tasks.metrics import rgb_rmse
 
 
+def check_sdedit(settings) -> None:
+    """``strength`` is a t0 in (0, 1], or ``auto`` with a ``target_l2`` to search t0 for."""
+    if settings.strength == "auto":
+        if settings.target_l2 is None:
+            raise ValueError("`strength: auto` needs `target_l2` (RMSE in [0, 1])")
+    elif not 0 < settings.strength <= 1:
+        raise ValueError("`strength` must be in (0, 1] or 'auto'")
+
+
+@register("edit", "sdedit", text="prompt", needs_model=True, adapters=True, masks=True, check=check_sdedit)
 class SDEditEditor(BulkEditor):
     """SDEdit: noise the image to t0 and denoise with the prompt.
 
@@ -28,6 +39,15 @@ class SDEditEditor(BulkEditor):
 
     method = "sdedit"
     text_key = "prompt"
+
+    @classmethod
+    def for_config(cls, config: dict[str, Any]) -> type[BulkEditor]:
+        """Masked SDEdit when the config names a mask or stroke column."""
+        if config.get("mask_column") or config.get("stroke_column"):
+            from pixelmill.tasks.edit.masked_sdedit import MaskedSDEditEditor
+
+            return MaskedSDEditEditor
+        return cls
 
     def load_pipeline(self):
         from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped

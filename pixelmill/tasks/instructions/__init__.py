@@ -43,7 +43,6 @@ from pixelmill.tasks.instructions.stage import (
     find_duplicate_captions,
 )
 from pixelmill.tasks.instructions.writers import (
-    WRITERS,
     InstructionWriter,
     WriterAuthError,
     WriterFatalError,
@@ -77,7 +76,6 @@ __all__ = [
     "PROMPT_SEPARATOR",
     "STOP",
     "TEMPLATE_VERSION",
-    "WRITERS",
     "InstructionStage",
     "InstructionWriter",
     "OpenAIInstructionWriter",

@@ -106,6 +106,12 @@ class InstructionStage(Stage):
     """
 
     name = "instructions"
+    dataset = ("instructions", 1)
+
+    @classmethod
+    def input_columns(cls, config: dict[str, Any]) -> list[str]:
+        return ["id", config["caption_column"]]
+
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None,
                  writer: InstructionWriter | None = None) -> None:

@@ -145,6 +145,12 @@ class PairRenderStage(Stage):
     """
 
     name = "pairs"
+    dataset = ("pairs", 1)
+
+    @classmethod
+    def input_columns(cls, config: dict[str, Any]) -> list[str]:
+        return list(INPUT_COLUMNS)
+
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
         c = {**DEFAULTS, **config}

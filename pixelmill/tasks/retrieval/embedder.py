@@ -72,6 +72,17 @@ class PoolEmbedder(Stage):
     """
 
     name = "pool_embed"
+    dataset = ("pool", 1)
+
+    @classmethod
+    def input_columns(cls, config: dict[str, Any]) -> list[str]:
+        wanted = ["id", config.get("caption_column"), config.get("image_column"), *config.get("keep_columns", ())]
+        return list(dict.fromkeys(c for c in wanted if c))
+
+    @classmethod
+    def dropped_columns(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        return (config["image_column"],) if config.get("image_column") else ()
+
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
         super().__init__(config, resources)

@@ -33,6 +33,12 @@ class ClassImageGenerator(Stage):
     """Text-to-image with the base model; config: ``model``, ``resolution``, ``steps``, ``guidance_scale``."""
 
     name = "class-images"
+    dataset = ("class-images", 1)
+
+    @classmethod
+    def input_columns(cls, config: dict[str, Any]) -> list[str]:
+        return ["id", "prompt", "seed"]
+
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
         super().__init__(config, resources)

@@ -42,11 +42,14 @@ STATUS_FAILED = "failed"
 
 def load_training_data(spec: dict[str, Any]) -> TrainingData:
     """The job's samples from its datasets; raises ``TrainingDataError`` naming what is wrong."""
+    from pixelmill import registry
+
     s, method = spec["settings"], spec["method"]
+    declared = registry.get("train", method).meta
     data = TrainingData()
     for ci, c in enumerate(spec["concepts"]):
         what = f"concept {c['name']!r} instance_data"
-        if method == "instruct_pix2pix":
+        if declared.get("data") == "pairs":
             cols = (s["input_column"], s["instruction_column"])
             rows, skipped = read_image_rows(c["instance_data"], s["edited_column"], what, extra=cols)
             for r in rows:
@@ -62,7 +65,7 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
             data.instance += [Sample(f"c{ci}:{r['id']}", "instance", c["instance_prompt_text"], r["_bytes"],
                                      concept=ci, size=r["_size"]) for r in rows]
         data.skipped += skipped
-        uses_prior = method in ("dreambooth", "custom_diffusion") and s.get("with_prior_preservation") is not False
+        uses_prior = declared.get("prior", False) and s.get("with_prior_preservation") is not False
         if uses_prior and c.get("class_sources"):
             for src in c["class_sources"]:
                 need = s["num_class_images"] - sum(x.concept == ci for x in data.klass)

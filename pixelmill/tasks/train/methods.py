@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pixelmill.registry import register
 from pixelmill.tasks.train.data import Sample, TrainingDataError, generator, ti_prompt
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
@@ -161,6 +162,8 @@ class _TokenRows:
             emb[self.row_ids] = rows.to(emb.device, emb.dtype)
 
 
+@register("train", "textual_inversion", settings=("num_vectors",), token_only=True, new_tokens=True,
+          initializer="class_word")
 class TextualInversion(_TokenRows, Method):
     """Learn new token embeddings for one concept; nothing else changes."""
 
@@ -208,6 +211,8 @@ class TextualInversion(_TokenRows, Method):
         return concept["token"]
 
 
+@register("train", "dreambooth", prior=True,
+          settings=("with_prior_preservation", "prior_loss_weight", "num_class_images", "train_text_encoder"))
 class DreamBooth(Method):
     """Fine-tune the whole UNet (and optionally the text encoder) on a few instance images."""
 
@@ -225,6 +230,7 @@ class DreamBooth(Method):
         return ["model_index.json"]
 
 
+@register("train", "lora", settings=("rank", "alpha", "target_modules"))
 class LoRA(Method):
     """PEFT LoRA adapters on the UNet's attention projections; base weights stay as they are."""
 
@@ -260,6 +266,8 @@ def _attn_hidden_size(unet, name: str) -> int:
     return channels[int(name.split(".")[1])]
 
 
+@register("train", "custom_diffusion", prior=True, multi_concept=True, new_tokens=True, initializer="rare",
+          settings=("train", "with_prior_preservation", "prior_loss_weight", "num_class_images"))
 class CustomDiffusion(_TokenRows, Method):
     """Cross-attention K/V (or K/V/Q/out) plus modifier-token rows, one or several concepts jointly."""
 
@@ -358,6 +366,8 @@ class CustomDiffusion(_TokenRows, Method):
         return names
 
 
+@register("train", "instruct_pix2pix", data="pairs",
+          settings=("conditioning_dropout_prob", "input_column", "edited_column", "instruction_column"))
 class InstructPix2Pix(Method):
     """Edit training from (input, instruction, edited) pairs: UNet widened to 8 channels.
 
@@ -394,12 +404,8 @@ class InstructPix2Pix(Method):
         return ["model_index.json"]
 
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (TextualInversion, DreamBooth, LoRA, CustomDiffusion, InstructPix2Pix)
-}
-
-
 def make_method(name: str, parts, settings, concepts) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown training method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](parts, settings, concepts)
+    """The registered training method ``name``, built on the loaded parts (a ValueError names the known ones)."""
+    from pixelmill import registry
+
+    return registry.get("train", name).obj(parts, settings, concepts)

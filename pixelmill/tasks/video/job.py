@@ -371,57 +371,32 @@ def edit_resolution(width: int, height: int, configured: int | None) -> int:
 
 
 def _edit_layer(spec: dict[str, Any], image: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """The RGBA edit of one atlas layer image (see the module docstring)."""
+    """The RGBA edit of one atlas layer image by the configured editing method (see the module docstring)."""
+    from pixelmill import registry
     from pixelmill.models.loading import model_fingerprint
-    from pixelmill.tasks.edit import row_seed
+    from pixelmill.tasks.stage import RowError
 
     e, stage_cfg = spec["edit"], spec["stage"]
     h, w = image.shape[:2]
-    if e["method"] == "text2live":
-        from pixelmill.models.device import resolve_device
-        from pixelmill.tasks.text2live import Text2LiveLayerGenerator
-
-        device = str(resolve_device(spec.get("device", "auto")))
-        key = {"clip": stage_cfg["clip_model"], "fp": model_fingerprint(stage_cfg["clip_model"]),
-               "settings": stage_cfg.get("text2live"), "device": device}
-        generator = _cached(key, lambda: Text2LiveLayerGenerator.load(stage_cfg["clip_model"],
-                                                                       stage_cfg.get("text2live"), device=device))
-        rgba = generator.generate(image, stage_cfg["prompt"], seed=row_seed(stage_cfg["seed"], spec["id"]), mask=valid)
-        return rgba, {"alpha_mean": float(rgba[..., 3].mean() / 255.0), "model": stage_cfg["clip_model"],
-                      "iterations": generator.settings.iterations}
-
-    import pyarrow as pa
-
-    from pixelmill.datasets.images import IMAGE_TYPE, decode_image, encode_image
-
     cfg = {**stage_cfg, "resolution": edit_resolution(w, h, e.get("resolution"))}
+    model = stage_cfg.get("model") or stage_cfg.get("clip_model")
     key = {**{k: v for k, v in stage_cfg.items() if k != "resolution"}, "adapters_affecting": e.get("adapters"),
-           "fp": model_fingerprint(stage_cfg["model"])}
-    stage = _cached(key, lambda: _setup(stage_cfg, spec.get("cpus", 1)))
-    stage.config = cfg
-    table = pa.table({"id": pa.array([spec["id"]], pa.string()),
-                      "image": pa.array([encode_image(Image.fromarray(image))], IMAGE_TYPE)})
-    row = stage(table).to_pylist()[0]
-    if row["status"] != "ok":
-        if str(row["error"]).startswith("edit_failed"):
-            raise RuntimeError(f"edit: {row['error']}")
-        raise VideoRejected(f"edit: {row['error']}")
-    edited = decode_image(row["edited_image"]).convert("RGB")
-    if edited.size != (w, h):
-        edited = edited.resize((w, h), Image.Resampling.LANCZOS)
-    rgba = np.dstack([np.asarray(edited, dtype=np.uint8), np.where(valid, 255, 0).astype(np.uint8)])
-    info = {k: row.get(k) for k in ("model", "model_hash", "strength", "t0_steps", "l2", "clip_image_text",
-                                    "clip_direction", "seed")}
-    info["resolution"] = [row["width"], row["height"]]
-    return rgba, info
+           "fp": model_fingerprint(model) if model else None, "device": spec.get("device", "auto")}
+    cls = registry.get("edit", stage_cfg["method"]).obj.for_config(stage_cfg)
+    stage = _cached(key, lambda: _setup(cls, {**stage_cfg, "device": spec.get("device", "auto")}, spec.get("cpus", 1)))
+    stage.config = {**cfg, "device": stage.config["device"]}
+    try:
+        return stage.edit_rgba(image, valid, spec["id"])
+    except RowError as err:
+        if err.reason.startswith("edit_failed"):
+            raise RuntimeError(f"edit: {err.reason}") from None
+        raise VideoRejected(f"edit: {err.reason}") from None
 
 
-def _setup(config: dict[str, Any], cpus: float):
-    """The bulk-edit stage of the configured diffusion editor, loaded (models on this worker)."""
-    from pixelmill.tasks.edit import InstructPix2PixEditor, SDEditEditor
+def _setup(cls, config: dict[str, Any], cpus: float):
+    """The editing method's stage, loaded (models on this worker)."""
     from pixelmill.tasks.stage import Resources
 
-    cls = SDEditEditor if config["method"] == "sdedit" else InstructPix2PixEditor
     stage = cls(dict(config), Resources(cpus=cpus, gpus=0))
     stage.setup()
     return stage

@@ -41,9 +41,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pixelmill.config.video import NeuralAtlasConfig
 from pixelmill.tasks.video.atlas import Atlas, AtlasError, AtlasLayer
 from pixelmill.tasks.video.flow import consistent_flow_mask, farneback_flow
 from pixelmill.tasks.video.metrics import psnr
@@ -51,87 +51,6 @@ from pixelmill.tasks.video.render import render_frames
 
 CHECKPOINT_JSON = "checkpoint.json"
 _RESUME_FREE_KEYS = ("iterations", "checkpoint_every", "progress_every")
-
-
-class NeuralAtlasConfig(BaseModel):
-    """Training settings of a neural layered atlas.
-
-    Defaults are a mid-size CPU/GPU setting for short clips; :meth:`tiny` trains in well
-    under a minute on 2 CPU cores for a ~32x32, ~8-frame clip.
-
-    Args:
-        iterations: optimisation steps.
-        batch_size: pixels sampled per step (over all frames).
-        learning_rate: Adam learning rate (constant, so a resumed run equals an unbroken one).
-        mapping_width, mapping_depth: hidden width / hidden layers of each mapping MLP.
-        alpha_width, alpha_depth, alpha_frequencies: alpha MLP and its Fourier feature octaves.
-        atlas_width, atlas_depth, atlas_frequencies: atlas MLPs and their Fourier octaves.
-        uv_scale: initial (and rigid) scale of the mappings; below 1 leaves room in the atlas
-            for camera motion.
-        rgb_weight, flow_weight, alpha_flow_weight, rigidity_weight, sparsity_weight:
-            loss weights.
-        bootstrap_weight, bootstrap_iterations: weight and duration of the alpha-vs-mask loss.
-        flow_tolerance: forward–backward flow check threshold in pixels.
-        rigidity_delta: finite-difference step of the rigidity loss in frame pixels.
-        atlas_resolution: atlas pixels per frame pixel at export.
-        max_atlas_side: cap on an exported atlas image side.
-        seed: initialisation and sampling seed.
-        checkpoint_every: steps between checkpoints (0: only at the end) when a checkpoint
-            folder is given.
-        progress_every: steps between progress callbacks.
-    """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    iterations: int = Field(default=4000, ge=0)
-    batch_size: int = Field(default=4096, ge=16)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    mapping_width: int = Field(default=128, ge=4)
-    mapping_depth: int = Field(default=4, ge=1)
-    alpha_width: int = Field(default=128, ge=4)
-    alpha_depth: int = Field(default=4, ge=1)
-    alpha_frequencies: int = Field(default=5, ge=0)
-    atlas_width: int = Field(default=256, ge=4)
-    atlas_depth: int = Field(default=5, ge=1)
-    atlas_frequencies: int = Field(default=8, ge=0)
-    uv_scale: float = Field(default=0.5, gt=0, le=1)
-    rgb_weight: float = Field(default=1.0, ge=0)
-    flow_weight: float = Field(default=0.01, ge=0)
-    alpha_flow_weight: float = Field(default=0.05, ge=0)
-    rigidity_weight: float = Field(default=0.01, ge=0)
-    sparsity_weight: float = Field(default=0.002, ge=0)
-    bootstrap_weight: float = Field(default=0.1, ge=0)
-    bootstrap_iterations: int = Field(default=1000, ge=0)
-    flow_tolerance: float = Field(default=1.0, gt=0)
-    rigidity_delta: float = Field(default=1.0, gt=0)
-    atlas_resolution: float = Field(default=1.0, gt=0)
-    max_atlas_side: int = Field(default=2048, ge=8)
-    seed: int = 0
-    checkpoint_every: int = Field(default=500, ge=0)
-    progress_every: int = Field(default=100, ge=1)
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> "NeuralAtlasConfig":
-        """Small networks and few steps for tests and the demo: a 32x32, 8-frame clip trains in
-        about 16 s on one CPU thread (33.9 dB re-rendered PSNR with rough masks)."""
-        base = dict(
-            iterations=1500,
-            batch_size=1024,
-            learning_rate=3e-3,
-            mapping_width=32,
-            mapping_depth=2,
-            alpha_width=64,
-            alpha_depth=2,
-            alpha_frequencies=5,
-            atlas_width=64,
-            atlas_depth=3,
-            atlas_frequencies=5,
-            bootstrap_iterations=300,
-            atlas_resolution=2.0,
-            checkpoint_every=250,
-        )
-        base.update(overrides)
-        return cls(**base)
 
 
 @dataclass

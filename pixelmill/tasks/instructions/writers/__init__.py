@@ -1,8 +1,7 @@
 """The instruction writers, found by config name: ``build_writer(name, options)``.
 
-``WRITERS`` maps each name to the ``"module:Class"`` that implements it, imported only
-when that writer is asked for, so naming one writer never imports the others' code (and
-adding a writer is one line here plus its own module, not another branch).
+Each writer registers itself in its own module (``pixelmill.registry``, kind
+``writer``), so adding one is a new module (or a plugin) and no branch here.
 ``build_writer`` checks the options against the class's ``__init__`` before building,
 so a typo in ``writer_options`` fails with the list of known options instead of a
 ``TypeError`` deep inside a worker.
@@ -10,17 +9,11 @@ so a typo in ``writer_options`` fails with the list of known options instead of 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
 from pixelmill.tasks.instructions.writers.base import InstructionWriter, WriterAuthError, WriterFatalError
 
-WRITERS: dict[str, str] = {
-    "template": "pixelmill.tasks.instructions.writers.template:TemplateInstructionWriter",
-    "transformers": "pixelmill.tasks.instructions.writers.transformers:TransformersInstructionWriter",
-    "openai": "pixelmill.tasks.instructions.writers.openai:OpenAIInstructionWriter",
-}
 _NOT_CONFIGURABLE = {"self", "sleep"}
 
 
@@ -30,10 +23,11 @@ def writer_class(kind: str) -> type[InstructionWriter]:
     Raises:
         ValueError: ``kind`` is not a registered writer.
     """
-    if kind not in WRITERS:
-        raise ValueError(f"writer must be one of {', '.join(WRITERS)}, not {kind!r}")
-    module, _, name = WRITERS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    from pixelmill import registry
+
+    if kind not in registry.names("writer"):
+        raise ValueError(f"writer must be one of {', '.join(registry.names('writer'))}, not {kind!r}")
+    return registry.get("writer", kind).obj
 
 
 def _check_writer_options(kind: str, options: dict[str, Any]) -> type[InstructionWriter]:
@@ -62,4 +56,4 @@ def build_writer(kind: str, options: dict[str, Any] | None = None) -> Instructio
     return cls(**options)
 
 
-__all__ = ["WRITERS", "InstructionWriter", "WriterAuthError", "WriterFatalError", "build_writer", "writer_class"]
+__all__ = ["InstructionWriter", "WriterAuthError", "WriterFatalError", "build_writer", "writer_class"]

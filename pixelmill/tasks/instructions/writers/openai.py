@@ -9,6 +9,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pixelmill.registry import register
 from pixelmill.tasks.instructions.answer import CHAT_SYSTEM_PROMPT, PROMPT_SEPARATOR, STOP, WriterAnswer
 from pixelmill.tasks.instructions.writers.base import (
     InstructionWriter,
@@ -27,6 +28,7 @@ def _safe_url(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+@register("writer", "openai")
 class OpenAIInstructionWriter(InstructionWriter):
     """Writes instructions through any OpenAI-compatible HTTP API (OpenAI, vLLM, TGI, llama.cpp...).
 

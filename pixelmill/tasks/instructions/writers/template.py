@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pixelmill.registry import register
 from pixelmill.tasks.instructions.answer import WriterAnswer, format_answer, normalize_caption
 from pixelmill.tasks.instructions.writers.base import InstructionWriter
 from pixelmill.tasks.instructions.writers.template_words import (
@@ -36,6 +37,7 @@ class TemplateEdit:
     edited: str
 
 
+@register("writer", "template")
 class TemplateInstructionWriter(InstructionWriter):
     """Offline instruction writer: a small grammar of edit types, deterministic per seed.
 

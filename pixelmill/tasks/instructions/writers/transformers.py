@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pixelmill.registry import register
 from pixelmill.tasks.instructions.answer import PROMPT_SEPARATOR, STOP, WriterAnswer
 from pixelmill.tasks.instructions.writers.base import InstructionWriter, _read_few_shot
 
@@ -165,6 +166,7 @@ def _load_causal_lm(model: str, device: Any, dtype: Any) -> tuple[Any, Any]:
     return tok, lm.to(device).eval()
 
 
+@register("writer", "transformers")
 class TransformersInstructionWriter(InstructionWriter):
     """Writes instructions with a local causal LM, prompted in InstructPix2Pix's format.
 

@@ -17,9 +17,8 @@ each evaluated on random square crops with random flips every step (cheap stand-
 for the paper's internal augmentations). The layer is kept as straight-alpha 8-bit
 RGBA; alpha below 1/255 is zeroed and there the input pixels are copied exactly.
 
-``Text2LiveLayerGenerator`` is the reusable piece (the video atlas editor calls
-``generate`` on an atlas with a validity mask); ``Text2LiveEditor`` is the bulk-edit
-stage built on it.
+``Text2LiveLayerGenerator`` is the reusable piece; ``Text2LiveEditor``
+(``text2live.py``) is the editing method built on it, for images and video atlases.
 """
 
 from __future__ import annotations
@@ -32,10 +31,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from pixelmill.config import Text2LiveSettings
 from pixelmill.datasets.images import IMAGE_TYPE, encode_image
-from pixelmill.tasks.edit import BulkEditor
-from pixelmill.tasks.metrics import ClipScorer
+from pixelmill.tasks.edit.text2live import Text2LiveSettings
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 GREEN_SCREEN = (0.0, 177.0 / 255.0, 64.0 / 255.0)
@@ -330,52 +327,3 @@ def _to_rgba8(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     rgb8 = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
     rgb8[a8 == 0] = 0
     return np.dstack([rgb8, a8])
-
-
-class Text2LiveEditor(BulkEditor):
-    """Bulk-edit stage for Text2Live: one layer optimised per image, composited over it.
-
-    Each row's layer is trained from the row's seed (config seed + row id) on the image
-    normalised to the working size. Output rows carry the composite as
-    ``edited_image``, the layer as ``edit_layer`` (RGBA PNG, the image's size, for reuse
-    e.g. by the video pipeline) and its mean opacity ``alpha_mean``. Where the layer's
-    alpha is below 1/255 the composite equals ``input_image`` bit for bit. ``model`` and
-    ``model_hash`` name the CLIP model (and the structure ViT's hash after a ``+``);
-    ``steps`` is the number of optimisation iterations.
-    """
-
-    method = "text2live"
-    text_key = "prompt"
-    extra_fields = (pa.field("edit_layer", IMAGE_TYPE), pa.field("alpha_mean", pa.float64()))
-
-    def setup(self) -> None:
-        from pixelmill.models.device import resolve_device, resolve_dtype
-        from pixelmill.models.loading import model_fingerprint
-        from pixelmill.models.vit import load_vit
-
-        c = self.config
-        self.device = resolve_device(c["device"])
-        self.dtype = resolve_dtype(c["dtype"], self.device)
-        self.settings = Text2LiveSettings.model_validate(c.get("text2live") or {})
-        self.clip = ClipScorer(c["clip_model"], device=str(self.device))
-        s = self.settings
-        structure = load_vit(s.structure_model, s.structure_weights, device=self.device) if s.structure_model else None
-        self.generator = Text2LiveLayerGenerator(self.clip.model, self.clip.tokenizer, s, structure)
-        self.model_hash = model_fingerprint(c["clip_model"])
-        if s.structure_model:
-            self.model_hash += "+" + model_fingerprint(s.structure_weights or s.structure_model)
-
-    def edit(self, images, texts, seeds) -> list[dict]:
-        results = []
-        for image, text, seed in zip(images, texts, seeds):
-            rgba = self.generator.generate(image, text, seed)
-            results.append({
-                "image": Image.fromarray(composite(image, rgba), "RGB"),
-                "edit_layer": encode_image(Image.fromarray(rgba, "RGBA")),
-                "alpha_mean": float(rgba[..., 3].mean() / 255.0),
-            })
-        return results
-
-    def _base(self, row: dict) -> dict:
-        return {**super()._base(row), "model": self.config["clip_model"],
-                "steps": self.settings.iterations, "guidance_scale": None}

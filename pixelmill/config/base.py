@@ -1,0 +1,204 @@
+"""What every flow config shares: strict models, YAML loading with ``--set``, placement, plugins.
+
+A flow config names its inputs and its ``output`` at the top level, so
+``pixelmill <flow> CONFIG.yaml --set output=URL`` works the same for every flow. Where
+work runs (``placement``, ``runtime``) and which plugin modules to import (``plugins``)
+are declared once here, in :class:`FlowConfig`, and left out of every output hash by
+construction: they change where and how fast rows are made, not what they are.
+
+This package imports no compute (no torch, no tasks): a config validates as plain data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and what is wrong."""
+
+
+class StrictModel(BaseModel):
+    """Base for configs: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeConfig(StrictModel):
+    """Where work runs. Empty values mean the embedded local runtime."""
+
+    ray_address: str | None = None
+    prefect_api_url: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
+class Placement(StrictModel):
+    """How many workers a flow's stages (or jobs) use, and what each one claims.
+
+    Turned into the stages' ``Resources`` in one place (:meth:`resources`); never part of
+    an output's hash.
+
+    Args:
+        workers: actors per data-parallel stage (ignored by one-job-per-unit flows).
+        cpus: CPUs each worker claims (and its torch thread count).
+        gpus: GPUs each worker claims where the Ray cluster has GPUs (0 on a CPU-only cluster).
+        memory: bytes of memory each worker claims (Ray's ``memory`` resource), or none.
+    """
+
+    workers: int = Field(default=1, ge=1)
+    cpus: float = Field(default=1.0, gt=0)
+    gpus: float = Field(default=1.0, ge=0)
+    memory: int | None = Field(default=None, ge=1)
+
+    def gpus_on(self, cluster_gpus: float) -> float:
+        """GPUs a worker claims on a cluster with ``cluster_gpus`` GPUs (none there: 0)."""
+        return self.gpus if cluster_gpus > 0 else 0.0
+
+    def resources(self, cluster_gpus: float = 0.0):
+        """The stage ``Resources`` for this placement on a cluster with ``cluster_gpus`` GPUs."""
+        from pixelmill.tasks.stage import Resources
+
+        return Resources(cpus=self.cpus, gpus=self.gpus_on(cluster_gpus), memory_bytes=self.memory)
+
+
+class FlowConfig(StrictModel):
+    """Base of every flow's config: ``placement``, ``runtime``, ``plugins`` and ``limit``.
+
+    Subclasses set ``LEGACY_PLACEMENT`` (old flat keys → ``placement`` fields: configs
+    written before the block existed still parse) and ``UNHASHED`` (other keys that
+    change speed, not results). :meth:`hashed` is what output manifests record.
+    """
+
+    LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {}
+    UNHASHED: ClassVar[frozenset[str]] = frozenset()
+    NEVER_HASHED: ClassVar[frozenset[str]] = frozenset({"placement", "runtime", "plugins", "output"})
+
+    placement: Placement = Field(default_factory=Placement)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    plugins: list[str] = Field(default_factory=list)
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_placement(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.LEGACY_PLACEMENT:
+            return data
+        legacy = {k: data[k] for k in cls.LEGACY_PLACEMENT if k in data}
+        if not legacy:
+            return data
+        data = {k: v for k, v in data.items() if k not in legacy}
+        block = dict(data.get("placement") or {})
+        for old, value in legacy.items():
+            new = cls.LEGACY_PLACEMENT[old]
+            if new in block:
+                raise ValueError(f"`{old}` (old key) and `placement.{new}` both set; keep `placement.{new}`")
+            block[new] = value
+        data["placement"] = block
+        return data
+
+    def hashed(self, **dump: Any) -> dict[str, Any]:
+        """The config as hashed into output manifests: placement, runtime, plugins and output left out."""
+        return self.model_dump(exclude=set(self.NEVER_HASHED | self.UNHASHED), **dump)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value`` into a key path and a YAML-typed value."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file's top-level mapping.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return loaded
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``data`` with ``--set key.path=value`` overrides applied (in place, returned)."""
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a mapping")
+        node[keys[-1]] = value
+    return data
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], where: Any = None) -> BaseModel:
+    """``model.model_validate(data)``, with plugins imported first; errors as a ConfigError naming fields."""
+    from pixelmill import registry
+
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if plugins:
+        if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+            raise ConfigError(f"{where + ': ' if where else ''}plugins: expected a list of import paths")
+        try:
+            registry.load_plugins(plugins)
+        except registry.PluginError as e:
+            raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, where)) from None
+
+
+def load_config(
+    model: type[BaseModel], path: str | os.PathLike | None, overrides: list[str] | None = None
+) -> BaseModel:
+    """Load a YAML config, apply ``--set`` overrides, validate into ``model``.
+
+    Raises:
+        ConfigError: naming the file, the field and the problem.
+    """
+    data = read_yaml(path) if path is not None else {}
+    return validate(model, apply_overrides(data, overrides), path)
+
+
+def format_validation_error(err: ValidationError, path: Any = None) -> str:
+    """One line per problem: ``field: message``."""
+    where = f"{path}: " if path else ""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{where}{loc}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def placeholders(text: str | None) -> list[str]:
+    """The ``{field}`` names in a template."""
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(text or "") if f]

@@ -1,0 +1,306 @@
+"""Fine-tuning campaigns: concepts, jobs listed or expanded from a grid, and their settings.
+
+Which training methods exist, which settings each reads and how many concepts it trains
+at once are declared by the methods themselves (``pixelmill.registry``, kind ``train``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pixelmill.config.base import ConfigError, FlowConfig, Placement, StrictModel, format_validation_error
+
+# Settings that change where, how fast or how often a job runs, or what it reports, but not
+# the weights it ends with: left out of the job id. ``max_steps`` is left out on purpose:
+# raising it on a finished job resumes that job instead of starting a new one.
+PLACEMENT_SETTINGS = frozenset({
+    "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
+    "num_gpus", "num_workers", "cpus_per_worker", "cache_latents", "cache_text_embeddings",
+    "gradient_checkpointing", "device", "log_every",
+})
+
+
+def train_method(name: str):
+    """The registered training method ``name`` (its declared metadata), or a ValueError listing the known ones."""
+    from pixelmill import registry
+
+    try:
+        return registry.get("train", name)
+    except registry.UnknownEntry as e:
+        raise ValueError(str(e)) from None
+
+
+def method_settings(name: str) -> set[str]:
+    """Settings only ``name`` (and perhaps other methods) reads; a job's id ignores the ones its method does not."""
+    return set(train_method(name).meta.get("settings", ()))
+
+
+class Concept(StrictModel):
+    """A subject or style to learn, and the images that show it.
+
+    Args:
+        instance_data: dataset URL (pixelmill dataset or folder of Parquet files) with the
+            concept's images; for ``instruct_pix2pix`` a pairs dataset.
+        token: how prompts name the concept: the new token for Textual Inversion and Custom
+            Diffusion (``<dog1>``), the rare identifier for DreamBooth/LoRA (``sks``).
+        class_word: the concept's category ("dog"); fills ``{class}`` in prompts and is the
+            default Textual Inversion initializer.
+        class_data: a dataset of class (regularization) images for prior preservation,
+            or ``retrieval`` to use the campaign's retrieval output for ``class_prompt``.
+        property: ``object`` or ``style`` (Textual Inversion prompt templates).
+    """
+
+    instance_data: str
+    token: str = "sks"
+    class_word: str = ""
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+    class_data: str | None = None
+    image_column: str = "image"
+    initializer_token: str | None = None
+    property: Literal["object", "style"] = "object"
+
+    def instance_text(self, method: str) -> str:
+        """The training prompt: explicit, or the method's default for this concept."""
+        if self.instance_prompt:
+            return self.instance_prompt.format(token=self.token, **{"class": self.class_word})
+        if train_method(method).meta.get("token_only"):
+            return f"a photo of a {self.token}"
+        return f"a photo of {self.token} {self.class_word}".strip()
+
+    def class_text(self) -> str:
+        if self.class_prompt:
+            return self.class_prompt.format(**{"class": self.class_word})
+        return f"a photo of a {self.class_word}".strip()
+
+    def subject(self, method: str) -> str:
+        """How a prompt names the learned concept (``{concept}`` in evaluation prompts)."""
+        if train_method(method).meta.get("token_only"):
+            return self.token
+        return f"{self.token} {self.class_word}".strip()
+
+
+class TrainSettings(StrictModel):
+    """Training settings of one job; every method reads the common ones and its own.
+
+    Defaults follow diffusers' example scripts except where noted in the README.
+    """
+
+    resolution: int = Field(default=512, ge=8, le=4096)
+    center_crop: bool = False
+    random_flip: bool = True
+    rescale: bool = False
+    aspect_buckets: bool = False
+    train_batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=500, ge=1)
+    learning_rate: float = Field(default=5e-6, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    use_ema: bool | None = None
+    ema_decay: float = Field(default=0.9999, gt=0, lt=1)
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    validation_every: int | None = Field(default=None, ge=1)
+    validation_prompts: list[str] = Field(default_factory=list)
+    log_every: int = Field(default=1, ge=1)
+    # Textual Inversion
+    num_vectors: int = Field(default=1, ge=1)
+    # DreamBooth / Custom Diffusion prior preservation
+    with_prior_preservation: bool | None = None
+    prior_loss_weight: float = Field(default=1.0, ge=0)
+    num_class_images: int = Field(default=100, ge=1)
+    train_text_encoder: bool = False
+    # LoRA
+    rank: int = Field(default=4, ge=1)
+    alpha: float | None = Field(default=None, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    # Custom Diffusion
+    train: Literal["crossattn_kv", "crossattn"] = "crossattn_kv"
+    # InstructPix2Pix
+    conditioning_dropout_prob: float = Field(default=0.05, ge=0, le=1 / 3)
+    input_column: str = "input_image"
+    edited_column: str = "edited_image"
+    instruction_column: str = "edit_prompt"
+    # placement (not hashed)
+    num_gpus: float = Field(default=0, ge=0)
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    device: str = "auto"
+
+
+class JobConfig(StrictModel):
+    """One training job: a method over one or more concepts with its settings."""
+
+    name: str | None = None
+    method: str
+    concepts: list[str] = Field(min_length=1)
+    model: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_method(self) -> "JobConfig":
+        train_method(self.method)
+        return self
+
+
+class GridConfig(StrictModel):
+    """A grid that expands to jobs: every concept set × method × combination of settings.
+
+    ``concepts`` entries are a concept name or a list of names (one multi-concept job);
+    ``settings`` maps a setting to the list of values to try.
+    """
+
+    concepts: list[str | list[str]] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    settings: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> "GridConfig":
+        for m in self.methods:
+            train_method(m)
+        return self
+
+
+class EvalSettings(StrictModel):
+    """Per-job evaluation: samples for prompts and the CustomConcept101 CLIP metrics.
+
+    ``{concept}`` in a prompt becomes how the method names the concept (``<dog1>`` or
+    ``sks dog``); CLIP text alignment scores the sample against the same prompt with the
+    class word instead, as CustomConcept101 does.
+    """
+
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of {concept}"])
+    samples_per_prompt: int = Field(default=2, ge=1)
+    steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=6.0, ge=0)
+    image_guidance_scale: float = Field(default=1.5, ge=0)
+    seed: int = 0
+
+
+class CampaignConfig(FlowConfig):
+    """A fine-tuning campaign: concepts, and jobs listed or expanded from a grid.
+
+    Args:
+        output: root folder: ``jobs/<id>/`` per job, ``class_images/``, ``cache/``,
+            ``results.parquet`` and ``report.html``.
+        model: the base diffusers pipeline (a job may name its own).
+        defaults: settings every job starts from (a job's or grid's settings override).
+        retrieve: optional regularization retrieval run first (its config without
+            ``output``); concepts with ``class_data: retrieval`` train on its images.
+        placement: each job's defaults for ``num_workers`` (data-parallel workers),
+            ``cpus_per_worker`` and ``num_gpus`` (GPUs per job); ``defaults`` or a job's
+            ``settings`` override them per job.
+    """
+
+    output: str
+    model: str
+    clip_model: str | None = None
+    concepts: dict[str, Concept] = Field(min_length=1)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    jobs: list[JobConfig] = Field(default_factory=list)
+    grid: GridConfig | None = None
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    retrieve: dict[str, Any] | None = None
+    placement: Placement = Field(default_factory=lambda: Placement(gpus=0))
+
+    @model_validator(mode="after")
+    def _check(self) -> "CampaignConfig":
+        if not self.jobs and self.grid is None:
+            raise ValueError("a campaign needs `jobs` (a list) or a `grid`")
+        names = [c for j in self.jobs for c in j.concepts]
+        if self.grid:
+            names += [c for e in self.grid.concepts for c in ([e] if isinstance(e, str) else e)]
+        unknown = sorted(set(names) - set(self.concepts))
+        if unknown:
+            raise ValueError(f"unknown concept(s) {unknown}; defined: {sorted(self.concepts)}")
+        try:
+            TrainSettings.model_validate(self.defaults)
+        except ValidationError as e:
+            raise ValueError("defaults: " + format_validation_error(e).split("\n", 1)[1].strip()) from None
+        if any(c.class_data == "retrieval" for c in self.concepts.values()) and not self.retrieve:
+            raise ValueError("a concept has `class_data: retrieval` but the campaign has no `retrieve` section")
+        return self
+
+    def expand(self) -> list["ExpandedJob"]:
+        """The campaign's jobs: the listed ones, then the grid's, in a stable order."""
+        import itertools
+
+        out: list[ExpandedJob] = []
+        for i, job in enumerate(self.jobs):
+            out.append(self._expanded(job.name or f"{job.method}-{'+'.join(job.concepts)}-{i}",
+                                      job.method, job.concepts, job.model, job.settings))
+        if self.grid:
+            keys = list(self.grid.settings)
+            for entry in self.grid.concepts:
+                cset = [entry] if isinstance(entry, str) else list(entry)
+                for method in self.grid.methods:
+                    for values in itertools.product(*(self.grid.settings[k] for k in keys)):
+                        settings = dict(zip(keys, values))
+                        suffix = "".join(f"-{k}={v}" for k, v in settings.items())
+                        out.append(self._expanded(f"{method}-{'+'.join(cset)}{suffix}", method, cset,
+                                                  None, settings))
+        return out[: self.limit] if self.limit else out
+
+    def _expanded(self, name, method, concepts, model, settings) -> "ExpandedJob":
+        p = self.placement
+        merged = {"num_workers": p.workers, "cpus_per_worker": p.cpus, "num_gpus": p.gpus,
+                  **self.defaults, **settings}
+        try:
+            ts = TrainSettings.model_validate(merged)
+        except ValidationError as e:
+            raise ConfigError(f"job {name!r}: " + format_validation_error(e)) from None
+        if train_method(method).meta.get("multi_concept") and len(concepts) > 1:
+            tokens = [self.concepts[c].token for c in concepts]
+            if len(set(tokens)) != len(tokens):
+                raise ConfigError(f"job {name!r}: concepts trained jointly need distinct tokens, got {tokens}")
+        if len(concepts) != 1 and not train_method(method).meta.get("multi_concept"):
+            joint = [e.name for e in _train_entries() if e.meta.get("multi_concept")]
+            raise ConfigError(f"job {name!r}: {method} trains one concept per job "
+                              f"({' and '.join(joint) or 'no method'} trains several jointly)")
+        return ExpandedJob(name=name, method=method, concepts=list(concepts), model=model or self.model,
+                           settings=ts)
+
+
+class ExpandedJob(BaseModel):
+    """One job after expansion: what the flow plans and the trainer runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    method: str
+    concepts: list[str]
+    model: str
+    settings: TrainSettings
+
+    def weight_affecting(self, concepts: dict[str, Concept], model_hash: str, data_hashes: dict[str, str]) -> dict:
+        """What the job id hashes: method, model, data and the settings that change weights."""
+        own = method_settings(self.method)
+        other_methods = set().union(*(set(e.meta.get("settings", ())) for e in _train_entries()))
+        s = self.settings.model_dump(exclude=set(PLACEMENT_SETTINGS) | (other_methods - own))
+        return {
+            "method": self.method, "model": model_hash,
+            "concepts": [{**concepts[c].model_dump(exclude={"instance_data", "class_data"}),
+                          "data": data_hashes.get(c)} for c in self.concepts],
+            "settings": s,
+        }
+
+
+
+
+def _train_entries():
+    from pixelmill import registry
+
+    return registry.entries("train")

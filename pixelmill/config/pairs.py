@@ -1,0 +1,106 @@
+"""Instruction pairs (InstructPix2Pix's dataset): captions → instructions → image pairs."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from pixelmill.config.base import FlowConfig, StrictModel
+from pixelmill.config.edit import AdapterSpec, adapters_affecting
+
+class InstructionSettings(StrictModel):
+    """The text stage: which writer writes (instruction, edited caption) for each caption.
+
+    Args:
+        writer: a registered instruction writer (built in: ``template``, ``transformers``,
+            ``openai``); ``options`` are that writer's.
+    """
+
+    writer: str = "template"
+    options: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(default=16, ge=1)
+    min_length: int = Field(default=2, ge=0)
+    max_length: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _check_writer(self) -> "InstructionSettings":
+        from pixelmill import registry
+
+        try:
+            registry.get("writer", self.writer)
+        except registry.UnknownEntry as e:
+            raise ValueError(f"writer: {e}") from None
+        return self
+
+
+class PairRenderSettings(StrictModel):
+    """The image stage: Prompt-to-Prompt rendering and the CLIP filter (InstructPix2Pix defaults)."""
+
+    model: str
+    clip_model: str
+    samples_per_caption: int = Field(default=100, ge=1)
+    steps: int = Field(default=25, ge=1)
+    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8)
+    p_range: tuple[float, float] = (0.1, 0.9)
+    cfg_range: tuple[float, float] = (7.5, 15.0)
+    cross_replace: bool = False
+    batch_size: int = Field(default=4, ge=1)
+    min_image_similarity: float = 0.7
+    min_direction: float = 0.2
+    min_image_caption: float = 0.2
+    max_per_caption: int = Field(default=4, ge=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+class PairsConfig(FlowConfig):
+    """Instruction pairs (InstructPix2Pix's dataset): captions → instructions → image pairs.
+
+    Args:
+        input: dataset with ``id`` and a caption column.
+        output: root folder with ``text/`` (instructions, reused when complete) and ``pairs/``.
+    """
+
+    input: str
+    output: str
+    caption_column: str = "caption"
+    seed: int = 0
+    text: InstructionSettings = Field(default_factory=InstructionSettings)
+    images: PairRenderSettings
+
+    LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {
+        "workers": "workers", "num_gpus_per_worker": "gpus", "num_cpus_per_worker": "cpus"}
+
+    def text_stage_config(self) -> dict[str, Any]:
+        t = self.text
+        return {"writer": t.writer, "writer_options": dict(t.options), "caption_column": self.caption_column,
+                "seed": self.seed, "batch_size": t.batch_size, "min_length": t.min_length,
+                "max_length": t.max_length}
+
+    def image_stage_config(self) -> dict[str, Any]:
+        d = self.images.model_dump()
+        d["p_range"], d["cfg_range"] = tuple(d["p_range"]), tuple(d["cfg_range"])
+        d["seed"] = self.seed
+        return d
+
+    def text_affecting(self) -> dict[str, Any]:
+        cfg = self.text_stage_config()
+        cfg.pop("batch_size")
+        cfg["writer_options"] = {k: v for k, v in cfg["writer_options"].items()
+                                 if k not in ("concurrency", "timeout", "device", "api_key_env")}
+        return {"input": self.input, "limit": self.limit, **cfg}
+
+    def pairs_affecting(self) -> dict[str, Any]:
+        cfg = self.image_stage_config()
+        for k in ("batch_size", "device"):
+            cfg.pop(k)
+        adapters = cfg.pop("adapters")
+        if adapters:
+            cfg["adapters"] = adapters_affecting(self.images.adapters)
+        cfg["p_range"], cfg["cfg_range"] = list(cfg["p_range"]), list(cfg["cfg_range"])
+        return {"text": self.text_affecting(), **cfg}
+
+

@@ -1,0 +1,101 @@
+"""The one run-and-commit path: any stage over any dataset, resumable per shard.
+
+``run_stage`` plans output shards from the input's (skipping those committed with the
+same config), runs the stage over the rest as one Prefect task on a Ray worker that
+claims no CPU and drives a Ray Data pipeline (``tasks/ray_data.py``), then commits the
+output manifest. Flows call it once per stage; the stage class declares its input
+columns and output dataset name (``tasks/stage.py``), so nothing here knows any method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect_ray.context import remote_options
+
+from pixelmill.datasets import DatasetWriter
+from pixelmill.flows.common import Progress, ShardPlan, StageStats, plan_shards, wait_with_progress
+
+
+@dataclass
+class StageResult:
+    """What one stage run did: its plan, and the stats of the shards it ran (zeros when none)."""
+
+    output: str
+    plan: ShardPlan
+    stats: StageStats = field(default_factory=StageStats)
+    seconds: float = 0.0
+
+    @property
+    def shards_run(self) -> list[str]:
+        return self.plan.todo
+
+    @property
+    def shards_skipped(self) -> list[str]:
+        return self.plan.skip
+
+
+@task(name="run-stage", cache_policy=NO_CACHE)
+def run_shards(stage_cls: type, config: dict[str, Any], resources: Any, plan: ShardPlan, output: str,
+               workers: int, progress: Progress | None = None) -> StageStats:
+    """Run ``stage_cls`` over the planned shards and commit each output shard as it completes."""
+    from pixelmill.flows.common import run_stage_into_writer
+
+    return run_stage_into_writer(
+        plan=plan,
+        builder=partial(stage_cls, config, resources),
+        columns=stage_cls.input_columns(config),
+        writer=DatasetWriter(output, *stage_cls.dataset, plan.config),
+        workers=workers,
+        progress=progress,
+        drop_columns=stage_cls.dropped_columns(config),
+    )
+
+
+@task(name="commit-manifest", cache_policy=NO_CACHE)
+def commit_manifest(output: str, dataset: tuple[str, int], hashed: dict[str, Any]) -> None:
+    """Mark the output dataset complete (every planned shard is committed)."""
+    DatasetWriter(output, *dataset, hashed).open().finish()
+
+
+def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input: str, output: str,
+              hashed: dict[str, Any], workers: int = 1, limit: int | None = None, task_name: str | None = None,
+              show_progress: bool = False, progress_label: str = "rows") -> StageResult:
+    """Plan → run the uncommitted shards on Ray → commit the manifest. Call from inside a flow.
+
+    Args:
+        stage_cls: a ``Stage`` subclass (built on the workers from ``config`` and ``resources``).
+        config: the stage's config (plain data).
+        resources: the stage's ``Resources`` per worker.
+        input / output: dataset URLs.
+        hashed: what the output's manifest records (a different hash means other rows).
+        workers: actors in the stage's pool.
+        limit: only the first N input rows (in shard order).
+        task_name: the Prefect task's name (default ``run-stage``).
+        show_progress: a progress bar on stderr while the shards run.
+    """
+    t0 = time.perf_counter()
+    plan = plan_shards({"input": input, "output": output, "limit": limit}, hashed)
+    result = StageResult(output=output, plan=plan)
+    if plan.todo:
+        progress = Progress.create(total=plan.rows_todo) if show_progress else None
+        submit = run_shards.with_options(name=task_name) if task_name else run_shards
+        with remote_options(num_cpus=0):
+            future = submit.submit(stage_cls, config, resources, plan, output, workers, progress)
+        result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)
+    if plan.todo or not plan.output_complete:
+        commit_manifest(output, stage_cls.dataset, plan.config)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster this process is connected to (0 when none or not connected)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
