@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 KINDS = ("edit", "train", "writer", "pipeline")
 ENTRY_POINT_GROUP = "pixelmill.plugins"

@@ -117,7 +117,7 @@ class PrefectServer:
     def api_url(self) -> str:
         return f"http://{self.host}:{self.port}/api"
 
-    def start(self) -> "PrefectServer":
+    def start(self) -> PrefectServer:
         self.port = self.port or free_port(self.host)
         logfile = open(self.home / "prefect-server.log", "ab") if self.home.exists() else None
         if logfile is None:
@@ -181,7 +181,7 @@ class Runtime:
     server: PrefectServer | None = None
     owns_ray: bool = False
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         apply_quiet_defaults()
         self.ray_address = self.ray_address or os.environ.get("RAY_ADDRESS") or None
         self.prefect_api_url = self.prefect_api_url or os.environ.get("PREFECT_API_URL") or None

@@ -10,7 +10,6 @@ palette, EXIF orientation) and, on request, files that cannot be decoded at all.
 from __future__ import annotations
 
 import http.server
-
 import io
 import random
 from collections.abc import Callable
@@ -132,7 +131,8 @@ def _landscape(rng: random.Random, size: tuple[int, int]) -> Scene:
     draw.ellipse((hill_x - width // 2, horizon - height // 5, hill_x + width // 2, horizon + height // 5),
                  fill=_shade(ground, 0.85))
     draw.rectangle((0, horizon, width, height), fill=ground)
-    return img, f"a landscape with a {'yellow sun' if body == 'sun' else 'pale moon'} over {ground_name} under {sky_name}"
+    body_name = "yellow sun" if body == "sun" else "pale moon"
+    return img, f"a landscape with a {body_name} over {ground_name} under {sky_name}"
 
 
 def _house(rng: random.Random, size: tuple[int, int]) -> Scene:
@@ -374,7 +374,7 @@ class LoopbackFileServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def __enter__(self) -> "LoopbackFileServer":
+    def __enter__(self) -> LoopbackFileServer:
         self.thread.start()
         return self
 

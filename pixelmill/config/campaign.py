@@ -151,7 +151,7 @@ class JobConfig(StrictModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known_method(self) -> "JobConfig":
+    def _known_method(self) -> JobConfig:
         train_method(self.method)
         return self
 
@@ -168,7 +168,7 @@ class GridConfig(StrictModel):
     settings: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known_methods(self) -> "GridConfig":
+    def _known_methods(self) -> GridConfig:
         for m in self.methods:
             train_method(m)
         return self
@@ -217,7 +217,7 @@ class CampaignConfig(FlowConfig):
     placement: Placement = Field(default_factory=lambda: Placement(gpus=0))
 
     @model_validator(mode="after")
-    def _check(self) -> "CampaignConfig":
+    def _check(self) -> CampaignConfig:
         if not self.jobs and self.grid is None:
             raise ValueError("a campaign needs `jobs` (a list) or a `grid`")
         names = [c for j in self.jobs for c in j.concepts]
@@ -234,7 +234,7 @@ class CampaignConfig(FlowConfig):
             raise ValueError("a concept has `class_data: retrieval` but the campaign has no `retrieve` section")
         return self
 
-    def expand(self) -> list["ExpandedJob"]:
+    def expand(self) -> list[ExpandedJob]:
         """The campaign's jobs: the listed ones, then the grid's, in a stable order."""
         import itertools
 
@@ -254,7 +254,7 @@ class CampaignConfig(FlowConfig):
                                                   None, settings))
         return out[: self.limit] if self.limit else out
 
-    def _expanded(self, name, method, concepts, model, settings) -> "ExpandedJob":
+    def _expanded(self, name, method, concepts, model, settings) -> ExpandedJob:
         p = self.placement
         merged = {"num_workers": p.workers, "cpus_per_worker": p.cpus, "num_gpus": p.gpus,
                   **self.defaults, **settings}

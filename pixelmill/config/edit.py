@@ -73,7 +73,7 @@ class EditSettings(StrictModel):
     adapters: list[AdapterSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check_method(self) -> "EditSettings":
+    def _check_method(self) -> EditSettings:
         from pixelmill import registry
 
         try:
@@ -187,7 +187,7 @@ class EditConfig(FlowConfig, EditSettings):
         return f"`{text}` (one for all rows) or `{text}_column`"
 
     @model_validator(mode="after")
-    def _check_columns(self) -> "EditConfig":
+    def _check_columns(self) -> EditConfig:
         from pixelmill import registry
 
         masked = self.mask_column or self.stroke_column
@@ -240,7 +240,7 @@ class VideoEditSettings(EditSettings):
     resolution: int | None = Field(default=None, ge=8, le=4096)
 
     @model_validator(mode="after")
-    def _check_video(self) -> "VideoEditSettings":
+    def _check_video(self) -> VideoEditSettings:
         for key in ("prompt", "instruction", "negative_prompt"):
             if placeholders(getattr(self, key)):
                 raise ValueError(f"`{key}`: {{column}} placeholders are not supported for videos; write the text")

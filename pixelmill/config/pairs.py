@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pixelmill.config.base import FlowConfig, StrictModel
 from pixelmill.config.edit import AdapterSpec, adapters_affecting
 
+
 class InstructionSettings(StrictModel):
     """The text stage: which writer writes (instruction, edited caption) for each caption.
 
@@ -24,7 +25,7 @@ class InstructionSettings(StrictModel):
     max_length: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
-    def _check_writer(self) -> "InstructionSettings":
+    def _check_writer(self) -> InstructionSettings:
         from pixelmill import registry
 
         try:

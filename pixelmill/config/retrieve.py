@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from pixelmill.config.base import FlowConfig, Placement, StrictModel
 
+
 class RetrievalFilters(StrictModel):
     """Optional filters on pool metadata columns LAION ships."""
 
@@ -73,7 +74,7 @@ class RetrieveConfig(FlowConfig):
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {"scan_tasks": "workers"}
 
     @model_validator(mode="after")
-    def _check_prompts(self) -> "RetrieveConfig":
+    def _check_prompts(self) -> RetrieveConfig:
         for i, p in enumerate(self.prompts):
             if not p.strip():
                 raise ValueError(f"prompts[{i}] is empty")

@@ -68,7 +68,7 @@ class NeuralAtlasConfig(BaseModel):
     progress_every: int = Field(default=100, ge=1)
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "NeuralAtlasConfig":
+    def tiny(cls, **overrides: Any) -> NeuralAtlasConfig:
         """Small networks and few steps for tests and the demo: a 32x32, 8-frame clip trains in
         about 16 s on one CPU thread (33.9 dB re-rendered PSNR with rough masks)."""
         base = dict(
@@ -133,7 +133,7 @@ class VideoAtlasSettings(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "VideoAtlasSettings":
+    def _check(self) -> VideoAtlasSettings:
         if self.neural:
             self.neural_config()
         return self
@@ -208,7 +208,7 @@ class VideoConfig(FlowConfig):
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {"num_gpus": "gpus", "cpus_per_job": "cpus"}
 
     @model_validator(mode="after")
-    def _check(self) -> "VideoConfig":
+    def _check(self) -> VideoConfig:
         if self.edit.layer == "foreground" and self.atlas.method != "neural":
             raise ValueError("`edit.layer: foreground` needs `atlas.method: neural` "
                              "(a homography atlas has only the background layer)")

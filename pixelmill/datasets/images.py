@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -323,7 +323,7 @@ class DatasetWriter:
             manifest = self.manifest
             manifest.shards = [s for s in manifest.shards if s.name != name]
             manifest.complete = False
-            manifest.updated_at = datetime.now(timezone.utc)
+            manifest.updated_at = datetime.now(UTC)
             write_manifest(self.url, manifest)
             for folder in ("", REJECTS_DIR, DROPPED_DIR):
                 storage.remove(storage.join(self.url, folder, part_file(name)))
@@ -344,7 +344,7 @@ class DatasetWriter:
                         storage.remove(storage.join(folder, name))
             storage.remove(storage.join(self.url, STAGING_DIR))
             manifest.complete = True
-            manifest.updated_at = datetime.now(timezone.utc)
+            manifest.updated_at = datetime.now(UTC)
             write_manifest(self.url, manifest)
             return manifest
 
@@ -354,7 +354,7 @@ class DatasetWriter:
             shards = [s for s in manifest.shards if s.name != entry.name] + [entry]
             manifest.shards = sorted(shards, key=lambda s: s.name)
             manifest.complete = False
-            manifest.updated_at = datetime.now(timezone.utc)
+            manifest.updated_at = datetime.now(UTC)
             write_manifest(self.url, manifest)
 
     def _changes_from(self, existing: Manifest) -> list[str]:

@@ -70,7 +70,8 @@ class CampaignPlan:
         lines = [f"{len(self.jobs)} job(s): {counts['run']} to run, {counts['resume']} to resume, "
                  f"{counts['retry']} to retry, {counts['skip']} finished (skipped)"]
         if self.retrieve:
-            lines.append(f"  retrieval first: {len(self.retrieve['prompts'])} class prompt(s) -> {self.retrieve['output']}")
+            lines.append(f"  retrieval first: {len(self.retrieve['prompts'])} class prompt(s) "
+                         f"-> {self.retrieve['output']}")
         for r in self.class_images:
             lines.append(f"  generate {r.count} class image(s) for {r.prompt!r} -> {r.url}")
         lines += [j.describe() for j in self.jobs]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.compute as pc
 
@@ -75,7 +76,7 @@ class Progress:
         self.handle = handle
 
     @classmethod
-    def create(cls, total: int) -> "Progress":
+    def create(cls, total: int) -> Progress:
         import ray
 
         @ray.remote(num_cpus=0)

@@ -76,7 +76,8 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
         body_rows.append(
             f'<tr><td><a href="#job-{_e(r["job"])}">{_e(r["name"])}</a><br><span class="mono muted">{_e(r["job"])}'
             f'</span></td><td>{_e(r["method"])}</td><td>{_e(", ".join(r["concepts"]))}</td>'
-            f'<td class="mono">{_e(varies)}</td><td>{_e(status)}</td><td>{r["step"]}/{r["max_steps"]}</td><td>{_fmt(r["seconds"], 1)}</td>'
+            f'<td class="mono">{_e(varies)}</td><td>{_e(status)}</td><td>{r["step"]}/{r["max_steps"]}</td>'
+            f'<td>{_fmt(r["seconds"], 1)}</td>'
             f'<td>{_fmt(r["peak_memory_mb"], 0)}</td><td>{_fmt(r["clip_text_alignment"])}</td>'
             f'<td>{_fmt(r["clip_image_alignment"])}</td><td>{_fmt(r["final_loss"], 4)}</td></tr>')
     sections = []

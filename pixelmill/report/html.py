@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import posixpath
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pixelmill.datasets import storage
@@ -97,7 +97,7 @@ dd { margin: 0; font-variant-numeric: tabular-nums; overflow: hidden; text-overf
 
 
 def _page(title: str, body: str) -> str:
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -6,7 +6,6 @@ from typing import Any
 
 from pixelmill.report.html import _e, _fmt, _page, _write
 
-
 _VIDEO_CSS = """
 table.videos { width: 100%; border: 1px solid var(--line); }
 table.videos td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }

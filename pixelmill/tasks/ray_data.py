@@ -6,7 +6,8 @@ in Ray 2.51); keeping them here means stages never see them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 

@@ -170,8 +170,8 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
         ValueError: naming the field and the problem.
     """
     from pixelmill.datasets.pool import Pool, PoolError
-    from pixelmill.tasks.retrieval import validate
     from pixelmill.models.loading import ModelNotFound, check_model_reference
+    from pixelmill.tasks.retrieval import validate
 
     try:
         pool = Pool.open(cfg.pool)

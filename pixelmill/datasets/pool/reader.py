@@ -32,7 +32,6 @@ from pixelmill.datasets.pool.base import (
 from pixelmill.datasets.pool.npy import _NpyReader, _read_npy_header
 from pixelmill.datasets.pool.parquet import _ParquetReader, embedding_matrix
 
-
 _PART_RE = re.compile(r"^(?P<prefix>img_emb|text_emb|metadata)_(?P<num>\d+)\.(?P<ext>npy|parquet)$")
 
 

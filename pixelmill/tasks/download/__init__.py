@@ -33,7 +33,6 @@ from pixelmill.tasks.download.guard import (
 from pixelmill.tasks.download.robots import DEFAULT_ROBOTS_DIRECTIVES, robots_disallow
 from pixelmill.tasks.download.settings import DEFAULT_USER_AGENT, DownloadConfig, Resolver
 
-
 __all__ = [
     "DEFAULT_ROBOTS_DIRECTIVES", "DEFAULT_USER_AGENT", "DownloadConfig", "DownloadError", "ExactNResult",
     "FetchResult", "HostLimiter", "Resolver", "address_block_reason", "check_url", "classify_address",

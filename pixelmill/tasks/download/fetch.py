@@ -19,7 +19,6 @@ from pixelmill.tasks.download.guard import DownloadError, _acheck_url
 from pixelmill.tasks.download.robots import robots_disallow
 from pixelmill.tasks.download.settings import DownloadConfig
 
-
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 DECODE_ERRORS = frozenset({"undecodable", "too_many_pixels", "empty", "unsupported_mode"})
 

@@ -19,7 +19,6 @@ import httpx
 
 from pixelmill.tasks.download.settings import DownloadConfig, Resolver
 
-
 _PRIVATE_NETWORKS = tuple(
     ipaddress.ip_network(net)
     for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")

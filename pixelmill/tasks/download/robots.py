@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
 DEFAULT_ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex", "none")
 
 

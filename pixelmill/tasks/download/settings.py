@@ -9,9 +9,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, field_validator
 
 from pixelmill.config.retrieve import DownloadSettings
-
 from pixelmill.tasks.download.robots import DEFAULT_ROBOTS_DIRECTIVES
-
 
 DEFAULT_USER_AGENT = "pixelmill/0.1 (regularization-image downloader; honours X-Robots-Tag noai)"
 

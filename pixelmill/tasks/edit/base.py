@@ -20,7 +20,6 @@ from pixelmill.datasets.images import IMAGE_TYPE, ImageError, encode_image, norm
 from pixelmill.tasks.metrics import ClipScorer, rgb_rmse
 from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT, Resources, RowError, Stage
 
-
 OUTPUT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -126,9 +125,7 @@ class BulkEditor(Stage):
         self.pipe = self.load_pipeline()
         self.model_hash = model_fingerprint(self.config["model"])
         if self.config.get("adapters"):
-            from pixelmill.models.adapters import apply_adapters
-
-            from pixelmill.models.adapters import adapter_fingerprint
+            from pixelmill.models.adapters import adapter_fingerprint, apply_adapters
 
             self.adapters = apply_adapters(self.pipe, self.config["adapters"])
             self.model_hash += "+" + "+".join(adapter_fingerprint(a["path"]) for a in self.config["adapters"])
@@ -136,7 +133,7 @@ class BulkEditor(Stage):
             self.clip = ClipScorer(self.config["clip_model"], device=str(self.device))
 
     @classmethod
-    def for_config(cls, config: dict[str, Any]) -> type["BulkEditor"]:
+    def for_config(cls, config: dict[str, Any]) -> type[BulkEditor]:
         """The stage class that runs ``config``: this one, unless a method picks a variant (masked SDEdit)."""
         return cls
 

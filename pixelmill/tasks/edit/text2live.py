@@ -65,7 +65,7 @@ class Text2LiveSettings(BaseModel):
     structure_weights: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Text2LiveSettings":
+    def _check(self) -> Text2LiveSettings:
         try:
             self.screen_text.format(text="x")
         except (KeyError, IndexError, ValueError) as e:

@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 
-from pixelmill.datasets.images import IMAGE_TYPE, encode_image
 from pixelmill.tasks.edit.text2live import Text2LiveSettings
 
 ALPHA_THRESHOLD = 1.0 / 255.0
@@ -163,7 +161,7 @@ class Text2LiveLayerGenerator:
 
     @classmethod
     def load(cls, clip_model: str, settings: Text2LiveSettings | dict[str, Any] | None = None,
-             device: str | torch.device = "auto") -> "Text2LiveLayerGenerator":
+             device: str | torch.device = "auto") -> Text2LiveLayerGenerator:
         """Load CLIP (and the structure ViT the settings name) by name and build a generator.
 
         Args:

@@ -49,7 +49,8 @@ class ClassImageGenerator(Stage):
         from pixelmill.models.loading import load_text2img_pipeline
 
         set_torch_threads(self.resources.cpus)
-        self.pipe = load_text2img_pipeline(self.config["model"], device=resolve_device(self.config.get("device", "auto")))
+        self.pipe = load_text2img_pipeline(self.config["model"],
+                                           device=resolve_device(self.config.get("device", "auto")))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

@@ -23,8 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from pixelmill.tasks.train.data import (
-    Augment, BatchSchedule, Prepared, Sample, TrainingData, bucket_sizes, generator, nearest_bucket, prepare,
-    prompt_key, shard,
+    Augment,
+    BatchSchedule,
+    Prepared,
+    Sample,
+    TrainingData,
+    bucket_sizes,
+    generator,
+    nearest_bucket,
+    prepare,
+    prompt_key,
+    shard,
 )
 from pixelmill.tasks.train.methods import Method
 

@@ -27,7 +27,8 @@ STYLE_TEMPLATES = [
     "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
     "the painting in the style of {}", "a clean painting in the style of {}", "a dark painting in the style of {}",
     "a picture in the style of {}", "a cool painting in the style of {}", "a bright painting in the style of {}",
-    "a good painting in the style of {}", "a close-up painting in the style of {}", "a small painting in the style of {}",
+    "a good painting in the style of {}", "a close-up painting in the style of {}",
+    "a small painting in the style of {}",
 ]
 
 

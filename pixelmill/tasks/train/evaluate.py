@@ -37,8 +37,8 @@ def sample_prompts(prompts: list[str], method, concepts: list[dict[str, Any]]) -
 
 
 @torch.no_grad()
-def render_samples(method, data: TrainingData, concepts: list[dict[str, Any]], prompts: list[str], n: int, steps: int, guidance: float,
-                   image_guidance: float, seed: int, size: int, device) -> list[dict[str, Any]]:
+def render_samples(method, data: TrainingData, concepts: list[dict[str, Any]], prompts: list[str], n: int, steps: int,
+                   guidance: float, image_guidance: float, seed: int, size: int, device) -> list[dict[str, Any]]:
     """Generate ``n`` samples per prompt with the in-memory trained pipeline (fixed seeds)."""
     pipe = method.pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -89,5 +89,6 @@ def write_samples(job_url: str, folder: str, rows: list[dict[str, Any]]) -> list
     for i, r in enumerate(rows):
         name = f"{i:03d}.png"
         storage.write_bytes(storage.join(job_url, "samples", folder, name), _png(r["image"]))
-        index.append({k: v for k, v in r.items() if k not in ("image", "source")} | {"file": f"samples/{folder}/{name}"})
+        entry = {k: v for k, v in r.items() if k not in ("image", "source")}
+        index.append(entry | {"file": f"samples/{folder}/{name}"})
     return index

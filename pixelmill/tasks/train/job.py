@@ -30,7 +30,12 @@ import torch
 from pixelmill.datasets import storage
 from pixelmill.tasks.train.checkpoint import JobStore
 from pixelmill.tasks.train.data import (
-    Sample, TrainingData, TrainingDataError, derived_seed, prompt_key, read_image_rows,
+    Sample,
+    TrainingData,
+    TrainingDataError,
+    derived_seed,
+    prompt_key,
+    read_image_rows,
 )
 
 STATUS_FINISHED = "finished"
@@ -56,7 +61,8 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                 src = r.get(s["input_column"])
                 src_bytes = src.get("bytes") if isinstance(src, dict) else src
                 if not src_bytes or not r.get(s["instruction_column"]):
-                    skipped.append({"id": r["id"], "dataset": c["instance_data"], "reason": "missing input image or instruction"})
+                    skipped.append({"id": r["id"], "dataset": c["instance_data"],
+                                    "reason": "missing input image or instruction"})
                     continue
                 data.instance.append(Sample(f"pair{ci}:{r['id']}", "pair", r[s["instruction_column"]], r["_bytes"],
                                             source=bytes(src_bytes), concept=ci, size=r["_size"]))
@@ -248,7 +254,7 @@ class PeakMemory:
         self.peak = 0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -456,7 +462,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                        stop_at=config.get("stop_at"))
     out.pop("method_obj", None)
     if ctx.get_world_rank() == 0:
-        storage.write_text_atomic(storage.join(config["spec"]["dir"], ".worker-result.json"), json.dumps(out, default=str))
+        storage.write_text_atomic(storage.join(config["spec"]["dir"], ".worker-result.json"),
+                                  json.dumps(out, default=str))
 
 
 def _run_data_parallel(spec: dict[str, Any], stop_at: int | None) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class Atlas:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Atlas":
+    def load(cls, directory: str | Path) -> Atlas:
         """Read an atlas written by :meth:`save` (no pickle anywhere)."""
         src = Path(directory)
         manifest = src / "atlas.json"

@@ -11,9 +11,10 @@ homography into that mosaic. The result is a single-layer :class:`Atlas`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal, Sequence
+from typing import Literal
 
 import cv2
 import numpy as np

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence, Union
 
 import av
 import numpy as np
 
-VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+VideoSource = str | os.PathLike | bytes | bytearray | memoryview
 
 
 class VideoError(ValueError):

@@ -8,7 +8,7 @@ video; with an edited image the edit moves with the content it was painted on.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

@@ -1,0 +1,388 @@
+"""The commands: each loads and checks its config (``prepare.py``), starts the runtime, runs a
+flow and prints its summary (``--json`` for one JSON line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pixelmill.cli.prepare import (
+    UsageError,
+    _check_model_path,
+    _local_url,
+    _local_url_if_path,
+    check_output_config,
+    prepare_edit,
+    prepare_finetune,
+    prepare_pairs,
+    prepare_retrieve,
+    prepare_video,
+)
+from pixelmill.config import EditConfig
+from pixelmill.runtime import default_home
+
+
+def cmd_edit(args) -> int:
+    cfg = prepare_edit(args)
+    from pixelmill.flows.common import plan_shards
+
+    plan = plan_shards(cfg.model_dump(), cfg.output_affecting())
+    if args.dry_run:
+        print(f"bulk-edit {cfg.method}: {cfg.input} -> {cfg.output}")
+        print(plan.describe())
+        return 0
+    summary = run_edit(cfg, args)
+    print_summary(summary, args.json)
+    return 0
+
+
+def flow_runtime(args, runtime_cfg=None):
+    """The Runtime for a command: ``--ray-address``/``--home`` first, then the config's ``runtime``."""
+    from pixelmill.config import RuntimeConfig
+    from pixelmill.runtime import Runtime
+
+    rc = runtime_cfg or RuntimeConfig()
+    home = Path(args.home).resolve() if getattr(args, "home", None) else default_home()
+    return Runtime(ray_address=getattr(args, "ray_address", None) or rc.ray_address,
+                   prefect_api_url=rc.prefect_api_url, home=home, num_cpus=rc.num_cpus)
+
+
+def run_edit(cfg: EditConfig, args, show_progress: bool = True):
+    """Start the runtime and run the bulk-edit flow."""
+    with flow_runtime(args, cfg.runtime):
+        from pixelmill.flows.bulk_edit import bulk_edit_flow
+
+        return bulk_edit_flow(cfg.model_dump(), show_progress=show_progress)
+
+
+def print_summary(summary, as_json: bool = False) -> None:
+    data = {
+        "output": summary.output,
+        "rows_in": summary.rows_in,
+        "rows_out": summary.rows_out,
+        "rejects": summary.rejects,
+        "shards_run": summary.shards_run,
+        "shards_skipped": summary.shards_skipped,
+        "seconds": round(summary.seconds, 3),
+        "images_per_second": round(summary.images_per_second, 4),
+        "worker": summary.worker,
+    }
+    if as_json:
+        print(json.dumps(data))
+        return
+    if not summary.shards_run:
+        print(f"nothing to do: {len(summary.shards_skipped)} shard(s) already committed in {summary.output}")
+        return
+    print(f"done: {summary.rows_in} rows in -> {summary.rows_out} edited + {summary.rejects} rejected "
+          f"({len(summary.shards_run)} shard(s) run, {len(summary.shards_skipped)} skipped) "
+          f"in {summary.seconds:.1f}s, {summary.images_per_second:.2f} images/s")
+    print(f"output: {summary.output}")
+
+
+def cmd_retrieve(args) -> int:
+    cfg = prepare_retrieve(args)
+    from pixelmill.flows.retrieve import plan_retrieval
+
+    plan = plan_retrieval(cfg)
+    if args.dry_run:
+        print(f"retrieve {cfg.num_images} per prompt above {cfg.threshold} from {cfg.pool} -> {cfg.output}")
+        print(plan.describe())
+        return 0
+
+    with flow_runtime(args, cfg.runtime):
+        from pixelmill.flows.retrieve import retrieve_flow
+
+        summary = retrieve_flow(cfg.model_dump())
+    print_retrieve_summary(summary, cfg.num_images, args.json)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    if args.config == "status":
+        if not args.status_config:
+            raise UsageError("usage: pixelmill finetune status CAMPAIGN.yaml")
+        return finetune_status(args.status_config, args)
+    if args.status_config:
+        raise UsageError(f"unexpected argument {args.status_config!r} (did you mean `finetune status`?)")
+    cfg = prepare_finetune(args.config, args)
+    from pixelmill.flows.campaign import plan_campaign
+
+    plan = plan_campaign(cfg)
+    if args.dry_run:
+        print(f"campaign -> {cfg.output}")
+        print(plan.describe())
+        return 0
+    if args.overwrite:
+        from pixelmill.datasets import storage
+
+        for j in plan.jobs:
+            storage.remove(j.spec["dir"])
+    with flow_runtime(args, cfg.runtime):
+        import ray
+
+        have = float(ray.cluster_resources().get("GPU", 0))
+        for j in plan.jobs:
+            s = j.spec["settings"]
+            if j.action != "skip" and s["num_gpus"] > have:
+                raise UsageError(f"job {j.spec['name']!r} asks for num_gpus={s['num_gpus']}, but the Ray cluster "
+                                 f"has {have:g} GPU(s); it would wait forever (set num_gpus: 0 to train on CPU)")
+        from pixelmill.flows.finetune import finetune_flow
+
+        summary = finetune_flow(cfg.model_dump())
+    data = {"output": summary.output, "ran": summary.ran, "skipped": summary.skipped, "failed": summary.failed,
+            "class_images": summary.class_images, "results": summary.results, "report": summary.report,
+            "seconds": round(summary.seconds, 3)}
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"done: {len(summary.ran)} job(s) trained, {len(summary.skipped)} skipped (finished), "
+              f"{len(summary.failed)} failed in {summary.seconds:.1f}s")
+        for name, err in summary.failed.items():
+            print(f"  FAILED {name}: {err}")
+        print(f"results: {summary.results}\nreport:  {summary.report}")
+    return 1 if summary.failed else 0
+
+
+def finetune_status(config_path: str, args) -> int:
+    """Print each job's state without starting anything."""
+    from pixelmill.flows.campaign import plan_campaign
+    from pixelmill.tasks.train.results import result_row
+
+    cfg = prepare_finetune(config_path, args)
+    plan = plan_campaign(cfg)
+    rows = []
+    for j in plan.jobs:
+        r = result_row(j.spec)
+        state = {"finished": "finished", "resume": "interrupted" if r["status"] == "running" else "resumable",
+                 "retry": "failed", "new": "not started"}[j.state]
+        if j.state == "resume" and r["status"] == "finished":
+            state = "extend"  # finished, max_steps raised
+        rows.append({**r, "state": state})
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("job", "name", "method", "state", "step", "max_steps", "final_loss",
+                                             "clip_text_alignment", "clip_image_alignment", "error")} for r in rows]))
+        return 0
+    print(f"campaign {cfg.output}: {len(rows)} job(s)")
+    w = min(60, max([4] + [len(r["name"]) for r in rows]))
+    print(f"  {'job':<12} {'name':<{w}} {'method':<18} {'state':<12} {'step':>11} {'loss':>8}  clip text/image")
+    for r in rows:
+        clip = ("—" if r["clip_text_alignment"] is None
+                else f"{r['clip_text_alignment']:.3f}/{r['clip_image_alignment']:.3f}")
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "—"
+        name = r["name"] if len(r["name"]) <= w else r["name"][: w - 1] + "…"
+        print(f"  {r['job']:<12} {name:<{w}} {r['method']:<18} {r['state']:<12} "
+              f"{str(r['step']) + '/' + str(r['max_steps']):>11} {loss:>8}  {clip}")
+        if r["error"]:
+            print(f"      error: {r['error']}")
+    return 0
+
+
+def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"output": summary.output, "prompts": summary.prompts, "skipped": summary.skipped,
+                          "exported": summary.exported, "seconds": round(summary.seconds, 3)}))
+        return
+    if not summary.prompts:
+        print(f"nothing to do: {len(summary.skipped)} prompt(s) already complete in {summary.output}")
+    for pid, s in summary.prompts.items():
+        line = (f"{s['prompt']!r}: {s['found']} candidates above threshold, {s['downloaded']} downloaded, "
+                f"{s['failed']} failed, {s['dropped']} dropped")
+        if s["shortfall"]:
+            line += f"  SHORTFALL: needed {n}, got {s['downloaded']} (candidates ran out; not padded)"
+        print(line)
+    for prompt, folder in summary.exported.items():
+        print(f"real prior for {prompt!r}: {folder}")
+    print(f"output: {summary.output}  ({summary.seconds:.1f}s)")
+
+
+def cmd_pool_build(args) -> int:
+
+    _check_model_path("--clip", args.clip, "clip")
+    with flow_runtime(args):
+        from pixelmill.flows.pool import build_pool_flow
+
+        summary = build_pool_flow(
+            dataset=_local_url(args.dataset), out=_local_url(args.out), clip_model=_local_url_if_path(args.clip),
+            caption_column=args.caption_column or None, image_column=args.image_column or None,
+            batch_size=args.batch_size, overwrite=args.overwrite,
+        )
+    print(f"pool: {summary['rows']} rows embedded ({summary['rejects']} rejected) into {args.out}")
+    return 0
+
+
+def cmd_pool_index(args) -> int:
+    from pixelmill.tasks.regularization import build_index_and_report
+
+    print(build_index_and_report(_local_url(args.pool), _local_url(args.out), kind=args.kind,
+                                 index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe,
+                                 threshold=args.threshold))
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    cfg = prepare_pairs(args)
+    if args.dry_run:
+        from pixelmill.flows.common import plan_shards
+        from pixelmill.datasets.storage import join
+
+        text = plan_shards({"input": cfg.input, "output": join(cfg.output, "text"), "limit": cfg.limit},
+                           cfg.text_affecting())
+        print(f"pairs: {cfg.input} -> {cfg.output} (writer {cfg.text.writer}, "
+              f"{cfg.images.samples_per_caption} samples per caption)")
+        print("text stage: " + text.describe())
+        print("image stage: runs over text/ once it is complete" + (
+            "" if text.todo else " (text/ is complete; run without --dry-run to see its shards)"))
+        return 0
+
+    with flow_runtime(args, cfg.runtime):
+        from pixelmill.flows.pairs import pairs_flow
+
+        s = pairs_flow(cfg.model_dump())
+    data = {k: getattr(s, k) for k in ("output", "captions", "instructions", "text_rejects", "pairs", "dropped",
+                                       "pair_rejects", "text_skipped", "pairs_skipped")}
+    data["seconds"] = round(s.seconds, 3)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"text: {s.captions} captions -> {s.instructions} instructions + {s.text_rejects} rejected "
+              f"({len(s.text_skipped)} shard(s) skipped)")
+        print(f"pairs: {s.pairs} kept, {s.dropped} dropped by the CLIP filter, {s.pair_rejects} captions with no "
+              f"surviving pair ({len(s.pairs_skipped)} shard(s) skipped) in {s.seconds:.1f}s")
+        print(f"output: {s.output}/pairs (columns input_image, edit_prompt, edited_image)")
+    return 0
+
+
+def cmd_video(args) -> int:
+    cfg, plan = prepare_video(args)
+    if args.dry_run:
+        print(f"video: {cfg.input} -> {cfg.output} ({cfg.atlas.method} atlas, {cfg.edit.method} on the "
+              f"{cfg.edit.layer} layer)")
+        print(plan.describe())
+        return 0
+    with flow_runtime(args, cfg.runtime):
+        from pixelmill.flows.video import video_flow
+
+        summary = video_flow(cfg.model_dump())
+    print_video_summary(summary, args.json)
+    return 1 if summary.failed else 0
+
+
+def print_video_summary(summary, as_json: bool = False) -> None:
+    data = {"output": summary.output, "videos": summary.videos, "ran": summary.ran, "skipped": summary.skipped,
+            "rejected": summary.rejected, "failed": summary.failed, "num_gpus": summary.num_gpus,
+            "metrics": summary.metrics, "report": summary.report, "seconds": round(summary.seconds, 3)}
+    if as_json:
+        print(json.dumps(data))
+        return
+    print(f"done: {summary.videos} video(s) in: {len(summary.ran)} edited, {len(summary.skipped)} skipped "
+          f"(finished before), {len(summary.rejected)} rejected, {len(summary.failed)} failed "
+          f"in {summary.seconds:.1f}s")
+    for vid, reason in summary.rejected.items():
+        print(f"  rejected {vid}: {reason}")
+    for vid, err in summary.failed.items():
+        print(f"  FAILED {vid}: {err}")
+    print(f"metrics: {summary.metrics}\nreport:  {summary.report}")
+
+
+def cmd_server(args) -> int:
+    import subprocess
+
+    from pixelmill.runtime import prefect_server_command, prefect_server_env
+
+    home = Path(args.home).resolve() if args.home else default_home()
+    print(f"Prefect server with the database in {home / 'prefect.db'}")
+    print(f"UI and API at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(prefect_server_command(args.host, args.port, ui=True),
+                            env=prefect_server_env(home, ui=True))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 0
+
+
+def cmd_report(args) -> int:
+    from pixelmill.datasets import DatasetNotFound
+    from pixelmill.report import render_report
+
+    try:
+        path = render_report(args.dataset, args.out, limit=args.limit)
+    except DatasetNotFound as e:
+        raise UsageError(str(e)) from None
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_dataset_import(args) -> int:
+    from pixelmill.datasets import ConfigMismatch
+    from pixelmill.datasets.importer import import_folder
+
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"not a folder: {args.dir}")
+    try:
+        summary = import_folder(args.dir, args.out, overwrite=args.overwrite)
+    except (ValueError, ConfigMismatch) as e:
+        raise UsageError(str(e)) from None
+    print(f"imported {summary['images']} images ({summary['captioned']} with captions) "
+          f"into {args.out} ({summary['shards']} shard(s))")
+    return 0
+
+
+def cmd_dataset_info(args) -> int:
+    from pixelmill.datasets import Dataset, DatasetNotFound
+
+    try:
+        ds = Dataset.open(args.dataset)
+    except DatasetNotFound as e:
+        raise UsageError(str(e)) from None
+    m = ds.manifest
+    print(f"{args.dataset}: {ds.num_rows} rows in {len(ds.shard_names())} shard(s), "
+          f"{ds.rejects().num_rows} rejects")
+    if m is not None:
+        print(f"schema {m.schema_name} v{m.schema_version}, config {m.config_hash}, "
+              f"{'complete' if m.complete else 'INCOMPLETE'}")
+    return 0
+
+
+def cmd_models_make_tiny(args) -> int:
+    from pixelmill.models.tiny import save_tiny_models
+
+    paths = save_tiny_models(args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pixelmill.demo import run_demo
+
+    return run_demo(Path(args.out), ray_address=args.ray_address)
+
+
+def cmd_run(args) -> int:
+    """``pixelmill run PIPELINE.yaml``: check every step, then run them as one Prefect flow."""
+    from pixelmill.cli.prepare import check_run, load_flow_config
+    from pixelmill.config.pipeline import PipelineConfig
+
+    cfg = load_flow_config(PipelineConfig, args.config, args)
+    steps = check_run(cfg, args, Path(args.config).resolve().parent)
+    if args.dry_run:
+        print(f"pipeline {args.config}: {len(steps)} step(s), run in order as one Prefect flow")
+        for s in steps:
+            print(f"  {s['name']:<16} {s['uses']:<10} -> {s['data'].get('output')}")
+        print("each step skips what it already committed (shards, jobs, videos)")
+        return 0
+    with flow_runtime(args, cfg.runtime):
+        from pixelmill.flows.run import pipeline_flow
+
+        summaries = pipeline_flow(steps, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(summaries, default=str))
+    else:
+        for name, s in summaries.items():
+            figures = ", ".join(f"{k} {v if not isinstance(v, list | dict) else len(v)}" for k, v in s.items()
+                                if k not in ("output", "worker") and v not in (None, [], {}, 0))
+            print(f"{name}: {figures}")
+        print(f"done: {len(summaries)} step(s)")
+    return 0

@@ -1,0 +1,376 @@
+"""Checks that run before a flow starts: configs with ``--set``, local paths made absolute,
+models, adapters, input columns and existing outputs. Bad input raises ``UsageError``
+(exit status 2) naming the field; nothing has started yet.
+
+``prepare_<flow>(args)`` loads and checks; ``check_<flow>(cfg, args)`` checks a config
+already loaded (``pixelmill run`` checks each step this way when the step starts). Only
+``args.overwrite`` and ``args.dry_run`` are read from ``args`` by the checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pixelmill.config import ConfigError, EditConfig, load_config
+
+
+class UsageError(Exception):
+    """Bad input: printed without a traceback, exit status 2."""
+
+
+def load_flow_config(model, path: str, args):
+    """A flow's config from YAML with ``--set`` overrides and ``--limit``; exit 2 naming the field if bad."""
+    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
+    try:
+        return load_config(model, path, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_model_path(field: str, value: str | None, kind: str) -> None:
+    from pixelmill.models.loading import ModelNotFound, check_model_reference
+
+    if value is None:
+        return
+    try:
+        check_model_reference(value, kind)
+    except ModelNotFound as e:
+        raise UsageError(f"{field}: {e}") from None
+
+
+def _local_url(value: str) -> str:
+    return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
+def _local_url_if_path(value: str) -> str:
+    from pixelmill.models.loading import looks_local
+
+    return _local_url(value) if looks_local(value) and not value.startswith(("local-dir:", "hf-hub:")) else value
+
+
+def absolute_paths(cfg: EditConfig) -> EditConfig:
+    """Make relative local paths absolute: Ray workers run in another folder. URLs and hub ids stay."""
+    from pixelmill.models.loading import looks_local
+
+    def local(value: str | None, is_model: bool) -> str | None:
+        if value is None or "://" in value or value.startswith(("hf-hub:", "local-dir:")):
+            return value
+        if is_model and not looks_local(value):
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    update = {
+        "input": local(cfg.input, False), "output": local(cfg.output, False),
+        "model": local(cfg.model, True), "clip_model": local(cfg.clip_model, True),
+    }
+    if cfg.adapters:
+        update["adapters"] = resolved_adapters("adapters", cfg.adapters)
+    t2l = getattr(cfg, "text2live", None)
+    if t2l is not None:
+        update["text2live"] = t2l.model_copy(update={"structure_model": local(t2l.structure_model, True),
+                                                     "structure_weights": local(t2l.structure_weights, False)})
+    return cfg.model_copy(update=update)
+
+
+def resolved_adapters(field: str, adapters: list) -> list:
+    """Adapters with absolute paths, each checked to hold adapter files (exit 2 otherwise)."""
+    from pixelmill.models.adapters import AdapterError, adapter_kind
+
+    out = []
+    for i, a in enumerate(adapters):
+        a = a.model_copy(update={"path": _local_url(a.path)})
+        try:
+            adapter_kind(a.path, a.kind)
+        except AdapterError as e:
+            raise UsageError(f"{field}[{i}]: {e}") from None
+        out.append(a)
+    if sum(adapter_kind(a.path, a.kind) == "custom_diffusion" for a in out) > 1:
+        raise UsageError(f"{field}: only one custom_diffusion adapter per pipeline (train the concepts jointly)")
+    return out
+
+
+def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
+    """Every column the config names must be in the input; the default caption column is optional."""
+    from pixelmill.tasks.edit import template_fields
+
+    if cfg.caption_column and cfg.caption_column not in names and "caption_column" not in cfg.model_fields_set:
+        cfg = cfg.model_copy(update={"caption_column": None})
+    wanted = {"image_column": [cfg.image_column], "caption_column": [cfg.caption_column],
+              "prompt_column": [cfg.prompt_column], "instruction_column": [cfg.instruction_column],
+              "prompt": template_fields(cfg.prompt), "instruction": template_fields(cfg.instruction),
+              "mask_column": [cfg.mask_column], "stroke_column": [cfg.stroke_column]}
+    for key, columns in wanted.items():
+        for col in columns:
+            if col and col not in names:
+                raise UsageError(f"{key}: column {col!r} is not in the input (columns: {', '.join(names)})")
+    return cfg
+
+
+def check_output_config(url: str, hashed: dict, args, remove_url: str | None = None) -> None:
+    """Exit 2 naming the changed keys when ``url`` was made with another config.
+
+    With ``--overwrite`` the old output (``remove_url``, default ``url``) is removed instead.
+    """
+    from pixelmill.datasets import config_hash, diff_config, read_manifest
+
+    existing = read_manifest(url)
+    if existing is None or existing.config_hash == config_hash(hashed):
+        return
+    changed = diff_config(existing.config, hashed)
+    if not args.overwrite:
+        raise UsageError(f"output {url} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
+                         "use a new output or --overwrite")
+    if not args.dry_run:
+        from pixelmill.datasets.storage import remove
+
+        remove(remove_url or url)
+
+
+def prepare_edit(args) -> EditConfig:
+    """Load a bulk-edit config and check it and its inputs before anything starts."""
+    return check_edit(load_flow_config(EditConfig, args.config, args), args)
+
+
+def check_edit(cfg: EditConfig, args) -> EditConfig:
+    """Validate the config and its inputs before anything starts (no Ray, no server)."""
+    from pixelmill.datasets import Dataset, DatasetNotFound
+
+    cfg = absolute_paths(cfg)
+    try:
+        schema = Dataset.open(cfg.input).schema
+    except DatasetNotFound as e:
+        raise UsageError(f"input: {e}") from None
+    cfg = check_input_columns(cfg, schema.names)
+    _check_model_path("model", cfg.model, "pipeline")
+    _check_model_path("clip_model", cfg.clip_model, "clip")
+    t2l = getattr(cfg, "text2live", None)
+    if t2l is not None:
+        _check_model_path("text2live.structure_model", t2l.structure_model, "folder")
+        _check_model_path("text2live.structure_weights", t2l.structure_weights, "folder")
+    check_output_config(cfg.output, cfg.output_affecting(), args)
+    return cfg
+
+
+def prepare_retrieve(args):
+    """Load a retrieval config and check it and its pool before anything starts."""
+    from pixelmill.config import RetrieveConfig
+
+    return check_retrieve(load_flow_config(RetrieveConfig, args.config, args), args)
+
+
+def check_retrieve(cfg, args):
+    """Validate a retrieval config and its pool before anything starts."""
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.tasks.regularization import check_retrieve_inputs
+
+    cfg = cfg.model_copy(update={
+        "pool": _local_url(cfg.pool), "output": _local_url(cfg.output),
+        "index": _local_url(cfg.index) if cfg.index else None,
+    })
+    try:
+        cfg = check_retrieve_inputs(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    from pixelmill.datasets.storage import join
+
+    check_output_config(join(cfg.output, "images"), cfg.output_affecting(), args, remove_url=cfg.output)
+    return cfg
+
+
+def prepare_finetune(config_path: str, args):
+    """Load a campaign and check it before anything starts."""
+    from pixelmill.config import CampaignConfig
+
+    return check_finetune(load_flow_config(CampaignConfig, config_path, args), args)
+
+
+def check_finetune(cfg, args):
+    """Load and check a campaign before anything starts: config, paths, models, datasets, tokens."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.flows.campaign import check_campaign_inputs
+
+    model_local = _local_url_if_path
+    concepts = {
+        name: c.model_copy(update={
+            "instance_data": _local_url(c.instance_data),
+            "class_data": _local_url(c.class_data) if c.class_data and c.class_data != "retrieval" else c.class_data,
+        }) for name, c in cfg.concepts.items()
+    }
+    jobs = [j.model_copy(update={"model": model_local(j.model) if j.model else None}) for j in cfg.jobs]
+    retrieve = dict(cfg.retrieve) if cfg.retrieve else None
+    if retrieve and "pool" in retrieve:
+        retrieve["pool"] = _local_url(retrieve["pool"])
+    cfg = cfg.model_copy(update={"output": _local_url(cfg.output), "model": model_local(cfg.model),
+                                 "clip_model": model_local(cfg.clip_model) if cfg.clip_model else None,
+                                 "concepts": concepts, "jobs": jobs, "retrieve": retrieve})
+    try:
+        cfg = CampaignConfig.model_validate(cfg.model_dump())
+        cfg.expand()
+    except (ConfigError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for model in sorted({cfg.model, *(j.model for j in cfg.jobs if j.model)}):
+        _check_model_path("model", model, "pipeline")
+    _check_model_path("clip_model", cfg.clip_model, "clip")
+    if retrieve:
+        from pydantic import ValidationError
+
+        from pixelmill.config import RetrieveConfig, format_validation_error
+        from pixelmill.flows.campaign import retrieve_config
+        from pixelmill.tasks.regularization import check_retrieve_inputs
+
+        try:
+            rc = check_retrieve_inputs(RetrieveConfig.model_validate(retrieve_config(cfg)))
+        except ValidationError as e:
+            raise UsageError("retrieve: " + format_validation_error(e)) from None
+        except ValueError as e:
+            raise UsageError(f"retrieve: {e}") from None
+        cfg = cfg.model_copy(update={"retrieve": rc.model_dump(exclude={"output", "runtime"})})
+    try:
+        check_campaign_inputs(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
+
+
+def prepare_pairs(args):
+    """Load a pairs config and check it and its inputs before anything starts."""
+    from pixelmill.config import PairsConfig
+
+    return check_pairs(load_flow_config(PairsConfig, args.config, args), args)
+
+
+def check_pairs(cfg, args):
+    """Validate a pairs config and its inputs before anything starts."""
+    from pixelmill.config import PairsConfig
+    from pixelmill.datasets import Dataset, DatasetNotFound
+
+    images = cfg.images.model_copy(update={"model": _local_url_if_path(cfg.images.model),
+                                           "clip_model": _local_url_if_path(cfg.images.clip_model),
+                                           "adapters": resolved_adapters("images.adapters", cfg.images.adapters)})
+    options = dict(cfg.text.options)
+    if cfg.text.writer == "transformers" and isinstance(options.get("model"), str):
+        options["model"] = _local_url_if_path(options["model"])
+    if isinstance(options.get("few_shot_file"), str):
+        options["few_shot_file"] = _local_url(options["few_shot_file"])
+    cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": _local_url(cfg.output), "images": images,
+                                 "text": cfg.text.model_copy(update={"options": options})})
+    try:
+        names = Dataset.open(cfg.input).schema.names
+    except DatasetNotFound as e:
+        raise UsageError(f"input: {e}") from None
+    if cfg.caption_column not in names:
+        raise UsageError(f"caption_column: column {cfg.caption_column!r} is not in the input "
+                         f"(columns: {', '.join(names)})")
+    _check_model_path("images.model", cfg.images.model, "pipeline")
+    _check_model_path("images.clip_model", cfg.images.clip_model, "clip")
+    if cfg.text.writer == "transformers":
+        _check_model_path("text.options.model", options.get("model"), "folder")
+    try:
+        from pixelmill.tasks.instructions import build_writer
+
+        build_writer(cfg.text.writer, options)
+    except ValueError as e:
+        raise UsageError(f"text.options: {e}") from None
+    from pixelmill.datasets.storage import join
+
+    check_output_config(join(cfg.output, "text"), cfg.text_affecting(), args)
+    check_output_config(join(cfg.output, "pairs"), cfg.pairs_affecting(), args)
+    return cfg
+
+
+def prepare_video(args):
+    """Load a video config and check it and its input before anything starts; returns (config, plan)."""
+    from pixelmill.config import VideoConfig
+
+    return check_video(load_flow_config(VideoConfig, args.config, args), args)
+
+
+def check_video(cfg, args):
+    """Load and check a video config and its input before anything starts; returns (config, plan)."""
+    from pixelmill.config import VideoConfig
+    from pixelmill.datasets import DatasetNotFound, config_hash, diff_config
+    from pixelmill.flows.video_plan import plan_videos, read_output_config
+
+    if "://" in cfg.output and not cfg.output.startswith("file://"):
+        raise UsageError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
+                         "object-store URLs are not supported for video outputs")
+    edit = cfg.edit
+    t2l = getattr(edit, "text2live", None)
+    if t2l is not None:
+        t2l = t2l.model_copy(update={
+            "structure_model": _local_url_if_path(t2l.structure_model) if t2l.structure_model else None,
+            "structure_weights": _local_url(t2l.structure_weights) if t2l.structure_weights else None})
+    edit = edit.model_copy(update={
+        "model": _local_url_if_path(edit.model) if edit.model else None,
+        "clip_model": _local_url_if_path(edit.clip_model) if edit.clip_model else None,
+        "adapters": resolved_adapters("edit.adapters", edit.adapters),
+        **({"text2live": t2l} if t2l is not None else {})})
+    output = _local_url(cfg.output.removeprefix("file://"))
+    cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": output, "edit": edit})
+    _check_model_path("edit.model", edit.model, "pipeline")
+    _check_model_path("edit.clip_model", edit.clip_model, "clip")
+    if t2l is not None:
+        _check_model_path("edit.text2live.structure_model", t2l.structure_model, "folder")
+        _check_model_path("edit.text2live.structure_weights", t2l.structure_weights, "folder")
+    try:
+        plan = plan_videos(cfg)
+    except DatasetNotFound as e:
+        raise UsageError(f"input: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"input: {e}") from None
+    if not plan.jobs:
+        raise UsageError(f"input: {cfg.input} has no videos")
+    previous = read_output_config(cfg.output)
+    if previous is not None and previous.get("config_hash") != config_hash(plan.config) and not args.overwrite:
+        changed = diff_config(previous.get("config") or {}, plan.config)
+        raise UsageError(f"output {cfg.output} was made with another config "
+                         f"(changed: {', '.join(changed) or 'unknown'}); use a new output or --overwrite "
+                         "(videos are redone; atlases whose settings and video are unchanged are reused)")
+    return cfg, plan
+
+
+def check_run(cfg, args, base_dir: Path) -> list[dict]:
+    """Check every step of a pipeline before anything starts; returns the steps to run.
+
+    Each step's config (base file + ``with:``) is validated with its references to earlier
+    steps replaced by where those results will be; a step without references is checked
+    in full (inputs, models, existing outputs), the others when they start. A reference
+    to an unknown or later step, or to a result the step does not offer, is an error
+    naming the step.
+    """
+    from types import SimpleNamespace
+
+    from pixelmill import registry
+    from pixelmill.config import read_yaml, validate
+    from pixelmill.config.pipeline import deep_merge, references, substitute
+
+    offered: dict[str, dict[str, str]] = {}
+    steps = []
+    for i, step in enumerate(cfg.steps):
+        where = f"steps[{i}] ({step.name})"
+        pipeline = registry.get("pipeline", step.uses).obj
+        try:
+            data = read_yaml(base_dir / step.config) if step.config else {}
+        except ConfigError as e:
+            raise UsageError(f"{where}: {e}") from None
+        data = deep_merge(data, step.with_)
+        if cfg.limit is not None:
+            data["limit"] = cfg.limit
+        for name, key in references(data):
+            if name not in offered:
+                raise UsageError(f"{where}: ${{steps.{name}.{key}}} names no earlier step "
+                                 f"(earlier: {', '.join(offered) or 'none'})")
+            if key not in offered[name]:
+                raise UsageError(f"{where}: ${{steps.{name}.{key}}}: step {name!r} offers "
+                                 f"{', '.join(sorted(offered[name]))}")
+        try:
+            step_cfg = validate(pipeline.config_model(), substitute(data, lambda n, k: offered[n][k]), where)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        if not references(data):
+            step_cfg = pipeline.run_check(step_cfg, SimpleNamespace(overwrite=args.overwrite, dry_run=True))
+        out = str(step_cfg.output)
+        offered[step.name] = {k: out if k == "output" else f"{out}/jobs/{k.split('.', 1)[1]}/artifacts"
+                              for k in pipeline.offers(step_cfg)}
+        steps.append({"name": step.name, "uses": step.uses, "data": data})
+    return steps

@@ -1,0 +1,46 @@
+"""The pipeline flow: several flows chained into ONE Prefect flow, each step a subflow.
+
+Reading the flow shows the DAG: for each step in order, fill in the references to
+earlier steps' results, check the step's config (as its own command would), run the
+step's flow as a child flow run, record what it offers later steps. Datasets between
+steps are ordinary pixelmill datasets, so a rerun skips finished steps' work (their
+shards and jobs are committed) and resumes the unfinished step at its shard or job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from prefect import flow
+
+from pixelmill.config.pipeline import substitute
+
+
+def _as_dict(summary: Any) -> dict[str, Any]:
+    return asdict(summary) if is_dataclass(summary) else dict(summary or {})
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(steps: list[dict[str, Any]], overwrite: bool = False) -> dict[str, dict[str, Any]]:
+    """Run ``steps`` (``{"name", "uses", "data"}``, checked by ``pixelmill run``) in order.
+
+    Raises:
+        RuntimeError: a step reported failed jobs or videos (later steps would read them).
+    """
+    from pixelmill import registry
+
+    offered: dict[str, dict[str, str]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for step in steps:
+        pipeline = registry.get("pipeline", step["uses"]).obj
+        data = substitute(step["data"], lambda name, key: offered[name][key])
+        cfg = pipeline.run_check(pipeline.config_model().model_validate(data),
+                                 SimpleNamespace(overwrite=overwrite, dry_run=False))
+        print(f"step {step['name']} ({step['uses']}): {cfg.output}")
+        summaries[step["name"]] = _as_dict(pipeline.run_flow(cfg, flow_run_name=step["name"]))
+        if summaries[step["name"]].get("failed"):
+            raise RuntimeError(f"step {step['name']!r} failed: {summaries[step['name']]['failed']}")
+        offered[step["name"]] = pipeline.results(cfg)
+    return summaries
