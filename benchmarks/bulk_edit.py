@@ -51,7 +51,8 @@ def make_images(folder: Path, n: int) -> None:
         d = ImageDraw.Draw(im)
         for _ in range(6):
             x, y = rng.integers(0, 400, 2)
-            d.rectangle([int(x), int(y), int(x) + 100, int(y) + 100], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            d.rectangle([int(x), int(y), int(x) + 100, int(y) + 100],
+                        fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
         im.save(folder / f"img-{i:04d}.png")
         (folder / f"img-{i:04d}.txt").write_text("colored squares")
 
@@ -110,7 +111,7 @@ def main() -> None:
     print(f"bare diffusers loop:        {bare:.4f} images/s")
 
     t0 = time.perf_counter()
-    with Runtime(home=root / "home", num_cpus=args.threads) as rt:
+    with Runtime(home=root / "home", num_cpus=args.threads):
         startup = time.perf_counter() - t0
         from pixelmill.flows.bulk_edit import bulk_edit_flow
 

@@ -163,7 +163,7 @@ class RssPeak:
         self._stop = threading.Event()
         self.peak = 0
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         def sample() -> None:
             while not self._stop.is_set():
                 self.peak = max(self.peak, self._proc.memory_info().rss)
