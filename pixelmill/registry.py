@@ -136,12 +136,22 @@ def _load_entry_points() -> None:
         _import(ep.value.split(":", 1)[0], f"entry point {ep.name!r} of group {ENTRY_POINT_GROUP}:")
 
 
-def load_plugins(modules: Iterable[str]) -> None:
+def load_plugins(modules: Iterable[str], search: Iterable[str] = ()) -> None:
     """Import the modules a config's ``plugins:`` names, so their registrations take effect.
+
+    Modules are found on ``sys.path``, then in ``search`` folders (the config file's
+    folder) and the working directory, as a script next to the config would be.
 
     Raises:
         PluginError: naming the module that failed and why.
     """
+    import os
+    import sys
+
+    for folder in (*search, os.getcwd()):
+        folder = os.path.abspath(folder)
+        if folder not in sys.path:
+            sys.path.append(folder)
     for module in modules:
         _import(module, "plugins:")
 

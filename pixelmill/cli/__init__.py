@@ -11,8 +11,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pixelmill.cli.commands import *  # noqa: F403 - the command functions the parser names
-from pixelmill.cli.prepare import UsageError
+from pixelmill.cli.commands import (
+    cmd_dataset_import,
+    cmd_dataset_info,
+    cmd_demo,
+    cmd_edit,
+    cmd_finetune,
+    cmd_models_make_tiny,
+    cmd_pairs,
+    cmd_pool_build,
+    cmd_pool_index,
+    cmd_report,
+    cmd_retrieve,
+    cmd_run,
+    cmd_server,
+    cmd_video,
+    flow_runtime,
+)
+from pixelmill.cli.prepare import UsageError, absolute_paths, check_input_columns, check_output_config
+
+__all__ = ["UsageError", "absolute_paths", "build_parser", "check_input_columns", "check_output_config",
+           "flow_runtime", "main"]
 from pixelmill.runtime import apply_quiet_defaults
 
 
@@ -136,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("report", help="write an HTML contact sheet of a dataset",
-                       description="HTML contact sheet: image columns side by side with the metrics; any pixelmill dataset.")
+                       description="HTML contact sheet: image columns side by side with the metrics; "
+                                   "any pixelmill dataset.")
     p.add_argument("dataset", help="dataset folder or URL")
     p.add_argument("--out", default=None, help="HTML file (default: DATASET/report.html)")
     p.add_argument("--limit", type=int, default=200, help="rows to show (default 200)")

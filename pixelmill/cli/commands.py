@@ -11,7 +11,6 @@ from pixelmill.cli.prepare import (
     _check_model_path,
     _local_url,
     _local_url_if_path,
-    check_output_config,
     prepare_edit,
     prepare_finetune,
     prepare_pairs,
@@ -184,7 +183,7 @@ def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
         return
     if not summary.prompts:
         print(f"nothing to do: {len(summary.skipped)} prompt(s) already complete in {summary.output}")
-    for pid, s in summary.prompts.items():
+    for s in summary.prompts.values():
         line = (f"{s['prompt']!r}: {s['found']} candidates above threshold, {s['downloaded']} downloaded, "
                 f"{s['failed']} failed, {s['dropped']} dropped")
         if s["shortfall"]:
@@ -222,8 +221,8 @@ def cmd_pool_index(args) -> int:
 def cmd_pairs(args) -> int:
     cfg = prepare_pairs(args)
     if args.dry_run:
-        from pixelmill.flows.common import plan_shards
         from pixelmill.datasets.storage import join
+        from pixelmill.flows.common import plan_shards
 
         text = plan_shards({"input": cfg.input, "output": join(cfg.output, "text"), "limit": cfg.limit},
                            cfg.text_affecting())

@@ -160,7 +160,6 @@ def prepare_retrieve(args):
 
 def check_retrieve(cfg, args):
     """Validate a retrieval config and its pool before anything starts."""
-    from pixelmill.config import RetrieveConfig
     from pixelmill.tasks.regularization import check_retrieve_inputs
 
     cfg = cfg.model_copy(update={
@@ -241,7 +240,6 @@ def prepare_pairs(args):
 
 def check_pairs(cfg, args):
     """Validate a pairs config and its inputs before anything starts."""
-    from pixelmill.config import PairsConfig
     from pixelmill.datasets import Dataset, DatasetNotFound
 
     images = cfg.images.model_copy(update={"model": _local_url_if_path(cfg.images.model),
@@ -287,7 +285,6 @@ def prepare_video(args):
 
 def check_video(cfg, args):
     """Load and check a video config and its input before anything starts; returns (config, plan)."""
-    from pixelmill.config import VideoConfig
     from pixelmill.datasets import DatasetNotFound, config_hash, diff_config
     from pixelmill.flows.video_plan import plan_videos, read_output_config
 

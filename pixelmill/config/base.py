@@ -161,7 +161,7 @@ def validate(model: type[BaseModel], data: dict[str, Any], where: Any = None) ->
         if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
             raise ConfigError(f"{where + ': ' if where else ''}plugins: expected a list of import paths")
         try:
-            registry.load_plugins(plugins)
+            registry.load_plugins(plugins, [str(Path(where).parent)] if where else [])
         except registry.PluginError as e:
             raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
     try:

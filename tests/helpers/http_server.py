@@ -132,7 +132,7 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         img = value if value is not None else make_image(name)
         return encode(img.convert("RGB"), "JPEG", quality=95) if ext in ("jpg", "jpeg") else encode(img)
 
-    def start(self) -> "LoopbackHTTPServer":
+    def start(self) -> LoopbackHTTPServer:
         """Serve in a background thread."""
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="loopback-http", daemon=True)
@@ -147,7 +147,7 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "LoopbackHTTPServer":
+    def __enter__(self) -> LoopbackHTTPServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -109,8 +109,9 @@ def test_retrieve_exactly_n_with_failures_and_shortfall(cluster, tmp_path, pool,
 
 
 def test_pool_with_wrong_width_is_refused_before_anything_starts(tmp_path, pool, tiny_models):
-    from pixelmill.datasets.pool import write_laion_layout
     import pyarrow as pa
+
+    from pixelmill.datasets.pool import write_laion_layout
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((4, 48)).astype(np.float16)

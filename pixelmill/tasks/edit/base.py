@@ -108,7 +108,7 @@ class BulkEditor(Stage):
         return input_columns(config)
 
     method = ""
-    text_key = "prompt"
+    text_key: str | None = "prompt"
     extra_fields: tuple[pa.Field, ...] = ()
 
     def __init__(self, config: dict[str, Any], resources: Resources | None = None) -> None:
@@ -188,6 +188,8 @@ class BulkEditor(Stage):
     def _row_text(self, row: dict) -> str:
         """The row's prompt/instruction: its column, or the config text with ``{column}`` filled in."""
         c = self.config
+        if self.text_key is None:  # a method that reads no text (declared with ``text=None``)
+            return ""
         column = c.get(f"{self.text_key}_column")
         text = row.get(column) if column else fill_template(c.get(self.text_key), row)
         if not isinstance(text, str) or not text.strip():

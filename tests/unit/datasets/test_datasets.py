@@ -40,9 +40,9 @@ from pixelmill.datasets import (
     read_manifest,
     shard_for_id,
     stable_id,
+    storage,
     with_hf_features,
 )
-from pixelmill.datasets import storage
 
 SCHEMA = pa.schema([("id", pa.string()), ("parent_id", pa.string()), ("image", IMAGE_TYPE), ("score", pa.float32())])
 
@@ -359,7 +359,8 @@ _KILLED_WRITER = textwrap.dedent(
 
     schema = pa.schema([("id", pa.string()), ("image", IMAGE_TYPE)])
     def rows(ids):
-        return pa.Table.from_pydict({"id": ids, "image": [encode_image(Image.new("RGB", (8, 8)))] * len(ids)}, schema=schema)
+        cells = [encode_image(Image.new("RGB", (8, 8)))] * len(ids)
+        return pa.Table.from_pydict({"id": ids, "image": cells}, schema=schema)
 
     for url, commit_first in ((sys.argv[1], True), (sys.argv[2], False)):
         writer = DatasetWriter(url, "images", 1, {"k": 1}).open()
@@ -391,7 +392,8 @@ def test_killed_writer_leaves_nothing_readers_count(tmp_path: Path, hf_datasets)
     assert pads.dataset(str(partial), format="parquet").to_table().column("id").to_pylist() == ["a", "b"]
     assert pads.dataset(str(empty), format="parquet").count_rows() == 0
     con = duckdb.connect()
-    assert con.execute(f"SELECT list(id ORDER BY id) FROM read_parquet('{partial}/*.parquet')").fetchone()[0] == ["a", "b"]
+    query = f"SELECT list(id ORDER BY id) FROM read_parquet('{partial}/*.parquet')"
+    assert con.execute(query).fetchone()[0] == ["a", "b"]
     with pytest.raises(duckdb.IOException):
         con.execute(f"SELECT count(*) FROM read_parquet('{empty}/*.parquet')").fetchall()
 
@@ -603,7 +605,9 @@ def test_import_folder_with_csv_captions_in_memory(mem_url: str, tmp_path: Path)
     captions = dict(zip(table.column("source_path").to_pylist(), table.column("caption").to_pylist()))
     base = storage.to_url(fs, root)
     assert base.startswith("memory://")
-    assert captions == {f"{base}/a.png": "first", f"{base}/nested/b.jpeg": "second, quoted", f"{base}/nested/c.tif": "third"}
+    assert captions == {
+        f"{base}/a.png": "first", f"{base}/nested/b.jpeg": "second, quoted", f"{base}/nested/c.tif": "third",
+    }
     sizes = {cell["path"]: decode_image(cell).size for cell in table.column("image").to_pylist()}
     assert sizes == {"a.png": (8, 8), "nested/b.jpeg": (12, 9), "nested/c.tif": (12, 9)}
 

@@ -291,7 +291,8 @@ def test_campaign_report_shows_results_concepts_curves_and_samples(tmp_path):
 
     log = [{"step": i, "loss": 1.0 / i} for i in range(1, 6)]
     jobs = [{"row": row("lora-a", 0.001), "log": log, "rel_dir": "jobs/a",
-             "samples": [{"file": "samples/final/000.png", "prompt": "a photo of sks dog", "clip_text_alignment": 0.2}]},
+             "samples": [{"file": "samples/final/000.png", "prompt": "a photo of sks dog",
+                          "clip_text_alignment": 0.2}]},
             {"row": row("lora-b", 0.005, "failed", "TrainingDataError: no rows"), "log": [], "rel_dir": "jobs/b",
              "samples": []}]
     cells = [encode_image(im) for im in draw_concept_images(3, seed=0)] + [{"bytes": b"junk", "path": None}]

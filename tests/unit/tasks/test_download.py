@@ -232,7 +232,8 @@ def test_bad_rows_become_failures_bad_lists_raise_before_work(server: LoopbackHT
     candidates[0]["url"] = None
     candidates[1]["url"] = "not a url"
     result = asyncio.run(download_exact_n(candidates, 1, cfg))
-    assert {f["id"]: f["error_message"] for f in result.failed} == {"c0": "invalid_url", "c1": "unsupported_scheme: none"}
+    errors = {f["id"]: f["error_message"] for f in result.failed}
+    assert errors == {"c0": "invalid_url", "c1": "unsupported_scheme: none"}
     assert ids(result.accepted) == ["c2"]
 
     unsorted = cands(server, "/img/a.png", "/img/b.png")

@@ -23,7 +23,7 @@ from pixelmill.tasks.edit import (
 )
 from pixelmill.tasks.metrics import rgb_rmse
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 W, H = 64, 48
 
 

@@ -11,8 +11,8 @@ from pixelmill.datasets.images import decode_image
 from pixelmill.tasks.edit import row_seed
 from pixelmill.tasks.p2p import (
     OUTPUT_SCHEMA,
-    PairRenderStage,
     RECORD_MAX_TOKENS,
+    PairRenderStage,
     render_pairs,
     sample_params,
     token_alignment,

@@ -118,7 +118,8 @@ ROWS = [
     {"id": "none", "caption": "a house", "edit_prompt": "make it red", "edited_caption": "a red house", "shard": "s0"},
     {"id": "bad", "caption": "a tree", "edit_prompt": "add snow", "edited_caption": None, "shard": "s0"},
     {"id": "same", "caption": "A car.", "edit_prompt": "nothing", "edited_caption": "a car", "shard": "s0"},
-    {"id": "one", "caption": "a boat", "edit_prompt": "make it sail", "edited_caption": "a sailing boat", "shard": "s0"},
+    {"id": "one", "caption": "a boat", "edit_prompt": "make it sail", "edited_caption": "a sailing boat",
+     "shard": "s0"},
 ]
 
 

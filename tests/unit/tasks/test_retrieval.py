@@ -27,8 +27,8 @@ from pixelmill.tasks.retrieval import (
     PoolEmbedder,
     build_index,
     embed_prompts,
-    merge_results,
     measure_recall,
+    merge_results,
     normalize_queries,
     scan_block,
     scan_block_hits,
@@ -73,7 +73,7 @@ def queries_near(centers: np.ndarray, seed: int = 1, p: int = 6) -> np.ndarray:
 def brute_force(parts, queries: np.ndarray, threshold: float, keep=None):
     """Reference: per query, [(id, part, row, sim)] above the threshold, sorted by -sim then id."""
     out = []
-    for qi, q in enumerate(queries):
+    for q in queries:
         rows = []
         for p, (_, txt, meta) in enumerate(parts):
             x = txt.astype(np.float64)
@@ -264,7 +264,7 @@ def test_rejected_rows_are_skipped_and_recorded(tmp_path):
         res = scan_pool(url, q, 0.7, skip=skip)
         got_ids = {i for c in res.candidates for i in c.column("id").to_pylist()}
         assert f"id1-{victim:04d}" not in got_ids
-        assert res.rejects.sort_by("row").to_pydict()["id"] == sorted([f"id1-0007", f"id1-{victim:04d}"])
+        assert res.rejects.sort_by("row").to_pydict()["id"] == sorted(["id1-0007", f"id1-{victim:04d}"])
         reasons = dict(zip(res.rejects.column("id").to_pylist(), res.rejects.column("error").to_pylist()))
         assert reasons == {f"id1-{victim:04d}": BAD_NONFINITE, "id1-0007": BAD_ZERO}
         assert set(res.rejects.column("stage").to_pylist()) == {"pool_validate" if skip else "pool_scan"}

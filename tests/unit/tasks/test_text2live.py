@@ -17,7 +17,7 @@ from pixelmill.models.loading import ModelNotFound
 from pixelmill.tasks.edit.text2live import Text2LiveEditor
 from pixelmill.tasks.edit.text2live_layer import Text2LiveLayerGenerator, composite
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 W, H = 64, 48
 
 # On a random tiny CLIP the CLIP losses favour an opaque layer; a weak sparsity prior

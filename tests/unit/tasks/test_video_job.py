@@ -222,7 +222,7 @@ def test_inputs_plan_and_config_errors(tmp_path, clips, tiny_models):
 
 
 def test_example_configs_are_valid():
-    root = Path(__file__).resolve().parents[2] / "configs"
+    root = Path(__file__).resolve().parents[3] / "configs"
     homography = load_config(VideoConfig, root / "video-homography.yaml")
     assert homography.atlas.method == "homography" and homography.edit.method == "sdedit"
     neural = load_config(VideoConfig, root / "video-neural.yaml")
