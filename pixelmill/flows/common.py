@@ -134,6 +134,9 @@ def _worker_info() -> dict[str, Any]:
     try:
         import ray
 
+        if not ray.is_initialized():  # asking for the context would start a Ray of its own
+            info["in_ray_worker"] = False
+            return info
         ctx = ray.get_runtime_context()
         info.update(node_id=ctx.get_node_id(), worker_id=ctx.get_worker_id(), in_ray_worker=ctx.worker.mode == 1)
     except Exception:  # noqa: BLE001 - only descriptive

@@ -339,9 +339,6 @@ def test_a_stage_that_loses_a_row_raises_and_leaves_that_shard_uncommitted(src, 
     assert report.ok, str(report)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flows.common._worker_info calls ray.get_runtime_context(), whose auto-init starts a local "
-    "Ray instance when none is running; it should ask ray.is_initialized() first"))
 def test_running_inline_does_not_try_to_start_ray(src, out, ray_init_calls):
     import ray
 
