@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -64,31 +68,67 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return save_tiny_models(str(tmp_path_factory.mktemp("models")))
 
 
+def _stop_tree(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM ``proc`` (``ray start --block`` then stops what it started), then kill what is left of its tree.
+
+    Only this process and its children: ``ray stop --force`` would end every Ray on the
+    machine, other people's included.
+    """
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    _, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """A Ray head (127.0.0.1) and a Prefect API server shared by all CLI subprocesses.
+    """A Ray head (127.0.0.1, 2 CPUs) and a Prefect API server shared by all CLI subprocesses.
 
-    Yields the environment a CLI subprocess needs to join them.
+    Yields the environment a CLI subprocess needs to join them. The head runs as
+    ``ray start --block`` so that it, and only it, is stopped at the end (by process id).
     """
     from pixelmill.runtime import PrefectServer, free_port
 
     home = tmp_path_factory.mktemp("runtime")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pmt"))  # short: Ray's socket paths must fit in 107 bytes
     server = PrefectServer(home).start()
     port = free_port()
-    env = dict(os.environ)
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={home / 'ray'}"],
-        check=True, env=env, capture_output=True,
+    log = open(home / "ray-start.log", "wb")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},  # stop at once when told
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
-    out = {"RAY_ADDRESS": f"127.0.0.1:{port}", "PREFECT_API_URL": server.api_url,
-           "PIXELMILL_TEST_PREFECT_PID": str(server.proc.pid)}
     try:
-        yield out
+        deadline = time.monotonic() + 120
+        while b"--block" not in (home / "ray-start.log").read_bytes():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start failed:\n" + (home / "ray-start.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "PREFECT_API_URL": server.api_url,
+               "PIXELMILL_TEST_PREFECT_PID": str(server.proc.pid)}
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        _stop_tree(head)
+        log.close()
         server.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def prefect_servers_not_started_by(pid: int) -> list[str]:

@@ -71,7 +71,7 @@ class FlowConfig(StrictModel):
 
     Subclasses set ``LEGACY_PLACEMENT`` (old flat keys → ``placement`` fields: configs
     written before the block existed still parse) and ``UNHASHED`` (other keys that
-    change speed, not results). :meth:`hashed` is what output manifests record.
+    change speed, not results); a config's ``output_affecting()`` leaves both out.
     """
 
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {}
@@ -101,9 +101,6 @@ class FlowConfig(StrictModel):
         data["placement"] = block
         return data
 
-    def hashed(self, **dump: Any) -> dict[str, Any]:
-        """The config as hashed into output manifests: placement, runtime, plugins and output left out."""
-        return self.model_dump(exclude=set(self.NEVER_HASHED | self.UNHASHED), **dump)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

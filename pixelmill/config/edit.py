@@ -216,9 +216,6 @@ class EditConfig(FlowConfig, EditSettings):
             exclude |= {"mask_column", "stroke_column", "stroke_threshold", "mask_dilation"}
         return self._affecting(exclude)
 
-    def hashed(self, **dump: Any) -> dict[str, Any]:
-        return self.output_affecting()
-
 
 class VideoEditSettings(EditSettings):
     """How a video's atlas is edited: the ``edit:`` block of a video config.
