@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="dataset folder or URL to write")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_dataset_import)
+    from pixelmill.toy.cli import add_dataset_toy_parser
+
+    add_dataset_toy_parser(dsub)
     q = dsub.add_parser("info", help="print a dataset's manifest summary")
     q.add_argument("dataset")
     q.set_defaults(func=cmd_dataset_info)
