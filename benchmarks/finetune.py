@@ -127,7 +127,7 @@ def build_data(url: str, resolution: int) -> str:
 def pixelmill_spec(root: Path, tag: str, model: str, data: str, method: str, cached: bool, args) -> dict[str, Any]:
     """The job spec ``plan_campaign`` makes for this benchmark's job."""
     from pixelmill.config import CampaignConfig
-    from pixelmill.flows.campaign import plan_campaign
+    from pixelmill.tasks.train.plan import plan_campaign
 
     shutil.rmtree(root / f"campaign-{tag}", ignore_errors=True)  # a fresh cache each run (--workdir reuse)
     settings = dict(resolution=args.resolution, train_batch_size=args.batch, max_steps=total_steps(args) + 1,

@@ -111,8 +111,8 @@ def _demo_finetune(root: Path, models: dict[str, str]) -> tuple[str, str]:
     from pixelmill.config import CampaignConfig
     from pixelmill.datasets.storage import remove
     from pixelmill.flows.bulk_edit import bulk_edit_flow
-    from pixelmill.flows.campaign import plan_campaign
     from pixelmill.flows.finetune import finetune_flow
+    from pixelmill.tasks.train.plan import plan_campaign
 
     cfg = demo_campaign(root, models)
     remove(cfg["output"])
@@ -185,6 +185,49 @@ def _demo_video(root: Path, models: dict[str, str]) -> str:
     return reports["homography"]
 
 
+def demo_pipeline(root: Path, models: dict[str, str]) -> dict:
+    """The demo's chained pipeline (also written as ``configs/pipeline-ip2p.yaml``):
+    instruction pairs -> an InstructPix2Pix fine-tune on them -> a bulk edit with the result."""
+    out = root / "pipeline-ip2p"
+    return {"steps": [
+        {"name": "pairs", "uses": "pairs", "with": {
+            "input": str(root / "datasets" / "images"), "output": str(out / "pairs"), "seed": 0,
+            "images": {"model": models["img2img"], "clip_model": models["clip"], "samples_per_caption": 2,
+                       "steps": 4, "height": 64, "width": 64, "max_per_caption": 1, "min_direction": -1.0,
+                       "min_image_caption": -1.0}}},
+        {"name": "train", "uses": "finetune", "with": {
+            "output": str(out / "campaign"), "model": models["instruct_pix2pix"],
+            "concepts": {"edits": {"instance_data": "${steps.pairs.output}/pairs"}},
+            "defaults": {"resolution": 64, "max_steps": 6, "train_batch_size": 2, "learning_rate": 1e-4,
+                         "center_crop": True},
+            "jobs": [{"name": "ip2p", "method": "instruct_pix2pix", "concepts": ["edits"]}],
+            "eval": {"prompts": ["make it look like winter"], "samples_per_prompt": 1, "steps": 4}}},
+        {"name": "edit", "uses": "edit", "with": {
+            "input": str(root / "datasets" / "images"), "output": str(out / "edited"), "method": "instruct_pix2pix",
+            "model": "${steps.train.jobs.ip2p}", "instruction": "make it look like winter", "steps": 6,
+            "resolution": 64, "batch_size": 4, "seed": 0}},
+    ]}
+
+
+def _demo_pipeline(root: Path, models: dict[str, str]) -> str:
+    """Run ``demo_pipeline`` as ``pixelmill run`` does: checked whole, then ONE flow with three child flows."""
+    from pixelmill.config.pipeline import PipelineConfig
+    from pixelmill.datasets.storage import remove
+    from pixelmill.flows.run import pipeline_flow
+
+    data = demo_pipeline(root, models)
+    path = root / "configs" / "pipeline-ip2p.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    remove(str(root / "pipeline-ip2p"))
+    _say("pipeline (pixelmill run): pairs -> InstructPix2Pix fine-tune on them -> bulk edit with it, one flow")
+    steps = PipelineConfig.model_validate(data).preflight_steps(path.parent)
+    summaries = pipeline_flow(steps)
+    edited = summaries["edit"]
+    _say(f"  {summaries['pairs'].get('pairs')} pairs -> job trained -> {edited.get('rows_out')} rows edited "
+         f"with it ({edited.get('rejects')} rejected); config: {path}")
+    return str(root / "pipeline-ip2p" / "edited")
+
+
 def run_demo(root: Path, ray_address: str | None = None) -> int:
     """Run the demo into ``root``; returns the exit status."""
     from pixelmill.datasets.importer import import_folder
@@ -243,6 +286,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
         campaign_report, adapter_edit = _demo_finetune(root, models)
         _demo_video(root, models)
         sections.append(("bulk edit with campaign adapters", adapter_edit))
+        sections.append(("pipeline: pairs -> InstructPix2Pix fine-tune -> edit", _demo_pipeline(root, models)))
     report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo")
     _say(f"finished in {time.perf_counter() - t_start:.0f}s")
     print()

@@ -1,8 +1,8 @@
 """The built-in pipelines: what ``pixelmill run`` can chain, each declared once.
 
-A pipeline entry (``pixelmill.registry``, kind ``pipeline``) names its config model,
-the check that runs before it starts (``pixelmill.cli.prepare``), its Prefect flow, and
-what its result offers to later steps (``output``; a fine-tuning step also ``jobs.NAME``).
+A pipeline entry (``pixelmill.registry``, kind ``pipeline``) names its config model
+(whose ``preflight()`` runs before it starts), its Prefect flow, and what its result
+offers to later steps (``output``; a fine-tuning step also ``jobs.NAME``).
 Everything is named by import path, so declaring a pipeline imports nothing heavy. A
 plugin adds a pipeline the same way.
 """
@@ -28,24 +28,17 @@ class Pipeline:
     Args:
         name: the step kind (``uses:``).
         config: ``module:Class`` of its config model.
-        check: ``module:function(cfg, args) -> cfg``: paths made absolute, inputs,
-            models and existing outputs checked (raises ``UsageError``).
         flow: ``module:function(config_dict) -> summary``: the Prefect flow.
         job_outputs: whether it offers ``jobs.NAME`` (a fine-tuning job's artifacts).
     """
 
     name: str
     config: str
-    check: str
     flow: str
     job_outputs: bool = False
 
     def config_model(self):
         return _load(self.config)
-
-    def run_check(self, cfg, args):
-        result = _load(self.check)(cfg, args)
-        return result[0] if isinstance(result, tuple) else result
 
     def run_flow(self, cfg, flow_run_name: str | None = None):
         fn = _load(self.flow)
@@ -65,7 +58,7 @@ class Pipeline:
         out = {"output": cfg.output}
         if self.job_outputs:
             from pixelmill.datasets import storage
-            from pixelmill.flows.campaign import plan_campaign
+            from pixelmill.tasks.train.plan import plan_campaign
 
             for j in plan_campaign(cfg).jobs:
                 out[f"jobs.{j.spec['name']}"] = storage.join(j.spec["dir"], "artifacts")
@@ -73,15 +66,11 @@ class Pipeline:
 
 
 for _p in (
-    Pipeline("edit", "pixelmill.config:EditConfig", "pixelmill.cli.prepare:check_edit",
-             "pixelmill.flows.bulk_edit:bulk_edit_flow"),
-    Pipeline("retrieve", "pixelmill.config:RetrieveConfig", "pixelmill.cli.prepare:check_retrieve",
-             "pixelmill.flows.retrieve:retrieve_flow"),
-    Pipeline("pairs", "pixelmill.config:PairsConfig", "pixelmill.cli.prepare:check_pairs",
-             "pixelmill.flows.pairs:pairs_flow"),
-    Pipeline("finetune", "pixelmill.config:CampaignConfig", "pixelmill.cli.prepare:check_finetune",
-             "pixelmill.flows.finetune:finetune_flow", job_outputs=True),
-    Pipeline("video", "pixelmill.config:VideoConfig", "pixelmill.cli.prepare:check_video",
-             "pixelmill.flows.video:video_flow"),
+    Pipeline("edit", "pixelmill.config:EditConfig", "pixelmill.flows.bulk_edit:bulk_edit_flow"),
+    Pipeline("retrieve", "pixelmill.config:RetrieveConfig", "pixelmill.flows.retrieve:retrieve_flow"),
+    Pipeline("pairs", "pixelmill.config:PairsConfig", "pixelmill.flows.pairs:pairs_flow"),
+    Pipeline("finetune", "pixelmill.config:CampaignConfig", "pixelmill.flows.finetune:finetune_flow",
+             job_outputs=True),
+    Pipeline("video", "pixelmill.config:VideoConfig", "pixelmill.flows.video:video_flow"),
 ):
     register("pipeline", _p.name)(_p)

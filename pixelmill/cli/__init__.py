@@ -2,8 +2,8 @@
 server, report, dataset, pool and models.
 
 Exit status: 0 success, 1 the run failed, 2 bad input (config, paths, or an existing
-output made with another config). ``prepare.py`` holds the checks that run before a flow
-starts, ``commands.py`` the commands.
+output made with another config). The checks that run before a flow starts are the
+configs' ``preflight()`` (``pixelmill.config.preflight``); ``commands.py`` holds the commands.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from pixelmill.cli.commands import (
+    UsageError,
     cmd_dataset_import,
     cmd_dataset_info,
     cmd_demo,
@@ -28,10 +29,9 @@ from pixelmill.cli.commands import (
     cmd_video,
     flow_runtime,
 )
-from pixelmill.cli.prepare import UsageError, absolute_paths, check_input_columns, check_output_config
+from pixelmill.config import ConfigError
 
-__all__ = ["UsageError", "absolute_paths", "build_parser", "check_input_columns", "check_output_config",
-           "flow_runtime", "main"]
+__all__ = ["UsageError", "build_parser", "flow_runtime", "main"]
 from pixelmill.runtime import apply_quiet_defaults
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args) or 0
-    except (UsageError, StorageUnavailable) as e:
+    except (UsageError, ConfigError, StorageUnavailable) as e:
         print(f"pixelmill: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - the traceback helps; the last line says what failed

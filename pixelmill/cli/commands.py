@@ -1,28 +1,29 @@
-"""The commands: each loads and checks its config (``prepare.py``), starts the runtime, runs a
-flow and prints its summary (``--json`` for one JSON line)."""
+"""The commands: each loads its config and preflights it (``config.preflight``), starts the
+runtime, runs a flow and prints its summary (``--json`` for one JSON line)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pixelmill.cli.prepare import (
-    UsageError,
-    _check_model_path,
-    _local_url,
-    _local_url_if_path,
-    prepare_edit,
-    prepare_finetune,
-    prepare_pairs,
-    prepare_retrieve,
-    prepare_video,
-)
-from pixelmill.config import EditConfig
+from pixelmill.config import CampaignConfig, EditConfig, PairsConfig, RetrieveConfig, VideoConfig, load_config
+from pixelmill.config.preflight import _check_model_path, _local_url, _local_url_if_path
 from pixelmill.runtime import default_home
 
 
+class UsageError(Exception):
+    """Bad command-line use: printed without a traceback, exit status 2."""
+
+
+def load_flow_config(model, path: str, args, preflight: bool = True):
+    """A flow's config from YAML with ``--set`` and ``--limit``, preflighted (``ConfigError``: exit 2)."""
+    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
+    cfg = load_config(model, path, overrides)
+    return cfg.preflight(overwrite=args.overwrite, dry_run=args.dry_run) if preflight else cfg
+
+
 def cmd_edit(args) -> int:
-    cfg = prepare_edit(args)
+    cfg = load_flow_config(EditConfig, args.config, args)
     from pixelmill.flows.common import plan_shards
 
     plan = plan_shards(cfg.model_dump(), cfg.output_affecting())
@@ -79,7 +80,7 @@ def print_summary(summary, as_json: bool = False) -> None:
 
 
 def cmd_retrieve(args) -> int:
-    cfg = prepare_retrieve(args)
+    cfg = load_flow_config(RetrieveConfig, args.config, args)
     from pixelmill.flows.retrieve import plan_retrieval
 
     plan = plan_retrieval(cfg)
@@ -103,8 +104,8 @@ def cmd_finetune(args) -> int:
         return finetune_status(args.status_config, args)
     if args.status_config:
         raise UsageError(f"unexpected argument {args.status_config!r} (did you mean `finetune status`?)")
-    cfg = prepare_finetune(args.config, args)
-    from pixelmill.flows.campaign import plan_campaign
+    cfg = load_flow_config(CampaignConfig, args.config, args)
+    from pixelmill.tasks.train.plan import plan_campaign
 
     plan = plan_campaign(cfg)
     if args.dry_run:
@@ -144,10 +145,10 @@ def cmd_finetune(args) -> int:
 
 def finetune_status(config_path: str, args) -> int:
     """Print each job's state without starting anything."""
-    from pixelmill.flows.campaign import plan_campaign
+    from pixelmill.tasks.train.plan import plan_campaign
     from pixelmill.tasks.train.results import result_row
 
-    cfg = prepare_finetune(config_path, args)
+    cfg = load_flow_config(CampaignConfig, config_path, args)
     plan = plan_campaign(cfg)
     rows = []
     for j in plan.jobs:
@@ -219,7 +220,7 @@ def cmd_pool_index(args) -> int:
 
 
 def cmd_pairs(args) -> int:
-    cfg = prepare_pairs(args)
+    cfg = load_flow_config(PairsConfig, args.config, args)
     if args.dry_run:
         from pixelmill.datasets.storage import join
         from pixelmill.flows.common import plan_shards
@@ -252,7 +253,10 @@ def cmd_pairs(args) -> int:
 
 
 def cmd_video(args) -> int:
-    cfg, plan = prepare_video(args)
+    from pixelmill.tasks.video.plan import plan_videos
+
+    cfg = load_flow_config(VideoConfig, args.config, args)
+    plan = plan_videos(cfg)
     if args.dry_run:
         print(f"video: {cfg.input} -> {cfg.output} ({cfg.atlas.method} atlas, {cfg.edit.method} on the "
               f"{cfg.edit.layer} layer)")
@@ -286,19 +290,43 @@ def print_video_summary(summary, as_json: bool = False) -> None:
 def cmd_server(args) -> int:
     import subprocess
 
-    from pixelmill.runtime import prefect_server_command, prefect_server_env
+    from pixelmill.runtime import (
+        die_with_parent,
+        prefect_server_command,
+        prefect_server_env,
+        remove_server_file,
+        wait_for_health,
+        write_server_file,
+    )
 
     home = Path(args.home).resolve() if args.home else default_home()
     print(f"Prefect server with the database in {home / 'prefect.db'}")
     print(f"UI and API at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    proc = subprocess.Popen(prefect_server_command(args.host, args.port, ui=True),
-                            env=prefect_server_env(home, ui=True))
+    # the UI calls the API at this host and port; the server ends if this command is killed
+    proc = subprocess.Popen(die_with_parent(prefect_server_command(args.host, args.port, ui=True)),
+                            env=prefect_server_env(home, ui=True, host=args.host, port=args.port))
+    local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host, args.host)
+    local = f"[{local}]" if ":" in local and not local.startswith("[") else local
     try:
+        wait_for_health(f"http://{local}:{args.port}/api", proc=proc)
+        # commands run with this home record their runs here instead of starting a server
+        write_server_file(home, proc.pid, f"http://{local}:{args.port}/api")
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
         return 0
+    except RuntimeError:
+        if proc.poll() is not None:
+            return proc.returncode or 1
+        raise
+    finally:
+        remove_server_file(home, proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def cmd_report(args) -> int:
@@ -361,11 +389,10 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     """``pixelmill run PIPELINE.yaml``: check every step, then run them as one Prefect flow."""
-    from pixelmill.cli.prepare import check_run, load_flow_config
     from pixelmill.config.pipeline import PipelineConfig
 
-    cfg = load_flow_config(PipelineConfig, args.config, args)
-    steps = check_run(cfg, args, Path(args.config).resolve().parent)
+    cfg = load_flow_config(PipelineConfig, args.config, args, preflight=False)
+    steps = cfg.preflight_steps(Path(args.config).resolve().parent, overwrite=args.overwrite)
     if args.dry_run:
         print(f"pipeline {args.config}: {len(steps)} step(s), run in order as one Prefect flow")
         for s in steps:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -100,6 +100,16 @@ class FlowConfig(StrictModel):
             block[new] = value
         data["placement"] = block
         return data
+
+    def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> Self:
+        """What types cannot check, checked before the flow starts; returns the config to run.
+
+        Subclasses make local paths absolute and check inputs, models and existing
+        outputs (``pixelmill.config.preflight``), raising ``PreflightError`` naming the
+        field. With ``overwrite`` an output made with another config is removed (not
+        with ``dry_run``) instead of refused. The base checks nothing.
+        """
+        return self
 
 
 

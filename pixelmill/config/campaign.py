@@ -205,6 +205,11 @@ class CampaignConfig(FlowConfig):
             ``settings`` override them per job.
     """
 
+    def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> CampaignConfig:
+        from pixelmill.config.preflight import check_finetune
+
+        return check_finetune(self, overwrite=overwrite, dry_run=dry_run)
+
     output: str
     model: str
     clip_model: str | None = None

@@ -160,6 +160,11 @@ class EditConfig(FlowConfig, EditSettings):
         The other keys are :class:`EditSettings`'.
     """
 
+    def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> EditConfig:
+        from pixelmill.config.preflight import check_edit
+
+        return check_edit(self, overwrite=overwrite, dry_run=dry_run)
+
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {
         "workers": "workers", "num_gpus_per_worker": "gpus", "num_cpus_per_worker": "cpus"}

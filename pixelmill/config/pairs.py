@@ -65,6 +65,11 @@ class PairsConfig(FlowConfig):
         output: root folder with ``text/`` (instructions, reused when complete) and ``pairs/``.
     """
 
+    def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> PairsConfig:
+        from pixelmill.config.preflight import check_pairs
+
+        return check_pairs(self, overwrite=overwrite, dry_run=dry_run)
+
     input: str
     output: str
     caption_column: str = "caption"

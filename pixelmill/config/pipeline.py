@@ -53,6 +53,12 @@ class PipelineConfig(FlowConfig):
         limit: passed to every step (only the first N input rows of each).
     """
 
+    def preflight_steps(self, base_dir, *, overwrite: bool = False) -> list[dict[str, Any]]:
+        """Every step validated (and those without references preflighted); the steps to run."""
+        from pixelmill.config.preflight import check_pipeline
+
+        return check_pipeline(self, base_dir, overwrite=overwrite)
+
     steps: list[StepConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -52,6 +52,11 @@ class RetrieveConfig(FlowConfig):
             (old key: ``scan_tasks``).
     """
 
+    def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> RetrieveConfig:
+        from pixelmill.config.preflight import check_retrieve
+
+        return check_retrieve(self, overwrite=overwrite, dry_run=dry_run)
+
     prompts: list[str] = Field(min_length=1)
     pool: str
     output: str

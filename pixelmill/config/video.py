@@ -196,6 +196,11 @@ class VideoConfig(FlowConfig):
         limit: only the first N input rows.
     """
 
+    def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> VideoConfig:
+        from pixelmill.config.preflight import check_video
+
+        return check_video(self, overwrite=overwrite, dry_run=dry_run)
+
     input: str
     output: str
     video_column: str = "video"

@@ -21,8 +21,8 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import CampaignConfig
-from pixelmill.flows.campaign import CampaignPlan, ClassImageRequest, plan_campaign
 from pixelmill.flows.stage_run import run_stage
+from pixelmill.tasks.train.plan import CampaignPlan, ClassImageRequest, plan_campaign
 
 
 @dataclass

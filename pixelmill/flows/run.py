@@ -10,7 +10,6 @@ shards and jobs are committed) and resumes the unfinished step at its shard or j
 from __future__ import annotations
 
 from dataclasses import asdict, is_dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from prefect import flow
@@ -36,8 +35,7 @@ def pipeline_flow(steps: list[dict[str, Any]], overwrite: bool = False) -> dict[
     for step in steps:
         pipeline = registry.get("pipeline", step["uses"]).obj
         data = substitute(step["data"], lambda name, key: offered[name][key])
-        cfg = pipeline.run_check(pipeline.config_model().model_validate(data),
-                                 SimpleNamespace(overwrite=overwrite, dry_run=False))
+        cfg = pipeline.config_model().model_validate(data).preflight(overwrite=overwrite)
         print(f"step {step['name']} ({step['uses']}): {cfg.output}")
         summaries[step["name"]] = _as_dict(pipeline.run_flow(cfg, flow_run_name=step["name"]))
         if summaries[step["name"]].get("failed"):

@@ -21,7 +21,7 @@ from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import VideoConfig
 from pixelmill.flows.stage_run import cluster_gpus
-from pixelmill.flows.video_plan import VideoPlan, plan_videos, write_output_config
+from pixelmill.tasks.video.plan import VideoPlan, plan_videos, write_output_config
 
 
 @dataclass

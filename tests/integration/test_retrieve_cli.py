@@ -144,3 +144,46 @@ def test_pool_index_cli_prints_recall_and_retrieve_uses_it(cluster, tmp_path, po
     got = [r["pool_id"] for r in sorted(Dataset.open(str(tmp_path / "o" / "images")).to_table().to_pylist(),
                                         key=lambda r: r["rank"])]
     assert got == [i for i in ref if i in set(got)]  # similarity order, all above the threshold
+
+
+def test_example_pipeline_retrieval_then_dreambooth_with_that_prior_then_edit(cluster, tmp_path, pool, tiny_models):
+    """``configs/pipeline-dreambooth.yaml`` as shipped, paths pointed at test data: ONE flow whose
+    DreamBooth job trains on the retrieved real images and whose edit step loads the trained model."""
+    from pixelmill.samples import draw_concept_images, draw_sample_images, write_image_dataset
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = yaml.safe_load((repo / "configs" / "pipeline-dreambooth.yaml").read_text())
+    steps = {s["name"]: s for s in spec["steps"]}
+    write_image_dataset(str(tmp_path / "dog"), draw_concept_images(4, seed=1))
+    from pixelmill.datasets.importer import import_folder
+
+    draw_sample_images(str(tmp_path / "files"), n=4, seed=2)
+    import_folder(str(tmp_path / "files"), str(tmp_path / "images"))
+    steps["prior"]["with"].update(pool=pool["url"], output=str(tmp_path / "prior"),
+                                  download={"allow_loopback": True, "timeout": 2, "retries": 0})
+    train = steps["train"]["with"]
+    train.update(output=str(tmp_path / "campaign"), model=tiny_models["img2img"])
+    train["concepts"]["dog"]["instance_data"] = str(tmp_path / "dog")
+    train["defaults"].update(max_steps=2)
+    steps["edit"]["config"] = str(repo / "configs" / steps["edit"]["config"])
+    steps["edit"]["with"].update(input=str(tmp_path / "images"), clip_model=tiny_models["clip"], steps=3,
+                                 output=str(tmp_path / "edited"))
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+
+    proc = run_cli(["run", str(path), "--json"], cluster)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"prior", "train", "edit"}
+    prior = Dataset.open(str(tmp_path / "prior" / "images"))
+    assert prior.complete and prior.num_rows == 4
+    # the DreamBooth job read its class images from the retrieval step, not generated ones
+    assert summary["train"]["class_images"] == 0
+    import pyarrow.parquet as pq
+
+    results = pq.read_table(str(tmp_path / "campaign" / "results.parquet")).to_pylist()
+    assert [r["status"] for r in results] == ["finished"]
+    edited = Dataset.open(str(tmp_path / "edited"))
+    assert edited.complete and edited.num_rows == 4
+    models = set(edited.to_table(["model"])["model"].to_pylist())
+    assert len(models) == 1 and "campaign" in next(iter(models))  # the trained pipeline, by path

@@ -14,6 +14,7 @@ A job spec is a plain dict made by the flow: ``id``, ``name``, ``method``, ``mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -452,42 +453,21 @@ def run_job(spec: dict[str, Any], stop_at: int | None = None) -> dict[str, Any]:
     return {**store.update_record(**fields), "skipped": False, "start_step": result["start_step"]}
 
 
-def _train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    out = train_worker(config["spec"], rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
-                       stop_at=config.get("stop_at"))
+def _rank_worker(spec: dict[str, Any], stop_at: int | None, rank: int, world: int, device) -> None:
+    """One data-parallel worker of a job; rank 0 leaves its summary beside the job for ``run_job``."""
+    out = train_worker(spec, rank=rank, world=world, device=device, stop_at=stop_at)
     out.pop("method_obj", None)
-    if ctx.get_world_rank() == 0:
-        storage.write_text_atomic(storage.join(config["spec"]["dir"], ".worker-result.json"),
-                                  json.dumps(out, default=str))
+    if rank == 0:
+        storage.write_text_atomic(storage.join(spec["dir"], ".worker-result.json"), json.dumps(out, default=str))
 
 
 def _run_data_parallel(spec: dict[str, Any], stop_at: int | None) -> dict[str, Any]:
     """Run ``train_worker`` on ``num_workers`` Ray Train workers and return rank 0's summary."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from pixelmill.tasks.ray_train import run_data_parallel
 
     s = spec["settings"]
-    use_gpu = s["num_gpus"] > 0
-    per_worker = {"CPU": s["cpus_per_worker"]}
-    if use_gpu:
-        per_worker["GPU"] = s["num_gpus"] / s["num_workers"]
-    ray_storage = tempfile.mkdtemp(prefix="pixelmill-train-")
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={"spec": spec, "stop_at": stop_at},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=RunConfig(name=f"pixelmill-{spec['id']}", storage_path=ray_storage),
-    )
-    try:
-        trainer.fit()
-    finally:
-        shutil.rmtree(ray_storage, ignore_errors=True)  # pixelmill keeps its own checkpoints in the job folder
+    run_data_parallel(functools.partial(_rank_worker, spec, stop_at), name=f"pixelmill-{spec['id']}",
+                      num_workers=s["num_workers"], cpus_per_worker=s["cpus_per_worker"], num_gpus=s["num_gpus"])
     url = storage.join(spec["dir"], ".worker-result.json")
     result = json.loads(storage.read_text(url))
     storage.remove(url)

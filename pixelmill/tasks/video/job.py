@@ -24,7 +24,7 @@ A video that cannot be used (unreadable, no video stream, 0 or 1 frames, longer 
 ``failed`` and raised (a rerun retries it). A rerun with the same spec hash skips a
 finished or rejected video.
 
-A job spec is a plain dict made by ``flows/video_plan.py``: ``id``, ``dir`` (local folder),
+A job spec is a plain dict made by ``tasks/video/plan.py``: ``id``, ``dir`` (local folder),
 ``source`` (``datasets.videos.read_video``), ``hash`` (everything the outputs depend on),
 ``atlas_hash`` (what the atlas depends on), ``atlas`` (``VideoAtlasSettings`` fields with
 ``neural`` resolved to ``NeuralAtlasConfig`` fields), ``edit`` (``VideoEditSettings.affecting()``),

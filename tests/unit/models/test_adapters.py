@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from pixelmill.config import CampaignConfig, EditConfig
-from pixelmill.flows.campaign import plan_campaign
 from pixelmill.models.adapters import AdapterError, adapter_kind, apply_adapters
 from pixelmill.samples import draw_concept_images, write_image_dataset
 from pixelmill.tasks.edit import SDEditEditor
 from pixelmill.tasks.train.job import run_job
+from pixelmill.tasks.train.plan import plan_campaign
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -267,7 +267,8 @@ def test_example_config_validates():
 
 
 def test_the_cli_checks_the_mask_column_exists_before_work_starts():
-    from pixelmill.cli import UsageError, check_input_columns
+    from pixelmill.config.preflight import PreflightError as UsageError
+    from pixelmill.config.preflight import check_input_columns
 
     cfg = EditConfig(input="i", output="o", model="m", prompt="p", stroke_column="strokes")
     assert check_input_columns(cfg, ["id", "image", "strokes"]).stroke_column == "strokes"

@@ -207,7 +207,7 @@ def test_load_vit_reads_safetensors_only(tiny_vit, tmp_path):
 
 
 def test_the_cli_makes_structure_paths_absolute_for_workers(monkeypatch, tmp_path):
-    from pixelmill.cli import absolute_paths
+    from pixelmill.config.preflight import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = EditConfig(input="in", output="out", method="text2live", prompt="fire", clip_model="./clip",

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from pixelmill.config import CampaignConfig
-from pixelmill.flows.campaign import check_campaign_inputs, plan_campaign
 from pixelmill.samples import draw_concept_images, write_image_dataset, write_table_dataset
 from pixelmill.tasks.train.data import TrainingDataError
 from pixelmill.tasks.train.job import run_job, train_worker
+from pixelmill.tasks.train.plan import check_campaign_inputs, plan_campaign
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,11 +16,11 @@ from PIL import Image
 
 from pixelmill.config import ConfigError, VideoConfig, load_config
 from pixelmill.datasets.videos import list_videos, write_video_dataset
-from pixelmill.flows.video_plan import plan_videos, video_dir_name
 from pixelmill.tasks.video.atlas import Atlas
 from pixelmill.tasks.video.homography import build_homography_atlas
 from pixelmill.tasks.video.io import decode_video, encode_video, probe_video
 from pixelmill.tasks.video.job import job_state, run_video_job
+from pixelmill.tasks.video.plan import plan_videos, video_dir_name
 from pixelmill.tasks.video.render import overlay_edit, render_frames
 from pixelmill.tasks.video.results import write_video_results
 from pixelmill.tasks.video.synthetic import synthetic_moving_shape, synthetic_pan

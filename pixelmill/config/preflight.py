@@ -1,30 +1,30 @@
-"""Checks that run before a flow starts: configs with ``--set``, local paths made absolute,
-models, adapters, input columns and existing outputs. Bad input raises ``UsageError``
-(exit status 2) naming the field; nothing has started yet.
+"""Preflight: what a config's types cannot check, checked before a flow starts.
 
-``prepare_<flow>(args)`` loads and checks; ``check_<flow>(cfg, args)`` checks a config
-already loaded (``pixelmill run`` checks each step this way when the step starts). Only
-``args.overwrite`` and ``args.dry_run`` are read from ``args`` by the checks.
+Local paths made absolute (Ray workers run in another folder), models and adapters that
+must exist, input columns, and existing outputs made with another config. Bad input
+raises ``PreflightError`` (a ``ConfigError``: the CLI exits 2) naming the field; nothing
+has started yet. Each flow config's ``preflight()`` calls its ``check_<flow>`` here, and
+``pixelmill run`` calls ``check_pipeline`` on the whole pipeline. The checks open
+datasets and model folders, so their imports are inside the functions: importing
+``pixelmill.config`` stays free of compute.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pixelmill.config import ConfigError, EditConfig, load_config
+from pixelmill.config.base import ConfigError
+
+if TYPE_CHECKING:
+    from pixelmill.config.edit import EditConfig
 
 
-class UsageError(Exception):
-    """Bad input: printed without a traceback, exit status 2."""
+class PreflightError(ConfigError):
+    """A config that validates but cannot run as it stands (missing input, model, column...)."""
 
 
-def load_flow_config(model, path: str, args):
-    """A flow's config from YAML with ``--set`` overrides and ``--limit``; exit 2 naming the field if bad."""
-    overrides = list(args.overrides) + ([f"limit={args.limit}"] if args.limit is not None else [])
-    try:
-        return load_config(model, path, overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+UsageError = PreflightError  # the name these checks had when they lived in the CLI
 
 
 def _check_model_path(field: str, value: str | None, kind: str) -> None:
@@ -35,7 +35,7 @@ def _check_model_path(field: str, value: str | None, kind: str) -> None:
     try:
         check_model_reference(value, kind)
     except ModelNotFound as e:
-        raise UsageError(f"{field}: {e}") from None
+        raise PreflightError(f"{field}: {e}") from None
 
 
 def _local_url(value: str) -> str:
@@ -82,10 +82,10 @@ def resolved_adapters(field: str, adapters: list) -> list:
         try:
             adapter_kind(a.path, a.kind)
         except AdapterError as e:
-            raise UsageError(f"{field}[{i}]: {e}") from None
+            raise PreflightError(f"{field}[{i}]: {e}") from None
         out.append(a)
     if sum(adapter_kind(a.path, a.kind) == "custom_diffusion" for a in out) > 1:
-        raise UsageError(f"{field}: only one custom_diffusion adapter per pipeline (train the concepts jointly)")
+        raise PreflightError(f"{field}: only one custom_diffusion adapter per pipeline (train the concepts jointly)")
     return out
 
 
@@ -102,11 +102,12 @@ def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
     for key, columns in wanted.items():
         for col in columns:
             if col and col not in names:
-                raise UsageError(f"{key}: column {col!r} is not in the input (columns: {', '.join(names)})")
+                raise PreflightError(f"{key}: column {col!r} is not in the input (columns: {', '.join(names)})")
     return cfg
 
 
-def check_output_config(url: str, hashed: dict, args, remove_url: str | None = None) -> None:
+def check_output_config(url: str, hashed: dict, overwrite: bool = False, dry_run: bool = False,
+                        remove_url: str | None = None) -> None:
     """Exit 2 naming the changed keys when ``url`` was made with another config.
 
     With ``--overwrite`` the old output (``remove_url``, default ``url``) is removed instead.
@@ -117,21 +118,16 @@ def check_output_config(url: str, hashed: dict, args, remove_url: str | None = N
     if existing is None or existing.config_hash == config_hash(hashed):
         return
     changed = diff_config(existing.config, hashed)
-    if not args.overwrite:
-        raise UsageError(f"output {url} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
+    if not overwrite:
+        raise PreflightError(f"output {url} was made with another config (changed: {', '.join(changed) or 'unknown'}); "
                          "use a new output or --overwrite")
-    if not args.dry_run:
+    if not dry_run:
         from pixelmill.datasets.storage import remove
 
         remove(remove_url or url)
 
 
-def prepare_edit(args) -> EditConfig:
-    """Load a bulk-edit config and check it and its inputs before anything starts."""
-    return check_edit(load_flow_config(EditConfig, args.config, args), args)
-
-
-def check_edit(cfg: EditConfig, args) -> EditConfig:
+def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) -> EditConfig:
     """Validate the config and its inputs before anything starts (no Ray, no server)."""
     from pixelmill.datasets import Dataset, DatasetNotFound
 
@@ -139,7 +135,7 @@ def check_edit(cfg: EditConfig, args) -> EditConfig:
     try:
         schema = Dataset.open(cfg.input).schema
     except DatasetNotFound as e:
-        raise UsageError(f"input: {e}") from None
+        raise PreflightError(f"input: {e}") from None
     cfg = check_input_columns(cfg, schema.names)
     _check_model_path("model", cfg.model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
@@ -147,18 +143,11 @@ def check_edit(cfg: EditConfig, args) -> EditConfig:
     if t2l is not None:
         _check_model_path("text2live.structure_model", t2l.structure_model, "folder")
         _check_model_path("text2live.structure_weights", t2l.structure_weights, "folder")
-    check_output_config(cfg.output, cfg.output_affecting(), args)
+    check_output_config(cfg.output, cfg.output_affecting(), overwrite, dry_run)
     return cfg
 
 
-def prepare_retrieve(args):
-    """Load a retrieval config and check it and its pool before anything starts."""
-    from pixelmill.config import RetrieveConfig
-
-    return check_retrieve(load_flow_config(RetrieveConfig, args.config, args), args)
-
-
-def check_retrieve(cfg, args):
+def check_retrieve(cfg, overwrite: bool = False, dry_run: bool = False):
     """Validate a retrieval config and its pool before anything starts."""
     from pixelmill.tasks.regularization import check_retrieve_inputs
 
@@ -169,24 +158,17 @@ def check_retrieve(cfg, args):
     try:
         cfg = check_retrieve_inputs(cfg)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise PreflightError(str(e)) from None
     from pixelmill.datasets.storage import join
 
-    check_output_config(join(cfg.output, "images"), cfg.output_affecting(), args, remove_url=cfg.output)
+    check_output_config(join(cfg.output, "images"), cfg.output_affecting(), overwrite, dry_run, remove_url=cfg.output)
     return cfg
 
 
-def prepare_finetune(config_path: str, args):
-    """Load a campaign and check it before anything starts."""
-    from pixelmill.config import CampaignConfig
-
-    return check_finetune(load_flow_config(CampaignConfig, config_path, args), args)
-
-
-def check_finetune(cfg, args):
+def check_finetune(cfg, overwrite: bool = False, dry_run: bool = False):
     """Load and check a campaign before anything starts: config, paths, models, datasets, tokens."""
     from pixelmill.config import CampaignConfig
-    from pixelmill.flows.campaign import check_campaign_inputs
+    from pixelmill.tasks.train.plan import check_campaign_inputs
 
     model_local = _local_url_if_path
     concepts = {
@@ -206,7 +188,7 @@ def check_finetune(cfg, args):
         cfg = CampaignConfig.model_validate(cfg.model_dump())
         cfg.expand()
     except (ConfigError, ValueError) as e:
-        raise UsageError(str(e)) from None
+        raise PreflightError(str(e)) from None
     for model in sorted({cfg.model, *(j.model for j in cfg.jobs if j.model)}):
         _check_model_path("model", model, "pipeline")
     _check_model_path("clip_model", cfg.clip_model, "clip")
@@ -214,31 +196,24 @@ def check_finetune(cfg, args):
         from pydantic import ValidationError
 
         from pixelmill.config import RetrieveConfig, format_validation_error
-        from pixelmill.flows.campaign import retrieve_config
         from pixelmill.tasks.regularization import check_retrieve_inputs
+        from pixelmill.tasks.train.plan import retrieve_config
 
         try:
             rc = check_retrieve_inputs(RetrieveConfig.model_validate(retrieve_config(cfg)))
         except ValidationError as e:
-            raise UsageError("retrieve: " + format_validation_error(e)) from None
+            raise PreflightError("retrieve: " + format_validation_error(e)) from None
         except ValueError as e:
-            raise UsageError(f"retrieve: {e}") from None
+            raise PreflightError(f"retrieve: {e}") from None
         cfg = cfg.model_copy(update={"retrieve": rc.model_dump(exclude={"output", "runtime"})})
     try:
         check_campaign_inputs(cfg)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise PreflightError(str(e)) from None
     return cfg
 
 
-def prepare_pairs(args):
-    """Load a pairs config and check it and its inputs before anything starts."""
-    from pixelmill.config import PairsConfig
-
-    return check_pairs(load_flow_config(PairsConfig, args.config, args), args)
-
-
-def check_pairs(cfg, args):
+def check_pairs(cfg, overwrite: bool = False, dry_run: bool = False):
     """Validate a pairs config and its inputs before anything starts."""
     from pixelmill.datasets import Dataset, DatasetNotFound
 
@@ -255,9 +230,9 @@ def check_pairs(cfg, args):
     try:
         names = Dataset.open(cfg.input).schema.names
     except DatasetNotFound as e:
-        raise UsageError(f"input: {e}") from None
+        raise PreflightError(f"input: {e}") from None
     if cfg.caption_column not in names:
-        raise UsageError(f"caption_column: column {cfg.caption_column!r} is not in the input "
+        raise PreflightError(f"caption_column: column {cfg.caption_column!r} is not in the input "
                          f"(columns: {', '.join(names)})")
     _check_model_path("images.model", cfg.images.model, "pipeline")
     _check_model_path("images.clip_model", cfg.images.clip_model, "clip")
@@ -268,28 +243,21 @@ def check_pairs(cfg, args):
 
         build_writer(cfg.text.writer, options)
     except ValueError as e:
-        raise UsageError(f"text.options: {e}") from None
+        raise PreflightError(f"text.options: {e}") from None
     from pixelmill.datasets.storage import join
 
-    check_output_config(join(cfg.output, "text"), cfg.text_affecting(), args)
-    check_output_config(join(cfg.output, "pairs"), cfg.pairs_affecting(), args)
+    check_output_config(join(cfg.output, "text"), cfg.text_affecting(), overwrite, dry_run)
+    check_output_config(join(cfg.output, "pairs"), cfg.pairs_affecting(), overwrite, dry_run)
     return cfg
 
 
-def prepare_video(args):
-    """Load a video config and check it and its input before anything starts; returns (config, plan)."""
-    from pixelmill.config import VideoConfig
-
-    return check_video(load_flow_config(VideoConfig, args.config, args), args)
-
-
-def check_video(cfg, args):
-    """Load and check a video config and its input before anything starts; returns (config, plan)."""
+def check_video(cfg, overwrite: bool = False, dry_run: bool = False):
+    """Check a video config and its input videos before anything starts."""
     from pixelmill.datasets import DatasetNotFound, config_hash, diff_config
-    from pixelmill.flows.video_plan import plan_videos, read_output_config
+    from pixelmill.tasks.video.plan import plan_videos, read_output_config
 
     if "://" in cfg.output and not cfg.output.startswith("file://"):
-        raise UsageError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
+        raise PreflightError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
                          "object-store URLs are not supported for video outputs")
     edit = cfg.edit
     t2l = getattr(edit, "text2live", None)
@@ -312,21 +280,21 @@ def check_video(cfg, args):
     try:
         plan = plan_videos(cfg)
     except DatasetNotFound as e:
-        raise UsageError(f"input: {e}") from None
+        raise PreflightError(f"input: {e}") from None
     except ValueError as e:
-        raise UsageError(f"input: {e}") from None
+        raise PreflightError(f"input: {e}") from None
     if not plan.jobs:
-        raise UsageError(f"input: {cfg.input} has no videos")
+        raise PreflightError(f"input: {cfg.input} has no videos")
     previous = read_output_config(cfg.output)
-    if previous is not None and previous.get("config_hash") != config_hash(plan.config) and not args.overwrite:
+    if previous is not None and previous.get("config_hash") != config_hash(plan.config) and not overwrite:
         changed = diff_config(previous.get("config") or {}, plan.config)
-        raise UsageError(f"output {cfg.output} was made with another config "
+        raise PreflightError(f"output {cfg.output} was made with another config "
                          f"(changed: {', '.join(changed) or 'unknown'}); use a new output or --overwrite "
                          "(videos are redone; atlases whose settings and video are unchanged are reused)")
-    return cfg, plan
+    return cfg
 
 
-def check_run(cfg, args, base_dir: Path) -> list[dict]:
+def check_pipeline(cfg, base_dir: Path, overwrite: bool = False) -> list[dict]:
     """Check every step of a pipeline before anything starts; returns the steps to run.
 
     Each step's config (base file + ``with:``) is validated with its references to earlier
@@ -335,8 +303,6 @@ def check_run(cfg, args, base_dir: Path) -> list[dict]:
     to an unknown or later step, or to a result the step does not offer, is an error
     naming the step.
     """
-    from types import SimpleNamespace
-
     from pixelmill import registry
     from pixelmill.config import read_yaml, validate
     from pixelmill.config.pipeline import deep_merge, references, substitute
@@ -349,23 +315,26 @@ def check_run(cfg, args, base_dir: Path) -> list[dict]:
         try:
             data = read_yaml(base_dir / step.config) if step.config else {}
         except ConfigError as e:
-            raise UsageError(f"{where}: {e}") from None
+            raise PreflightError(f"{where}: {e}") from None
         data = deep_merge(data, step.with_)
         if cfg.limit is not None:
             data["limit"] = cfg.limit
         for name, key in references(data):
             if name not in offered:
-                raise UsageError(f"{where}: ${{steps.{name}.{key}}} names no earlier step "
-                                 f"(earlier: {', '.join(offered) or 'none'})")
+                raise PreflightError(f"{where}: ${{steps.{name}.{key}}} names no earlier step "
+                                     f"(earlier: {', '.join(offered) or 'none'})")
             if key not in offered[name]:
-                raise UsageError(f"{where}: ${{steps.{name}.{key}}}: step {name!r} offers "
-                                 f"{', '.join(sorted(offered[name]))}")
+                raise PreflightError(f"{where}: ${{steps.{name}.{key}}}: step {name!r} offers "
+                                     f"{', '.join(sorted(offered[name]))}")
         try:
             step_cfg = validate(pipeline.config_model(), substitute(data, lambda n, k: offered[n][k]), where)
         except ConfigError as e:
-            raise UsageError(str(e)) from None
+            raise PreflightError(str(e)) from None
         if not references(data):
-            step_cfg = pipeline.run_check(step_cfg, SimpleNamespace(overwrite=args.overwrite, dry_run=True))
+            try:
+                step_cfg = step_cfg.preflight(overwrite=overwrite, dry_run=True)
+            except PreflightError as e:
+                raise PreflightError(f"{where}: {e}") from None
         out = str(step_cfg.output)
         offered[step.name] = {k: out if k == "output" else f"{out}/jobs/{k.split('.', 1)[1]}/artifacts"
                               for k in pipeline.offers(step_cfg)}

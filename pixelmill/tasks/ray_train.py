@@ -1,0 +1,52 @@
+"""The one place that speaks Ray Train: runs a function on N data-parallel workers.
+
+Beside ``ray_data.py`` (the one place that speaks Ray Data), so the trainer itself
+(``tasks/train/``) knows nothing of Ray: it receives a rank, a world size and a device.
+Ray Train's checkpoints and result folder are not used; pixelmill keeps its own
+checkpoints in the job's folder, so Ray's storage path is a temporary directory removed
+afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+
+def _loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    config["worker"](ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def run_data_parallel(worker: Callable[[int, int, Any], None], *, name: str, num_workers: int,
+                      cpus_per_worker: float, num_gpus: float) -> None:
+    """Call ``worker(rank, world, device)`` on ``num_workers`` Ray Train workers and wait for all.
+
+    ``num_gpus`` is the job's total, split evenly between workers; with GPUs the process
+    group uses NCCL, without them Gloo. ``worker`` must be picklable (a module-level
+    function or a ``functools.partial`` of one).
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = num_gpus > 0
+    per_worker = {"CPU": cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = num_gpus / num_workers
+    ray_storage = tempfile.mkdtemp(prefix="pixelmill-train-")
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"worker": worker},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=name, storage_path=ray_storage),
+    )
+    try:
+        trainer.fit()
+    finally:
+        shutil.rmtree(ray_storage, ignore_errors=True)
