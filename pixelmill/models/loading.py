@@ -28,6 +28,8 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_SAFETENSORS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
+TOY_PREFIX = "toy:"
+TOY_MODELS_DIR = Path(__file__).resolve().parents[1] / "toy" / "models"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _FINGERPRINT_SUFFIXES = {".safetensors", ".json", ".txt", ".model"}
@@ -39,18 +41,41 @@ class ModelNotFound(FileNotFoundError):
     """A model name that resolves to nothing loadable (missing folder, wrong layout, unknown id)."""
 
 
+def resolve_model_name(model: str) -> str:
+    """Turn a ``toy:NAME`` short name into the path of the toy model shipped in the package.
+
+    ``toy:clip`` is ``pixelmill/toy/models/clip`` (and so on for every folder there);
+    any other name comes back unchanged. A short name is a name, not a path:
+    ``looks_local`` says False for it, so path handling leaves it alone until a loader
+    resolves it.
+
+    Raises:
+        ModelNotFound: an unknown toy name.
+    """
+    if not model.startswith(TOY_PREFIX):
+        return model
+    name = model[len(TOY_PREFIX):]
+    path = TOY_MODELS_DIR / name
+    if not name or "/" in name or name.startswith(".") or not path.is_dir():
+        known = sorted(p.name for p in TOY_MODELS_DIR.iterdir() if p.is_dir()) if TOY_MODELS_DIR.is_dir() else []
+        shipped = ", ".join(TOY_PREFIX + k for k in known) or "none"
+        raise ModelNotFound(f"unknown toy model {model!r}; shipped: {shipped}")
+    return str(path)
+
+
 def looks_local(model: str) -> bool:
     """Whether a model name should be treated as a local path rather than a hub id.
 
     Local when it starts with ``/``, ``.`` or ``~``, exists on disk, its first path
-    component exists on disk, or it cannot be a hub id (``org/name``) at all.
+    component exists on disk, or it cannot be a hub id (``org/name``) at all. ``hf-hub:``
+    ids and ``toy:`` short names (see ``resolve_model_name``) are not local.
 
     Args:
         model: The model name as the user wrote it.
     """
     if model.startswith(LOCAL_DIR_PREFIX):
         return True
-    if model.startswith(HF_HUB_PREFIX):
+    if model.startswith((HF_HUB_PREFIX, TOY_PREFIX)):
         return False
     if model.startswith(("/", ".", "~")) or "\\" in model:
         return True
@@ -87,6 +112,7 @@ def _pipeline_folder(model: str) -> Path:
 
 def _read_model_index(model: str, revision: str | None) -> tuple[str, dict[str, Any]]:
     """Return (name to pass to diffusers, model_index.json content)."""
+    model = resolve_model_name(model)
     if looks_local(model):
         path = _pipeline_folder(model)
         return str(path), json.loads((path / MODEL_INDEX).read_text())
@@ -370,6 +396,7 @@ def model_fingerprint(model: str, revision: str | None = None) -> str:
     Raises:
         ModelNotFound: A local-looking path that does not exist.
     """
+    model = resolve_model_name(model)
     if not looks_local(model):
         repo_id = model.removeprefix(HF_HUB_PREFIX)
         commit = _hub_commit(repo_id, revision) if _HUB_ID.match(repo_id) else None
@@ -426,7 +453,8 @@ def load_clip(
     - a local folder holding ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``,
       the hub layout) and ``open_clip_model.safetensors`` (``local-dir:`` prefix allowed);
     - ``hf-hub:org/name`` (or a bare ``org/name`` that is not an open_clip architecture);
-    - ``ARCH/PRETRAINED`` such as ``ViT-L-14/laion2b_s32b_b82k``.
+    - ``ARCH/PRETRAINED`` such as ``ViT-L-14/laion2b_s32b_b82k``;
+    - ``toy:clip``, the toy-world CLIP shipped in the package (``resolve_model_name``).
 
     Hub weights come from safetensors when the repo has them; a pickled checkpoint is
     only read with ``weights_only=True``.
@@ -448,6 +476,7 @@ def load_clip(
 
     dev = resolve_device(device)
     precision = _OPEN_CLIP_PRECISION[resolve_dtype(dtype, dev)]
+    model = resolve_model_name(model)
     if looks_local(model):
         folder = _clip_folder(model)
         name = f"{LOCAL_DIR_PREFIX}{folder}"
@@ -527,6 +556,7 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
     Raises:
         ModelNotFound: naming the path and what is missing.
     """
+    model = resolve_model_name(model)
     if not looks_local(model):
         return
     if kind == "pipeline":
