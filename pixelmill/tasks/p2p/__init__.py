@@ -26,7 +26,9 @@ steps, the source's CROSS-attention maps for the text tokens both prompts share
 
 Custom attention runs through a diffusers attention processor (``P2PAttnProcessor``)
 installed on every attention layer of the UNet for the duration of a render; the
-processors share one controller that knows the current step.
+processors share one controller that knows the current step. They compose with what was
+installed before: a Custom Diffusion adapter's K/V (and Q/out) projections are kept, and
+a processor P2P cannot compose with is refused rather than silently replaced.
 """
 
 
@@ -39,6 +41,7 @@ from pixelmill.tasks.p2p.attention import (
     _branches,
     _sdpa,
     attention_control,
+    composable_processor,
     token_alignment,
 )
 from pixelmill.tasks.p2p.sampling import (
@@ -56,6 +59,7 @@ from pixelmill.tasks.p2p.stage import DEFAULTS, INPUT_COLUMNS, OUTPUT_SCHEMA, ST
 
 __all__ = [
     "DEFAULTS", "INPUT_COLUMNS", "OUTPUT_SCHEMA", "RECORD_MAX_TOKENS", "STATUS_DROPPED", "AttentionController",
-    "P2PAttnProcessor", "P2PController", "PairRenderStage", "RenderedPairs", "attention_control", "ddim_denoise",
-    "decode_latents", "initial_latents", "render_pairs", "require_p2p_pipeline", "sample_params", "token_alignment",
+    "P2PAttnProcessor", "P2PController", "PairRenderStage", "RenderedPairs", "attention_control",
+    "composable_processor", "ddim_denoise", "decode_latents", "initial_latents", "render_pairs",
+    "require_p2p_pipeline", "sample_params", "token_alignment",
 ]

@@ -108,20 +108,77 @@ class AttentionController:
         return _sdpa(query, key, value, mask, attn.scale)
 
 
+# Processors whose projections are the ``Attention`` module's own (they differ only in how
+# softmax(QKᵀ)V is computed, which the controller takes over).
+_PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
+                     "AttnProcessorNPU")
+# Custom Diffusion's processors carry their own K/V (and optionally Q/out) projections.
+_CUSTOM_DIFFUSION_PROCESSORS = ("CustomDiffusionAttnProcessor", "CustomDiffusionAttnProcessor2_0",
+                                "CustomDiffusionXFormersAttnProcessor")
+
+
+def _processor_classes(names: Sequence[str]) -> tuple[type, ...]:
+    import diffusers.models.attention_processor as ap
+
+    return tuple(c for c in (getattr(ap, n, None) for n in names) if isinstance(c, type))
+
+
+def composable_processor(name: str, processor: Any) -> Any | None:
+    """The processor P2P must keep projecting with, or ``None`` when it is a plain one.
+
+    Args:
+        name: The layer's processor name (for the error).
+        processor: The processor installed on that layer now.
+
+    Returns:
+        A Custom Diffusion processor (its K/V, Q and out projections are used as it would
+        use them), or ``None`` for processors that use the ``Attention`` module's own.
+
+    Raises:
+        ValueError: Any other processor (an IP-Adapter, fused QKV, a user's own): P2P
+            cannot compose with it, and replacing it would silently drop what it does.
+    """
+    if isinstance(processor, P2PAttnProcessor):
+        return processor.original
+    if isinstance(processor, _processor_classes(_CUSTOM_DIFFUSION_PROCESSORS)):
+        return processor
+    if isinstance(processor, _processor_classes(_PLAIN_PROCESSORS)):
+        return None
+    raise ValueError(
+        f"Prompt-to-Prompt cannot compose with the attention processor {type(processor).__name__} on {name}: "
+        "replacing it would drop what it does (supported: diffusers' plain processors and Custom Diffusion's)"
+    )
+
+
 class P2PAttnProcessor:
     """A diffusers attention processor that hands the attention core to a controller.
 
     Projections, norms, residual and output layers are exactly ``AttnProcessor``'s; only
     softmax(QKᵀ)V is delegated, so the controller can share or replace attention maps.
+    With ``original`` a Custom Diffusion processor, its trained projections replace the
+    module's exactly where it uses them (K/V with ``train_kv``, Q and out with
+    ``train_q_out``), so an adapter loaded before the render keeps acting.
 
     Args:
         controller: Shared by all layers of the UNet.
         layer: This layer's name, for recording.
+        original: The Custom Diffusion processor this one stands in for, or ``None``.
     """
 
-    def __init__(self, controller: AttentionController, layer: str) -> None:
+    def __init__(self, controller: AttentionController, layer: str, original: Any | None = None) -> None:
         self.controller = controller
         self.layer = layer
+        self.original = original
+        self.custom_kv = bool(original is not None and original.train_kv)
+        self.custom_q_out = bool(original is not None and original.train_q_out)
+
+    def _key_value(self, attn: Any, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.custom_kv:
+            return attn.to_k(states), attn.to_v(states)
+        cd, dtype = self.original, attn.to_q.weight.dtype
+        key = cd.to_k_custom_diffusion(states.to(cd.to_k_custom_diffusion.weight.dtype)).to(dtype)
+        value = cd.to_v_custom_diffusion(states.to(cd.to_v_custom_diffusion.weight.dtype)).to(dtype)
+        return key, value
 
     def __call__(
         self,
@@ -147,18 +204,21 @@ class P2PAttnProcessor:
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        if self.custom_q_out:
+            query = self.original.to_q_custom_diffusion(hidden_states).to(attn.to_q.weight.dtype)
+        else:
+            query = attn.to_q(hidden_states)
         if not is_cross:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        key, value = self._key_value(attn, encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
         hidden_states = self.controller.attend(attn, self.layer, is_cross, query, key, value, attention_mask)
         hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        out = self.original.to_out_custom_diffusion if self.custom_q_out else attn.to_out
+        hidden_states = out[0](hidden_states)
+        hidden_states = out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
@@ -168,9 +228,15 @@ class P2PAttnProcessor:
 
 @contextmanager
 def attention_control(unet: Any, controller: AttentionController) -> Iterator[None]:
-    """Install a ``P2PAttnProcessor`` on every attention layer of ``unet``; restore on exit."""
+    """Install a ``P2PAttnProcessor`` on every attention layer of ``unet``; restore on exit.
+
+    Each P2P processor composes with the processor it replaces (Custom Diffusion's
+    projections are kept); a processor it cannot compose with is refused before anything
+    is installed (``composable_processor``).
+    """
     original = dict(unet.attn_processors)
-    unet.set_attn_processor({name: P2PAttnProcessor(controller, name.removesuffix(".processor"))
+    kept = {name: composable_processor(name, proc) for name, proc in original.items()}
+    unet.set_attn_processor({name: P2PAttnProcessor(controller, name.removesuffix(".processor"), kept[name])
                              for name in original})
     try:
         yield

@@ -218,3 +218,80 @@ def test_stage_samples_are_seeded_per_row_and_sample_and_reproducible(tiny_model
             for col in ("input_image", "edited_image"):
                 a, b = _arr(decode_image(r[col])), _arr(decode_image(other[col]))
                 assert a.shape == (SIZE, SIZE, 3) and np.abs(a - b).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def custom_diffusion_adapter(tmp_path_factory, tiny_models) -> str:
+    """A Custom Diffusion job trained for a few steps (its K/V weights differ from the base model's)."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.samples import draw_concept_images, write_image_dataset
+    from pixelmill.tasks.train.job import run_job
+    from pixelmill.tasks.train.plan import plan_campaign
+
+    root = tmp_path_factory.mktemp("p2p-cd")
+    dog = write_image_dataset(str(root / "dog"), draw_concept_images(4, seed=0))
+    cfg = CampaignConfig.model_validate({
+        "output": str(root / "out"), "model": tiny_models["img2img"],
+        "concepts": {"dog": {"instance_data": dog, "token": "<dog1>", "class_word": "dog"}},
+        "defaults": {"resolution": 64, "max_steps": 4, "train_batch_size": 2, "learning_rate": 5e-2,
+                     "with_prior_preservation": False},
+        "jobs": [{"name": "cd", "method": "custom_diffusion", "concepts": ["dog"]}],
+        "eval": {"prompts": [], "samples_per_prompt": 1},
+    })
+    (job,) = plan_campaign(cfg).jobs
+    run_job(job.spec)
+    return job.spec["dir"]
+
+
+def _text2img(tiny_models, adapters=()):
+    from diffusers import DDIMScheduler
+
+    from pixelmill.models.adapters import apply_adapters
+    from pixelmill.models.loading import load_text2img_pipeline
+
+    p = load_text2img_pipeline(tiny_models["img2img"], device="cpu", dtype="float32")
+    p.scheduler = DDIMScheduler.from_config(p.scheduler.config)
+    p.set_progress_bar_config(disable=True)
+    if adapters:
+        apply_adapters(p, list(adapters))
+    return p
+
+
+def test_custom_diffusion_adapter_still_acts_under_prompt_to_prompt(tiny_models, custom_diffusion_adapter):
+    """P2P's processors must keep the adapter's own K/V projections (they used to replace them with the base ones).
+
+    The prompts do not use the adapter's token, so only its K/V weights can change the render.
+    """
+    steps, seed, cfg = 4, 7, 7.5
+    base, cd = _text2img(tiny_models), _text2img(tiny_models, [{"path": custom_diffusion_adapter}])
+    without = render_pairs(base, [SRC], [EDIT], [seed], [0.0], [cfg], steps, SIZE, SIZE)
+    with_cd = render_pairs(cd, [SRC], [EDIT], [seed], [0.0], [cfg], steps, SIZE, SIZE)
+    shared = render_pairs(cd, [SRC], [EDIT], [seed], [0.5], [cfg], steps, SIZE, SIZE, cross_replace=True)
+    assert (with_cd.latents - without.latents).abs().max() > 1e-3  # the adapter acts
+
+    def plain(prompt: str):  # diffusers' own pipeline with the adapter loaded its normal way
+        return cd(prompt=prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                  guidance_scale=cfg, eta=0.0, height=SIZE, width=SIZE, output_type="latent").images[0]
+
+    ref_src, ref_edit = plain(SRC), plain(EDIT)
+    assert torch.allclose(with_cd.latents[0, 0], ref_src, atol=1e-3)
+    assert torch.allclose(with_cd.latents[0, 1], ref_edit, atol=1e-3)
+    assert torch.allclose(shared.latents[0, 0], ref_src, atol=1e-3)  # the source branch is a plain render
+    before = {k: type(v) for k, v in cd.unet.attn_processors.items()}
+    render_pairs(cd, [SRC], [EDIT], [1], [0.5], [7.5], 2, SIZE, SIZE)
+    assert {k: type(v) for k, v in cd.unet.attn_processors.items()} == before
+
+
+def test_unknown_attention_processors_are_refused_not_dropped(pipe):
+    class Custom:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+            raise AssertionError("not reached")
+
+    before = dict(pipe.unet.attn_processors)
+    name = next(iter(before))
+    pipe.unet.set_attn_processor({**before, name: Custom()})
+    try:
+        with pytest.raises(ValueError, match="attention processor"):
+            render_pairs(pipe, [SRC], [EDIT], [1], [0.5], [7.5], 2, SIZE, SIZE)
+    finally:
+        pipe.unet.set_attn_processor(before)
