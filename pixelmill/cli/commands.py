@@ -402,7 +402,8 @@ def cmd_run(args) -> int:
     with flow_runtime(args, cfg.runtime):
         from pixelmill.flows.run import pipeline_flow
 
-        summaries = pipeline_flow(steps, overwrite=args.overwrite)
+        run_name = Path(args.config).stem  # the parent flow run is named after the pipeline file
+        summaries = pipeline_flow.with_options(flow_run_name=run_name)(steps, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(summaries, default=str))
     else:

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 
+from pixelmill.config import ConfigError
 from pixelmill.config.pipeline import substitute
 
 
@@ -35,7 +36,10 @@ def pipeline_flow(steps: list[dict[str, Any]], overwrite: bool = False) -> dict[
     for step in steps:
         pipeline = registry.get("pipeline", step["uses"]).obj
         data = substitute(step["data"], lambda name, key: offered[name][key])
-        cfg = pipeline.config_model().model_validate(data).preflight(overwrite=overwrite)
+        try:
+            cfg = pipeline.config_model().model_validate(data).preflight(overwrite=overwrite)
+        except ConfigError as e:
+            raise type(e)(f"step {step['name']!r}: {e}") from None
         print(f"step {step['name']} ({step['uses']}): {cfg.output}")
         summaries[step["name"]] = _as_dict(pipeline.run_flow(cfg, flow_run_name=step["name"]))
         if summaries[step["name"]].get("failed"):

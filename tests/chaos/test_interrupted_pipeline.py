@@ -32,6 +32,7 @@ def test_killed_pipeline_skips_the_finished_step_and_resumes_the_unfinished_one(
     pipeline.write_text(yaml.safe_dump({"steps": [
         {"name": "first", "uses": "edit", "with": {**edit, "input": str(tmp_path / "images"), "output": str(first)}},
         {"name": "second", "uses": "edit", "with": {**edit, "input": "${steps.first.output}", "output": str(second),
+                                                     "image_column": "edited_image",  # an edit's output column
                                                      "prompt": "a watercolor of {caption}"}},
     ]}))
     env = dict(os.environ, **cluster)

@@ -125,6 +125,26 @@ def test_pool_with_wrong_width_is_refused_before_anything_starts(tmp_path, pool,
     assert "48" in proc.stderr and "32" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_index_for_another_embedding_kind_is_refused_before_anything_starts(tmp_path, tiny_models):
+    import pyarrow as pa
+
+    from pixelmill.datasets.pool import write_laion_layout
+    from pixelmill.tasks.retrieval import build_index
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((64, 32)).astype(np.float16)
+    meta = pa.table({"url": ["http://127.0.0.1/x.png"] * 64, "caption": ["a dog"] * 64})
+    pool_url = write_laion_layout(str(tmp_path / "laion"), [(emb, emb, meta)], clip_model=tiny_models["clip"])
+    build_index(pool_url, str(tmp_path / "image-index"), kind="image", index_type="ivf", nlist=1, nprobe=1)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(dict(prompts=["a dog"], pool=pool_url, output=str(tmp_path / "o"), num_images=2,
+                                       index=str(tmp_path / "image-index"), embedding="text")))
+    proc = run_cli(["retrieve", str(cfg)], {"RAY_ADDRESS": "127.0.0.1:1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "built over image embeddings" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_pool_index_cli_prints_recall_and_retrieve_uses_it(cluster, tmp_path, pool, tiny_models):
     proc = run_cli(["pool", "index", pool["url"], "--out", str(tmp_path / "index"), "--type", "hnsw",
                     "--threshold", "0.85"])
@@ -166,7 +186,7 @@ def test_example_pipeline_retrieval_then_dreambooth_with_that_prior_then_edit(cl
     train["concepts"]["dog"]["instance_data"] = str(tmp_path / "dog")
     train["defaults"].update(max_steps=2)
     steps["edit"]["config"] = str(repo / "configs" / steps["edit"]["config"])
-    steps["edit"]["with"].update(input=str(tmp_path / "images"), clip_model=tiny_models["clip"], steps=3,
+    steps["edit"]["with"].update(input=str(tmp_path / "images"), clip_model=tiny_models["clip"], steps=4,
                                  output=str(tmp_path / "edited"))
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))

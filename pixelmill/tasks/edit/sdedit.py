@@ -8,6 +8,7 @@ helpers it ends with (``paste_outside_mask``, ``unedited_output``) live here too
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,11 @@ def check_sdedit(settings) -> None:
             raise ValueError("`strength: auto` needs `target_l2` (RMSE in [0, 1])")
     elif not 0 < settings.strength <= 1:
         raise ValueError("`strength` must be in (0, 1] or 'auto'")
+    elif int(settings.steps * settings.strength) < 1:
+        # diffusers runs int(steps * strength) denoising steps; zero would return no image at all
+        raise ValueError(f"`strength: {settings.strength}` with `steps: {settings.steps}` runs "
+                         f"int({settings.steps} x {settings.strength}) = 0 denoising steps; raise `steps` to at "
+                         f"least {math.ceil(1 / settings.strength)} or `strength`")
 
 
 @register("edit", "sdedit", text="prompt", needs_model=True, adapters=True, masks=True, check=check_sdedit)

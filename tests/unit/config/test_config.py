@@ -29,6 +29,7 @@ def test_valid_config_and_overrides(tmp_path):
         ("output: out\nmodel: m\nprompt: p\n", [], "input: required key is missing"),
         (BASE, ["strength=1.5"], "strength"),
         (BASE, ["strength=auto"], "target_l2"),
+        (BASE, ["strength=0.3", "steps=3"], "= 0 denoising steps; raise `steps` to at least 4"),
         ("input: in\noutput: out\nmodel: m\n", [], "sdedit needs `prompt`"),
         (BASE + "method: instruct_pix2pix\n", [], "needs `instruction`"),
         (BASE + "method: magic\n", [], "method:"),
