@@ -192,8 +192,15 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
             validate(pool, clip_embed_dim(clip_model), cfg.embedding, check_values=False, clip_model=clip_model)
         except PoolError as e:
             raise ValueError(f"pool: {e}") from None
-    if cfg.index and not exists(join(cfg.index, "index.json")):
-        raise ValueError(f"index: no faiss index at {cfg.index} (build one with `pixelmill pool index`)")
+    if cfg.index:
+        from pixelmill.tasks.retrieval.faiss_index import check_index_kind, read_index_info
+
+        if not exists(join(cfg.index, "index.json")):
+            raise ValueError(f"index: no faiss index at {cfg.index} (build one with `pixelmill pool index`)")
+        try:
+            check_index_kind(cfg.index, cfg.embedding, read_index_info(cfg.index))
+        except ValueError as e:
+            raise ValueError(f"index: {e}") from None
     return cfg.model_copy(update={"clip_model": clip_model})
 
 
@@ -210,7 +217,9 @@ def write_candidates(cfg: RetrieveConfig, prompts: dict[str, str], url: str,
     pids = list(prompts)
     queries = embed_prompts([prompts[p] for p in pids], cfg.clip_model)
     if cfg.index:
-        result = search_index(cfg.index, queries, cfg.threshold, k=cfg.index_k, pool_url=cfg.pool)
+        result = search_index(cfg.index, queries, cfg.threshold, k=cfg.index_k, pool_url=cfg.pool,
+                              kind=cfg.embedding, filters=cfg.filters.model_dump(),
+                              max_candidates=cfg.max_candidates)
     else:
         result = scan_pool_ray(cfg.pool, queries, cfg.threshold, kind=cfg.embedding,
                                filters=cfg.filters.model_dump(), block_rows=cfg.scan_block_rows,

@@ -139,7 +139,7 @@ def test_index_for_another_embedding_kind_is_refused_before_anything_starts(tmp_
     cfg = tmp_path / "r.yaml"
     cfg.write_text(yaml.safe_dump(dict(prompts=["a dog"], pool=pool_url, output=str(tmp_path / "o"), num_images=2,
                                        index=str(tmp_path / "image-index"), embedding="text")))
-    proc = run_cli(["retrieve", str(cfg)], {"RAY_ADDRESS": "127.0.0.1:1"})
+    proc = run_cli(["retrieve", str(cfg)], {"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)  # past preflight it hangs
     assert proc.returncode == 2, proc.stderr
     assert "built over image embeddings" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -18,8 +18,15 @@ import pyarrow as pa
 
 from pixelmill.datasets import storage
 from pixelmill.datasets.pool import DEFAULT_BLOCK_ROWS, REJECT_ROWS_SCHEMA, Pool, PoolError
+from pixelmill.tasks.retrieval.filters import CandidateFilters
 from pixelmill.tasks.retrieval.kernel import SUB_ROWS, normalize_queries, norms_of, torch_single_thread, upcast_into
-from pixelmill.tasks.retrieval.results import _HITS_SCHEMA, _SORT, ScanResult, _attach_metadata, _split_queries
+from pixelmill.tasks.retrieval.results import (
+    _HITS_SCHEMA,
+    ScanResult,
+    _attach_metadata,
+    _split_queries,
+    _top_per_query,
+)
 from pixelmill.tasks.retrieval.scan import Kind, _resolve_columns, scan_pool
 
 INDEX_FILE = "index.faiss"
@@ -163,6 +170,22 @@ def read_index_info(index_url: str) -> dict[str, Any]:
     return json.loads(storage.read_text(path))
 
 
+def check_index_kind(index_url: str, kind: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The index's ``index.json``, after checking it was built over ``kind`` embeddings.
+
+    Raises:
+        ValueError: the index holds the other kind (its scores would compare the prompt
+            with image vectors where captions were asked for, or the reverse).
+    """
+    info = read_index_info(index_url) if info is None else info
+    built = info.get("kind")
+    if built != kind:
+        raise ValueError(f"index {index_url} was built over {built} embeddings, but the search asks for {kind} "
+                         f"embeddings: rebuild it with `pixelmill pool index --kind {kind}` or set embedding: "
+                         f"{built}")
+    return info
+
+
 def _load_index(index_url: str, info: dict[str, Any]) -> Any:
     faiss = _faiss()
     fs, path = storage.resolve(storage.join(index_url, info.get("index_file", INDEX_FILE)))
@@ -183,8 +206,15 @@ def search_index(
     nprobe: int | None = None,
     ef_search: int | None = None,
     pool_url: str | None = None,
+    kind: Kind | None = None,
+    filters: CandidateFilters | Mapping[str, Any] | None = None,
+    max_candidates: int | None = None,
 ) -> ScanResult:
     """Approximate threshold search with an index from :func:`build_index`.
+
+    Filters and ``max_candidates`` act as in the exact scan (:class:`ExactScanner`): hits
+    above the threshold that fail a metadata filter are dropped and counted in
+    ``filtered``, then the best ``max_candidates`` per prompt are kept (``truncated``).
 
     Args:
         index_url: the index folder.
@@ -196,9 +226,18 @@ def search_index(
         nprobe: IVF lists visited (default: the one stored at build time).
         ef_search: HNSW beam width (default: the one stored at build time).
         pool_url: the pool, when it moved since the index was built.
+        kind: the embedding kind the caller means (``text``/``image``); an index built
+            over the other kind is refused (ValueError). None: whatever the index holds.
+        filters: metadata filters (:class:`CandidateFilters` or a dict of its fields).
+        max_candidates: keep at most this many per prompt (None: all).
     """
     faiss = _faiss()
     info = read_index_info(index_url)
+    if kind is not None:
+        check_index_kind(index_url, kind, info)
+    filters = CandidateFilters.coerce(filters)
+    if max_candidates is not None and max_candidates < 1:
+        raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
     q = normalize_queries(queries)
     if q.shape[1] != info["dim"]:
         raise PoolError(f"queries have width {q.shape[1]} but the index holds width {info['dim']}")
@@ -228,8 +267,18 @@ def search_index(
     which = np.searchsorted(starts, labels, side="right") - 1
     part_names = np.array([p["part"] for p in parts], dtype=object)[which] if len(which) else np.zeros(0, object)
     rows = labels - starts[which] if len(which) else np.zeros(0, np.int64)
+    filtered = np.zeros(num_queries, np.int64)
     with Pool.open(pool_url or info["pool_url"]) as pool:
         cols = _resolve_columns(pool, columns)
+        filters.check(pool)
+        if filters.active() and len(rows):
+            keep = np.zeros(len(rows), bool)
+            for part in dict.fromkeys(part_names.tolist()):
+                sel = np.nonzero(part_names == part)[0]
+                unique, inverse = np.unique(rows[sel], return_inverse=True)
+                keep[sel] = filters.mask(pool.read_rows(part, unique, filters.columns()))[inverse]
+            filtered = np.bincount(qi[~keep], minlength=num_queries)
+            qi, labels, dist, part_names, rows = qi[keep], labels[keep], dist[keep], part_names[keep], rows[keep]
         ids: list[str] = [""] * len(rows)
         for part in dict.fromkeys(part_names.tolist()):
             sel = np.nonzero(part_names == part)[0]
@@ -240,13 +289,16 @@ def search_index(
             "query": pa.array(qi, pa.int64()), "id": pa.array(ids, pa.string()),
             "part": pa.array(part_names.tolist(), pa.string()), "row": pa.array(rows, pa.int64()),
             "similarity": pa.array(dist.astype(np.float32).astype(np.float64), pa.float64()),
-        }, schema=_HITS_SCHEMA).sort_by(_SORT)
+        }, schema=_HITS_SCHEMA)
+        hits, cut = _top_per_query(hits, max_candidates)
         hits = _attach_metadata(pool, hits, cols)
+    for i in cut:
+        truncated[int(i)] = True
     return ScanResult(
         candidates=_split_queries(hits, num_queries),
         rejects=REJECT_ROWS_SCHEMA.empty_table(),
         scanned=0,
-        filtered=[0] * num_queries,
+        filtered=filtered.tolist(),
         truncated=truncated,
         threshold=float(threshold),
         kind=info["kind"],

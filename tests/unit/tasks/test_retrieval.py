@@ -387,6 +387,87 @@ def test_range_search_and_tiny_k(clustered_pool, tmp_path):
         assert r.num_rows > 10 and as_rows(t) == as_rows(r)[:10]
 
 
+FILTERS = {"max_punsafe": 0.5, "max_pwatermark": 0.8, "min_width": 300, "min_height": 200, "max_aspect": 2.0}
+
+
+def test_index_search_applies_filters_and_max_candidates_like_the_exact_scan(tmp_path):
+    parts, centers = pool_parts(seed=7)
+    q = queries_near(centers, p=4)
+    assert margin_ok(parts, q, 0.7)
+    url = write_laion_layout(str(tmp_path / "pool"), parts)
+    out = str(tmp_path / "ivf")
+    build_index(url, out, index_type="ivf", nlist=4, nprobe=4)  # every list visited: the search is exhaustive
+    for max_candidates in (None, 5):
+        exact = scan_pool(url, q, 0.7, filters=FILTERS, max_candidates=max_candidates)
+        approx = search_index(out, q, 0.7, k=None, filters=FILTERS, max_candidates=max_candidates)
+        unfiltered = search_index(out, q, 0.7, k=None)
+        for e, a, u in zip(exact.candidates, approx.candidates, unfiltered.candidates):
+            assert 0 < e.num_rows < u.num_rows
+            assert [r[:3] for r in as_rows(a)] == [r[:3] for r in as_rows(e)]
+            np.testing.assert_allclose(a.column("similarity").to_numpy(), e.column("similarity").to_numpy(),
+                                       atol=1e-5)
+            assert a.column("url").to_pylist() == e.column("url").to_pylist()
+        assert approx.filtered == exact.filtered and min(approx.filtered) > 0
+        assert approx.truncated == exact.truncated == [max_candidates is not None] * 4
+    with pytest.raises(PoolError, match="needs metadata column 'pwatermark'"):
+        no_wm = write_laion_layout(str(tmp_path / "nowm"), [(i, t, m.drop_columns(["pwatermark"]))
+                                                             for i, t, m in parts])
+        search_index(out, q, 0.7, k=None, filters={"max_pwatermark": 0.5}, pool_url=no_wm)
+
+
+def test_index_built_for_another_embedding_kind_is_refused(tmp_path):
+    parts, centers = pool_parts(seed=7)
+    url = write_laion_layout(str(tmp_path / "pool"), parts)
+    out = str(tmp_path / "image-index")
+    build_index(url, out, kind="image", index_type="ivf", nlist=4, nprobe=4)
+    q = queries_near(centers, p=2)
+    with pytest.raises(ValueError, match="built over image embeddings, but the search asks for text"):
+        search_index(out, q, 0.7, k=None, kind="text")
+    assert len(search_index(out, q, 0.0, k=None, kind="image").candidates) == 2
+
+
+def _clip_pool(tmp_path, clip: str, prompt: str, n: int = 240, seed: int = 3) -> str:
+    """A LAION-layout pool in the tiny CLIP's width whose text vectors scatter around ``prompt``'s embedding."""
+    rng = np.random.default_rng(seed)
+    center = embed_prompts([prompt], clip)[0].astype(np.float64)
+    txt = center + rng.uniform(0.0, 1.5, (n, 1)) * rng.standard_normal((n, len(center))) / np.sqrt(len(center))
+    img = rng.standard_normal((n, len(center)))
+    meta = pa.table({"id": [f"r{i:04d}" for i in range(n)], "url": [f"https://x/{i}.png" for i in range(n)],
+                     "caption": [f"c{i}" for i in range(n)], "punsafe": rng.random(n),
+                     "width": rng.integers(100, 1200, n), "height": rng.integers(100, 1200, n)})
+    return write_laion_layout(str(tmp_path / "pool"), [(img.astype(np.float16), txt.astype(np.float16), meta)],
+                              clip_model=clip)
+
+
+def test_retrieval_with_an_index_honours_filters_max_candidates_and_embedding(tiny_models, tmp_path):
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.datasets import Dataset
+    from pixelmill.tasks.regularization import check_retrieve_inputs, write_candidates
+
+    clip, prompt = tiny_models["clip"], "a photo of a dog"
+    url = _clip_pool(tmp_path, clip, prompt)
+    build_index(url, str(tmp_path / "text-index"), kind="text", index_type="ivf", nlist=2, nprobe=2)
+    build_index(url, str(tmp_path / "image-index"), kind="image", index_type="ivf", nlist=2, nprobe=2)
+    filters = {"max_punsafe": 0.5, "min_width": 300}
+    cfg = RetrieveConfig(prompts=[prompt], pool=url, output=str(tmp_path / "out"), threshold=0.7,
+                         clip_model=clip, index=str(tmp_path / "text-index"), index_k=1000, filters=filters,
+                         max_candidates=8)
+    cfg = check_retrieve_inputs(cfg)
+    counts = write_candidates(cfg, {"p0": prompt}, str(tmp_path / "cands"), ("candidates", 1))
+    exact = scan_pool(url, embed_prompts([prompt], clip), 0.7, filters=filters, max_candidates=8)
+    everything = scan_pool(url, embed_prompts([prompt], clip), 0.7)
+    assert everything.candidates[0].num_rows > 8 + exact.filtered[0] and exact.filtered[0] > 0
+    got = Dataset.open(str(tmp_path / "cands")).read_shard("p0").sort_by("candidate_rank")
+    assert counts == {"p0": 8}
+    assert got.column("pool_id").to_pylist() == exact.candidates[0].column("id").to_pylist()
+
+    image_index = cfg.model_copy(update={"index": str(tmp_path / "image-index")})
+    with pytest.raises(ValueError, match="index: .* built over image embeddings, but the search asks for text"):
+        check_retrieve_inputs(image_index)
+    with pytest.raises(ValueError, match="built over image embeddings"):
+        write_candidates(image_index, {"p0": prompt}, str(tmp_path / "cands2"), ("candidates", 1))
+
+
 # ----------------------------------------------------------------------------- embedding
 
 
