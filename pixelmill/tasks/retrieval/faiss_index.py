@@ -305,6 +305,57 @@ def search_index(
     )
 
 
+def held_out_queries(
+    pool_url: str,
+    kind: Kind = "text",
+    sample: int = 32,
+    similarity: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, list[str]]:
+    """Queries for a recall check that are not vectors of the pool, and the rows they came from.
+
+    A pool vector used as its own query finds itself in any index, which inflates recall.
+    Each query here starts from a row drawn uniformly (seeded) from the whole pool and is
+    turned away from it in a random direction to cosine ``similarity``: it lies in the
+    row's neighbourhood, like a prompt near a cluster, but is not in the index. The source
+    row must then be left out of both hit lists (``measure_recall(..., exclude=ids)``), so
+    only the neighbours an index has to find count.
+
+    Args:
+        pool_url: the pool.
+        kind: ``text`` or ``image`` embeddings.
+        sample: number of queries (fewer when the pool has fewer scorable rows).
+        similarity: cosine between a query and its source row, in (0, 1).
+        seed: row and direction seed.
+
+    Returns:
+        ``(queries (P, d) float32 unit vectors, source row ids)``.
+    """
+    if not 0.0 < similarity < 1.0:
+        raise ValueError(f"similarity must lie in (0, 1), got {similarity}")
+    rng = np.random.default_rng(seed)
+    with Pool.open(pool_url) as pool:
+        ranges = pool.block_ranges(kind, DEFAULT_BLOCK_ROWS)
+        n = sum(r.rows for r in ranges)
+        pick = np.sort(rng.choice(n, size=min(sample, n), replace=False)) if n else np.zeros(0, np.int64)
+        vectors, ids, base = [], [], 0
+        for r in ranges:
+            sel = pick[(pick >= base) & (pick < base + r.rows)] - base
+            if len(sel):
+                block = pool.read_block(kind, r.part, r.start, r.stop)
+                x, good = _unit_rows(np.asarray(block.emb[sel]))
+                vectors.append(x)
+                ids += block.ids_at(sel[good])
+            base += r.rows
+        dim = pool.dim_of(kind)
+    u = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    w = rng.standard_normal(u.shape)
+    w -= (w * u).sum(axis=1, keepdims=True) * u
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    q = similarity * u.astype(np.float64) + math.sqrt(1.0 - similarity**2) * w
+    return q.astype(np.float32), ids
+
+
 def measure_recall(
     pool_url: str,
     index_url: str,
@@ -315,6 +366,7 @@ def measure_recall(
     seed: int = 0,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    exclude: Sequence[str | None] | None = None,
 ) -> float:
     """Fraction of the exact scan's hits above ``threshold`` that the index also finds.
 
@@ -328,21 +380,27 @@ def measure_recall(
         seed: query sample seed.
         nprobe: IVF lists visited (default: the stored one).
         ef_search: HNSW beam width (default: the stored one).
+        exclude: per query, a pool id counted in neither list (the row a
+            :func:`held_out_queries` query was made from), or None.
 
     Returns:
         Recall in [0, 1]; NaN when the exact scan finds nothing above the threshold
         (there is nothing to recall, so no number would be honest).
     """
     q = normalize_queries(queries)
+    skip = list(exclude) if exclude is not None else [None] * len(q)
+    if len(skip) != len(q):
+        raise ValueError(f"exclude has {len(skip)} entries for {len(q)} queries")
     if sample is not None and len(q) > sample:
-        q = q[np.sort(np.random.default_rng(seed).choice(len(q), size=sample, replace=False))]
+        chosen = np.sort(np.random.default_rng(seed).choice(len(q), size=sample, replace=False))
+        q, skip = q[chosen], [skip[i] for i in chosen]
     info = read_index_info(index_url)
     exact = scan_pool(pool_url, q, threshold, kind=info["kind"], columns=[])
     approx = search_index(index_url, q, threshold, k=k, columns=[], nprobe=nprobe, ef_search=ef_search,
                           pool_url=pool_url)
     found = total = 0
-    for e, a in zip(exact.candidates, approx.candidates):
-        want = set(e.column("id").to_pylist())
+    for e, a, own in zip(exact.candidates, approx.candidates, skip):
+        want = set(e.column("id").to_pylist()) - {own}
         total += len(want)
         found += len(want & set(a.column("id").to_pylist()))
     return found / total if total else float("nan")

@@ -27,6 +27,7 @@ from pixelmill.tasks.retrieval import (
     PoolEmbedder,
     build_index,
     embed_prompts,
+    held_out_queries,
     measure_recall,
     merge_results,
     normalize_queries,
@@ -385,6 +386,41 @@ def test_range_search_and_tiny_k(clustered_pool, tmp_path):
     assert all(t.num_rows == 10 for t in topk.candidates) and topk.truncated == [True, True]
     for r, t in zip(ranged.candidates, topk.candidates):
         assert r.num_rows > 10 and as_rows(t) == as_rows(r)[:10]
+
+
+def test_pool_index_report_counts_vectors_and_measures_recall_on_held_out_queries(clustered_pool, tmp_path):
+    from pixelmill.tasks.regularization import build_index_and_report
+
+    url, _ = clustered_pool
+    out = str(tmp_path / "ivf")
+    report = build_index_and_report(url, out, index_type="ivf", nprobe=4, threshold=0.8)
+    assert "20000 vectors" in report and "?" not in report
+    recall = float(report.split("recall vs the exact scan above 0.8:")[1].split()[0])
+    assert "32 held-out queries" in report
+    q, sources = held_out_queries(url, "text", sample=32)
+    assert len(sources) == 32 and {s.split(":")[0] for s in sources} == {"0", "1"}  # drawn from the whole pool
+    # no query is a vector of the pool: nothing is that close, and its source row is at the set cosine
+    assert scan_pool(url, q, 0.99).counts == [0] * 32
+    near = scan_pool(url, q, 0.9)
+    for t, src in zip(near.candidates, sources):
+        sims = dict(zip(t.column("id").to_pylist(), t.column("similarity").to_pylist()))
+        assert sims[src] == pytest.approx(0.95, abs=2e-3)
+    assert recall == pytest.approx(measure_recall(url, out, q, 0.8, sample=None, exclude=sources), abs=5e-4)
+    assert 0.0 < recall < 1.0  # nprobe=4 of 512 lists misses neighbours, which held-out queries show
+
+
+def test_pool_index_report_does_not_let_queries_find_themselves(tmp_path):
+    """Isolated vectors: no row has a neighbour above the threshold, so there is no recall to report
+    (pool vectors as their own queries would report 1.000)."""
+    from pixelmill.tasks.regularization import build_index_and_report
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 64)).astype(np.float16)
+    url = write_laion_layout(str(tmp_path / "pool"),
+                             [(None, x, pa.table({"url": [f"u{i}" for i in range(2000)]}))])
+    report = build_index_and_report(url, str(tmp_path / "hnsw"), index_type="hnsw", threshold=0.85)
+    assert "2000 vectors" in report
+    assert "not measurable" in report and "1.000" not in report
 
 
 FILTERS = {"max_punsafe": 0.5, "max_pwatermark": 0.8, "min_width": 300, "min_height": 200, "max_aspect": 2.0}
