@@ -130,8 +130,8 @@ def cmd_finetune(args) -> int:
 
         summary = finetune_flow(cfg.model_dump())
     data = {"output": summary.output, "ran": summary.ran, "skipped": summary.skipped, "failed": summary.failed,
-            "class_images": summary.class_images, "results": summary.results, "report": summary.report,
-            "seconds": round(summary.seconds, 3)}
+            "warnings": summary.warnings, "class_images": summary.class_images, "results": summary.results,
+            "report": summary.report, "seconds": round(summary.seconds, 3)}
     if args.json:
         print(json.dumps(data))
     else:
@@ -139,6 +139,9 @@ def cmd_finetune(args) -> int:
               f"{len(summary.failed)} failed in {summary.seconds:.1f}s")
         for name, err in summary.failed.items():
             print(f"  FAILED {name}: {err}")
+        for name, warnings in summary.warnings.items():
+            for w in warnings:
+                print(f"  WARNING {name}: {w}")
         print(f"results: {summary.results}\nreport:  {summary.report}")
     return 1 if summary.failed else 0
 
@@ -160,7 +163,8 @@ def finetune_status(config_path: str, args) -> int:
         rows.append({**r, "state": state})
     if args.json:
         print(json.dumps([{k: r[k] for k in ("job", "name", "method", "state", "step", "max_steps", "final_loss",
-                                             "clip_text_alignment", "clip_image_alignment", "error")} for r in rows]))
+                                             "clip_text_alignment", "clip_image_alignment", "error",
+                                             "warnings")} for r in rows]))
         return 0
     print(f"campaign {cfg.output}: {len(rows)} job(s)")
     w = min(60, max([4] + [len(r["name"]) for r in rows]))
@@ -174,6 +178,8 @@ def finetune_status(config_path: str, args) -> int:
               f"{str(r['step']) + '/' + str(r['max_steps']):>11} {loss:>8}  {clip}")
         if r["error"]:
             print(f"      error: {r['error']}")
+        for w in r["warnings"]:
+            print(f"      warning: {w}")
     return 0
 
 

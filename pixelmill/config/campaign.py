@@ -12,13 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pixelmill.config.base import ConfigError, FlowConfig, Placement, StrictModel, format_validation_error
 
-# Settings that change where, how fast or how often a job runs, or what it reports, but not
-# the weights it ends with: left out of the job id. ``max_steps`` is left out on purpose:
-# raising it on a finished job resumes that job instead of starting a new one.
+# Settings that change where, how fast or how often a job runs, what it reports or refuses,
+# but not the weights it ends with: left out of the job id. ``max_steps`` is left out on
+# purpose: raising it on a finished job resumes that job instead of starting a new one.
 PLACEMENT_SETTINGS = frozenset({
     "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
     "num_gpus", "num_workers", "cpus_per_worker", "cache_latents", "cache_text_embeddings",
-    "gradient_checkpointing", "device", "log_every",
+    "gradient_checkpointing", "device", "log_every", "prior_shortfall",
 })
 
 
@@ -122,6 +122,12 @@ class TrainSettings(StrictModel):
     with_prior_preservation: bool | None = None
     prior_loss_weight: float = Field(default=1.0, ge=0)
     num_class_images: int = Field(default=100, ge=1)
+    # a concept with fewer usable class images than num_class_images (downloads failed, the
+    # safety checker flagged generated ones): ``error`` fails the job when it has none and
+    # trains on what there is otherwise; ``warn`` trains anyway (without the prior when
+    # none); ``strict`` fails on any shortfall. Every shortfall is recorded on the job,
+    # in the results table and the report.
+    prior_shortfall: Literal["error", "warn", "strict"] = "error"
     train_text_encoder: bool = False
     # LoRA
     rank: int = Field(default=4, ge=1)

@@ -33,6 +33,7 @@ class CampaignSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
     class_images: int = 0
     results: str | None = None
     report: str | None = None
@@ -117,8 +118,12 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
                 futures[j.spec["name"]] = train_job.submit(j.spec)
         for name, fut in futures.items():
             try:
-                fut.result()
+                record = fut.result()
                 summary.ran.append(name)
+                if record.get("warnings"):
+                    summary.warnings[name] = list(record["warnings"])
+                    for w in record["warnings"]:
+                        print(f"WARNING job {name}: {w}")
             except Exception as e:  # noqa: BLE001 - one failed job never stops the campaign
                 summary.failed[name] = f"{type(e).__name__}: {e}"
     summary.results, summary.report = collect_results(config, [j.spec for j in plan.jobs])

@@ -73,10 +73,12 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
         r = j["row"]
         varies = ", ".join(f"{k}={st.get(k)}" for k in keys) or "—"
         status = r["status"] if not r.get("error") else f'{r["status"]}: {r["error"]}'
+        warns = "".join(f'<div class="warning" style="color:var(--warn)"><b>⚠ {_e(w)}</b></div>'
+                        for w in r.get("warnings") or [])
         body_rows.append(
             f'<tr><td><a href="#job-{_e(r["job"])}">{_e(r["name"])}</a><br><span class="mono muted">{_e(r["job"])}'
             f'</span></td><td>{_e(r["method"])}</td><td>{_e(", ".join(r["concepts"]))}</td>'
-            f'<td class="mono">{_e(varies)}</td><td>{_e(status)}</td><td>{r["step"]}/{r["max_steps"]}</td>'
+            f'<td class="mono">{_e(varies)}</td><td>{_e(status)}{warns}</td><td>{r["step"]}/{r["max_steps"]}</td>'
             f'<td>{_fmt(r["seconds"], 1)}</td>'
             f'<td>{_fmt(r["peak_memory_mb"], 0)}</td><td>{_fmt(r["clip_text_alignment"])}</td>'
             f'<td>{_fmt(r["clip_image_alignment"])}</td><td>{_fmt(r["final_loss"], 4)}</td></tr>')
@@ -94,9 +96,11 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
         samples = (f'<div class="images">{"".join(figs)}</div>' if figs
                    else '<p class="muted">no samples yet (the job has not finished)</p>')
         arts = "".join(f"<li class=\"mono\">{_e(a)}</li>" for a in r["artifacts"]) or "<li class='muted'>none</li>"
+        warns = "".join(f'<p class="warning" style="color:var(--warn)"><b>⚠ {_e(w)}</b></p>'
+                        for w in r.get("warnings") or [])
         sections.append(
             f'<section class="dataset" id="job-{_e(r["job"])}"><h2>{_e(r["name"])} '
-            f'<span class="muted">{_e(r["method"])} · {_e(r["job"])}</span></h2>'
+            f'<span class="muted">{_e(r["method"])} · {_e(r["job"])}</span></h2>{warns}'
             f'<div class="summary"><div class="body"><div>{_loss_svg(j["log"])}</div>'
             f'<div class="meta"><span class="k">artifacts</span><ul>{arts}</ul>'
             f'<details><summary>settings</summary><pre>{_e(json.dumps(json.loads(r["settings"]), indent=2))}'

@@ -81,6 +81,10 @@ class TrainingData:
     instance: list[Sample] = field(default_factory=list)
     klass: list[Sample] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # per prior-preservation concept: {"concept", "wanted", "used"} class images
+    prior: list[dict[str, Any]] = field(default_factory=list)
+    # what the job must say about its data (a prior shortfall), recorded on the job
+    warnings: list[str] = field(default_factory=list)
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -102,8 +106,12 @@ def _open(data: bytes) -> Image.Image:
 
 
 def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ...] = (),
-                    shard: str | None = None) -> tuple[list[dict], list[dict]]:
+                    shard: str | None = None, allow_empty: bool = False) -> tuple[list[dict], list[dict]]:
     """Read ``id``, images and ``extra`` columns from a dataset; bad images become skipped rows.
+
+    Args:
+        allow_empty: a dataset (or shard) with no row or no readable image gives no rows
+            instead of an error (class images: the caller decides what a shortfall means).
 
     Raises:
         TrainingDataError: the dataset is missing, lacks a needed column, or has no usable image.
@@ -119,6 +127,8 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
     names = ds.schema.names if ds.shard_names() else []
     missing = [c for c in (image_column, *extra) if c not in names]
     if not ds.shard_names():
+        if allow_empty:
+            return [], []
         raise TrainingDataError(f"{what}: dataset {url!r} has no rows")
     if missing:
         raise TrainingDataError(f"{what}: dataset {url!r} has no column(s) {missing}; it has {names}")
@@ -126,6 +136,8 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
     rows, skipped = [], []
     table = ds.read_shard(shard, columns=cols) if shard is not None else ds.to_table(columns=cols)
     if table.num_rows == 0:
+        if allow_empty:
+            return [], []
         where = f"shard {shard!r} of " if shard is not None else ""
         raise TrainingDataError(f"{what}: {where}dataset {url!r} has no rows")
     for i, row in enumerate(table.to_pylist()):
@@ -139,7 +151,7 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
             skipped.append({"id": rid, "dataset": url, "reason": f"unreadable image: {type(e).__name__}: {e}"})
             continue
         rows.append({**row, "id": rid, "_bytes": data, "_size": size})
-    if not rows:
+    if not rows and not allow_empty:
         raise TrainingDataError(f"{what}: dataset {url!r} has no readable images ({len(skipped)} unreadable)")
     return rows, skipped
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -38,6 +39,8 @@ from pixelmill.tasks.train.data import (
     prompt_key,
     read_image_rows,
 )
+
+_log = logging.getLogger("pixelmill.train")
 
 STATUS_FINISHED = "finished"
 STATUS_RUNNING = "running"
@@ -74,21 +77,62 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
         data.skipped += skipped
         uses_prior = declared.get("prior", False) and s.get("with_prior_preservation") is not False
         if uses_prior and c.get("class_sources"):
+            wanted = s["num_class_images"]
             for src in c["class_sources"]:
-                need = s["num_class_images"] - sum(x.concept == ci for x in data.klass)
+                need = wanted - sum(x.concept == ci for x in data.klass)
                 if need <= 0:
                     break
                 crows, cskipped = read_image_rows(src["url"], "image", f"concept {c['name']!r} class images",
-                                                  shard=src.get("shard"))
+                                                  shard=src.get("shard"), allow_empty=True)
                 data.klass += [Sample(f"class{ci}:{src['url']}:{r['id']}", "class", c["class_prompt_text"],
                                       r["_bytes"], concept=ci, size=r["_size"]) for r in crows[:need]]
                 data.skipped += cskipped
+            used = sum(x.concept == ci for x in data.klass)
+            data.prior.append({"concept": c["name"], "wanted": wanted, "used": used})
+            warning = prior_shortfall(c["name"], used, wanted, s.get("prior_shortfall", "error"), c["class_sources"])
+            if warning:
+                data.warnings.append(warning)
         elif uses_prior and s.get("with_prior_preservation"):
             raise TrainingDataError(f"concept {c['name']!r}: with_prior_preservation needs class images "
                                     "(class_data, or let the campaign generate them)")
     if not data.instance:
         raise TrainingDataError(f"job {spec['name']!r}: no training samples")
     return data
+
+
+def prior_shortfall(concept: str, used: int, wanted: int, policy: str, sources: list[dict[str, Any]]) -> str | None:
+    """What to say about a concept trained with fewer class images than ``num_class_images``.
+
+    Args:
+        concept: the concept's name.
+        used: usable class images found in its sources.
+        wanted: ``num_class_images``.
+        policy: the ``prior_shortfall`` setting (``error``, ``warn`` or ``strict``).
+        sources: the concept's class image sources (named in the message).
+
+    Returns:
+        The warning to record (None when nothing is short).
+
+    Raises:
+        TrainingDataError: no class image at all under ``error`` or ``strict``, or any
+            shortfall under ``strict``: the job fails with this reason.
+    """
+    if used >= wanted:
+        return None
+    where = ", ".join(src["url"] + (f" (shard {src['shard']})" if src.get("shard") else "") for src in sources)
+    if used == 0:
+        what = (f"concept {concept!r}: prior preservation has NO class image (0 of {wanted}: the downloads "
+                f"failed or the safety checker rejected every generated image; see the rejects of {where})")
+        if policy in ("error", "strict"):
+            raise TrainingDataError(f"{what}; refusing to train without the prior (prior_shortfall: {policy}); "
+                                    "set prior_shortfall: warn to train without it, or with_prior_preservation: "
+                                    "false")
+        return f"{what}: trained WITHOUT the prior"
+    what = f"concept {concept!r}: prior preservation with only {used} of {wanted} class images (from {where})"
+    if policy == "strict":
+        raise TrainingDataError(f"{what}; refusing a short prior (prior_shortfall: strict); set prior_shortfall: "
+                                "error or warn to train on the images there are")
+    return what
 
 
 # -- caches --------------------------------------------------------------------------------
@@ -304,6 +348,10 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
     device = device or _device(spec)
     store = JobStore(spec["dir"])
     method, data, trainer = _setup(spec, device, rank, world)
+    if rank == 0:  # on the record as soon as the data is known, not only when the job ends
+        store.update_record(prior=data.prior, warnings=data.warnings)
+        for warning in data.warnings:
+            _log.warning("job %s: %s", spec["name"], warning)
     trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
     start, log = 0, store.read_log()
     steps = store.checkpoint_steps()
@@ -331,6 +379,7 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
     seconds = time.perf_counter() - t0
     out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds,
            "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, "skipped_rows": data.skipped,
+           "prior": data.prior, "warnings": data.warnings,
            "steps_per_second": (end - start) / seconds if seconds > 0 and end > start else None}
     if rank == 0 and end == s["max_steps"]:
         out.update(_finish(spec, method, trainer, data, device))
@@ -447,6 +496,7 @@ def run_job(spec: dict[str, Any], stop_at: int | None = None) -> dict[str, Any]:
                   attempts=attempts, seconds=total_seconds, peak_memory_bytes=max(
                       rec.get("peak_memory_bytes") or 0, result["peak_memory_bytes"]),
                   memory_kind=result["memory_kind"], skipped_rows=result["skipped_rows"],
+                  prior=result.get("prior", []), warnings=result.get("warnings", []),
                   steps_per_second=result["steps_per_second"])
     if finished:
         fields.update(artifacts=result.get("artifacts"), metrics=result.get("metrics"), samples=result.get("samples"))

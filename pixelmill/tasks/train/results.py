@@ -2,8 +2,9 @@
 
 One row per job (``results.parquet`` under the campaign output): job id and name,
 method, concepts, state, steps, wall time, peak memory, the CLIP metrics, the artifact
-paths and the weight-affecting settings (as JSON), so every job of every run compares
-in one table (pandas, DuckDB, ``datasets``).
+paths and the weight-affecting settings (as JSON), the prior-preservation class images
+used and asked for, and the job's warnings (a short prior), so every job of every run
+compares in one table (pandas, DuckDB, ``datasets``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ RESULTS_SCHEMA = pa.schema([
     ("clip_text_alignment", pa.float64()), ("clip_image_alignment", pa.float64()), ("final_loss", pa.float64()),
     ("artifacts", pa.list_(pa.string())), ("job_dir", pa.string()), ("settings", pa.string()),
     ("error", pa.string()), ("attempts", pa.int64()),
+    ("class_images", pa.int64()), ("class_images_wanted", pa.int64()), ("warnings", pa.list_(pa.string())),
 ])
 
 
@@ -41,6 +43,7 @@ def result_row(spec: dict[str, Any], files: tuple[dict, list] | None = None) -> 
     metrics = rec.get("metrics") or {}
     artifacts = [storage.join(spec["dir"], "artifacts", a) for a in (rec.get("artifacts") or [])]
     peak = rec.get("peak_memory_bytes")
+    prior = rec.get("prior") or []
     return {
         "job": spec["id"], "name": spec["name"], "method": spec["method"],
         "concepts": [c["name"] for c in spec["concepts"]], "status": rec.get("status", "not started"),
@@ -51,6 +54,10 @@ def result_row(spec: dict[str, Any], files: tuple[dict, list] | None = None) -> 
         "final_loss": log[-1]["loss"] if log else None, "artifacts": artifacts, "job_dir": spec["dir"],
         "settings": json.dumps(spec["settings"], sort_keys=True), "error": rec.get("error"),
         "attempts": len(rec.get("attempts", [])),
+        # prior preservation: class images used and asked for (summed over concepts; None without a prior)
+        "class_images": sum(p["used"] for p in prior) if prior else None,
+        "class_images_wanted": sum(p["wanted"] for p in prior) if prior else None,
+        "warnings": list(rec.get("warnings") or []),
     }
 
 

@@ -495,3 +495,120 @@ def test_aspect_buckets_with_accumulation_train_on_mixed_sizes(tiny_models, data
     assert all(w != h for w, h in sizes), sizes  # landscape and portrait buckets, not squares
     losses = [trainer.step(s).loss for s in range(3)]
     assert all(np.isfinite(x) for x in losses)
+
+
+# -- prior preservation short of class images ------------------------------------------------
+
+def _generate_class_images(tiny_models, request, flagged: int, tmp_path) -> None:
+    """Run the real class-image stage for a plan's request and commit its rows as the flow does
+    (ok rows to the data, rejects with their reason); the last ``flagged`` images come from a
+    model whose safety checker flags everything."""
+    import pyarrow.compute as pc
+
+    from pixelmill.datasets import DatasetWriter
+    from pixelmill.models.tiny import save_tiny_img2img
+    from pixelmill.tasks.train.class_images import ClassImageGenerator, prompt_rows
+
+    rows = prompt_rows(request.prompt, request.first_index, request.count, request.seed)
+    flagging = save_tiny_img2img(tmp_path / "flagging", flagging_safety_checker=True)
+    split = request.count - flagged
+    parts = []
+    for model, batch in ((tiny_models["img2img"], rows.slice(0, split)), (flagging, rows.slice(split))):
+        if batch.num_rows:
+            stage = ClassImageGenerator({"model": model, "resolution": 64, "steps": 2, "device": "cpu"})
+            parts.append(stage(batch))
+    out = pa.concat_tables(parts)
+    assert out["error"].to_pylist().count("nsfw") == flagged
+    writer = DatasetWriter(request.url, "class-images", 1, {"key": request.key}).open()
+    sw = writer.shard("00000")
+    sw.write(out.filter(pc.equal(out["status"], "ok")).drop_columns(["status", "error", "stage", "shard"]))
+    rejected = out.filter(pc.equal(out["status"], "reject"))
+    if rejected.num_rows:
+        sw.reject(rejected.select(["id", "error", "stage"]))
+    sw.commit(input_rows=request.count)
+    writer.finish()
+
+
+def _prior_campaign(tiny_models, data, tmp_path, flagged: int, **settings):
+    cfg = campaign(tiny_models, data, tmp_path, "dreambooth", with_prior_preservation=True, max_steps=2, **settings)
+    cfg = cfg.model_copy(deep=True)
+    cfg.concepts["dog"].class_data = None  # every class image is generated
+    plan = plan_campaign(cfg)
+    (request,) = plan.class_images
+    assert request.count == 4
+    _generate_class_images(tiny_models, request, flagged, tmp_path)
+    return cfg, plan.jobs[0].spec
+
+
+def _results_and_report(cfg, spec) -> tuple[dict, str]:
+    import pyarrow.parquet as pq
+
+    from pixelmill.tasks.train.results import write_results
+
+    table_url, report_url = write_results(cfg.output, [spec])
+    (row,) = pq.read_table(table_url).to_pylist()
+    return row, Path(report_url).read_text()
+
+
+def test_prior_with_no_class_image_fails_the_job_by_default_saying_why(tiny_models, data, tmp_path):
+    """Every generated class image flagged: the job must not train without its prior unnoticed."""
+    cfg, spec = _prior_campaign(tiny_models, data, tmp_path, flagged=4)
+    assert spec["settings"]["prior_shortfall"] == "error"
+    with pytest.raises(TrainingDataError, match=r"concept 'dog': prior preservation has NO class image \(0 of 4"):
+        run_job(spec)
+    rec = json.loads((Path(spec["dir"]) / "job.json").read_text())
+    assert rec["status"] == "failed" and "prior_shortfall: warn" in rec["error"]
+    assert not (Path(spec["dir"]) / "checkpoints").exists()
+    row, report = _results_and_report(cfg, spec)
+    assert row["status"] == "failed" and "NO class image" in row["error"]
+    assert "NO class image" in report
+
+
+def test_prior_with_no_class_image_and_warn_trains_without_it_and_says_so(tiny_models, data, tmp_path):
+    cfg, spec = _prior_campaign(tiny_models, data, tmp_path, flagged=4, prior_shortfall="warn")
+    out = run_job(spec)
+    assert out["status"] == "finished"
+    log = [json.loads(x) for x in (Path(spec["dir"]) / "loss.jsonl").read_text().splitlines()]
+    assert all(r["prior_loss"] is None for r in log)  # trained without the prior, as recorded
+    assert out["prior"] == [{"concept": "dog", "wanted": 4, "used": 0}]
+    (warning,) = out["warnings"]
+    assert "NO class image (0 of 4" in warning and "trained WITHOUT the prior" in warning
+    row, report = _results_and_report(cfg, spec)
+    assert row["status"] == "finished" and row["warnings"] == [warning]
+    assert (row["class_images"], row["class_images_wanted"]) == (0, 4)
+    assert report.count("trained WITHOUT the prior") == 2  # in the results table and the job's section
+
+
+def test_prior_with_fewer_class_images_trains_on_them_and_records_the_shortfall(tiny_models, data, tmp_path):
+    cfg, spec = _prior_campaign(tiny_models, data, tmp_path, flagged=2)
+    out = run_job(spec)
+    assert out["status"] == "finished"
+    assert out["prior"] == [{"concept": "dog", "wanted": 4, "used": 2}]
+    assert out["warnings"] == [f"concept 'dog': prior preservation with only 2 of 4 class images (from "
+                               f"{spec['concepts'][0]['class_sources'][0]['url']})"]
+    log = [json.loads(x) for x in (Path(spec["dir"]) / "loss.jsonl").read_text().splitlines()]
+    assert all(r["prior_loss"] is not None for r in log)
+    row, report = _results_and_report(cfg, spec)
+    assert (row["class_images"], row["class_images_wanted"]) == (2, 4) and row["warnings"] == out["warnings"]
+    assert "only 2 of 4 class images" in report
+
+    strict = spec_dir_copy(spec, tmp_path / "strict", prior_shortfall="strict")
+    with pytest.raises(TrainingDataError, match=r"only 2 of 4 class images .*prior_shortfall: strict"):
+        run_job(strict)
+    assert json.loads((Path(strict["dir"]) / "job.json").read_text())["status"] == "failed"
+
+
+def test_a_full_prior_records_its_class_images_and_no_warning(tiny_models, data, tmp_path):
+    cfg, spec = _prior_campaign(tiny_models, data, tmp_path, flagged=0)
+    out = run_job(spec)
+    assert out["prior"] == [{"concept": "dog", "wanted": 4, "used": 4}] and out["warnings"] == []
+    row, _ = _results_and_report(cfg, spec)
+    assert (row["class_images"], row["class_images_wanted"], row["warnings"]) == (4, 4, [])
+
+
+def spec_dir_copy(spec: dict, folder: Path, **settings) -> dict:
+    """The same job spec with other (not weight-affecting) settings, in another folder."""
+    other = copy.deepcopy(spec)
+    other["settings"].update(settings)
+    other["dir"] = str(folder)
+    return other
