@@ -8,15 +8,25 @@ pixelmill home folder. Cluster: ``--ray-address`` / ``RAY_ADDRESS`` and
 Ray workers get ``PREFECT_API_URL`` through the Ray runtime environment, so task runs
 executed on them are recorded in the same server (without it, each worker would start a
 temporary server of its own and its runs would be invisible).
+
+Services a command starts for itself end with it, however it ends: the embedded server
+gets the kernel's parent-death signal, and a small watchdog process ends every process
+the command spawned (the server, the local Ray's processes) once the command has died.
+A server the user started with ``pixelmill server`` is found through ``server.json`` in
+the home folder, reused, and never stopped by a command.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -48,6 +58,14 @@ FORWARDED_ENV = (
 )
 
 
+# Every process a command spawns inherits this variable (value: a token unique to the
+# command), so the watchdog finds them after the command died and they were reparented.
+RUNTIME_MARK = "PIXELMILL_RUNTIME_ID"
+
+# The file `pixelmill server` writes in the home folder while it runs.
+SERVER_FILE = "server.json"
+
+
 def apply_quiet_defaults() -> None:
     """Turn telemetry and usage stats off unless the user set them explicitly."""
     for k, v in QUIET_ENV.items():
@@ -66,8 +84,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def prefect_server_env(home: Path, ui: bool) -> dict[str, str]:
-    """Environment for a Prefect server whose SQLite database lives in ``home``."""
+def ui_api_url(host: str, port: int) -> str:
+    """The API URL the Prefect UI served on ``host:port`` should call from the browser.
+
+    A wildcard bind (``0.0.0.0``, ``::``) is reached by this machine's name.
+    """
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}/api"
+
+
+def prefect_server_env(home: Path, ui: bool, host: str | None = None, port: int | None = None) -> dict[str, str]:
+    """Environment for a Prefect server whose SQLite database lives in ``home``.
+
+    With ``host`` and ``port``, the server's own settings name them too, so that the UI
+    calls the API it is served with (``prefect server --port`` alone leaves the UI on
+    127.0.0.1:4200); an explicit ``PREFECT_SERVER_UI_API_URL``/``PREFECT_UI_API_URL`` wins.
+    """
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(QUIET_ENV)
@@ -76,6 +111,11 @@ def prefect_server_env(home: Path, ui: bool) -> dict[str, str]:
     env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
     env["PREFECT_SERVER_UI_ENABLED"] = env["PREFECT_UI_ENABLED"]
     env.pop("PREFECT_API_URL", None)
+    if host is not None and port is not None:
+        env["PREFECT_SERVER_API_HOST"] = host
+        env["PREFECT_SERVER_API_PORT"] = str(port)
+        if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):
+            env["PREFECT_SERVER_UI_API_URL"] = ui_api_url(host, port)
     return env
 
 
@@ -85,6 +125,32 @@ def prefect_server_command(host: str, port: int, ui: bool) -> list[str]:
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
     return base + ["server", "start", "--host", host, "--port", str(port),
                    "--ui" if ui else "--no-ui", "--analytics-off"]
+
+
+# Runs ``argv[3:]`` (with exec, same process) once the kernel is told to send it signal
+# ``argv[2]`` when the thread that started it (in process ``argv[1]``) ends. Setting it
+# here rather than in a ``preexec_fn`` is safe in a process that has threads.
+_EXEC_WITH_PDEATHSIG = r"""
+import ctypes, os, sys
+parent, sig = int(sys.argv[1]), int(sys.argv[2])
+if ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != parent:  # the parent died before the signal was armed
+    sys.exit(1)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def die_with_parent(cmd: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """``cmd`` wrapped so that it gets ``sig`` when the calling thread's process dies (Linux).
+
+    The parent-death signal fires when the thread that spawned the child ends, so call
+    this from a thread that lives as long as the child should (the main thread). Other
+    systems get ``cmd`` unchanged.
+    """
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), str(int(sig)), *cmd]
 
 
 def wait_for_health(api_url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
@@ -111,6 +177,7 @@ class PrefectServer:
     host: str = "127.0.0.1"
     port: int = 0
     ui: bool = False
+    die_with_parent: bool = True
     proc: subprocess.Popen | None = None
 
     @property
@@ -123,9 +190,12 @@ class PrefectServer:
         if logfile is None:
             self.home.mkdir(parents=True, exist_ok=True)
             logfile = open(self.home / "prefect-server.log", "ab")
+        cmd = prefect_server_command(self.host, self.port, self.ui)
+        if self.die_with_parent and threading.current_thread() is threading.main_thread():
+            cmd = die_with_parent(cmd)  # a SIGKILLed owner must not leave its server behind
         self.proc = subprocess.Popen(
-            prefect_server_command(self.host, self.port, self.ui),
-            env=prefect_server_env(self.home, self.ui),
+            cmd,
+            env=prefect_server_env(self.home, self.ui, self.host, self.port),
             stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -146,6 +216,195 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+
+
+# The watchdog: waits on a pipe from the command (EOF: the command died, however it
+# died; "stop": it ended cleanly) and checks that its parent is still the command, noting
+# the command's descendants as it goes (they are reparented when it dies). Then it SIGTERMs
+# them and every process carrying the command's mark (a process that rewrites its title,
+# as Ray's agents do, may hide its environment), and SIGKILLs what is left after ``grace``
+# seconds. argv: command pid, mark ("NAME=VALUE"), grace.
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+parent, mark, grace = int(sys.argv[1]), sys.argv[2].encode(), float(sys.argv[3])
+me = os.getpid()
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[1]), fields[19]  # state, ppid, start time
+    except (OSError, IndexError, ValueError):
+        return None
+
+def table():
+    return {int(n): s for n in os.listdir("/proc") if n.isdigit() and (s := stat(int(n))) and s[0] != b"Z"}
+
+def descendants(roots, procs):
+    children = {}
+    for pid, (_, ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found and child != me:
+                found.add(child)
+                todo.append(child)
+    return found
+
+def marked(procs):
+    found = set()
+    for pid in procs:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if pid != me and mark in f.read().split(b"\0"):
+                    found.add(pid)
+        except OSError:
+            pass
+    return found
+
+seen = {}  # pid -> start time, for every descendant of the command seen so far
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == parent:
+    procs = table()
+    seen = {p: t for p, t in seen.items() if p in procs and procs[p][2] == t}
+    seen.update({p: procs[p][2] for p in descendants([parent], procs)})
+    if select.select([0], [], [], 0.5)[0]:
+        data = os.read(0, 64)
+        if b"stop" in data:
+            sys.exit(0)
+        if not data:
+            break
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    procs = table()
+    ours = {p for p, t in seen.items() if p in procs and procs[p][2] == t} | marked(procs)
+    ours |= descendants(ours, procs)
+    for pid in ours:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(stat(p) and stat(p)[0] != b"Z" for p in ours):
+        time.sleep(0.1)
+"""
+
+
+class Watchdog:
+    """Ends the processes a command spawned for itself once the command is gone.
+
+    A separate process, in its own session so that signals sent to the command's process
+    group spare it, notes the command's descendants every half second (the embedded
+    Prefect server, a local Ray's GCS, raylet, agents and workers) and notices the
+    command's death through a pipe and its parent pid. It then terminates those processes
+    and every other one carrying the command's ``PIXELMILL_RUNTIME_ID`` (inherited by
+    whatever it started, reparented or not): SIGTERM, then SIGKILL after ``grace``
+    seconds. Linux only (``/proc``); elsewhere it does nothing.
+    """
+
+    def __init__(self, grace: float = 5.0):
+        self.grace = grace
+        self.proc: subprocess.Popen | None = None
+        self._previous_mark: str | None = None
+
+    def start(self) -> Watchdog:
+        if not Path("/proc/self/environ").exists():
+            return self
+        self._previous_mark = os.environ.get(RUNTIME_MARK)
+        value = f"{os.getpid()}-{secrets.token_hex(8)}"
+        env = {k: v for k, v in os.environ.items() if k != RUNTIME_MARK}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), f"{RUNTIME_MARK}={value}", str(self.grace)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+        os.environ[RUNTIME_MARK] = value
+        return self
+
+    def stop(self) -> None:
+        """The command ends cleanly: the watchdog leaves without touching anything."""
+        if self.proc is None:
+            return
+        if self._previous_mark is None:
+            os.environ.pop(RUNTIME_MARK, None)
+        else:
+            os.environ[RUNTIME_MARK] = self._previous_mark
+        try:
+            self.proc.stdin.write(b"stop\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def user_server_url(home: Path) -> str | None:
+    """The API URL of a ``pixelmill server`` running on ``home``'s database, if one answers."""
+    try:
+        info = json.loads((home / SERVER_FILE).read_text())
+        pid, url = int(info["pid"]), str(info["api_url"])
+        os.kill(pid, 0)
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return url if r.status == 200 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_server_file(home: Path, pid: int, api_url: str) -> Path:
+    """Record a user-started server (``pixelmill server``) so that commands reuse it."""
+    path = home / SERVER_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": pid, "api_url": api_url}))
+    tmp.replace(path)
+    return path
+
+
+def remove_server_file(home: Path, pid: int) -> None:
+    """Remove ``server.json`` if it still names ``pid``."""
+    path = home / SERVER_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def refresh_prefect_settings() -> None:
+    """Make an already-imported Prefect read the environment again.
+
+    Prefect reads its settings once, when it is imported. A command that imported it
+    before the runtime set ``PREFECT_API_URL`` (``pixelmill retrieve`` planned with the
+    retrieval flow's module) would otherwise run its flow on a temporary server.
+    """
+    context = sys.modules.get("prefect.context")
+    if context is None:
+        return
+    refresh = getattr(context, "refresh_global_settings_context", None)
+    if refresh is not None:
+        refresh()
+    else:  # older Prefect 3 releases
+        context.GLOBAL_SETTINGS_CONTEXT = context.root_settings_context()
+
+
+def flush_prefect(timeout: float = 30.0) -> None:
+    """Send the logs and events Prefect still holds, while its API is up.
+
+    Prefect drains them at interpreter exit otherwise, after the embedded server has
+    stopped: "--- Error logging to API --- All connection attempts failed".
+    """
+    if "prefect" not in sys.modules:
+        return
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+    except ImportError:
+        return
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout, at_exit=False)
+        except Exception as e:  # noqa: BLE001 - never fail a finished command over its logs
+            log.warning("could not flush Prefect's %s: %s", service.__name__, e)
 
 
 def enable_ray_token_auth_if_available() -> None:
@@ -169,9 +428,13 @@ class Runtime:
 
     Args:
         ray_address: an existing Ray cluster (else ``RAY_ADDRESS``, else a local Ray).
-        prefect_api_url: an existing Prefect API (else ``PREFECT_API_URL``, else embedded).
+        prefect_api_url: an existing Prefect API (else ``PREFECT_API_URL``, else a ``pixelmill
+            server`` running on ``home``, else embedded).
         home: folder for the embedded server's database and logs.
         num_cpus: CPUs for the local Ray (default: all of this machine's).
+
+    What it starts (the embedded server, a local Ray) ends with it: on ``close()`` after
+    Prefect's logs and events are flushed, and through a watchdog if the process dies.
     """
 
     ray_address: str | None = None
@@ -180,23 +443,33 @@ class Runtime:
     num_cpus: int | None = None
     server: PrefectServer | None = None
     owns_ray: bool = False
+    watchdog: Watchdog | None = None
+    _saved_env: dict[str, str | None] = field(default_factory=dict)
 
     def __enter__(self) -> Runtime:
         apply_quiet_defaults()
         self.ray_address = self.ray_address or os.environ.get("RAY_ADDRESS") or None
-        self.prefect_api_url = self.prefect_api_url or os.environ.get("PREFECT_API_URL") or None
-        if not self.prefect_api_url:
-            self.server = PrefectServer(self.home).start()
-            self.prefect_api_url = self.server.api_url
-        os.environ["PREFECT_API_URL"] = self.prefect_api_url
-        # A worker without the URL must fail loudly, not start a hidden server of its own.
-        os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+        self.prefect_api_url = (self.prefect_api_url or os.environ.get("PREFECT_API_URL")
+                                or user_server_url(self.home) or None)
         try:
+            if not self.prefect_api_url or not self.ray_address:
+                self.watchdog = Watchdog().start()
+            if not self.prefect_api_url:
+                self.server = PrefectServer(self.home).start()
+                self.prefect_api_url = self.server.api_url
+            self._set_env("PREFECT_API_URL", self.prefect_api_url)
+            # A worker without the URL must fail loudly, not start a hidden server of its own.
+            self._set_env("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")
+            refresh_prefect_settings()
             self._start_ray()
-        except Exception:
+        except BaseException:
             self.close()
             raise
         return self
+
+    def _set_env(self, key: str, value: str) -> None:
+        self._saved_env.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
 
     def worker_env(self) -> dict[str, str]:
         """Environment variables every Ray worker of this job gets."""
@@ -231,6 +504,9 @@ class Runtime:
         ctx.verbose_stats_logs = False
 
     def close(self) -> None:
+        """Flush Prefect's logs and events, then stop Ray and the server this runtime started."""
+        if self.prefect_api_url:
+            flush_prefect()
         if self.owns_ray:
             import ray
 
@@ -239,6 +515,17 @@ class Runtime:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if self._saved_env:
+            self._saved_env.clear()
+            refresh_prefect_settings()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -1,51 +1,399 @@
-"""The embedded start-up on its own: local Ray + a Prefect server pixelmill starts and stops itself."""
+"""The embedded runtime as a user meets it: no ``PREFECT_API_URL``, no ``RAY_ADDRESS``.
+
+Every flow command runs once through the real CLI in a subprocess and starts its own Ray
+and Prefect server: its runs must be recorded in that server's database (read back
+through the API of a server reopened on it), never on Prefect's temporary server; Prefect's
+logs must be flushed before the server stops; the command's summary is the last line it
+prints. A command killed with SIGKILL takes its server and its Ray with it. A server the
+user started (``pixelmill server``) is reused by commands, never stopped by them, and its
+UI calls the API on the port it was given.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from pixelmill.datasets import Dataset
+from pixelmill.runtime import PrefectServer, free_port
+from tests.helpers.http_server import serve_directory
 
 pytestmark = pytest.mark.slow
 
+# What a command must never print: Prefect's temporary server, logs sent after the server
+# stopped, events a Ray worker could not send.
+FORBIDDEN = ("Starting temporary server", "Error logging to API", "All connection attempts failed",
+             "failed to process item")
 
-def test_embedded_runtime_records_runs_in_its_own_database(tmp_path, tiny_models):
+
+def user_env(**extra: str) -> dict[str, str]:
+    """This environment as a user's shell has it: no cluster, unbuffered (output in the order written)."""
+    drop = {"RAY_ADDRESS", "PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL", "PIXELMILL_RUNTIME_ID",
+            "PIXELMILL_TEST_PREFECT_PID"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONUNBUFFERED"] = "1"
+    # Logs wait in Prefect's queue until the command flushes them (default: sent every 2 s,
+    # which makes a command that stops its server before flushing fail only now and then).
+    env["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "60"
+    env.update(extra)
+    return env
+
+
+def run_user(args: list[str], home: Path, cwd: Path, timeout: float = 600) -> str:
+    """``pixelmill ARGS --home HOME``, stdout and stderr as one stream; checks it ended cleanly."""
+    proc = subprocess.run([sys.executable, "-m", "pixelmill.cli", *args, "--home", str(home)], env=user_env(),
+                          cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-6000:]
+    for bad in FORBIDDEN:
+        assert bad not in out, f"{bad!r} in the output of {args[0]}:\n{out[-6000:]}"
+    return out
+
+
+def last_line(out: str) -> str:
+    return out.rstrip().splitlines()[-1]
+
+
+def api(url: str, path: str, body: dict | None = None):
+    """One call to a Prefect server's REST API (POST with a JSON body, GET without)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def runs_at(url: str) -> list[dict]:
+    """Every flow run a server holds: flow name, state, parent flow run, task run names."""
+    flows = {f["id"]: f["name"] for f in api(url, "/flows/filter", {})}
+    runs = api(url, "/flow_runs/filter", {})
+    tasks = api(url, "/task_runs/filter", {})
+    by_id = {r["id"]: r for r in runs}
+    parent_of = {}
+    for t in tasks:
+        for r in runs:
+            if r.get("parent_task_run_id") == t["id"]:
+                parent_of[r["id"]] = t["flow_run_id"]
+
+    def last_logs(run_id: str) -> list[str]:
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_DESC", "limit": 50}
+        return [x["message"] for x in api(url, "/logs/filter", body) if not x.get("task_run_id")]
+
+    return [{"id": r["id"], "flow": flows.get(r["flow_id"]), "state": r["state_type"],
+             "parent": by_id.get(parent_of.get(r["id"]), {}).get("id"),
+             "tasks": sorted(t["name"].rsplit("-", 1)[0] for t in tasks if t["flow_run_id"] == r["id"]),
+             "logs": last_logs(r["id"])}
+            for r in runs]
+
+
+def recorded_runs(home: Path) -> list[dict]:
+    """The runs in ``home``'s database, read through the API of a server reopened on it."""
+    server = PrefectServer(home).start()
+    try:
+        return runs_at(server.api_url)
+    finally:
+        server.stop()
+
+
+def assert_recorded(home: Path, flow: str, min_tasks: int = 1) -> list[dict]:
+    runs = recorded_runs(home)
+    mine = [r for r in runs if r["flow"] == flow]
+    assert len(mine) == 1, runs
+    assert mine[0]["state"] == "COMPLETED" and len(mine[0]["tasks"]) >= min_tasks, mine
+    # its last log, written as the flow ended, reached the server before it stopped
+    assert any(m.startswith("Finished in state Completed") for m in mine[0]["logs"]), mine[0]["logs"]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    """Four small images."""
     from pixelmill.datasets.importer import import_folder
     from pixelmill.samples import draw_sample_images
 
-    draw_sample_images(str(tmp_path / "files"), n=4, seed=2)
-    import_folder(str(tmp_path / "files"), str(tmp_path / "images"))
+    root = tmp_path_factory.mktemp("images")
+    draw_sample_images(str(root / "files"), n=4, seed=2)
+    import_folder(str(root / "files"), str(root / "images"))
+    return str(root / "images")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, tiny_models):
+    """A sample pool served on 127.0.0.1, built with `pixelmill pool build` on its own embedded runtime."""
+    from pixelmill.samples import write_sample_pool_source
+
+    root = tmp_path_factory.mktemp("pool")
+    with serve_directory(str(root)) as srv:
+        write_sample_pool_source(str(root / "files"), srv.base_url + "/files", str(root / "src"), per_subject=4)
+        home = root / "home"
+        out = run_user(["pool", "build", str(root / "src"), "--clip", tiny_models["clip"], "--out",
+                        str(root / "pool")], home, root)
+        assert last_line(out).startswith("pool: 16 rows embedded"), out[-3000:]
+        assert_recorded(home, "pool-build")
+        yield str(root / "pool")
+
+
+def test_edit_records_its_runs_in_its_own_database(tmp_path, images, tiny_models):
     cfg = tmp_path / "ip2p.yaml"
     cfg.write_text(yaml.safe_dump(dict(
-        input=str(tmp_path / "images"), output=str(tmp_path / "out"), method="instruct_pix2pix",
+        input=images, output=str(tmp_path / "out"), method="instruct_pix2pix",
         model=tiny_models["instruct_pix2pix"], instruction="make it snowy", steps=3, resolution=64,
     )))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PREFECT_API_URL")}
     home = tmp_path / "home"
-    proc = subprocess.run([sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json", "--home", str(home)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_user(["edit", str(cfg), "--json"], home, tmp_path)
+    summary = json.loads(last_line(out))
     assert summary["rows_out"] == 4 and summary["worker"]["in_ray_worker"] is True
     assert Dataset.open(str(tmp_path / "out")).num_rows == 4
     assert (home / "prefect.db").is_file()
+    runs = assert_recorded(home, "bulk-edit")
+    assert next(r for r in runs if r["flow"] == "bulk-edit")["tasks"] == ["commit-manifest", "edit-shards"]
 
-    # The same database, reopened by a new server (what `pixelmill server --home` does), has the runs.
-    from pixelmill.runtime import PrefectServer
-    from tests.integration.test_bulk_edit_cli import _prefect_runs
 
-    server = PrefectServer(home).start()
+def test_retrieve_records_its_runs_in_its_own_database(tmp_path, pool):
+    cfg = tmp_path / "retrieve.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        prompts=["a photo of a dog"], pool=pool, output=str(tmp_path / "out"), num_images=2, threshold=0.85,
+        resolution=64, download=dict(allow_loopback=True, timeout=5, retries=0),
+    )))
+    home = tmp_path / "home"
+    out = run_user(["retrieve", str(cfg), "--json"], home, tmp_path)
+    summary = json.loads(last_line(out))
+    assert [p["downloaded"] for p in summary["prompts"].values()] == [2]
+    assert_recorded(home, "retrieve", min_tasks=2)
+
+
+def test_pairs_records_its_runs_in_its_own_database(tmp_path, tiny_models):
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+
+    w = DatasetWriter(str(tmp_path / "captions"), "captions", 1, {"test": 1}).open()
+    sw = w.shard("00000")
+    sw.write(pa.table({"id": ["c0", "c1", "c2"], "caption": ["a red car on a street", "a cat on a chair",
+                                                            "a bowl of apples"]}))
+    sw.commit()
+    w.finish()
+    cfg = tmp_path / "pairs.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        input=str(tmp_path / "captions"), output=str(tmp_path / "out"), seed=4,
+        images=dict(model=tiny_models["img2img"], clip_model=tiny_models["clip"], samples_per_caption=1, steps=2,
+                    height=64, width=64, min_direction=-1.0, min_image_caption=-1.0, min_image_similarity=-1.0),
+    )))
+    home = tmp_path / "home"
+    out = run_user(["pairs", str(cfg), "--json", "--limit", "2"], home, tmp_path)
+    assert json.loads(last_line(out))["captions"] == 2
+    assert_recorded(home, "pairs", min_tasks=2)
+
+
+def test_finetune_and_its_retrieval_subflow_record_their_runs_in_its_own_database(tmp_path, pool, tiny_models):
+    from pixelmill.samples import draw_concept_images, write_image_dataset
+
+    write_image_dataset(str(tmp_path / "dog"), draw_concept_images(2, seed=0))
+    cfg = tmp_path / "campaign.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output": str(tmp_path / "out"), "model": tiny_models["img2img"], "clip_model": tiny_models["clip"],
+        "retrieve": {"prompts": ["a photo of a dog"], "pool": pool, "num_images": 2, "threshold": 0.85,
+                     "resolution": 64, "download": {"allow_loopback": True, "timeout": 5, "retries": 0}},
+        "concepts": {"dog": {"instance_data": str(tmp_path / "dog"), "token": "<dog1>", "class_word": "dog",
+                             "class_data": "retrieval"}},
+        "defaults": {"resolution": 64, "max_steps": 2, "train_batch_size": 1, "checkpoint_every": 2},
+        "jobs": [{"name": "dog-ti", "method": "textual_inversion", "concepts": ["dog"]}],
+        "eval": {"prompts": ["a photo of {concept}"], "samples_per_prompt": 1, "steps": 2},
+    }))
+    home = tmp_path / "home"
+    out = run_user(["finetune", str(cfg), "--json"], home, tmp_path)
+    summary = json.loads(last_line(out))
+    assert summary["ran"] == ["dog-ti"] and not summary["failed"]
+    assert Dataset.open(str(tmp_path / "out" / "retrieval" / "images")).num_rows == 2
+    runs = assert_recorded(home, "finetune")
+    parent = next(r for r in runs if r["flow"] == "finetune")
+    retrieval = [r for r in runs if r["flow"] == "retrieve"]
+    assert len(retrieval) == 1 and retrieval[0]["state"] == "COMPLETED" and retrieval[0]["tasks"], runs
+    assert retrieval[0]["parent"] == parent["id"]
+
+
+def test_video_records_its_runs_in_its_own_database(tmp_path, tiny_models):
+    from pixelmill.datasets.videos import write_video_dataset
+    from pixelmill.tasks.video.io import encode_video
+    from pixelmill.tasks.video.synthetic import synthetic_pan
+
+    encode_video(synthetic_pan(frames=4, size=(48, 32), shift=(2.0, 1.0)).frames, 24, tmp_path / "clips" / "pan.mp4")
+    write_video_dataset(str(tmp_path / "videos"), [("pan", "../clips/pan.mp4")])
+    cfg = tmp_path / "video.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "input": str(tmp_path / "videos"), "output": str(tmp_path / "out"), "atlas": {"method": "homography"},
+        "edit": {"method": "sdedit", "model": tiny_models["img2img"], "prompt": "a watercolor painting",
+                 "strength": 0.5, "steps": 2, "guidance_scale": 1.0},
+        "cpus_per_job": 1,
+    }))
+    home = tmp_path / "home"
+    out = run_user(["video", str(cfg)], home, tmp_path)
+    assert "1 edited" in out and last_line(out).startswith("report:"), out[-3000:]
+    assert_recorded(home, "video")
+
+
+def test_run_records_the_pipeline_and_its_steps_in_its_own_database(tmp_path, images, tiny_models):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"steps": [
+        {"name": "sdedit", "uses": "edit",
+         "with": {"input": images, "output": str(tmp_path / "edited"), "model": tiny_models["img2img"],
+                  "prompt": "a painting", "strength": 0.5, "steps": 2, "resolution": 64}},
+    ]}))
+    home = tmp_path / "home"
+    out = run_user(["run", str(path), "--limit", "2"], home, tmp_path)
+    assert last_line(out) == "done: 1 step(s)", out[-3000:]
+    runs = assert_recorded(home, "pipeline", min_tasks=0)
+    top = next(r for r in runs if r["flow"] == "pipeline")
+    steps = [r for r in runs if r["flow"] == "bulk-edit"]
+    assert len(steps) == 1 and steps[0]["parent"] == top["id"] and steps[0]["state"] == "COMPLETED", runs
+    assert steps[0]["tasks"] == ["commit-manifest", "edit-shards"]
+
+
+def _gone(p: psutil.Process) -> bool:
     try:
-        runs = _prefect_runs(server.api_url)
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(_gone(p) for p in procs):
+        time.sleep(0.2)
+    return [p for p in procs if not _gone(p)]
+
+
+def _describe(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            out.append(str(p.pid))
+    return out
+
+
+def test_sigkill_ends_the_embedded_server_and_the_local_ray(tmp_path, tiny_models):
+    from pixelmill.datasets.importer import import_folder
+    from pixelmill.samples import draw_sample_images
+
+    draw_sample_images(str(tmp_path / "files"), n=8, seed=3)
+    import_folder(str(tmp_path / "files"), str(tmp_path / "images"))
+    cfg = tmp_path / "edit.yaml"
+    cfg.write_text(yaml.safe_dump(dict(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
+                                       model=tiny_models["img2img"], prompt="a painting", strength=1.0, steps=50,
+                                       resolution=64, batch_size=1)))
+    log = open(tmp_path / "cli.log", "wb")
+    cli = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--home", str(tmp_path / "home")],
+                           env=user_env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        server, url = None, None
+        while time.monotonic() < deadline and cli.poll() is None:
+            kids = psutil.Process(cli.pid).children()
+            server = server or next((k for k in kids if "server start" in " ".join(k.cmdline())), None)
+            if server is not None:
+                cmd = server.cmdline()
+                url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}/api"
+                try:
+                    if api(url, "/flow_runs/filter", {}):  # the flow has started, so its Ray is up
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        assert cli.poll() is None and server is not None, (tmp_path / "cli.log").read_text()[-4000:]
+        tree = psutil.Process(cli.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in tree), _describe(tree)
+
+        cli.send_signal(signal.SIGKILL)
+        cli.wait(timeout=10)
+        assert not _wait_gone([server], 10), f"the embedded server outlived its command: {_describe([server])}"
+        left = _wait_gone(tree, 20)
+        assert not left, f"processes the command started outlived it: {_describe(left)}"
     finally:
-        server.stop()
-    assert len(runs) == 1
-    flow_run, task_runs = runs[0]
-    assert flow_run.state.is_completed()
-    assert sorted(t.name.rsplit("-", 1)[0] for t in task_runs) == ["commit-manifest", "edit-shards"]
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        for p in tree:  # only what this test's command started
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def user_server(tmp_path_factory):
+    """`pixelmill server --port P` (P not 4200) on its own home, as a user starts it."""
+    root = tmp_path_factory.mktemp("user-server")
+    port = free_port()
+    while port == 4200:
+        port = free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "server", "--home", str(root / "home"),
+                             "--port", str(port)], env=user_env(), cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+            try:
+                if api(url + "/api", "/health") is True:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        time.sleep(1)  # the command records the server once it answers
+        server = psutil.Process(proc.pid).children()[0]
+        yield {"root": root, "home": root / "home", "url": url, "port": port, "proc": proc, "server": server}
+    finally:
+        tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for p in _wait_gone(tree, 10):
+            p.kill()
+        log.close()
+
+
+def test_user_server_ui_calls_the_api_on_its_own_port(user_server):
+    settings = None
+    for path in ("/ui-settings", "/api/ui-settings"):
+        try:
+            settings = api(user_server["url"], path)
+            break
+        except OSError:
+            continue
+    assert settings is not None
+    assert settings["api_url"] == f"http://127.0.0.1:{user_server['port']}/api"
+
+
+def test_a_command_reuses_the_server_the_user_started_and_leaves_it_running(user_server, tmp_path, images,
+                                                                           tiny_models):
+    cfg = tmp_path / "edit.yaml"
+    cfg.write_text(yaml.safe_dump(dict(input=images, output=str(tmp_path / "out"), model=tiny_models["img2img"],
+                                       prompt="a painting", strength=0.5, steps=2, resolution=64)))
+    api_url = user_server["url"] + "/api"
+    before = {r["id"] for r in runs_at(api_url)}
+    out = run_user(["edit", str(cfg), "--json", "--limit", "2"], user_server["home"], tmp_path)
+    assert json.loads(last_line(out))["rows_out"] == 2
+    new = [r for r in runs_at(api_url) if r["id"] not in before]  # recorded live, by the user's server
+    assert [(r["flow"], r["state"]) for r in new] == [("bulk-edit", "COMPLETED")]
+    assert not (user_server["home"] / "prefect-server.log").exists(), "the command started a server of its own"
+    assert user_server["proc"].poll() is None and user_server["server"].is_running()
+    assert api(api_url, "/health") is True
