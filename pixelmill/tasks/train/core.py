@@ -82,6 +82,7 @@ class StepLog:
     prior_loss: float | None
     lr: float
     seconds: float
+    grad_scale: float | None = None  # fp16: the loss scale after this step's update
 
 
 @dataclass
@@ -138,10 +139,9 @@ class Trainer:
         self.class_schedule = (BatchSchedule([0] * len(self.data.klass), s["train_batch_size"], s["seed"], "class")
                                if self.prior else None)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s["mixed_precision"])
-        self.scaler = (torch.amp.GradScaler("cuda") if s["mixed_precision"] == "fp16" and self.device.type == "cuda"
-                       else None)
-        if s["mixed_precision"] == "fp16" and self.device.type != "cuda":
-            raise ValueError("mixed_precision fp16 needs a CUDA device; use bf16 on CPU")
+        # fp16 scales the loss (on CUDA, or on the CPU where torch's autocast runs fp16 too); the
+        # scaler's state (scale, growth tracker) is part of every checkpoint, so a resume is exact
+        self.scaler = (torch.amp.GradScaler(self.device.type) if s["mixed_precision"] == "fp16" else None)
         if s["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
             if self.method.trains_text:
@@ -207,7 +207,20 @@ class Trainer:
         inst = float(sums[0] / norm)
         prior = float(sums[1] / sums[2]) if sums[2] > 0 else None
         total = inst + (s["prior_loss_weight"] * prior if prior is not None else 0.0)
-        return StepLog(step + 1, total, inst, prior, lr, time.perf_counter() - t0)
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else None
+        return StepLog(step + 1, total, inst, prior, lr, time.perf_counter() - t0, scale)
+
+    # -- the grad scaler's state (checkpoints) ----------------------------------------------
+    def scaler_state(self) -> dict[str, Any] | None:
+        """The fp16 grad scaler's state as JSON-able numbers (None without a scaler)."""
+        if self.scaler is None:
+            return None
+        return {k: (float(v) if isinstance(v, float) else v) for k, v in self.scaler.state_dict().items()}
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        """Restore the scaler from ``scaler_state()`` (a checkpoint without one keeps a fresh scaler)."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
     # -- the loss -------------------------------------------------------------------------
     def losses(self, samples: list[Sample], size: tuple[int, int], step: int) -> torch.Tensor:

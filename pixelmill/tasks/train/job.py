@@ -353,16 +353,8 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
         for warning in data.warnings:
             _log.warning("job %s: %s", spec["name"], warning)
     trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
-    start, log = 0, store.read_log()
-    steps = store.checkpoint_steps()
-    if steps:
-        ckpt = store.load_checkpoint(steps[-1])
-        method.load_state(ckpt["model"])
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.ema is not None and ckpt["ema"] is not None:
-            trainer.ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
-            trainer.ema.updates = ckpt["state"].get("ema_updates", steps[-1])
-        start = steps[-1]
+    log = store.read_log()
+    start = restore_checkpoint(store, method, trainer, device)
     log = [r for r in log if r["step"] <= start]
     end = min(s["max_steps"], stop_at) if stop_at is not None else s["max_steps"]
     t0 = time.perf_counter()
@@ -371,7 +363,8 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
             entry = trainer.step(step)
             if rank == 0 and (entry.step % s["log_every"] == 0 or entry.step == end):
                 log.append({"step": entry.step, "loss": entry.loss, "instance_loss": entry.instance_loss,
-                            "prior_loss": entry.prior_loss, "lr": entry.lr, "seconds": entry.seconds})
+                            "prior_loss": entry.prior_loss, "lr": entry.lr, "seconds": entry.seconds,
+                            **({"grad_scale": entry.grad_scale} if entry.grad_scale is not None else {})})
             if entry.step % s["checkpoint_every"] == 0 or entry.step == s["max_steps"]:
                 _checkpoint(store, trainer, method, entry.step, rank, world, log, s)
             if rank == 0 and s.get("validation_every") and entry.step % s["validation_every"] == 0:
@@ -387,10 +380,32 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
     return out
 
 
+def restore_checkpoint(store: JobStore, method, trainer, device: torch.device) -> int:
+    """Load the job's last checkpoint into ``method`` and ``trainer``; returns its step (0: none).
+
+    Restores the trained tensors, the optimiser, the EMA averages and the fp16 grad
+    scaler (its scale and growth tracker), so the resumed steps are the ones an
+    uninterrupted run would have taken.
+    """
+    steps = store.checkpoint_steps()
+    if not steps:
+        return 0
+    ckpt = store.load_checkpoint(steps[-1])
+    method.load_state(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainer.ema is not None and ckpt["ema"] is not None:
+        trainer.ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        trainer.ema.updates = ckpt["state"].get("ema_updates", steps[-1])
+    trainer.load_scaler_state(ckpt["state"].get("grad_scaler"))
+    return steps[-1]
+
+
 def _checkpoint(store, trainer, method, step, rank, world, log, s) -> None:
     if rank == 0:
         ema = {k: v.detach().cpu() for k, v in trainer.ema.shadow.items()} if trainer.ema is not None else None
         extra = {"ema_updates": trainer.ema.updates if trainer.ema else 0}
+        if trainer.scaler is not None:
+            extra["grad_scaler"] = trainer.scaler_state()
         store.save_checkpoint(step, method.state(), trainer.optimizer.state_dict(), ema, extra, s["keep_checkpoints"])
         store.write_log(log)
     if world > 1:

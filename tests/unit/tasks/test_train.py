@@ -353,6 +353,73 @@ def test_bf16_autocast_runs_with_finite_loss(tiny_models, data, tmp_path, method
     assert all(np.isfinite(x) and x > 0 for x in losses)
 
 
+def test_fp16_resume_restores_the_grad_scaler_and_matches_an_uninterrupted_run(tiny_models, data, tmp_path):
+    """fp16 on the CPU (torch.amp.GradScaler("cpu")) through ``train_worker``: the scaler's state is in the
+    checkpoint, and a run stopped there and resumed matches a straight run (scales and weights)."""
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "lora", mixed_precision="fp16", max_steps=8,
+                             checkpoint_every=4, learning_rate=1e-2, device="cpu"))
+    first = train_worker(spec, stop_at=4)
+    assert first["end_step"] == 4
+    state = json.loads((Path(spec["dir"]) / "checkpoints" / "step-000004" / "state.json").read_text())
+    saved = state["grad_scaler"]
+    assert saved == {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                     "_growth_tracker": 4}  # four clean steps counted towards the next growth
+    resumed = train_worker(spec)
+    assert resumed["start_step"] == 4 and resumed["end_step"] == 8
+
+    straight = copy.deepcopy(spec)
+    straight["dir"] = str(tmp_path / "straight")
+    train_worker(straight)
+
+    def scales(s):
+        return [r["grad_scale"] for r in (json.loads(x) for x in (Path(s["dir"]) / "loss.jsonl").read_text()
+                                          .splitlines())]
+
+    assert scales(spec) == scales(straight) and len(scales(spec)) == 8
+    assert scales(spec)[3] == saved["scale"]
+    a, b = _weights(spec), _weights(straight)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_fp16_grad_scaler_scale_and_growth_survive_a_checkpoint(tiny_models, data, tmp_path):
+    """A scaler whose scale changes during the run (grows every 2 clean steps): restored from the checkpoint,
+    the resumed trainer goes on with the same scale and growth tracker as an uninterrupted one. A resume
+    that started a fresh scaler (65536, growth every 2000 steps) would scale and step differently."""
+    from pixelmill.tasks.train.checkpoint import JobStore
+    from pixelmill.tasks.train.job import _checkpoint, _setup, restore_checkpoint
+
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "lora", mixed_precision="fp16", max_steps=8,
+                             learning_rate=1e-2, device="cpu"))
+    cpu = torch.device("cpu")
+
+    def trainer_with_a_moving_scale():
+        method, _, trainer = _setup(spec, cpu)
+        assert trainer.scaler is not None and trainer.scaler._device == "cpu"
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+        return method, trainer
+
+    method, trainer = trainer_with_a_moving_scale()
+    for step in range(3):
+        trainer.step(step)
+    store = JobStore(spec["dir"])
+    _checkpoint(store, trainer, method, 3, 0, 1, [], spec["settings"])
+
+    method2, _, resumed = _setup(spec, cpu)  # a fresh default scaler, as a new process would have
+    assert restore_checkpoint(store, method2, resumed, cpu) == 3
+    assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
+    assert resumed.scaler.state_dict()["_growth_tracker"] == 1
+    resumed_scales = [resumed.step(step).grad_scale for step in range(3, 8)]
+
+    method3, straight = trainer_with_a_moving_scale()
+    straight_scales = [straight.step(step).grad_scale for step in range(8)][3:]
+    assert resumed_scales == straight_scales and straight_scales[-1] == 256.0 * 2 ** 4
+    assert resumed.scaler.state_dict() == straight.scaler.state_dict()
+    for k in straight.names:
+        torch.testing.assert_close(resumed.params[k], straight.params[k], rtol=0, atol=1e-6)
+
+
 # -- caches ---------------------------------------------------------------------------------
 
 def test_cached_latents_and_text_give_the_same_weights(tiny_models, data, tmp_path):
