@@ -404,6 +404,32 @@ class InstructPix2Pix(Method):
         return ["model_index.json"]
 
 
+@register("train", "text_to_image", settings=("conditioning_dropout_prob",))
+class TextToImage(Method):
+    """Train the whole UNet from (image, caption) rows: text-to-image training from scratch or fine-tuning.
+
+    The text encoder stays frozen (its embeddings can be cached). Each sample's caption is
+    replaced by the empty prompt with probability ``conditioning_dropout_prob``, drawn from
+    ``(seed, step, sample id)``, so the model also learns the unconditional prediction that
+    classifier-free guidance needs.
+    """
+
+    name = "text_to_image"
+
+    def setup(self) -> None:
+        self.parts["unet"].requires_grad_(True)
+
+    def prompt(self, sample, seed, step):
+        prob = self.s.get("conditioning_dropout_prob", 0.0)
+        if prob and torch.rand((), generator=generator(seed, step, sample.id, "caption_dropout")).item() < prob:
+            return ""
+        return sample.prompt
+
+    def save(self, out_dir):
+        self.pipeline().save_pretrained(str(out_dir), safe_serialization=True)
+        return ["model_index.json"]
+
+
 def make_method(name: str, parts, settings, concepts) -> Method:
     """The registered training method ``name``, built on the loaded parts (a ValueError names the known ones)."""
     from pixelmill import registry
