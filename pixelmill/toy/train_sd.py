@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--decoder-minutes", type=float, default=30.0,
+                   help="phase 3: fine-tune the VAE decoder alone (the encoder, so the latents, stay)")
+    p.add_argument("--decoder-lr", type=float, default=1e-3)
+    p.add_argument("--decoder-only", action="store_true",
+                   help="run only the decoder phase (after the VAE phase; it can run beside the UNet phase, "
+                        "which reads only the encoder)")
     p.add_argument("--steps", type=int, default=100000, help="UNet steps (the time limit usually ends first)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=7e-4)
@@ -214,6 +220,54 @@ def train_vae(args: argparse.Namespace, work: Path, vae, pixels: torch.Tensor) -
     return state
 
 
+def finetune_decoder(args: argparse.Namespace, work: Path, vae, pixels: torch.Tensor) -> dict[str, Any]:
+    """Phase 3: train the decoder (and ``post_quant_conv``) alone, L1 + MSE, on posterior samples of
+    the frozen encoder. The latents the UNet learns do not change; the images they decode to
+    get sharper (the shape detector needs clean edges). Saved to ``work/vae-decoder.*``."""
+    from safetensors.torch import load_file, save_file
+
+    done = work / "vae-decoder.json"
+    if done.is_file():
+        vae.load_state_dict(load_file(str(work / "vae-decoder.safetensors")))
+        state = json.loads(done.read_text())
+        print(f"decoder: resumed ({state['steps']} steps, rmse {state['rmse']:.4f})", flush=True)
+        return state
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    vae.eval()
+    vae.decoder.train()
+    t0, step = time.time(), 0
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    while time.time() - t0 < args.decoder_minutes * 60:
+        progress = (time.time() - t0) / (args.decoder_minutes * 60)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(args.decoder_lr, step, 50, progress)
+        x = pixels[torch.randint(len(pixels), (args.vae_batch,), generator=gen)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        loss = mse + torch.nn.functional.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0 or step == 1:
+            _log(work, {"phase": "decoder", "step": step, "mse": round(mse.item(), 5),
+                        "minutes": round((time.time() - t0) / 60, 2)})
+    vae.eval()
+    with torch.no_grad():
+        x = pixels[:512]
+        rmse = float(((vae.decode(vae.encode(x).latent_dist.mode()).sample - x) / 2).pow(2).mean().sqrt())
+    state = {"steps": step, "seconds": round(time.time() - t0, 1), "rmse": rmse}
+    _atomic(work / "vae-decoder.safetensors",
+            lambda p: save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(p)))
+    _atomic(done, lambda p: p.write_text(json.dumps(state, indent=2)))
+    print(f"decoder: {step} steps, rmse {rmse:.4f} on [0, 1]", flush=True)
+    return state
+
+
 @torch.no_grad()
 def latent_cache(vae, rows: list[dict[str, Any]], pixels: torch.Tensor) -> dict:
     """``{(id, False): (mean, std)}``: the trainer core's VAE-posterior cache (no flips)."""
@@ -267,6 +321,17 @@ def train_unet(args: argparse.Namespace, work: Path, parts: dict[str, Any], rows
     settings = trainer_settings(args)
     method = make_method("text_to_image", parts, settings, [])
     method.setup()
+    ckpt, meta = work / "unet-checkpoint.pt", work / "unet-checkpoint.json"
+    state = {"step": 0, "train_seconds": 0.0}
+    saved = None
+    if meta.is_file():
+        state = json.loads(meta.read_text())
+        saved = torch.load(ckpt, weights_only=True)
+        parts["unet"].load_state_dict(saved["unet"])
+        print(f"unet: resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)", flush=True)
+        if state["step"] >= args.steps or state["train_seconds"] > args.max_minutes * 60:
+            parts["unet"].eval()
+            return method, state
     data = TrainingData(instance=[Sample(id=r["id"], kind="instance", prompt=r["caption"], image=r["_bytes"],
                                          size=tuple(r["_size"])) for r in rows])
     t0 = time.time()
@@ -274,14 +339,8 @@ def train_unet(args: argparse.Namespace, work: Path, parts: dict[str, Any], rows
     txt = text_cache(parts, [r["caption"] for r in rows])
     print(f"caches: {len(lat)} latents, {len(txt)} prompts in {time.time() - t0:.0f}s", flush=True)
     trainer = Trainer(method, data, settings, latent_cache=lat, text_cache=txt, vae_multiple=VAE_FACTOR)
-    ckpt, meta = work / "unet-checkpoint.pt", work / "unet-checkpoint.json"
-    state = {"step": 0, "train_seconds": 0.0}
-    if meta.is_file():
-        state = json.loads(meta.read_text())
-        saved = torch.load(ckpt, weights_only=True)
-        parts["unet"].load_state_dict(saved["unet"])
+    if saved is not None:
         trainer.optimizer.load_state_dict(saved["optimizer"])
-        print(f"unet: resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)", flush=True)
 
     def checkpoint() -> None:
         _atomic(ckpt, lambda p: torch.save({"unet": parts["unet"].state_dict(),
@@ -412,6 +471,14 @@ def model_card(args, vae_state, state, metrics, sizes) -> str:
     ok = g["color"] >= 0.8 and g["shape"] >= 0.7
     command = "python -m pixelmill.toy.train_sd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     uc, vc = unet_config(), vae_config()
+    dec = vae_state.get("decoder")
+    dec_line = dec_time = dec_note = ""
+    if dec:
+        dec_line = (f"; then the decoder alone fine-tuned {dec['steps']} steps ({dec['seconds'] / 60:.1f} min,"
+                    f" L1 + MSE, encoder frozen): RMSE {dec['rmse']:.4f}")
+        dec_time = f" + decoder {dec['seconds'] / 60:.1f} min"
+        dec_note = ("; the decoder phase reads only the frozen encoder, so it can run beside the UNet phase\n"
+                    "  (`--decoder-only`, a second process), as it did for these weights")
     return f"""# toy Stable Diffusion (pixelmill toy world)
 
 A small text-to-image latent diffusion model in diffusers `StableDiffusionPipeline`
@@ -435,7 +502,8 @@ path: `pixelmill.models.loading.load_text2img_pipeline("toy:sd")` /
   {VAE_FACTOR}x downsampling, {LATENT_CHANNELS} latent channels
   ({world.IMAGE_SIZE}px -> {LATENT_CHANNELS}x{uc["sample_size"]}x{uc["sample_size"]}),
   scaling factor {vae_state["scaling_factor"]:.4f}; reconstruction RMSE {vae_state["rmse"]:.4f} on [0, 1]
-  (trained {vae_state["steps"]} steps, {vae_state["seconds"] / 60:.1f} min, MSE + {args.kl_weight} KL)
+  (trained {vae_state["steps"]} steps of batch {args.vae_batch}, {vae_state["seconds"] / 60:.1f} min,
+  MSE + {args.kl_weight} KL){dec_line}
 - UNet: `UNet2DConditionModel`, sample size {uc["sample_size"]}, blocks {list(uc["block_out_channels"])},
   {uc["layers_per_block"]} layer per block, down {list(uc["down_block_types"])},
   cross-attention dim {uc["cross_attention_dim"]}
@@ -457,8 +525,8 @@ path: `pixelmill.models.loading.load_text2img_pipeline("toy:sd")` /
 - UNet: {state["step"]} steps of batch {args.batch} through `Trainer.step`, AdamW lr {args.lr}
   (warm-up {args.warmup} steps, cosine to zero at {args.max_minutes:.0f} min of training), no weight decay,
   gradient clipping 1.0, fp32
-- wall time: VAE {vae_state["seconds"] / 60:.1f} min + UNet {state["train_seconds"] / 60:.1f} min on
-  {args.threads} CPU thread(s)
+- wall time: VAE {vae_state["seconds"] / 60:.1f} min + UNet {state["train_seconds"] / 60:.1f} min{dec_time} on
+  {args.threads} CPU thread(s) each, on a shared 2-core machine{dec_note}
 
 ## Measured
 
@@ -499,7 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, pixels = dataset_rows(work, args.rows)
     vae_state = train_vae(args, work, parts["vae"], pixels)
     parts["vae"].eval()
+    if args.decoder_only:
+        finetune_decoder(args, work, parts["vae"], pixels)
+        return 0
     method, state = train_unet(args, work, parts, rows, pixels)
+    if args.decoder_minutes > 0:
+        vae_state = {**vae_state, "decoder": finetune_decoder(args, work, parts["vae"], pixels)}
     del rows, pixels
     save_shipped(method, out)
     sizes = {d.name: sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in sorted(out.iterdir())
