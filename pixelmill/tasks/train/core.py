@@ -50,6 +50,21 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def conditioning_dropout(ids: list[str], seed: int, step: int, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructPix2Pix's conditioning dropout: which samples lose their text, their source image, or both.
+
+    One uniform draw ``r`` per sample from its (seed, step, id) generator: ``r < p`` drops
+    the text only, ``p <= r < 2p`` both, ``2p <= r < 3p`` the image only (the paper's and
+    diffusers' scheme: each with probability ``p``, so text and image are each dropped
+    with probability ``2p``).
+
+    Returns:
+        ``(drop_text, drop_image)`` boolean tensors, one entry per id.
+    """
+    r = torch.tensor([torch.rand((), generator=generator(seed, step, i, "dropout")).item() for i in ids])
+    return r < 2 * prob, (r >= prob) & (r < 3 * prob)
+
+
 class EMA:
     """Exponential moving average of the trainable tensors (decay warms up as in diffusers)."""
 
@@ -310,12 +325,9 @@ class Trainer:
                                for p in prepared])
         prob = self.settings["conditioning_dropout_prob"]
         if prob > 0:
-            r = torch.tensor([torch.rand((), generator=generator(seed, step, x.id, "dropout")).item()
-                              for x in samples], device=self.device)
-            drop_text = (r < 2 * prob)[:, None, None]
-            text = torch.where(drop_text, self.null_text().expand_as(text), text)
-            keep_image = 1.0 - ((r >= prob) & (r < 3 * prob)).float()
-            src = src * keep_image[:, None, None, None]
+            drop_text, drop_image = conditioning_dropout([x.id for x in samples], seed, step, prob)
+            text = torch.where(drop_text.to(self.device)[:, None, None], self.null_text().expand_as(text), text)
+            src = src * (~drop_image).float().to(self.device)[:, None, None, None]
         return text, src
 
     def null_text(self) -> torch.Tensor:

@@ -124,6 +124,23 @@ def test_instruct_pix2pix_stage(tiny_models):
     assert -1.0 <= row["clip_image_text"] <= 1.0
     assert row["clip_direction"] is not None and -1.0 <= row["clip_direction"] <= 1.0
 
+    # the pixels are an edit: not the input, and what the instruction says matters
+    def pixels(cell) -> np.ndarray:
+        return np.asarray(decode_image(cell), dtype=np.float32)
+
+    source, edited = pixels(row["input_image"]), pixels(row["edited_image"])
+    assert edited.shape == source.shape == (48, 64, 3)
+    assert row["l2"] == pytest.approx(rgb_rmse(decode_image(row["input_image"]), decode_image(row["edited_image"])),
+                                      abs=1e-6)
+    assert np.abs(edited - source).mean() > 5.0 and row["l2"] > 0.02
+    again = stage(_batch(2, corrupt=(0,))).to_pylist()[1]
+    assert np.abs(pixels(again["edited_image"]) - edited).max() <= 1.0  # seeded: the same instruction, the same edit
+    other = InstructPix2PixEditor({**cfg, "instruction": "turn it into a pencil sketch"})
+    other.setup()
+    sketch = other(_batch(2, corrupt=(0,))).to_pylist()[1]
+    assert sketch["edit_prompt"] == "turn it into a pencil sketch"
+    assert np.abs(pixels(sketch["edited_image"]) - edited).mean() > 2.0  # another instruction, another edit
+
 
 def test_flagged_outputs_are_nsfw_rejects_not_black_images(tmp_path, tiny_models):
     from pixelmill.models.tiny import save_tiny_img2img

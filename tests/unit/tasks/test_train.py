@@ -225,11 +225,28 @@ def test_instruct_pix2pix_widens_unet_and_saves_editing_pipeline(tiny_models, da
 
     pipe = load_instruct_pix2pix_pipeline(str(Path(spec["dir"]) / "artifacts"), device="cpu")
     assert pipe.unet.config.in_channels == 8
-    ema = out["method_obj"]  # the saved weights are the EMA weights, not the live ones
     saved = pipe.unet.state_dict()
     live = {k: v for k, v in unet.state_dict().items()}
     assert any(not torch.equal(saved[k], live[k]) for k in ("conv_in.weight", "conv_out.weight"))
-    assert ema is not None
+
+    # the saved weights are the EMA of the live ones, by the decay formula (warm-up as in diffusers):
+    # shadow <- d * shadow + (1 - d) * live after every step, d = min(ema_decay, (1 + n) / (10 + n))
+    from pixelmill.tasks.train.job import _setup
+
+    _, _, trainer = _setup(spec, torch.device("cpu"))
+    shadow = {k: p.detach().clone() for k, p in trainer.params.items()}
+    for step in range(spec["settings"]["max_steps"]):
+        trainer.step(step)
+        d = min(spec["settings"]["ema_decay"], (1 + step + 1) / (10 + step + 1))
+        for k, p in trainer.params.items():
+            shadow[k].mul_(d).add_(p.detach(), alpha=1 - d)
+    names = [k for k in trainer.params if k.startswith("unet.")]
+    assert names and len(names) == len(trainer.params)  # instruct_pix2pix trains the UNet only
+    for k in names:
+        torch.testing.assert_close(trainer.params[k].detach(), live[k.removeprefix("unet.")], rtol=0, atol=1e-6)
+        torch.testing.assert_close(saved[k.removeprefix("unet.")], shadow[k], rtol=1e-5, atol=1e-6)
+    moved = max((saved[k.removeprefix("unet.")] - live[k.removeprefix("unet.")]).abs().max().item() for k in names)
+    assert moved > 1e-4  # the average lags the live weights
 
 
 # -- learning happens ---------------------------------------------------------------------
@@ -349,8 +366,21 @@ def test_bf16_autocast_runs_with_finite_loss(tiny_models, data, tmp_path, method
     spec = spec_for(campaign(tiny_models, data, tmp_path, method, concepts=concepts, mixed_precision="bf16",
                              gradient_checkpointing=True))
     _, _, trainer = _setup(spec, torch.device("cpu"))
-    losses = [trainer.step(s).loss for s in range(2)]
+    seen: dict[str, set[torch.dtype]] = {}  # what the UNet's linear and conv layers computed in
+
+    def record(module, args, output):
+        seen.setdefault(type(module).__name__, set()).add(output.dtype)
+
+    hooks = [m.register_forward_hook(record) for m in trainer.unet.modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    try:
+        losses = [trainer.step(s).loss for s in range(2)]
+    finally:
+        for h in hooks:
+            h.remove()
     assert all(np.isfinite(x) and x > 0 for x in losses)
+    assert seen == {"Linear": {torch.bfloat16}, "Conv2d": {torch.bfloat16}}  # autocast ran the forward in bf16
+    assert {p.dtype for p in trainer.params.values()} == {torch.float32}  # the weights stay fp32
 
 
 def test_fp16_resume_restores_the_grad_scaler_and_matches_an_uninterrupted_run(tiny_models, data, tmp_path):
@@ -418,6 +448,53 @@ def test_fp16_grad_scaler_scale_and_growth_survive_a_checkpoint(tiny_models, dat
     assert resumed.scaler.state_dict() == straight.scaler.state_dict()
     for k in straight.names:
         torch.testing.assert_close(resumed.params[k], straight.params[k], rtol=0, atol=1e-6)
+
+
+def test_instruct_pix2pix_conditioning_dropout_rates_match_the_setting():
+    """Over many seeded samples: text only, image only and both each dropped with probability p (so text and
+    image each 2p), the rest kept; the draw is a function of (seed, step, sample id)."""
+    from pixelmill.tasks.train.core import conditioning_dropout
+
+    n = 20_000
+    ids = [f"pair0:p{i}" for i in range(n)]
+    for prob in (0.05, 0.2):
+        text, image = conditioning_dropout(ids, seed=0, step=3, prob=prob)
+        tol = 4 * (prob * (1 - prob) / n) ** 0.5  # four standard deviations of a rate over n samples
+        rates = {"text only": (text & ~image), "image only": (image & ~text), "both": (text & image)}
+        for name, mask in rates.items():
+            assert abs(mask.float().mean().item() - prob) < tol, (prob, name, mask.float().mean().item())
+        assert abs((~text & ~image).float().mean().item() - (1 - 3 * prob)) < 4 * (3 * prob / n) ** 0.5
+        for mask in (text, image):
+            assert abs(mask.float().mean().item() - 2 * prob) < 2 * tol
+    again = conditioning_dropout(ids[:500], seed=0, step=3, prob=0.2)
+    assert all(torch.equal(a, b[:500]) for a, b in zip(again, (text, image)))  # seeded per sample
+    later = conditioning_dropout(ids[:500], seed=0, step=4, prob=0.2)
+    assert not torch.equal(later[0], text[:500])  # a new draw every step
+    assert not conditioning_dropout(ids[:500], seed=0, step=3, prob=0.0)[0].any()
+
+
+def test_instruct_pix2pix_dropout_replaces_text_by_the_empty_prompt_and_zeroes_the_image(tiny_models, data, tmp_path):
+    from pixelmill.tasks.train.core import conditioning_dropout
+    from pixelmill.tasks.train.job import _setup
+
+    spec = spec_for(campaign(tiny_models, data, tmp_path, "instruct_pix2pix", concepts=("edits",),
+                             conditioning_dropout_prob=0.3))
+    _, d, trainer = _setup(spec, torch.device("cpu"))
+    samples = d.instance
+    seed = spec["settings"]["seed"]
+    step = next(st for st in range(200)  # a step whose draws mix dropped and kept text and images
+                if all(0 < int(m.sum()) < len(samples)
+                       for m in conditioning_dropout([x.id for x in samples], seed, st, 0.3)))
+    drop_text, drop_image = conditioning_dropout([x.id for x in samples], seed, step, 0.3)
+    prepared = [trainer._prepare(x, trainer.buckets[0], seed, step) for x in samples]
+    text = trainer.encode_text([p.prompt for p in prepared]).detach()
+    with torch.no_grad():
+        out_text, src = trainer._pair_conditioning(samples, prepared, text, seed, step)
+    null = trainer.null_text()[0]
+    for i in range(len(samples)):
+        assert torch.equal(out_text[i], null if drop_text[i] else text[i]), i
+        assert bool((src[i] == 0).all()) == bool(drop_image[i]), i
+    assert not torch.equal(text[0], null)
 
 
 # -- caches ---------------------------------------------------------------------------------

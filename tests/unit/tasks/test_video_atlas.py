@@ -312,3 +312,79 @@ def test_temporal_consistency_prefers_edits_that_follow_the_motion(pan):
     on_scene = temporal_consistency(tracked, flow_frames=clip.frames)
     on_screen = temporal_consistency(pasted, flow_frames=clip.frames)
     assert on_scene < 0.85 * on_screen  # measured 0.0089 vs 0.0123
+
+
+# --- neural atlas losses in isolation -------------------------------------------------------
+
+class _Linear2D(torch.nn.Module):
+    """(x, y, t) -> scale * (A @ (x, y) - frame * shift) + offset: a mapping with a known Jacobian and motion."""
+
+    def __init__(self, a, scale: float, frames: int = 1, shift=(0.0, 0.0), offset=(0.0, 0.0)) -> None:
+        super().__init__()
+        self.a = torch.tensor(a, dtype=torch.float32)
+        self.scale, self.frames = scale, frames
+        self.shift, self.offset = torch.tensor(shift), torch.tensor(offset)
+
+    def forward(self, xyt):
+        frame = (xyt[..., 2:3] + 1.0) * (self.frames - 1) / 2.0
+        return self.scale * (xyt[..., :2] @ self.a.T - frame * self.shift) + self.offset
+
+
+def _video_moving(n: int, h: int, w: int, v: tuple[float, float]):
+    """A _Video whose content moves by ``v`` pixels per frame (exact flow, every pixel consistent)."""
+    from pixelmill.tasks.video.neural import _Video
+
+    fwd = torch.tensor(v, dtype=torch.float32).expand(n - 1, h, w, 2).clone()
+    ok = torch.ones(n - 1, h, w, dtype=torch.bool)
+    return _Video(rgb=torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(0)), fwd=fwd, bwd=-fwd,
+                  fwd_ok=ok, bwd_ok=ok.clone(), masks=None)
+
+
+def test_rigidity_loss_is_zero_for_rigid_mappings_and_positive_otherwise():
+    from pixelmill.tasks.video.neural import MappingNet, _rigidity
+
+    scale, delta = 0.5, 0.01
+    xyt = torch.rand(256, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    c, s = np.cos(0.5), np.sin(0.5)
+
+    def energy(net) -> float:
+        with torch.no_grad():
+            return float(_rigidity(net, xyt, net(xyt), delta, scale))
+
+    assert abs(energy(MappingNet(16, 2, scale))) < 1e-5  # the identity the networks start from
+    assert abs(energy(_Linear2D([[c, -s], [s, c]], scale, frames=5, shift=(0.1, 0.0), offset=(0.3, -0.2)))) < 1e-4
+    # symmetric Dirichlet energy (tr M + tr M^-1) / 4 - 1 of M = JᵀJ, J the Jacobian over uv_scale
+    assert energy(_Linear2D([[1.5, 0.0], [0.0, 1.5]], scale)) == pytest.approx((4.5 + 4.5 / 1.5**4) / 4 - 1, rel=1e-3)
+    assert energy(_Linear2D([[1.0, 0.5], [0.0, 1.0]], scale)) == pytest.approx(0.125, rel=1e-3)  # a shear
+    assert energy(_Linear2D([[1.0, 0.0], [0.0, 0.5]], scale)) > 0.1  # squashed along one axis
+
+
+def test_flow_loss_is_zero_when_the_mapping_follows_the_flow_and_measures_the_miss_in_pixels():
+    from pixelmill.tasks.video.neural import LayeredAtlasModel, MappingNet, _step_losses
+
+    cfg = NeuralAtlasConfig.tiny()
+    n, h, w, v = 5, 12, 16, (2.0, 1.0)
+    video = _video_moving(n, h, w, v)
+    torch.manual_seed(0)
+    model = LayeredAtlasModel(cfg)
+    follow = (np.asarray(v) * video.pixel).tolist()  # the content's motion in normalised units per frame
+    identity = [[1.0, 0.0], [0.0, 1.0]]
+
+    def losses(bg, fg):
+        model.map_bg, model.map_fg = bg, fg
+        with torch.no_grad():
+            return {k: float(x) for k, x in _step_losses(model, video, cfg, step=0).items()}
+
+    tracking = losses(_Linear2D(identity, cfg.uv_scale, n, follow), _Linear2D(identity, cfg.uv_scale, n, follow))
+    assert abs(tracking["flow"]) < 1e-5 and abs(tracking["rigidity"]) < 1e-4
+    # static mappings on moving content: each point misses by the flow, |v| pixels in both layers
+    static = losses(MappingNet(16, 2, cfg.uv_scale), MappingNet(16, 2, cfg.uv_scale))
+    assert static["flow"] == pytest.approx(float(np.hypot(*v)), rel=1e-3)
+    assert abs(static["rigidity"]) < 1e-4  # rigid, just not moving: only the flow term sees it
+    # only the background follows: the miss is weighted by the foreground's visibility (alpha)
+    half = losses(_Linear2D(identity, cfg.uv_scale, n, follow), MappingNet(16, 2, cfg.uv_scale))
+    assert 0.0 < half["flow"] < static["flow"]
+    still = _video_moving(n, h, w, (0.0, 0.0))  # no motion: the static mapping is the consistent one
+    model.map_bg, model.map_fg = MappingNet(16, 2, cfg.uv_scale), MappingNet(16, 2, cfg.uv_scale)
+    with torch.no_grad():
+        assert abs(float(_step_losses(model, still, cfg, step=0)["flow"])) < 1e-6
