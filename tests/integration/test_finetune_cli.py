@@ -117,3 +117,43 @@ def test_bad_campaign_fails_before_anything_starts(campaign_file, cluster, tmp_p
     assert "concept 'dog-db': instance_data" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_prior_whose_class_images_are_all_flagged_fails_the_job_or_trains_saying_so(cluster, tmp_path):
+    """The campaign generates the class images with a model whose safety checker flags every image:
+    by default the DreamBooth job fails saying why; with ``prior_shortfall: warn`` it trains without
+    the prior, and the run's summary, the results table and the report say so."""
+    from pixelmill.models.tiny import save_tiny_img2img
+    from pixelmill.samples import draw_concept_images, write_image_dataset
+
+    model = save_tiny_img2img(tmp_path / "flagging", flagging_safety_checker=True)
+    write_image_dataset(str(tmp_path / "dog"), draw_concept_images(4, seed=0))
+    cfg = tmp_path / "campaign.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output": str(tmp_path / "out"), "model": model,
+        "concepts": {"dog": {"instance_data": str(tmp_path / "dog"), "token": "sks", "class_word": "dog"}},
+        "defaults": {"resolution": 64, "max_steps": 2, "train_batch_size": 2, "num_class_images": 2,
+                     "with_prior_preservation": True},
+        "jobs": [{"name": "db", "method": "dreambooth", "concepts": ["dog"]}],
+        "eval": {"prompts": [], "samples_per_prompt": 1},
+    }))
+    proc = run_cli(["finetune", str(cfg)], cluster)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "FAILED db:" in proc.stdout and "prior preservation has NO class image (0 of 2" in proc.stdout
+    out = tmp_path / "out"
+    generated = next((out / "class_images").glob("*/images"))
+    rejects = Dataset.open(str(generated)).rejects().to_pylist()
+    assert [r["error"] for r in rejects] == ["nsfw", "nsfw"]
+    (row,) = pq.read_table(out / "results.parquet").to_pylist()
+    assert row["status"] == "failed" and "NO class image" in row["error"]
+
+    warned = run_cli(["finetune", str(cfg), "--set", "defaults.prior_shortfall=warn", "--json"], cluster)
+    assert warned.returncode == 0, warned.stderr[-4000:]
+    summary = json.loads(warned.stdout.strip().splitlines()[-1])
+    assert summary["ran"] == ["db"] and "trained WITHOUT the prior" in summary["warnings"]["db"][0]
+    (row,) = pq.read_table(out / "results.parquet").to_pylist()
+    assert row["status"] == "finished" and (row["class_images"], row["class_images_wanted"]) == (0, 2)
+    assert "trained WITHOUT the prior" in row["warnings"][0]
+    assert "trained WITHOUT the prior" in (out / "report.html").read_text()
+    status = run_cli(["finetune", "status", str(cfg)], cluster)
+    assert "warning: concept 'dog': prior preservation has NO class image" in status.stdout
