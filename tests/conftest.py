@@ -131,24 +131,6 @@ def cluster(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def prefect_servers_not_started_by(pid: int) -> list[str]:
-    """Command lines of Prefect API servers running here that are not ``pid`` or its children.
-
-    Prefect's temporary server (what a process without ``PREFECT_API_URL`` starts) runs
-    ``uvicorn ... prefect.server.api.server:create_app``.
-    """
-    import psutil
-
-    ours = {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if proc.info["pid"] not in ours and ("prefect.server.api.server" in cmd or "prefect server start" in cmd
-                                             or ("prefect" in cmd and " server start" in cmd)):
-            found.append(cmd)
-    return found
-
-
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, cwd: str | Path | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``pixelmill ARGS`` as a user would, capturing output."""

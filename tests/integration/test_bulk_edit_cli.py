@@ -12,7 +12,7 @@ import yaml
 
 from pixelmill.datasets import Dataset, account
 from pixelmill.datasets.images import decode_image
-from tests.conftest import prefect_servers_not_started_by, run_cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,8 @@ def _prefect_runs(api_url: str, flow_run_id: str | None = None):
 
 def test_edit_accounts_for_every_row_and_reports_to_one_prefect_server(cluster, images, sdedit_config):
     runs_before = {r.id for r, _ in _prefect_runs(cluster["PREFECT_API_URL"])}
-    summary = _summary(run_cli(["edit", str(sdedit_config), "--json"], cluster))
+    proc = run_cli(["edit", str(sdedit_config), "--json"], cluster)
+    summary = _summary(proc)
     out = yaml.safe_load(sdedit_config.read_text())["output"]
     assert summary["rows_in"] == 40 and summary["rows_out"] == 37 and summary["rejects"] == 3
 
@@ -103,7 +104,9 @@ def test_edit_accounts_for_every_row_and_reports_to_one_prefect_server(cluster, 
     names = {t.name.rsplit("-", 1)[0]: t for t in task_runs}
     assert names["edit-shards"].state.is_completed()
     assert names["commit-manifest"].state.is_completed()
-    assert prefect_servers_not_started_by(int(cluster["PIXELMILL_TEST_PREFECT_PID"])) == []
+    # ... and in no other: Prefect announces a temporary server whenever it starts one. (Only this
+    # run's own output is checked: other Prefect servers may run on the machine, not ours to judge.)
+    assert "temporary server" not in proc.stdout + proc.stderr
 
 
 def test_second_run_does_no_work(cluster, sdedit_config):
