@@ -26,8 +26,10 @@ def check_sdedit(settings) -> None:
             raise ValueError("`strength: auto` needs `target_l2` (RMSE in [0, 1])")
     elif not 0 < settings.strength <= 1:
         raise ValueError("`strength` must be in (0, 1] or 'auto'")
-    elif int(settings.steps * settings.strength) < 1:
-        # diffusers runs int(steps * strength) denoising steps; zero would return no image at all
+    elif int(settings.steps * settings.strength) < 1 and not (getattr(settings, "mask_column", None)
+                                                             or getattr(settings, "stroke_column", None)):
+        # diffusers runs int(steps * strength) denoising steps; zero would return no image at all.
+        # (Masked SDEdit's own loop takes t0 = 0 to mean "paste the guide into the region".)
         raise ValueError(f"`strength: {settings.strength}` with `steps: {settings.steps}` runs "
                          f"int({settings.steps} x {settings.strength}) = 0 denoising steps; raise `steps` to at "
                          f"least {math.ceil(1 / settings.strength)} or `strength`")
