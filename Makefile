@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pixelmill-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast sweep lint bench clean
 
 install: $(STAMP)
 
@@ -21,10 +21,13 @@ demo: install
 	$(VENV)/bin/pixelmill demo
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not sweep" $(PYTEST_ARGS)
+
+sweep: install
+	$(PY) -m pytest -m sweep $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not sweep" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pixelmill tests benchmarks

@@ -171,6 +171,7 @@ def test_retrieve_records_its_runs_in_its_own_database(tmp_path, pool):
     assert_recorded(home, "retrieve", min_tasks=2)
 
 
+@pytest.mark.sweep  # same code path as edit/retrieve/run; `make sweep` runs it
 def test_pairs_records_its_runs_in_its_own_database(tmp_path, tiny_models):
     import pyarrow as pa
 
@@ -194,6 +195,7 @@ def test_pairs_records_its_runs_in_its_own_database(tmp_path, tiny_models):
     assert_recorded(home, "pairs", min_tasks=2)
 
 
+@pytest.mark.sweep  # same code path as edit/retrieve/run; `make sweep` runs it
 def test_finetune_and_its_retrieval_subflow_record_their_runs_in_its_own_database(tmp_path, pool, tiny_models):
     from pixelmill.samples import draw_concept_images, write_image_dataset
 
@@ -221,6 +223,7 @@ def test_finetune_and_its_retrieval_subflow_record_their_runs_in_its_own_databas
     assert retrieval[0]["parent"] == parent["id"]
 
 
+@pytest.mark.sweep  # same code path as edit/retrieve/run; `make sweep` runs it
 def test_video_records_its_runs_in_its_own_database(tmp_path, tiny_models):
     from pixelmill.datasets.videos import write_video_dataset
     from pixelmill.tasks.video.io import encode_video
