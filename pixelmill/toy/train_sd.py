@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-only", action="store_true",
                    help="run only the decoder phase (after the VAE phase; it can run beside the UNet phase, "
                         "which reads only the encoder)")
+    p.add_argument("--card-only", action="store_true",
+                   help="rewrite MODEL_CARD.md from --out's metrics.json (pass the training arguments too)")
+    p.add_argument("--decoder-continue", action="store_true",
+                   help="with --decoder-only: train a finished decoder phase for another --decoder-minutes")
     p.add_argument("--steps", type=int, default=100000, help="UNet steps (the time limit usually ends first)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=7e-4)
@@ -227,11 +231,14 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae, pixels: torch.Te
     from safetensors.torch import load_file, save_file
 
     done = work / "vae-decoder.json"
+    before = {"steps": 0, "seconds": 0.0, "sessions": 0}
     if done.is_file():
         vae.load_state_dict(load_file(str(work / "vae-decoder.safetensors")))
         state = json.loads(done.read_text())
         print(f"decoder: resumed ({state['steps']} steps, rmse {state['rmse']:.4f})", flush=True)
-        return state
+        if not args.decoder_continue:
+            return state
+        before = {"steps": state["steps"], "seconds": state["seconds"], "sessions": state.get("sessions", 1)}
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     vae.eval()
@@ -260,7 +267,8 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae, pixels: torch.Te
     with torch.no_grad():
         x = pixels[:512]
         rmse = float(((vae.decode(vae.encode(x).latent_dist.mode()).sample - x) / 2).pow(2).mean().sqrt())
-    state = {"steps": step, "seconds": round(time.time() - t0, 1), "rmse": rmse}
+    state = {"steps": before["steps"] + step, "seconds": round(before["seconds"] + time.time() - t0, 1),
+             "rmse": rmse, "sessions": before["sessions"] + 1}
     _atomic(work / "vae-decoder.safetensors",
             lambda p: save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(p)))
     _atomic(done, lambda p: p.write_text(json.dumps(state, indent=2)))
@@ -469,13 +477,16 @@ def _save_grid(images, path: Path, cols: int = 8) -> None:
 def model_card(args, vae_state, state, metrics, sizes) -> str:
     g, u, r = metrics["guided"], metrics["unguided"], metrics["random_tiny_sd"]
     ok = g["color"] >= 0.8 and g["shape"] >= 0.7
-    command = "python -m pixelmill.toy.train_sd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m pixelmill.toy.train_sd " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:] if a != "--card-only")
     uc, vc = unet_config(), vae_config()
     dec = vae_state.get("decoder")
     dec_line = dec_time = dec_note = ""
     if dec:
-        dec_line = (f"; then the decoder alone fine-tuned {dec['steps']} steps ({dec['seconds'] / 60:.1f} min,"
-                    f" L1 + MSE, encoder frozen): RMSE {dec['rmse']:.4f}")
+        runs = dec.get("sessions", 1)
+        dec_line = (f";\n  then the decoder alone fine-tuned {dec['steps']} steps of batch {args.vae_batch}"
+                    f"{f' in {runs} runs' if runs > 1 else ''} ({dec['seconds'] / 60:.1f} min, L1 + MSE,"
+                    f" encoder frozen): RMSE {dec['rmse']:.4f}")
         dec_time = f" + decoder {dec['seconds'] / 60:.1f} min"
         dec_note = ("; the decoder phase reads only the frozen encoder, so it can run beside the UNet phase\n"
                     "  (`--decoder-only`, a second process), as it did for these weights")
@@ -562,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_interop_threads(args.threads)
     start = time.time()
     work, out = Path(args.work), Path(args.out)
+    if args.card_only:
+        m = json.loads((out / "metrics.json").read_text())
+        state = {"step": m["unet_steps"], "train_seconds": m["unet_train_minutes"] * 60}
+        (out / "MODEL_CARD.md").write_text(model_card(args, m["vae"], state, m, m["weights_bytes"]))
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     parts = build_parts(args.seed)
     rows, pixels = dataset_rows(work, args.rows)
