@@ -42,13 +42,12 @@ from typing import Any
 import torch
 
 from pixelmill.toy import world
+from pixelmill.toy.quality import EVAL_SEED, agreement, eval_prompts, generate, save_grid
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "models" / "sd"
 DEFAULT_WORK = Path(".pixelmill") / "toy-train" / "sd"
 TRAIN_SEED = 11
-"""World seed of the training rows."""
-EVAL_SEED = 12
-"""World seed of the held-out prompts."""
+"""World seed of the training rows (``quality.EVAL_SEED`` holds out the prompts)."""
 TEXT_WIDTH = 64
 LATENT_CHANNELS = 4
 VAE_FACTOR = 4
@@ -397,45 +396,6 @@ def save_shipped(method, out: Path) -> int:
 
 
 # -- measurement --------------------------------------------------------------------------
-def eval_prompts(n: int, seed: int = EVAL_SEED) -> list[tuple[str, str, str]]:
-    """``(caption, colour, shape)`` of held-out rows of world ``seed`` (training shapes only)."""
-    out = []
-    for i in range(n):
-        _, caption, obj = world.make_row(seed, i, world.TRAIN_SHAPES)
-        out.append((caption, obj.color, obj.shape))
-    return out
-
-
-@torch.no_grad()
-def generate(pipe, prompts: list[str], guidance: float, steps: int, seed: int = 0, size: int = world.IMAGE_SIZE,
-             chunk: int = 50) -> list:
-    """PIL images of ``prompts`` (one per prompt, seeded per chunk)."""
-    images = []
-    for i in range(0, len(prompts), chunk):
-        g = torch.Generator().manual_seed(seed + i)
-        images += pipe(prompts[i:i + chunk], guidance_scale=guidance, num_inference_steps=steps, height=size,
-                       width=size, generator=g).images
-    return images
-
-
-def agreement(images, items: list[tuple[str, str, str]]) -> dict[str, float]:
-    """Share of images whose detected colour / shape / both match the prompt's."""
-    from PIL import Image
-
-    from pixelmill.toy.detect import detect
-
-    color = shape = both = 0
-    for img, (_, c, s) in zip(images, items):
-        if img.size != (world.IMAGE_SIZE, world.IMAGE_SIZE):
-            img = img.resize((world.IMAGE_SIZE, world.IMAGE_SIZE), Image.BICUBIC)
-        d = detect(img)
-        color += d.color == c
-        shape += d.shape == s
-        both += d.color == c and d.shape == s
-    n = len(items)
-    return {"color": color / n, "shape": shape / n, "both": both / n}
-
-
 def measure(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Load the shipped folder through pixelmill's loading and score it and the random tiny SD."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -459,19 +419,8 @@ def measure(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     control = generate(tiny, prompts, args.guidance, args.sample_steps, size=64)
     res["random_tiny_sd"] = agreement(control, items)
     res["chance"] = {"color": 1 / len(world.COLORS), "shape": 1 / len(world.TRAIN_SHAPES)}
-    _save_grid(guided[:32], out / "samples.png")
+    save_grid(guided[:32], out / "samples.png")
     return res
-
-
-def _save_grid(images, path: Path, cols: int = 8) -> None:
-    from PIL import Image
-
-    n = world.IMAGE_SIZE
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * n, rows * n))
-    for i, img in enumerate(images):
-        grid.paste(img.resize((n, n)), ((i % cols) * n, (i // cols) * n))
-    grid.save(path)
 
 
 def model_card(args, vae_state, state, metrics, sizes) -> str:
