@@ -145,8 +145,10 @@ def clip_embed_dim(clip_model: str) -> int | None:
     """The embedding width of an open_clip model, from its config (no weights loaded)."""
     from pathlib import Path
 
-    from pixelmill.models.loading import looks_local
+    from pixelmill.models.loading import looks_local, resolve_model_name
 
+    if clip_model.startswith("toy:"):
+        clip_model = resolve_model_name(clip_model)  # a packaged folder
     if looks_local(clip_model):
         cfg_file = Path(clip_model.removeprefix("local-dir:")).expanduser() / "open_clip_config.json"
         if cfg_file.is_file():

@@ -82,3 +82,15 @@ def test_shipped_clip_loads_and_retrieves_the_right_objects(name, one_torch_thre
     m = toy_clip.evaluate(model, tokenizer, rows, preprocess=preprocess)
     assert m.recall_at_1 >= 0.9, m
     assert m.pair_accuracy >= 0.95, m
+
+
+def test_pool_width_check_knows_the_toy_clip_by_its_short_name():
+    """Retrieval checks a pool's embedding width against the model's; a short name must not skip it."""
+    from pathlib import Path
+
+    from pixelmill.models.loading import resolve_model_name
+    from pixelmill.tasks.regularization import clip_embed_dim
+
+    folder = resolve_model_name("toy:clip")
+    width = json.loads((Path(folder) / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"]
+    assert clip_embed_dim("toy:clip") == clip_embed_dim(folder) == width
