@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from pixelmill.config import CampaignConfig, EditConfig, PairsConfig, RetrieveConfig, VideoConfig, load_config
-from pixelmill.config.preflight import _check_model_path, _local_url, _local_url_if_path
+from pixelmill.config.preflight import check_model_path, local_url, local_url_if_path
 from pixelmill.runtime import default_home
 
 
@@ -203,12 +203,12 @@ def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
 
 def cmd_pool_build(args) -> int:
 
-    _check_model_path("--clip", args.clip, "clip")
+    check_model_path("--clip", args.clip, "clip")
     with flow_runtime(args):
         from pixelmill.flows.pool import build_pool_flow
 
         summary = build_pool_flow(
-            dataset=_local_url(args.dataset), out=_local_url(args.out), clip_model=_local_url_if_path(args.clip),
+            dataset=local_url(args.dataset), out=local_url(args.out), clip_model=local_url_if_path(args.clip),
             caption_column=args.caption_column or None, image_column=args.image_column or None,
             batch_size=args.batch_size, overwrite=args.overwrite,
         )
@@ -219,7 +219,7 @@ def cmd_pool_build(args) -> int:
 def cmd_pool_index(args) -> int:
     from pixelmill.tasks.regularization import build_index_and_report
 
-    print(build_index_and_report(_local_url(args.pool), _local_url(args.out), kind=args.kind,
+    print(build_index_and_report(local_url(args.pool), local_url(args.out), kind=args.kind,
                                  index_type=args.index_type, nlist=args.nlist, nprobe=args.nprobe,
                                  threshold=args.threshold))
     return 0

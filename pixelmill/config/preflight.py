@@ -24,10 +24,7 @@ class PreflightError(ConfigError):
     """A config that validates but cannot run as it stands (missing input, model, column...)."""
 
 
-UsageError = PreflightError  # the name these checks had when they lived in the CLI
-
-
-def _check_model_path(field: str, value: str | None, kind: str) -> None:
+def check_model_path(field: str, value: str | None, kind: str) -> None:
     from pixelmill.models.loading import ModelNotFound, check_model_reference
 
     if value is None:
@@ -38,14 +35,14 @@ def _check_model_path(field: str, value: str | None, kind: str) -> None:
         raise PreflightError(f"{field}: {e}") from None
 
 
-def _local_url(value: str) -> str:
+def local_url(value: str) -> str:
     return value if "://" in value else str(Path(value).expanduser().resolve())
 
 
-def _local_url_if_path(value: str) -> str:
+def local_url_if_path(value: str) -> str:
     from pixelmill.models.loading import looks_local
 
-    return _local_url(value) if looks_local(value) and not value.startswith(("local-dir:", "hf-hub:")) else value
+    return local_url(value) if looks_local(value) and not value.startswith(("local-dir:", "hf-hub:")) else value
 
 
 def absolute_paths(cfg: EditConfig) -> EditConfig:
@@ -78,7 +75,7 @@ def resolved_adapters(field: str, adapters: list) -> list:
 
     out = []
     for i, a in enumerate(adapters):
-        a = a.model_copy(update={"path": _local_url(a.path)})
+        a = a.model_copy(update={"path": local_url(a.path)})
         try:
             adapter_kind(a.path, a.kind)
         except AdapterError as e:
@@ -137,12 +134,12 @@ def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) 
     except DatasetNotFound as e:
         raise PreflightError(f"input: {e}") from None
     cfg = check_input_columns(cfg, schema.names)
-    _check_model_path("model", cfg.model, "pipeline")
-    _check_model_path("clip_model", cfg.clip_model, "clip")
+    check_model_path("model", cfg.model, "pipeline")
+    check_model_path("clip_model", cfg.clip_model, "clip")
     t2l = getattr(cfg, "text2live", None)
     if t2l is not None:
-        _check_model_path("text2live.structure_model", t2l.structure_model, "folder")
-        _check_model_path("text2live.structure_weights", t2l.structure_weights, "folder")
+        check_model_path("text2live.structure_model", t2l.structure_model, "folder")
+        check_model_path("text2live.structure_weights", t2l.structure_weights, "folder")
     check_output_config(cfg.output, cfg.output_affecting(), overwrite, dry_run)
     return cfg
 
@@ -152,8 +149,8 @@ def check_retrieve(cfg, overwrite: bool = False, dry_run: bool = False):
     from pixelmill.tasks.regularization import check_retrieve_inputs
 
     cfg = cfg.model_copy(update={
-        "pool": _local_url(cfg.pool), "output": _local_url(cfg.output),
-        "index": _local_url(cfg.index) if cfg.index else None,
+        "pool": local_url(cfg.pool), "output": local_url(cfg.output),
+        "index": local_url(cfg.index) if cfg.index else None,
     })
     try:
         cfg = check_retrieve_inputs(cfg)
@@ -170,18 +167,18 @@ def check_finetune(cfg, overwrite: bool = False, dry_run: bool = False):
     from pixelmill.config import CampaignConfig
     from pixelmill.tasks.train.plan import check_campaign_inputs
 
-    model_local = _local_url_if_path
+    model_local = local_url_if_path
     concepts = {
         name: c.model_copy(update={
-            "instance_data": _local_url(c.instance_data),
-            "class_data": _local_url(c.class_data) if c.class_data and c.class_data != "retrieval" else c.class_data,
+            "instance_data": local_url(c.instance_data),
+            "class_data": local_url(c.class_data) if c.class_data and c.class_data != "retrieval" else c.class_data,
         }) for name, c in cfg.concepts.items()
     }
     jobs = [j.model_copy(update={"model": model_local(j.model) if j.model else None}) for j in cfg.jobs]
     retrieve = dict(cfg.retrieve) if cfg.retrieve else None
     if retrieve and "pool" in retrieve:
-        retrieve["pool"] = _local_url(retrieve["pool"])
-    cfg = cfg.model_copy(update={"output": _local_url(cfg.output), "model": model_local(cfg.model),
+        retrieve["pool"] = local_url(retrieve["pool"])
+    cfg = cfg.model_copy(update={"output": local_url(cfg.output), "model": model_local(cfg.model),
                                  "clip_model": model_local(cfg.clip_model) if cfg.clip_model else None,
                                  "concepts": concepts, "jobs": jobs, "retrieve": retrieve})
     try:
@@ -190,8 +187,8 @@ def check_finetune(cfg, overwrite: bool = False, dry_run: bool = False):
     except (ConfigError, ValueError) as e:
         raise PreflightError(str(e)) from None
     for model in sorted({cfg.model, *(j.model for j in cfg.jobs if j.model)}):
-        _check_model_path("model", model, "pipeline")
-    _check_model_path("clip_model", cfg.clip_model, "clip")
+        check_model_path("model", model, "pipeline")
+    check_model_path("clip_model", cfg.clip_model, "clip")
     if retrieve:
         from pydantic import ValidationError
 
@@ -217,15 +214,15 @@ def check_pairs(cfg, overwrite: bool = False, dry_run: bool = False):
     """Validate a pairs config and its inputs before anything starts."""
     from pixelmill.datasets import Dataset, DatasetNotFound
 
-    images = cfg.images.model_copy(update={"model": _local_url_if_path(cfg.images.model),
-                                           "clip_model": _local_url_if_path(cfg.images.clip_model),
+    images = cfg.images.model_copy(update={"model": local_url_if_path(cfg.images.model),
+                                           "clip_model": local_url_if_path(cfg.images.clip_model),
                                            "adapters": resolved_adapters("images.adapters", cfg.images.adapters)})
     options = dict(cfg.text.options)
     if cfg.text.writer == "transformers" and isinstance(options.get("model"), str):
-        options["model"] = _local_url_if_path(options["model"])
+        options["model"] = local_url_if_path(options["model"])
     if isinstance(options.get("few_shot_file"), str):
-        options["few_shot_file"] = _local_url(options["few_shot_file"])
-    cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": _local_url(cfg.output), "images": images,
+        options["few_shot_file"] = local_url(options["few_shot_file"])
+    cfg = cfg.model_copy(update={"input": local_url(cfg.input), "output": local_url(cfg.output), "images": images,
                                  "text": cfg.text.model_copy(update={"options": options})})
     try:
         names = Dataset.open(cfg.input).schema.names
@@ -234,10 +231,10 @@ def check_pairs(cfg, overwrite: bool = False, dry_run: bool = False):
     if cfg.caption_column not in names:
         raise PreflightError(f"caption_column: column {cfg.caption_column!r} is not in the input "
                          f"(columns: {', '.join(names)})")
-    _check_model_path("images.model", cfg.images.model, "pipeline")
-    _check_model_path("images.clip_model", cfg.images.clip_model, "clip")
+    check_model_path("images.model", cfg.images.model, "pipeline")
+    check_model_path("images.clip_model", cfg.images.clip_model, "clip")
     if cfg.text.writer == "transformers":
-        _check_model_path("text.options.model", options.get("model"), "folder")
+        check_model_path("text.options.model", options.get("model"), "folder")
     try:
         from pixelmill.tasks.instructions import build_writer
 
@@ -263,20 +260,20 @@ def check_video(cfg, overwrite: bool = False, dry_run: bool = False):
     t2l = getattr(edit, "text2live", None)
     if t2l is not None:
         t2l = t2l.model_copy(update={
-            "structure_model": _local_url_if_path(t2l.structure_model) if t2l.structure_model else None,
-            "structure_weights": _local_url(t2l.structure_weights) if t2l.structure_weights else None})
+            "structure_model": local_url_if_path(t2l.structure_model) if t2l.structure_model else None,
+            "structure_weights": local_url(t2l.structure_weights) if t2l.structure_weights else None})
     edit = edit.model_copy(update={
-        "model": _local_url_if_path(edit.model) if edit.model else None,
-        "clip_model": _local_url_if_path(edit.clip_model) if edit.clip_model else None,
+        "model": local_url_if_path(edit.model) if edit.model else None,
+        "clip_model": local_url_if_path(edit.clip_model) if edit.clip_model else None,
         "adapters": resolved_adapters("edit.adapters", edit.adapters),
         **({"text2live": t2l} if t2l is not None else {})})
-    output = _local_url(cfg.output.removeprefix("file://"))
-    cfg = cfg.model_copy(update={"input": _local_url(cfg.input), "output": output, "edit": edit})
-    _check_model_path("edit.model", edit.model, "pipeline")
-    _check_model_path("edit.clip_model", edit.clip_model, "clip")
+    output = local_url(cfg.output.removeprefix("file://"))
+    cfg = cfg.model_copy(update={"input": local_url(cfg.input), "output": output, "edit": edit})
+    check_model_path("edit.model", edit.model, "pipeline")
+    check_model_path("edit.clip_model", edit.clip_model, "clip")
     if t2l is not None:
-        _check_model_path("edit.text2live.structure_model", t2l.structure_model, "folder")
-        _check_model_path("edit.text2live.structure_weights", t2l.structure_weights, "folder")
+        check_model_path("edit.text2live.structure_model", t2l.structure_model, "folder")
+        check_model_path("edit.text2live.structure_weights", t2l.structure_weights, "folder")
     try:
         plan = plan_videos(cfg)
     except DatasetNotFound as e:
