@@ -199,18 +199,33 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, StorageUnavailable) as e:
         print(f"pixelmill: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early (before OSError: it is one)
+        return 0
+    except OSError as e:  # storage: a full disk, a read-only or failing filesystem, permissions
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pixelmill: error: {args.command} failed: {e.strerror or e}{where}", file=sys.stderr)
+        _resume_hint(args.command)
+        return 1
     except Exception as e:  # noqa: BLE001 - the traceback helps; the last line says what failed
         import traceback
 
         traceback.print_exc()
         print(f"pixelmill: error: {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        if args.command == "edit":
-            print("Committed shards are kept: rerun the same command to resume.", file=sys.stderr)
+        _resume_hint(args.command)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _resume_hint(args.command)
         return 130
-    except BrokenPipeError:  # output piped into `head` and closed early
-        return 0
+
+
+# Commands that keep committed shards (jobs, videos, steps) and resume from them on a rerun.
+RESUMABLE = {"edit", "retrieve", "pairs", "finetune", "video", "run", "pool"}
+
+
+def _resume_hint(command: str) -> None:
+    if command in RESUMABLE:
+        print("Nothing half-written is visible: committed shards are kept; "
+              "rerun the same command to resume.", file=sys.stderr)
 
 

@@ -103,14 +103,36 @@ def check_input_columns(cfg: EditConfig, names: list[str]) -> EditConfig:
     return cfg
 
 
+def check_writable(url: str, dry_run: bool = False) -> None:
+    """Exit 2 when the output folder cannot be written (read-only, full, no permission).
+
+    Writes and removes one empty probe file, so a run never starts only to fail at its
+    first commit. A dry run writes nothing and skips the probe.
+    """
+    if dry_run:
+        return
+    import uuid
+
+    from pixelmill.datasets import storage
+
+    probe = storage.join(url, f".pixelmill-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.makedirs(url)
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except OSError as e:
+        raise PreflightError(f"output {url} is not writable: {e.strerror or e}") from None
+
+
 def check_output_config(url: str, hashed: dict, overwrite: bool = False, dry_run: bool = False,
                         remove_url: str | None = None) -> None:
-    """Exit 2 naming the changed keys when ``url`` was made with another config.
+    """Exit 2 naming the changed keys when ``url`` was made with another config, or it is not writable.
 
     With ``--overwrite`` the old output (``remove_url``, default ``url``) is removed instead.
     """
     from pixelmill.datasets import config_hash, diff_config, read_manifest
 
+    check_writable(url, dry_run)
     existing = read_manifest(url)
     if existing is None or existing.config_hash == config_hash(hashed):
         return
@@ -207,6 +229,7 @@ def check_finetune(cfg, overwrite: bool = False, dry_run: bool = False):
         check_campaign_inputs(cfg)
     except ValueError as e:
         raise PreflightError(str(e)) from None
+    check_writable(cfg.output, dry_run)
     return cfg
 
 
@@ -288,6 +311,7 @@ def check_video(cfg, overwrite: bool = False, dry_run: bool = False):
         raise PreflightError(f"output {cfg.output} was made with another config "
                          f"(changed: {', '.join(changed) or 'unknown'}); use a new output or --overwrite "
                          "(videos are redone; atlases whose settings and video are unchanged are reused)")
+    check_writable(cfg.output, dry_run)
     return cfg
 
 

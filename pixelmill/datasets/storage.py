@@ -32,6 +32,11 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
         extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(str(url).split("://")[0], None)
         hint = f" (pip install 'pixelmill[{extra}]')" if extra else ""
         raise StorageUnavailable(f"cannot open {url}: {exc}{hint}") from None
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        protocol = str(url).split("://")[0]
+        raise StorageUnavailable(f"cannot open {url}: no filesystem is installed for {protocol}://") from None
     return fs, path
 
 

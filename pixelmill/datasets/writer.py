@@ -10,7 +10,9 @@ Layout of a dataset folder::
 
 Hugging Face ``datasets`` skips folders starting with ``__``; pyarrow, DuckDB globs on
 ``part-*.parquet`` and Ray Data skip ``_``-prefixed ones. So only committed shards are
-ever visible as data, and a writer killed mid-shard leaves nothing that looks complete.
+visible as data: a writer killed mid-shard leaves nothing that looks complete, and a commit
+that fails (full disk, I/O error) takes back the files it moved. Only a kill inside a
+commit can leave a whole shard file the manifest does not list; the next run replaces it.
 """
 
 from __future__ import annotations
@@ -195,12 +197,6 @@ class ShardWriter:
             (self._rejects, storage.join(url, REJECTS_DIR, part_file(self.name))),
             (self._dropped, storage.join(url, DROPPED_DIR, part_file(self.name))),
         ]
-        for stream, target in targets:
-            if stream.started:
-                storage.move(stream.url, target)
-            else:
-                storage.remove(target)
-
         entry = ShardEntry(
             name=self.name,
             rows=self._data.rows,
@@ -208,7 +204,26 @@ class ShardWriter:
             dropped=self._dropped.rows,
             input_rows=input_rows,
         )
-        self._dataset._record(entry)
+        moved: list[str] = []
+        try:
+            for stream, target in targets:
+                if stream.started:
+                    storage.move(stream.url, target)
+                    moved.append(target)
+                else:
+                    storage.remove(target)
+            self._dataset._record(entry)
+        except BaseException:
+            # A failed commit (full disk, I/O error) takes back the files it moved, so folder
+            # readers never see a shard the manifest does not list. Only a kill inside this
+            # window can leave one; the manifest stays the truth and finish() removes it.
+            if self.name not in self._dataset.committed:
+                for target in moved:
+                    try:
+                        storage.remove(target)
+                    except OSError:
+                        pass
+            raise
         self._committed = True
         return entry
 
@@ -350,12 +365,11 @@ class DatasetWriter:
 
     def _record(self, entry: ShardEntry) -> None:
         with self._lock:
-            manifest = self.manifest
-            shards = [s for s in manifest.shards if s.name != entry.name] + [entry]
-            manifest.shards = sorted(shards, key=lambda s: s.name)
-            manifest.complete = False
-            manifest.updated_at = datetime.now(UTC)
-            write_manifest(self.url, manifest)
+            shards = [s for s in self.manifest.shards if s.name != entry.name] + [entry]
+            updated = self.manifest.model_copy(update={
+                "shards": sorted(shards, key=lambda s: s.name), "complete": False, "updated_at": datetime.now(UTC)})
+            write_manifest(self.url, updated)  # the in-memory manifest changes only once this is written
+            self._manifest = updated
 
     def _changes_from(self, existing: Manifest) -> list[str]:
         changed: list[str] = []

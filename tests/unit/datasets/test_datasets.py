@@ -624,3 +624,31 @@ def test_import_folder_errors(tmp_path: Path) -> None:
     (bad / "metadata.csv").write_text("name,label\na.png,x\n")
     with pytest.raises(ValueError, match="metadata.csv: needs a file column"):
         import_folder(str(bad), str(tmp_path / "out"))
+
+
+def test_a_failed_commit_takes_back_its_files_and_leaves_the_manifest_as_it_was(tmp_path):
+    """A commit whose manifest write fails (full disk) leaves no unlisted shard for folder readers."""
+    import json
+
+    from pixelmill.datasets.writer import DatasetWriter
+
+    out = tmp_path / "out"
+    writer = DatasetWriter(f"faulty://{out}", "t", 1, {"k": 1}).open()
+    first = writer.shard("00000")
+    first.write(pa.table({"id": ["a"]}))
+    first.commit()
+    second = writer.shard("00001")
+    second.write(pa.table({"id": ["b"]}))
+    # the 2nd shard's data file is open already; at commit its rejects file is written, then the manifest fails
+    (tmp_path / ".faults.json").write_text(json.dumps({"fault": "enospc", "after": 1}))
+    with pytest.raises(OSError, match="No space left"):
+        second.commit()
+    (tmp_path / ".faults.json").unlink()
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == ["part-00000.parquet"]
+    assert not list((out / "__rejects").glob("part-00001*"))
+    assert writer.committed == {"00000"}
+    third = writer.shard("00002")
+    third.write(pa.table({"id": ["c"]}))
+    third.commit()
+    writer.finish()
+    assert Dataset.open(str(out)).to_table(["id"])["id"].to_pylist() == ["a", "c"]
