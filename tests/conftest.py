@@ -123,7 +123,7 @@ def cluster(tmp_path_factory):
                 raise RuntimeError("ray start failed:\n" + (home / "ray-start.log").read_text()[-3000:])
             time.sleep(0.5)
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "PREFECT_API_URL": server.api_url,
-               "PIXELMILL_TEST_PREFECT_PID": str(server.proc.pid)}
+               "PIXELMILL_TEST_PREFECT_PID": str(server.proc.pid), "PIXELMILL_TEST_RAY_HEAD_PID": str(head.pid)}
     finally:
         _stop_tree(head)
         log.close()
