@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pixelmill-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast sweep lint bench clean
+.PHONY: install demo test test-fast sweep chaos lint bench clean
 
 install: $(STAMP)
 
@@ -21,13 +21,19 @@ demo: install
 	$(VENV)/bin/pixelmill demo
 
 test: install
-	$(PY) -m pytest -m "not sweep" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not sweep and not chaos" $(PYTEST_ARGS)
 
 sweep: install
 	$(PY) -m pytest -m sweep $(PYTEST_ARGS)
 
+# The full fault sweep: every example flow killed at PIXELMILL_CHAOS_KILLS seeded points
+# (default 10) and resumed, plus the storage-fault points; tallies in chaos-report.jsonl.
+chaos: install
+	rm -f chaos-report.jsonl
+	PIXELMILL_CHAOS_REPORT=$(CURDIR)/chaos-report.jsonl $(PY) -m pytest -m "chaos or sweep" tests/chaos $(PYTEST_ARGS)
+
 test-fast: install
-	$(PY) -m pytest -m "not slow and not sweep" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not sweep and not chaos" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pixelmill tests benchmarks

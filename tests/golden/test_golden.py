@@ -51,6 +51,12 @@ What each case runs (inputs built here; everything small):
   bytes), homography atlases, SDEdit. ``video-neural``: the moving-shape file, a tiny
   neural atlas (100 steps) and 3 Text2Live iterations on its foreground.
 
+Under ``make test`` each case's first run is SIGKILLed (its whole process group) a seeded
+moment after it starts writing, and the command is run again: the expected record must
+come out of the resumed run, so one comparison checks both that the outputs are unchanged
+and that a killed run resumes to the same bytes (``tests/chaos/test_kill_points.py`` does
+the same at 10 seeded points per case under ``make chaos``).
+
 The CLI runs go 3 at a time. The module takes about 3.5 minutes on 2 CPU cores shared
 with other work (CPU-bound: less on an idle machine); it is marked ``slow``.
 
@@ -488,8 +494,56 @@ def _args(case: str, cwd: Path) -> list[str]:
     return [spec["command"], str(config), *sets, "--json"]
 
 
-def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normaliser):
-    """Run one case through the CLI and collect its record; returns ``(process, record or None)``."""
+def _has_started_writing(out: Path) -> bool:
+    """Whether the run has written anything of its own under ``out`` (preflight's probe aside)."""
+    if not out.exists():
+        return False
+    return any(f.is_file() and not f.name.startswith(".pixelmill-probe") for f in out.rglob("*"))
+
+
+def kill_mid_run(args: list[str], cluster: dict[str, str], cwd: Path, out: Path, delay: float,
+                 timeout: float = 600) -> dict[str, Any]:
+    """Start ``pixelmill ARGS``, SIGKILL its process group ``delay`` seconds after it starts writing.
+
+    Returns what happened: ``killed`` (False when the run ended before the kill point),
+    ``after`` (seconds from start to the kill), the return code.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, **cluster}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", *args], env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while proc.poll() is None and not _has_started_writing(out):
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"{args}: nothing written under {out} within {timeout} s")
+            time.sleep(0.05)
+        deadline = time.monotonic() + delay
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return {"killed": killed, "after": round(time.monotonic() - start, 2), "returncode": proc.returncode}
+
+
+def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normaliser,
+                     kill_delay: float | None = None):
+    """Run one case through the CLI and collect its record; returns ``(process, record or None, kill)``.
+
+    With ``kill_delay`` the first run is killed (SIGKILL, its whole process group) that many
+    seconds after it starts writing, and the command is run again: the record is then the
+    resumed run's. ``kill`` says whether the kill landed mid-run and whether the killed
+    output was still short of the final one.
+    """
     import fcntl
 
     spec = CASES[case]
@@ -499,22 +553,43 @@ def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normal
         FIXED_ROOT.mkdir(exist_ok=True)
         lock = open(FIXED_ROOT / "lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX)
-        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    kill = None
     try:
         if spec.get("before"):
             proc = run_cli(spec["before"], cluster, cwd, 900)
             if proc.returncode != 0:
-                return proc, None
+                return proc, None, kill
+        if kill_delay is not None:
+            kill = kill_mid_run(_args(case, cwd), cluster, cwd, out, kill_delay)
+            try:
+                kill["partial"] = spec["collect"](out, norm)
+            except Exception:  # noqa: BLE001 - a killed output may not be collectable at all
+                kill["partial"] = None
         proc = run_cli(_args(case, cwd), cluster, cwd, 900)
         if proc.returncode != 0:
-            return proc, None
+            return proc, None, kill
         if spec["command"] == "video":
             _check_videos(out)
-        return proc, spec["collect"](out, norm)
+        return proc, spec["collect"](out, norm), kill
     finally:
         if lock is not None:
             shutil.rmtree(out, ignore_errors=True)
             lock.close()
+
+
+# ``make test`` kills every case once, this many seconds after it starts writing (drawn per
+# case from a seeded generator), and checks the resumed output against the expected record:
+# one golden comparison covers "unchanged output" and "a killed run resumes to the same
+# bytes". make_expected.py runs uninterrupted (no kill).
+KILL_SEED = 0
+MAX_KILL_DELAY = 1.0
+
+
+def kill_delay_for(case: str, seed: int, max_delay: float = MAX_KILL_DELAY) -> float:
+    import random
+
+    return round(random.Random(f"{case}-{seed}").uniform(0.0, max_delay), 2)
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +601,9 @@ def runs(request, golden, cluster):
     selected = {item.callspec.params["case"] for item in request.session.items
                 if getattr(item, "module", None) is request.module and hasattr(item, "callspec")}
     pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="golden")
-    futures = {case: pool.submit(_run_and_collect, case, cwd, cluster, norm)
+    kill = not os.environ.get(WRITE_ENV)
+    futures = {case: pool.submit(_run_and_collect, case, cwd, cluster, norm,
+                                 kill_delay_for(case, KILL_SEED) if kill else None)
                for case in ORDER if case in selected}
     try:
         yield futures
@@ -559,8 +636,9 @@ def test_every_case_is_an_example_config():
 
 @pytest.mark.parametrize("case", ORDER)
 def test_example_config_output_is_unchanged(case, golden, runs, expected):
+    """Each example, killed once mid-run and run again, writes exactly the expected output."""
     cwd, _ = golden
-    proc, record = runs[case].result()
+    proc, record, kill = runs[case].result()
     assert proc.returncode == 0, f"{case}: {' '.join(map(str, proc.args))}\n{proc.stderr[-5000:]}"
     if os.environ.get(WRITE_ENV):
         _records[case] = record
@@ -568,3 +646,5 @@ def test_example_config_output_is_unchanged(case, golden, runs, expected):
     assert case in expected, f"no expected record for {case}; regenerate with make_expected.py"
     differences = diff_paths(expected[case], record)
     assert not differences, f"{case}: output differs from the pre-restructure code:\n  " + "\n  ".join(differences[:40])
+    assert kill["killed"] and kill["returncode"] == -9, f"{case}: the run ended before the kill point: {kill}"
+    assert kill["partial"] != expected[case], f"{case}: the killed run had already written everything: {kill}"

@@ -1,0 +1,80 @@
+"""The Prefect API server killed during a run: the run ends with a clear message (or carries
+on), and a rerun against a new server completes without duplicates.
+
+The run's results live in its output (manifest and shards), not in Prefect, so losing the
+server loses no work: the rerun skips every shard the killed run committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pixelmill.datasets import Dataset, account, read_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_killed_mid_run_then_rerun_completes_without_duplicates(cluster, tmp_path, tiny_models):
+    from pixelmill.datasets.importer import import_folder
+    from pixelmill.runtime import PrefectServer
+    from pixelmill.samples import draw_sample_images
+
+    draw_sample_images(str(tmp_path / "files"), n=19, corrupt=1, seed=21)
+    import_folder(str(tmp_path / "files"), str(tmp_path / "images"), num_buckets=8)
+    ids = Dataset.open(str(tmp_path / "images")).to_table(["id"])["id"].to_pylist()
+    out = tmp_path / "out"
+    cfg = tmp_path / "edit.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        input=str(tmp_path / "images"), output=str(out), model=tiny_models["img2img"],
+        prompt="a pencil drawing of {caption}", strength=0.5, steps=6, resolution=64, batch_size=2,
+    )))
+    cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
+
+    server = PrefectServer(tmp_path / "server-home").start()
+    env = {**os.environ, "RAY_ADDRESS": cluster["RAY_ADDRESS"], "PREFECT_API_URL": server.api_url}
+    proc = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            m = read_manifest(str(out))
+            if m and m.shards:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before the server could be killed"
+        committed = set(read_manifest(str(out)).shard_names())
+        os.kill(server.proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        server.stop()
+    if proc.returncode != 0:  # it may also carry on and finish; either way it must say what happened
+        last = stderr.strip().splitlines()[-2:]
+        assert last[0].startswith("pixelmill: error: edit failed: lost the Prefect API at " + server.api_url), last
+        assert "rerun the same command to resume" in last[1]
+        assert "Traceback" not in stderr.split("pixelmill: error:")[0][-3000:], "pixelmill printed a traceback"
+
+    fresh = PrefectServer(tmp_path / "server-home-2").start()
+    try:
+        env["PREFECT_API_URL"] = fresh.api_url
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        fresh.stop()
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary["shards_skipped"]) >= committed
+    ds = Dataset.open(str(out))
+    assert ds.complete
+    report = account(ids, ds)
+    assert report.ok, str(report)
+    assert ds.rejects().num_rows == 1
