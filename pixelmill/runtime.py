@@ -523,7 +523,9 @@ class Runtime:
             enable_ray_token_auth_if_available()
             ray.init(address=self.ray_address, **kwargs)
         else:
-            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            # "local": a new Ray even when `ray start` left a cluster running on this machine
+            # (ray.init() would join that one instead); loopback only, no dashboard
+            ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
         self.owns_ray = True
         import ray.data
 
