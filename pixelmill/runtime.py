@@ -18,6 +18,7 @@ the home folder, reused, and never stopped by a command.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -65,6 +66,10 @@ RUNTIME_MARK = "PIXELMILL_RUNTIME_ID"
 # The file `pixelmill server` writes in the home folder while it runs.
 SERVER_FILE = "server.json"
 
+# Prefect's basic auth ("user:password"): the server's setting, and the one its clients send.
+SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"
+
 
 def apply_quiet_defaults() -> None:
     """Turn telemetry and usage stats off unless the user set them explicitly."""
@@ -94,6 +99,28 @@ def ui_api_url(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"http://{host}:{port}/api"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); names and wildcards are not."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def public_bind_problem(host: str, env: dict[str, str] | None = None) -> str | None:
+    """Why a Prefect server may not listen on ``host``, or None: beyond loopback it needs
+    ``PREFECT_SERVER_API_AUTH_STRING`` in its environment (read there, not from Prefect profiles)."""
+    env = os.environ if env is None else env
+    if is_loopback_host(host) or env.get(SERVER_AUTH_ENV):
+        return None
+    return (f"refusing to serve the Prefect API on {host!r}, reachable beyond this machine, without "
+            f"authentication: set {SERVER_AUTH_ENV}=user:password in the environment (clients then "
+            f"send the same value as {CLIENT_AUTH_ENV}), or bind to 127.0.0.1")
 
 
 def prefect_server_env(home: Path, ui: bool, host: str | None = None, port: int | None = None) -> dict[str, str]:
@@ -449,8 +476,8 @@ class Runtime:
     def __enter__(self) -> Runtime:
         apply_quiet_defaults()
         self.ray_address = self.ray_address or os.environ.get("RAY_ADDRESS") or None
-        self.prefect_api_url = (self.prefect_api_url or os.environ.get("PREFECT_API_URL")
-                                or user_server_url(self.home) or None)
+        named_url = self.prefect_api_url or os.environ.get("PREFECT_API_URL")
+        self.prefect_api_url = named_url or user_server_url(self.home) or None
         try:
             if not self.prefect_api_url or not self.ray_address:
                 self.watchdog = Watchdog().start()
@@ -458,6 +485,8 @@ class Runtime:
                 self.server = PrefectServer(self.home).start()
                 self.prefect_api_url = self.server.api_url
             self._set_env("PREFECT_API_URL", self.prefect_api_url)
+            if not named_url:
+                self._authenticate_to_own_server()
             # A worker without the URL must fail loudly, not start a hidden server of its own.
             self._set_env("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")
             refresh_prefect_settings()
@@ -494,7 +523,9 @@ class Runtime:
             enable_ray_token_auth_if_available()
             ray.init(address=self.ray_address, **kwargs)
         else:
-            ray.init(num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            # "local": a new Ray even when `ray start` left a cluster running on this machine
+            # (ray.init() would join that one instead); loopback only, no dashboard
+            ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
         self.owns_ray = True
         import ray.data
 
@@ -502,6 +533,17 @@ class Runtime:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.verbose_stats_logs = False
+
+    def _authenticate_to_own_server(self) -> None:
+        """Send the auth string a server of this home (embedded, or ``pixelmill server``) was started with.
+
+        That server has auth on when ``PREFECT_SERVER_API_AUTH_STRING`` is set; this command's
+        client, and a local Ray's workers (which inherit this environment; the string never goes
+        into Ray's runtime_env), then send it as ``PREFECT_API_AUTH_STRING`` unless that is set.
+        """
+        server_auth = os.environ.get(SERVER_AUTH_ENV)
+        if server_auth and not os.environ.get(CLIENT_AUTH_ENV):
+            self._set_env(CLIENT_AUTH_ENV, server_auth)
 
     def close(self) -> None:
         """Flush Prefect's logs and events, then stop Ray and the server this runtime started."""

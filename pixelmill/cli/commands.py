@@ -300,11 +300,15 @@ def cmd_server(args) -> int:
         die_with_parent,
         prefect_server_command,
         prefect_server_env,
+        public_bind_problem,
         remove_server_file,
         wait_for_health,
         write_server_file,
     )
 
+    problem = public_bind_problem(args.host)
+    if problem:
+        raise UsageError(problem)
     home = Path(args.home).resolve() if args.home else default_home()
     print(f"Prefect server with the database in {home / 'prefect.db'}")
     print(f"UI and API at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)

@@ -11,6 +11,7 @@ UI calls the API on the port it was given.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -49,10 +50,11 @@ def user_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_user(args: list[str], home: Path, cwd: Path, timeout: float = 600) -> str:
+def run_user(args: list[str], home: Path, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     """``pixelmill ARGS --home HOME``, stdout and stderr as one stream; checks it ended cleanly."""
-    proc = subprocess.run([sys.executable, "-m", "pixelmill.cli", *args, "--home", str(home)], env=user_env(),
-                          cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "pixelmill.cli", *args, "--home", str(home)],
+                          env=user_env(**(env or {})), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
     out = proc.stdout
     assert proc.returncode == 0, out[-6000:]
     for bad in FORBIDDEN:
@@ -143,13 +145,15 @@ def pool(tmp_path_factory, tiny_models):
 
 
 def test_edit_records_its_runs_in_its_own_database(tmp_path, images, tiny_models):
+    """With Prefect auth on: the embedded server then refuses anonymous calls, and the command's
+    client and its local Ray's workers (which run the stage task) must send the auth string."""
     cfg = tmp_path / "ip2p.yaml"
     cfg.write_text(yaml.safe_dump(dict(
         input=images, output=str(tmp_path / "out"), method="instruct_pix2pix",
         model=tiny_models["instruct_pix2pix"], instruction="make it snowy", steps=3, resolution=64,
     )))
     home = tmp_path / "home"
-    out = run_user(["edit", str(cfg), "--json"], home, tmp_path)
+    out = run_user(["edit", str(cfg), "--json"], home, tmp_path, env={"PREFECT_SERVER_API_AUTH_STRING": "pm:s3cret"})
     summary = json.loads(last_line(out))
     assert summary["rows_out"] == 4 and summary["worker"]["in_ray_worker"] is True
     assert Dataset.open(str(tmp_path / "out")).num_rows == 4
@@ -285,6 +289,18 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
+def _listening(p: psutil.Process) -> list:
+    try:
+        return [c for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
 def test_sigkill_ends_the_embedded_server_and_the_local_ray(tmp_path, tiny_models):
     from pixelmill.datasets.importer import import_folder
     from pixelmill.samples import draw_sample_images
@@ -318,6 +334,11 @@ def test_sigkill_ends_the_embedded_server_and_the_local_ray(tmp_path, tiny_model
         assert cli.poll() is None and server is not None, (tmp_path / "cli.log").read_text()[-4000:]
         tree = psutil.Process(cli.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in tree), _describe(tree)
+        # what a command starts for itself (Prefect server, Ray's GCS, raylet, agents, workers; no
+        # Ray dashboard) listens on loopback only
+        listening = [(c.laddr.ip, c.laddr.port, p.name()) for p in [psutil.Process(cli.pid), *tree]
+                     for c in _listening(p)]
+        assert listening and all(_loopback(ip) for ip, _, _ in listening), listening
 
         cli.send_signal(signal.SIGKILL)
         cli.wait(timeout=10)
