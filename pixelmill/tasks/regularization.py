@@ -202,7 +202,7 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
             validate(pool, clip_embed_dim(clip_model), cfg.embedding, check_values=small and
                      cfg.invalid_vectors == "error", clip_model=clip_model)
         except PoolError as e:
-            raise ValueError(f"pool: {e}") from None
+            raise ValueError(f"pool: {e}".replace("use on_bad='reject'", "set `invalid_vectors: reject`")) from None
     if cfg.index:
         from pixelmill.tasks.retrieval.faiss_index import check_index_kind, read_index_info
 
