@@ -109,8 +109,8 @@ def test_whole_input_kind(kind, tmp_path, tiny_models, monkeypatch, capsys):
     assert "Traceback" not in err
     if kind.outcome == POOL_REJECT:  # checks pass; the scan records the rows as rejects
         assert code == 0, err
-        from pixelmill.tasks.retrieval import validate
         from pixelmill.tasks.regularization import clip_embed_dim
+        from pixelmill.tasks.retrieval import validate
 
         report = validate(str(tmp_path / "pool"), clip_embed_dim(tiny_models["clip"]), on_bad="reject")
         assert ", ".join(report.bad_ids) == kind.expect

@@ -25,8 +25,8 @@ from tests.data.corpus import (
     VIDEO_BUILDERS,
     _string_array,
     kinds,
-    marker_corner,
     markdown_table,
+    marker_corner,
 )
 
 README = Path(__file__).resolve().parents[3] / "README.md"
