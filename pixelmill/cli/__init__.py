@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_quiet_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pixelmill.datasets.errors import InputError
     from pixelmill.datasets.storage import StorageUnavailable
 
     try:
         return args.func(args) or 0
-    except (UsageError, ConfigError, StorageUnavailable) as e:
+    except (UsageError, ConfigError, StorageUnavailable, InputError) as e:
         print(f"pixelmill: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and closed early (before OSError: it is one)

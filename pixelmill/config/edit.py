@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pixelmill.config.base import FlowConfig, StrictModel, format_validation_error, placeholders
 
@@ -71,6 +71,14 @@ class EditSettings(StrictModel):
     seed: int = 0
     clip_model: str | None = None
     adapters: list[AdapterSpec] = Field(default_factory=list)
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_in_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 < value <= 1:
+            raise ValueError(f"{value} is outside (0, 1]: strength is the fraction of the noise schedule "
+                             "re-noised (1 = start from pure noise), or `auto`")
+        return value
 
     @model_validator(mode="after")
     def _check_method(self) -> EditSettings:

@@ -124,6 +124,35 @@ def check_writable(url: str, dry_run: bool = False) -> None:
         raise PreflightError(f"output {url} is not writable: {e.strerror or e}") from None
 
 
+def edit_input_columns(cfg: EditConfig) -> dict[str, tuple[str, str]]:
+    """The input columns a bulk edit reads, with their kind and the config key naming each."""
+    from pixelmill.tasks.edit import template_fields
+
+    cols = {cfg.image_column: ("image", "image_column")}
+    for key in ("caption_column", "prompt_column", "instruction_column"):
+        if getattr(cfg, key):
+            cols[getattr(cfg, key)] = ("text", key)
+    for key in ("prompt", "instruction"):
+        for col in template_fields(getattr(cfg, key)):
+            cols.setdefault(col, ("any", key))
+    for key in ("mask_column", "stroke_column"):
+        if getattr(cfg, key):
+            cols[getattr(cfg, key)] = ("image", key)
+    return cols
+
+
+def check_input(url: str, columns: dict[str, tuple[str, str]], field: str = "input") -> None:
+    """The whole-input checks of ``pixelmill.datasets.checks`` as a preflight (exit 2 naming the problem)."""
+    from pixelmill.datasets import DatasetNotFound
+    from pixelmill.datasets.checks import check_input_dataset
+    from pixelmill.datasets.errors import InputError
+
+    try:
+        check_input_dataset(url, columns, field)
+    except (DatasetNotFound, InputError) as e:
+        raise PreflightError(str(e) if str(e).startswith(field) else f"{field}: {e}") from None
+
+
 def check_output_config(url: str, hashed: dict, overwrite: bool = False, dry_run: bool = False,
                         remove_url: str | None = None) -> None:
     """Exit 2 naming the changed keys when ``url`` was made with another config, or it is not writable.
@@ -131,9 +160,13 @@ def check_output_config(url: str, hashed: dict, overwrite: bool = False, dry_run
     With ``--overwrite`` the old output (``remove_url``, default ``url``) is removed instead.
     """
     from pixelmill.datasets import config_hash, diff_config, read_manifest
+    from pixelmill.datasets.errors import InputError
 
     check_writable(url, dry_run)
-    existing = read_manifest(url)
+    try:
+        existing = read_manifest(url)
+    except InputError as e:
+        raise PreflightError(f"output: {e}; remove it or choose another output") from None
     if existing is None or existing.config_hash == config_hash(hashed):
         return
     changed = diff_config(existing.config, hashed)
@@ -149,13 +182,15 @@ def check_output_config(url: str, hashed: dict, overwrite: bool = False, dry_run
 def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) -> EditConfig:
     """Validate the config and its inputs before anything starts (no Ray, no server)."""
     from pixelmill.datasets import Dataset, DatasetNotFound
+    from pixelmill.datasets.errors import InputError
 
     cfg = absolute_paths(cfg)
     try:
         schema = Dataset.open(cfg.input).schema
-    except DatasetNotFound as e:
+    except (DatasetNotFound, InputError) as e:
         raise PreflightError(f"input: {e}") from None
     cfg = check_input_columns(cfg, schema.names)
+    check_input(cfg.input, edit_input_columns(cfg))
     check_model_path("model", cfg.model, "pipeline")
     check_model_path("clip_model", cfg.clip_model, "clip")
     t2l = getattr(cfg, "text2live", None)
@@ -236,6 +271,7 @@ def check_finetune(cfg, overwrite: bool = False, dry_run: bool = False):
 def check_pairs(cfg, overwrite: bool = False, dry_run: bool = False):
     """Validate a pairs config and its inputs before anything starts."""
     from pixelmill.datasets import Dataset, DatasetNotFound
+    from pixelmill.datasets.errors import InputError
 
     images = cfg.images.model_copy(update={"model": local_url_if_path(cfg.images.model),
                                            "clip_model": local_url_if_path(cfg.images.clip_model),
@@ -249,11 +285,12 @@ def check_pairs(cfg, overwrite: bool = False, dry_run: bool = False):
                                  "text": cfg.text.model_copy(update={"options": options})})
     try:
         names = Dataset.open(cfg.input).schema.names
-    except DatasetNotFound as e:
+    except (DatasetNotFound, InputError) as e:
         raise PreflightError(f"input: {e}") from None
     if cfg.caption_column not in names:
         raise PreflightError(f"caption_column: column {cfg.caption_column!r} is not in the input "
                          f"(columns: {', '.join(names)})")
+    check_input(cfg.input, {cfg.caption_column: ("text", "caption_column")})
     check_model_path("images.model", cfg.images.model, "pipeline")
     check_model_path("images.clip_model", cfg.images.clip_model, "clip")
     if cfg.text.writer == "transformers":

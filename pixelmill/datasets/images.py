@@ -76,11 +76,17 @@ def decode_image(value: dict[str, Any] | bytes | bytearray | memoryview) -> Imag
     return img
 
 
+MIN_SIDE = 8
+"""Smallest accepted width or height of a source image: below it there is nothing to edit."""
+
+
 def normalize_image(
     data: bytes,
     resolution: int = 512,
     max_pixels: int = 50_000_000,
     multiple: int = 8,
+    min_side: int = MIN_SIDE,
+    notes: list[str] | None = None,
 ) -> Image.Image:
     """Decode untrusted image bytes into an RGB image sized for a diffusion model.
 
@@ -88,8 +94,9 @@ def normalize_image(
     is decoded, so a small file declaring a huge canvas cannot exhaust memory (PIL's own
     global ``Image.MAX_IMAGE_PIXELS`` guard is turned into the same error). EXIF
     orientation is applied; grey, palette (with transparency), alpha, CMYK, 16-bit and
-    float images become 8-bit RGB, transparent areas white. The long side is resized
-    to ``resolution`` (up or down, LANCZOS, aspect kept), then both sides are rounded down
+    float images become 8-bit RGB, transparent areas white. An animated image (GIF, APNG,
+    WebP) gives its first frame, and says so in ``notes``. The long side is resized to
+    ``resolution`` (up or down, LANCZOS, aspect kept), then both sides are rounded down
     to a multiple of ``multiple``.
 
     Args:
@@ -97,9 +104,12 @@ def normalize_image(
         resolution: target length of the long side, before snapping.
         max_pixels: largest accepted ``width * height`` of the source.
         multiple: both output sides are multiples of this (and at least this).
+        min_side: smallest accepted source width or height (a 1x1 pixel is no image to edit).
+        notes: when given, what was done that a reader of the output should know is
+            appended to it (``first of 3 frames of an animated GIF``).
 
     Raises:
-        ImageError: ``empty``, ``too_large``, ``undecodable`` or ``unsupported_mode``.
+        ImageError: ``empty``, ``too_large``, ``too_small``, ``undecodable`` or ``unsupported_mode``.
     """
     if not data:
         raise ImageError("empty", "no image bytes")
@@ -119,8 +129,15 @@ def normalize_image(
         raise ImageError("undecodable", f"invalid size {width}x{height}")
     if width * height > max_pixels:
         raise ImageError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+    if min(width, height) < min_side:
+        raise ImageError("too_small", f"{width}x{height}: both sides must be at least {min_side} pixels")
 
     try:
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        if frames > 1:
+            img.seek(0)
+            if notes is not None:
+                notes.append(f"first of {frames} frames used ({img.format or 'multi-frame'} image)")
         if img.format == "JPEG":
             img.draft(None, (resolution, resolution))
         img.load()

@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from pixelmill.datasets import storage
+from pixelmill.datasets.errors import InputError
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -134,11 +135,24 @@ def read_manifest(url: str) -> Manifest | None:
 
     Args:
         url: the dataset folder.
+
+    Raises:
+        InputError: the file is not JSON, or not a manifest.
     """
     path = manifest_url(url)
     if not storage.exists(path):
         return None
-    return Manifest.model_validate_json(storage.read_text(path))
+    text = storage.read_text(path)
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path} is not JSON ({e}); a dataset's manifest must be the JSON pixelmill writes") from None
+    try:
+        return Manifest.model_validate_json(text)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}"
+                             for err in e.errors()[:3])
+        raise InputError(f"{path} is not a valid pixelmill manifest ({problems})") from None
 
 
 def write_manifest(url: str, manifest: Manifest) -> None:

@@ -149,13 +149,9 @@ def list_videos(url: str, column: str = "video", limit: int | None = None) -> li
                 rows += [_path_row(str(i), v, base, column)
                          for i, v in zip(table.column("id").to_pylist(), table.column(column).to_pylist())]
     rows = rows[:limit] if limit else rows
-    seen: dict[str, int] = {}
-    for r in rows:
-        seen[r.id] = seen.get(r.id, 0) + 1
-    dupes = sorted(i for i, n in seen.items() if n > 1)
-    if dupes:
-        raise ValueError(f"{url}: ids must be unique; repeated: {', '.join(dupes[:10])}"
-                         + (f" and {len(dupes) - 10} more" if len(dupes) > 10 else ""))
+    from pixelmill.datasets.checks import check_ids
+
+    check_ids([r.id for r in rows], str(url))  # unique, and safe: ids name the output folders
     return rows
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pixelmill.models.device import resolve_device, resolve_dtype
+from pixelmill.models.safe_weights import refuse_pickles
 
 MODEL_INDEX = "model_index.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -101,12 +102,12 @@ def _pipeline_folder(model: str) -> Path:
     path = _local_path(model)
     if not path.exists():
         raise ModelNotFound(f"model folder not found: {path} (from model name {model!r})")
+    if why := refuse_pickles(path):
+        raise ModelNotFound(why)
     if not path.is_dir():
         raise ModelNotFound(f"model path is not a folder: {path}")
     if not (path / MODEL_INDEX).is_file():
-        raise ModelNotFound(
-            f"{path} is not a diffusers pipeline folder: it has no {MODEL_INDEX}"
-        )
+        raise ModelNotFound(f"{path} is not a diffusers pipeline folder: it has no {MODEL_INDEX}")
     return path
 
 
@@ -565,6 +566,8 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
     path = _local_path(model)
     if not path.exists():
         raise ModelNotFound(f"model not found: {path} (from model name {model!r})")
+    if why := refuse_pickles(path):
+        raise ModelNotFound(why)
 
 
 def load_training_components(model: str, revision: str | None = None) -> dict[str, Any]:

@@ -161,12 +161,17 @@ def clip_embed_dim(clip_model: str) -> int | None:
     return int(cfg["embed_dim"]) if cfg else None
 
 
+PREFLIGHT_VALUE_CHECK_ROWS = 2_000_000
+"""Pools up to this many rows have every vector checked before the run starts."""
+
+
 def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
     """Refuse, before anything starts, a pool that cannot be scanned with the CLIP model.
 
     Fills ``clip_model`` from the pool's ``pool.json`` when the config leaves it out, and
-    checks the structure (embedding width against the model, aligned parts) without
-    reading every vector; bad vectors are found by the scan itself.
+    checks the structure (embedding width against the model, aligned parts); with
+    ``invalid_vectors: error``, a pool of up to ``PREFLIGHT_VALUE_CHECK_ROWS`` rows has its
+    vectors checked too (a larger one is checked by the scan itself).
 
     Raises:
         ValueError: naming the field and the problem.
@@ -190,10 +195,14 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
             raise ValueError(f"clip_model: {e}") from None
         if cfg.embedding not in pool.kinds:
             raise ValueError(f"embedding: the pool has no {cfg.embedding} embeddings (it has {', '.join(pool.kinds)})")
+        # Bad vectors (NaN/Inf, all zero) stop the run before it starts when reading them
+        # all is cheap; in a larger pool the scan finds them (and fails, or rejects them).
+        small = sum(p.rows for p in pool.parts) <= PREFLIGHT_VALUE_CHECK_ROWS
         try:
-            validate(pool, clip_embed_dim(clip_model), cfg.embedding, check_values=False, clip_model=clip_model)
+            validate(pool, clip_embed_dim(clip_model), cfg.embedding, check_values=small and
+                     cfg.invalid_vectors == "error", clip_model=clip_model)
         except PoolError as e:
-            raise ValueError(f"pool: {e}") from None
+            raise ValueError(f"pool: {e}".replace("use on_bad='reject'", "set `invalid_vectors: reject`")) from None
     if cfg.index:
         from pixelmill.tasks.retrieval.faiss_index import check_index_kind, read_index_info
 

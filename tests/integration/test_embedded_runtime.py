@@ -175,11 +175,22 @@ def test_retrieve_records_its_runs_in_its_own_database(tmp_path, pool):
     assert_recorded(home, "retrieve", min_tasks=2)
 
 
-@pytest.mark.sweep  # same code path as edit/retrieve/run; `make sweep` runs it
-def test_pairs_records_its_runs_in_its_own_database(tmp_path, tiny_models):
+def test_pairs_records_its_runs_in_its_own_database_and_writes_its_api_key_nowhere(tmp_path, tiny_models):
+    """Also the planted-key check (security): the OpenAI-compatible writer reads a distinctive
+    key from ``$OPENAI_API_KEY`` (only there: the config holds none) and sends it to a
+    loopback server that accepts nothing else; afterwards no output file, no file in the
+    home (the Prefect database with its flow-run parameters, task runs, logs and artifacts;
+    the server's log), no file of Ray's session folder (every worker's and service's log)
+    and nothing the command printed holds the key."""
+    import secrets
+    import shutil
+    import tempfile
+
     import pyarrow as pa
 
     from pixelmill.datasets import DatasetWriter
+    from tests.helpers.leaks import find_secret, regular_files
+    from tests.helpers.llm_server import FakeLLMServer, echo
 
     w = DatasetWriter(str(tmp_path / "captions"), "captions", 1, {"test": 1}).open()
     sw = w.shard("00000")
@@ -187,15 +198,32 @@ def test_pairs_records_its_runs_in_its_own_database(tmp_path, tiny_models):
                                                             "a bowl of apples"]}))
     sw.commit()
     w.finish()
-    cfg = tmp_path / "pairs.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        input=str(tmp_path / "captions"), output=str(tmp_path / "out"), seed=4,
-        images=dict(model=tiny_models["img2img"], clip_model=tiny_models["clip"], samples_per_caption=1, steps=2,
-                    height=64, width=64, min_direction=-1.0, min_image_caption=-1.0, min_image_similarity=-1.0),
-    )))
+    key = f"sk-planted-{secrets.token_hex(16)}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pms"))  # short: Ray's socket paths must fit in 107 bytes
     home = tmp_path / "home"
-    out = run_user(["pairs", str(cfg), "--json", "--limit", "2"], home, tmp_path)
-    assert json.loads(last_line(out))["captions"] == 2
+    try:
+        with FakeLLMServer(api_key=key, handler=echo()) as server:
+            cfg = tmp_path / "pairs.yaml"
+            cfg.write_text(yaml.safe_dump(dict(
+                input=str(tmp_path / "captions"), output=str(tmp_path / "out"), seed=4,
+                text=dict(writer="openai", options=dict(base_url=server.base_url, model="fake-llm", retries=0)),
+                images=dict(model=tiny_models["img2img"], clip_model=tiny_models["clip"], samples_per_caption=1,
+                            steps=2, height=64, width=64, min_direction=-1.0, min_image_caption=-1.0,
+                            min_image_similarity=-1.0),
+            )))
+            out = run_user(["pairs", str(cfg), "--json", "--limit", "2"], home, tmp_path,
+                           env={"OPENAI_API_KEY": key, "RAY_TMPDIR": str(ray_tmp)})
+            used = [r.headers.get("authorization") for r in server.requests]
+        summary = json.loads(last_line(out))
+        assert summary["captions"] == 2 and summary["text_rejects"] == 0
+        assert used and set(used) == {f"Bearer {key}"}  # the key was really read and sent
+        roots = {"outputs": tmp_path / "out", "pixelmill home": home, "Ray session": ray_tmp}
+        names = {p.name for root in roots.values() for p in regular_files(root)}
+        assert {"_manifest.json", "prefect.db"} <= names  # the search covers manifests and Prefect's records
+        assert any(n.startswith("worker-") for n in names), sorted(names)  # ... and Ray's worker logs
+        assert find_secret(key, roots, {"config": cfg.read_text(), "the command's output": out}) == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert_recorded(home, "pairs", min_tasks=2)
 
 

@@ -9,6 +9,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
+from pixelmill.datasets.errors import InputError
+
 POOL_INFO_NAME = "pool.json"
 LAYOUT_LAION = "laion"
 LAYOUT_PARQUET = "parquet"
@@ -28,8 +30,8 @@ REJECT_ROWS_SCHEMA = pa.schema([("id", pa.string()), ("part", pa.string()), ("ro
                                 ("error", pa.string()), ("stage", pa.string())])
 
 
-class PoolError(ValueError):
-    """A pool that cannot be scanned as asked: wrong layout, width, alignment or values."""
+class PoolError(InputError):
+    """A pool that cannot be scanned as asked: wrong layout, width, alignment or values (exit 2)."""
 
 
 @dataclass(frozen=True)

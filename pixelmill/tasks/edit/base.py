@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pixelmill.datasets.images import IMAGE_TYPE, ImageError, encode_image, normalize_image
+from pixelmill.datasets.text import TextError, table_rows, text_value
 from pixelmill.tasks.metrics import ClipScorer, rgb_rmse
 from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT, Resources, RowError, Stage
 
@@ -41,6 +42,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("model_hash", pa.string()),
         ("width", pa.int64()),
         ("height", pa.int64()),
+        ("notes", pa.list_(pa.string())),
         ("status", pa.string()),
         ("error", pa.string()),
         ("stage", pa.string()),
@@ -65,15 +67,18 @@ def template_fields(template: str | None) -> list[str]:
 
 
 def fill_template(template: str | None, row: dict) -> str | None:
-    """Fill ``{column}`` placeholders from the row; a missing or empty value is a row error."""
+    """Fill ``{column}`` placeholders from the row; a missing, empty or non-UTF-8 value is a row error."""
     fields = template_fields(template)
     if not fields:
         return template
     values = {}
     for f in fields:
         v = row.get(f)
-        if v is None or (isinstance(v, str) and not v.strip()):
-            raise RowError(f"missing {f!r} for the prompt template")
+        if isinstance(v, (bytes, str)) or v is None:
+            try:
+                v = text_value(v, f"{f!r} for the prompt template", max_chars=1 << 62)
+            except TextError as e:
+                raise RowError(str(e)) from None
         values[f] = v
     return template.format_map(values)
 
@@ -185,37 +190,50 @@ class BulkEditor(Stage):
         """Edit one chunk of ``(index, image, text, seed, inputs)`` items (``inputs``: from ``row_inputs``)."""
         return self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
 
-    def _row_text(self, row: dict) -> str:
-        """The row's prompt/instruction: its column, or the config text with ``{column}`` filled in."""
+    def _row_text(self, row: dict, notes: list[str]) -> str:
+        """The row's prompt/instruction: its column, or the config text with ``{column}`` filled in.
+
+        Null, empty and non-UTF-8 texts are row errors; text over ``MAX_TEXT_CHARS`` is
+        cut, and the cut is recorded in ``notes``.
+        """
         c = self.config
+        cap = c.get("caption_column")
+        if cap and isinstance(row.get(cap), bytes) and row[cap]:  # a binary caption column, or invalid UTF-8
+            try:
+                row[cap] = text_value(row[cap], f"caption in column {cap!r}", max_chars=1 << 62)
+            except TextError as e:
+                raise RowError(str(e)) from None
         if self.text_key is None:  # a method that reads no text (declared with ``text=None``)
             return ""
         column = c.get(f"{self.text_key}_column")
         text = row.get(column) if column else fill_template(c.get(self.text_key), row)
-        if not isinstance(text, str) or not text.strip():
-            raise RowError(f"missing {self.text_key}" + (f" in column {column!r}" if column else ""))
-        return text
+        try:
+            return text_value(text, self.text_key + (f" in column {column!r}" if column else ""), notes=notes)
+        except TextError as e:
+            raise RowError(str(e)) from None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         c = self.config
-        rows = batch.to_pylist()
+        rows = table_rows(batch)
         out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
         groups: dict[tuple[int, int], list[tuple[int, Image.Image, str, int, dict]]] = defaultdict(list)
         for i, row in enumerate(rows):
+            notes: list[str] = []
             try:
                 raw = row.get(c["image_column"])
                 if raw is None:
                     raise RowError(f"missing image in column {c['image_column']!r}")
                 data = raw["bytes"] if isinstance(raw, dict) else raw
                 try:
-                    image = normalize_image(data or b"", c["resolution"], c["max_pixels"])
+                    image = normalize_image(data or b"", c["resolution"], c["max_pixels"], notes=notes)
                 except ImageError as e:
                     raise RowError(str(e)) from None
-                text = self._row_text(row)
+                text = self._row_text(row, notes)
                 extra = self.row_inputs(row, image)
             except RowError as e:
                 out[i] = self._reject(row, e.reason)
                 continue
+            row["__notes"] = notes
             groups[image.size].append((i, image, text, row_seed(c["seed"], str(row["id"])), extra))
 
         for items in groups.values():
@@ -263,9 +281,10 @@ class BulkEditor(Stage):
 
     def _base(self, row: dict) -> dict:
         cap = self.config.get("caption_column")
+        caption = row.get(cap) if cap else None
         return {
             "id": str(row.get("id")),
-            "caption": row.get(cap) if cap else None,
+            "caption": caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption,  # rejects only
             "method": self.method,
             "steps": self.config["steps"],
             "guidance_scale": self.config["guidance_scale"],
@@ -293,6 +312,7 @@ class BulkEditor(Stage):
             "model_hash": self.model_hash,
             "width": edited.width,
             "height": edited.height,
+            "notes": row.get("__notes") or None,
             "status": STATUS_OK,
             **{f.name: res.get(f.name) for f in self.extra_fields},
         }

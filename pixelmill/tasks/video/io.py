@@ -149,8 +149,12 @@ def _plural(n: int) -> str:
     return f"{n} frame" if n == 1 else f"{n} frames"
 
 
+MAX_FRAME_PIXELS = 4096 * 4096
+"""Largest frame (width x height) decoded: a bigger one is refused from the header, before any frame is decoded."""
+
+
 def decode_video(
-    src: VideoSource, max_frames: int | None = None, min_frames: int = 2
+    src: VideoSource, max_frames: int | None = None, min_frames: int = 2, max_pixels: int = MAX_FRAME_PIXELS
 ) -> DecodedVideo:
     """Decode the first video stream to RGB frames.
 
@@ -159,15 +163,21 @@ def decode_video(
         max_frames: stop after this many frames (None: all).
         min_frames: fewer decoded frames than this is an error; atlas editing needs motion,
             so the default is 2.
+        max_pixels: largest accepted frame size (from the stream header, checked before decoding).
 
     Raises:
-        VideoError: unreadable or broken file, no video stream, or fewer than ``min_frames``.
+        VideoError: unreadable or broken file, no video stream, frames over ``max_pixels``,
+            or fewer than ``min_frames``.
     """
     if max_frames is not None and max_frames < max(min_frames, 1):
         raise ValueError(f"max_frames={max_frames} is below min_frames={min_frames}")
     container, name = _open(src)
     with container:
         stream = _video_stream(container, name)
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w * h > max_pixels:
+            raise VideoError(f"{name}: frames of {w}x{h} exceed the {max_pixels}-pixel limit "
+                             f"({int(max_pixels ** 0.5)}x{int(max_pixels ** 0.5)}); downscale the video first")
         rate = _rate(stream, name)
         stream.thread_type = "AUTO"
         frames: list[np.ndarray] = []

@@ -176,6 +176,10 @@ def run_video_job(spec: dict[str, Any]) -> dict[str, Any]:
     return {**_write_record(d, record), "skipped": False}
 
 
+VFR_TOLERANCE = 0.5
+"""Largest spread of frame intervals, in frame periods, still taken as a constant frame rate."""
+
+
 def _decode(spec: dict[str, Any]):
     from pixelmill.datasets.videos import read_video
     from pixelmill.tasks.video.io import VideoError, decode_video
@@ -192,6 +196,11 @@ def _decode(spec: dict[str, Any]):
         if frame.shape != video.frames[0].shape:
             raise VideoRejected(f"the frame size changes at frame {i} ({frame.shape[1]}x{frame.shape[0]}, "
                                 f"frame 0 is {video.width}x{video.height}); an atlas needs one size")
+    gaps = np.diff(np.asarray(video.timestamps, dtype=np.float64))
+    if gaps.size and (gaps.max() - gaps.min()) > VFR_TOLERANCE / float(video.fps):
+        raise VideoRejected(f"variable frame rate: frame intervals range from {gaps.min() * 1000:.1f} to "
+                            f"{gaps.max() * 1000:.1f} ms; the edited MP4 is written at one constant rate, so "
+                            "re-encode the input at a constant rate first (e.g. ffmpeg -fps_mode cfr)")
     return video
 
 
