@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         _resume_hint(args.command)
         return 1
     except Exception as e:  # noqa: BLE001 - the traceback helps; the last line says what failed
+        lost = _lost_prefect_api(e)
+        if lost:
+            print(f"pixelmill: error: {args.command} failed: lost the Prefect API at {lost} ({e})", file=sys.stderr)
+            _resume_hint(args.command)
+            return 1
         import traceback
 
         traceback.print_exc()
@@ -218,6 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         _resume_hint(args.command)
         return 130
+
+
+def _lost_prefect_api(exc: BaseException) -> str | None:
+    """The Prefect API URL when ``exc`` (or its cause) is a failed connection to it, else None."""
+    import os
+
+    url = os.environ.get("PREFECT_API_URL")
+    seen = 0
+    while exc is not None and seen < 10:
+        if type(exc).__module__.startswith(("httpx", "httpcore")) and "Connect" in type(exc).__name__:
+            return url or "(unknown URL)"
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 # Commands that keep committed shards (jobs, videos, steps) and resume from them on a rerun.
