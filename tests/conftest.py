@@ -40,9 +40,11 @@ from tests.helpers.s3_server import S3Server, isolate_aws_env  # noqa: E402
 # AWS settings come from files under this folder, never from the developer's own setup.
 # Set before any Ray node starts, so nodes and their workers read the same files: the
 # ``s3_server`` fixture writes them (the "credentials file the nodes read").
-_AWS_DIR = Path(tempfile.mkdtemp(prefix="pixelmill-aws-"))
-isolate_aws_env(_AWS_DIR)
-atexit.register(shutil.rmtree, _AWS_DIR, True)
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="pixelmill-session-"))
+isolate_aws_env(_SESSION_DIR / "aws")
+# local copies of remote models and adapters (storage.local_copy), never the user's ~/.cache
+os.environ.setdefault("PIXELMILL_CACHE", str(_SESSION_DIR / "cache"))
+atexit.register(shutil.rmtree, _SESSION_DIR, True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,7 +135,9 @@ def cluster(tmp_path_factory):
                 raise RuntimeError("ray start failed:\n" + (home / "ray-start.log").read_text()[-3000:])
             time.sleep(0.5)
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "PREFECT_API_URL": server.api_url,
-               "PIXELMILL_TEST_PREFECT_PID": str(server.proc.pid)}
+               "PIXELMILL_TEST_PREFECT_PID": str(server.proc.pid),
+               # where the head's session logs and the server's database are (the secrets sweep reads them)
+               "PIXELMILL_TEST_RAY_TMP": str(ray_tmp), "PIXELMILL_TEST_PREFECT_HOME": str(home)}
     finally:
         _stop_tree(head)
         log.close()

@@ -17,6 +17,14 @@ def test_storage_round_trip_on_s3(s3_server, tmp_path):
     assert not storage.exists(storage.join(root, "a", "b.bin"))
     assert storage.read_bytes(storage.join(root, "c", "b.bin")) == b"\x00\x01"
     assert storage.local_path(root) is None
+    # a folder moves whole (a checkpoint's commit), its marker copied last
+    storage.write_bytes(storage.join(root, "tmp-ckpt", "model.safetensors"), b"m")
+    storage.write_text_atomic(storage.join(root, "tmp-ckpt", "sub", "state.json"), "{}")
+    storage.move(storage.join(root, "tmp-ckpt"), storage.join(root, "step-1"), last=("state.json",))
+    assert not storage.exists(storage.join(root, "tmp-ckpt"))
+    assert storage.read_text(storage.join(root, "step-1", "sub", "state.json")) == "{}"
+    assert storage.read_bytes(storage.join(root, "step-1", "model.safetensors")) == b"m"
+    storage.remove(storage.join(root, "step-1"))
     local = storage.get_dir(root, str(tmp_path / "copy"))
     assert (tmp_path / "copy" / "a" / "note.txt").read_text() == "hello"
     storage.put_dir(local, storage.join(root, "again"))

@@ -1,0 +1,194 @@
+"""Every flow with its inputs and outputs on ``s3://``: the real CLI, real Ray, real Prefect, a real S3 API.
+
+The S3 API is moto's server on 127.0.0.1 (``s3_server`` fixture). No test passes an
+endpoint or a key to pixelmill: CLI subprocesses and the session's Ray workers find
+both in the AWS config and credentials files their environment names, as cluster
+nodes do. The default suite runs one ``pixelmill run`` pipeline (a LoRA fine-tune
+whose model, data, checkpoints and artifacts are on S3, then a bulk edit that reads
+its images and model from S3 and loads the LoRA from S3), resumes the fine-tune from
+its S3 checkpoints, and sweeps every record for a planted secret. Pairs, retrieval and
+video on S3 run under ``make sweep``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pixelmill.datasets import Dataset, account, storage
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+# What a user exports on the machine they submit from; moto accepts any key. Workers on
+# the Ray nodes never see these (they read the nodes' own AWS files), so a value that
+# reached them, or any record, would have been carried by pixelmill.
+PLANTED = {"AWS_ACCESS_KEY_ID": "pmplantedkeyid", "AWS_SECRET_ACCESS_KEY": "pmPLANTEDsecret-7Qz9xKc2Lw"}
+
+
+def _summary(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def s3_inputs(s3_server, tiny_models, tmp_path_factory):
+    """Images, instance images and the tiny img2img model, all on S3 (written with the driver's AWS files)."""
+    from pixelmill.datasets.importer import import_folder
+    from pixelmill.samples import draw_concept_images, draw_sample_images, write_image_dataset
+
+    local = tmp_path_factory.mktemp("s3-inputs")
+    root = s3_server.url("inputs")
+    draw_sample_images(str(local / "files"), n=4, corrupt=1, seed=3)
+    import_folder(str(local / "files"), storage.join(root, "images"))
+    write_image_dataset(storage.join(root, "dog"), draw_concept_images(3, seed=0))
+    storage.put_dir(tiny_models["img2img"], storage.join(root, "models", "img2img"))
+    ids = Dataset.open(storage.join(root, "images")).to_table(["id"])["id"].to_pylist()
+    return {"images": storage.join(root, "images"), "dog": storage.join(root, "dog"),
+            "model": storage.join(root, "models", "img2img"), "image_ids": ids}
+
+
+def _campaign(s3_server, s3_inputs, tiny_models, name: str) -> dict:
+    return {
+        "output": s3_server.url(name, "campaign"), "model": s3_inputs["model"], "clip_model": tiny_models["clip"],
+        "concepts": {"dog": {"instance_data": s3_inputs["dog"], "token": "<dog1>", "class_word": "dog"}},
+        "defaults": {"resolution": 64, "max_steps": 2, "train_batch_size": 2, "learning_rate": 1e-3,
+                     "checkpoint_every": 1, "keep_checkpoints": 2},
+        "jobs": [{"name": "dog-lora", "method": "lora", "concepts": ["dog"]}],
+        "eval": {"prompts": ["a photo of {concept}"], "samples_per_prompt": 1, "steps": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(s3_server, s3_inputs, tiny_models, cluster, tmp_path_factory):
+    """``pixelmill run``: fine-tune (all on S3) → bulk edit on S3 with the LoRA from S3; planted keys in the env."""
+    work = tmp_path_factory.mktemp("s3-pipeline")
+    (work / "ft.yaml").write_text(yaml.safe_dump(_campaign(s3_server, s3_inputs, tiny_models, "pipe")))
+    pipeline = {"steps": [
+        {"name": "ft", "uses": "finetune", "config": "ft.yaml"},
+        {"name": "edit", "uses": "edit",
+         "with": {"input": s3_inputs["images"], "output": s3_server.url("pipe", "edited"), "model": s3_inputs["model"],
+                  "prompt": "a painting", "strength": 0.5, "steps": 2, "resolution": 64,
+                  "adapters": [{"path": "${steps.ft.jobs.dog-lora}", "scale": 0.8}],
+                  "placement": {"workers": 1, "gpus": 0}}},
+    ]}
+    (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    proc = run_cli(["run", str(work / "pipeline.yaml"), "--json"], {**cluster, **PLANTED}, cwd=work)
+    return work, proc
+
+
+def test_pipeline_on_s3_trains_a_lora_and_edits_with_it_from_s3(pipeline_run, s3_server, s3_inputs):
+    from pixelmill.models.adapters import adapter_fingerprint
+
+    work, proc = pipeline_run
+    s = _summary(proc)
+    assert s["ft"]["ran"] == ["dog-lora"] and not s["ft"]["failed"], s
+    assert s["edit"]["rows_out"] == 4 and s["edit"]["rejects"] == 1, s
+
+    job_dir = s3_server.url("pipe", "campaign", "jobs")
+    (job_id,) = storage.listdir(job_dir)
+    job = storage.join(job_dir, job_id)
+    assert json.loads(storage.read_text(storage.join(job, "job.json")))["status"] == "finished"
+    assert storage.listdir(storage.join(job, "checkpoints")) == ["step-000001", "step-000002"]
+    assert storage.exists(storage.join(job, "artifacts", "pytorch_lora_weights.safetensors"))
+    fs = s3_server.filesystem()
+    with fs.open(storage.join(s3_server.url("pipe", "campaign"), "results.parquet")) as f:
+        (row,) = pq.read_table(f).to_pylist()
+    assert row["status"] == "finished" and all(a.startswith("s3://") for a in row["artifacts"])
+    assert storage.exists(storage.join(s3_server.url("pipe", "campaign"), "report.html"))
+
+    edited = Dataset.open(s3_server.url("pipe", "edited", "images"))
+    assert edited.complete and account(s3_inputs["image_ids"], edited).ok
+    hashes = set(edited.to_table(["model_hash"])["model_hash"].to_pylist())
+    # the worker loaded the LoRA from S3: its file hash is in every row's provenance
+    assert hashes == {next(iter(hashes)).split("+")[0] + "+" + adapter_fingerprint(storage.join(job, "artifacts"))}
+    assert next(iter(hashes)).startswith("remote:")  # the model came from S3 too
+    # nothing was written next to the command
+    assert sorted(p.name for p in work.iterdir()) == ["ft.yaml", "pipeline.yaml"]
+
+
+def test_finetune_resumes_from_its_s3_checkpoints(pipeline_run, s3_server, s3_inputs, tiny_models, cluster, tmp_path):
+    work, first = pipeline_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = ["--set", "defaults.max_steps=3"]
+    dry = run_cli(["finetune", str(work / "ft.yaml"), *more, "--dry-run"], cluster, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "resume" in dry.stdout and "dog-lora" in dry.stdout, dry.stdout
+    s = _summary(run_cli(["finetune", str(work / "ft.yaml"), *more, "--json"], cluster, cwd=tmp_path))
+    assert s["ran"] == ["dog-lora"] and not s["failed"], s
+    job_dir = s3_server.url("pipe", "campaign", "jobs")
+    (job_id,) = storage.listdir(job_dir)
+    job = storage.join(job_dir, job_id)
+    record = json.loads(storage.read_text(storage.join(job, "job.json")))
+    assert record["status"] == "finished" and record["step"] == 3
+    assert storage.listdir(storage.join(job, "checkpoints")) == ["step-000002", "step-000003"]
+    log = [json.loads(x) for x in storage.read_text(storage.join(job, "loss.jsonl")).splitlines() if x.strip()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # steps 1-2 from the first run, only step 3 trained now
+
+
+def _sweep_files(paths: list[Path]) -> dict[Path, bytes]:
+    out = {}
+    for root in paths:
+        for p in [root] if root.is_file() else root.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                try:
+                    out[p] = p.read_bytes()
+                except OSError:
+                    pass
+    return out
+
+
+def test_no_planted_secret_in_outputs_logs_ray_or_prefect(pipeline_run, s3_server, cluster):
+    work, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    secrets = [PLANTED["AWS_SECRET_ACCESS_KEY"], s3_server.secret_key]
+    found = []
+
+    # every object in the bucket (manifests, config copies, reports, job records, logs, weights)
+    fs = s3_server.filesystem()
+    objects = fs.find(s3_server.bucket)
+    assert any(o.endswith("_manifest.json") for o in objects) and any(o.endswith("report.html") for o in objects)
+    for key in objects:
+        data = fs.cat_file(key)
+        found += [f"s3://{key}" for s in secrets if s.encode() in data]
+    # the command's output
+    found += ["stdout/stderr" for s in secrets if s in proc.stdout or s in proc.stderr]
+    # local files of the run, Ray's session logs, the Prefect server's database and logs
+    ray_files = _sweep_files([Path(cluster["PIXELMILL_TEST_RAY_TMP"])])
+    prefect_files = _sweep_files([Path(cluster["PIXELMILL_TEST_PREFECT_HOME"])])
+    local = _sweep_files([work])
+    for files in (ray_files, prefect_files, local):
+        found += [str(p) for p, data in files.items() for s in secrets if s.encode() in data]
+    assert not found, f"secret found in: {found}"
+
+    # the sweep looked where the run left its traces (not a vacuous pass)
+    edited_url = s3_server.url("pipe", "edited")
+    assert any(p.name.endswith(".log") or p.suffix in (".out", ".err") for p in ray_files)
+    assert any(b"dog-lora" in data for data in ray_files.values())  # the job ran on this Ray
+    db = Path(cluster["PIXELMILL_TEST_PREFECT_HOME"]) / "prefect.db"
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        params = [r[0] for r in con.execute("select parameters from flow_run")]
+        logs = [r[0] for r in con.execute("select message from log")]
+    finally:
+        con.close()
+    assert any(edited_url in (p or "") for p in params)  # the edit's config is in the flow run's parameters
+    assert logs
+    for s in secrets:
+        assert not any(s in (p or "") for p in params) and not any(s in (m or "") for m in logs)
+
+
+def test_runtime_env_carries_no_storage_credentials(monkeypatch):
+    from pixelmill.runtime import Runtime
+
+    for k, v in {**PLANTED, "AWS_SESSION_TOKEN": "tok", "AWS_ENDPOINT_URL_S3": "http://x"}.items():
+        monkeypatch.setenv(k, v)
+    env = Runtime(prefect_api_url="http://127.0.0.1:1/api").worker_env()
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
+    assert not [k for k in env if k.startswith("AWS_")]
+    assert not any(PLANTED["AWS_SECRET_ACCESS_KEY"] in v for v in env.values())
