@@ -26,8 +26,11 @@ def resolve(url: str) -> tuple[AbstractFileSystem, str]:
     Raises:
         StorageUnavailable: the URL's protocol needs a package that is not installed.
     """
+    # Remote listings are never cached: Ray workers live across runs, and a listing cached
+    # in one would hide checkpoints, shards and records other processes wrote since.
+    options = {"use_listings_cache": False} if is_remote(url) else {}
     try:
-        fs, path = fsspec.core.url_to_fs(str(url))
+        fs, path = fsspec.core.url_to_fs(str(url), **options)
     except ImportError as exc:
         extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(str(url).split("://")[0], None)
         hint = f" (pip install 'pixelmill[{extra}]')" if extra else ""

@@ -102,7 +102,7 @@ def test_pipeline_on_s3_trains_a_lora_and_edits_with_it_from_s3(pipeline_run, s3
     assert row["status"] == "finished" and all(a.startswith("s3://") for a in row["artifacts"])
     assert storage.exists(storage.join(s3_server.url("pipe", "campaign"), "report.html"))
 
-    edited = Dataset.open(s3_server.url("pipe", "edited", "images"))
+    edited = Dataset.open(s3_server.url("pipe", "edited"))
     assert edited.complete and account(s3_inputs["image_ids"], edited).ok
     hashes = set(edited.to_table(["model_hash"])["model_hash"].to_pylist())
     # the worker loaded the LoRA from S3: its file hash is in every row's provenance

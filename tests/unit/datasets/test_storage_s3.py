@@ -34,3 +34,13 @@ def test_storage_round_trip_on_s3(s3_server, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "hello"
+
+
+def test_listings_are_fresh_when_another_process_writes(s3_server):
+    """A long-lived process (a Ray worker) sees files another process added since it last listed."""
+    root = s3_server.url("unit", "fresh")
+    storage.write_bytes(storage.join(root, "a"), b"1")
+    assert storage.listdir(root) == ["a"]
+    s3_server.filesystem().pipe_file(storage.resolve(storage.join(root, "b"))[1], b"2")  # another client
+    assert storage.listdir(root) == ["a", "b"]
+    assert storage.exists(storage.join(root, "b"))
