@@ -192,3 +192,107 @@ def test_runtime_env_carries_no_storage_credentials(monkeypatch):
     assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
     assert not [k for k in env if k.startswith("AWS_")]
     assert not any(PLANTED["AWS_SECRET_ACCESS_KEY"] in v for v in env.values())
+
+
+# -- the other flows on S3 (make sweep) ---------------------------------------------------------
+
+@pytest.mark.sweep
+def test_pairs_on_s3(s3_server, tiny_models, cluster, tmp_path):
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+
+    captions = s3_server.url("pairs", "captions")
+    rows = ["a red car parked on a street", "a cat sleeping on a wooden chair", "   "]
+    w = DatasetWriter(captions, "captions", 1, {"test": 1}).open()
+    sw = w.shard("00000")
+    sw.write(pa.table({"id": ["c0", "c1", "c2"], "caption": rows}))
+    sw.commit()
+    w.finish()
+    out = s3_server.url("pairs", "out")
+    cfg = tmp_path / "pairs.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        input=captions, output=out, seed=4,
+        images=dict(model=tiny_models["img2img"], clip_model=tiny_models["clip"], samples_per_caption=2, steps=2,
+                    height=64, width=64, max_per_caption=2, min_direction=-1.0, min_image_caption=-1.0,
+                    min_image_similarity=-1.0))))
+    s = _summary(run_cli(["pairs", str(cfg), "--json"], cluster, cwd=tmp_path))
+    assert s["captions"] == 3 and s["text_rejects"] == 1
+    text = Dataset.open(storage.join(out, "text"))
+    pairs = Dataset.open(storage.join(out, "pairs"))
+    assert text.complete and pairs.complete and account(["c0", "c1", "c2"], text).ok
+    assert account(text.to_table(["id"])["id"].to_pylist(), pairs).ok and pairs.num_rows == 4
+    assert {"input_image", "edit_prompt", "edited_image"} <= set(pairs.schema.names)
+    again = _summary(run_cli(["pairs", str(cfg), "--json"], cluster, cwd=tmp_path))  # committed shards skipped
+    assert Dataset.open(storage.join(out, "pairs")).num_rows == 4 and again["captions"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.yaml"]
+
+
+@pytest.mark.sweep
+def test_retrieval_with_pool_and_output_on_s3(s3_server, tiny_models, cluster, tmp_path):
+    from pixelmill.samples import write_sample_pool_source
+    from tests.helpers.http_server import serve_directory
+
+    src, pool, out = (s3_server.url("retrieval", name) for name in ("src", "pool", "out"))
+    with serve_directory(str(tmp_path)) as srv:
+        write_sample_pool_source(str(tmp_path / "files"), srv.base_url + "/files", src)
+        built = run_cli(["pool", "build", src, "--clip", tiny_models["clip"], "--out", pool], cluster, cwd=tmp_path)
+        assert built.returncode == 0, built.stderr[-3000:]
+        cfg = tmp_path / "retrieve.yaml"
+        cfg.write_text(yaml.safe_dump(dict(
+            prompts=["a photo of a dog"], pool=pool, output=out, num_images=3, threshold=0.85, resolution=64,
+            download=dict(allow_loopback=True, timeout=5, retries=0))))
+        s = _summary(run_cli(["retrieve", str(cfg), "--json"], cluster, cwd=tmp_path))
+    (dog,) = s["prompts"].values()
+    assert dog["downloaded"] == 3 and dog["shortfall"] == 0
+    images = Dataset.open(storage.join(out, "images"))
+    assert images.complete and images.num_rows == 3
+    (folder,) = storage.listdir(storage.join(out, "real_reg"))
+    listed = storage.read_text(storage.join(out, "real_reg", folder, "images.txt")).split()
+    assert len(listed) == 3 and all(p.startswith("s3://") and storage.exists(p) for p in listed)
+
+
+@pytest.mark.sweep
+def test_video_on_s3_with_a_neural_atlas_resumed_from_s3(s3_server, tiny_models, cluster, tmp_path):
+    from pixelmill.datasets.videos import write_video_dataset
+    from pixelmill.tasks.video.io import encode_video, probe_video
+    from pixelmill.tasks.video.synthetic import synthetic_moving_shape, synthetic_pan
+
+    encode_video(synthetic_pan(frames=6, size=(48, 32), shift=(2.0, 1.0)).frames, 24, tmp_path / "pan.mp4")
+    encode_video(synthetic_moving_shape(frames=6, size=(40, 32), radius=6.0, velocity=(3.0, 1.0)).frames, 24,
+                 tmp_path / "shape.mp4")
+    videos = s3_server.url("video", "input")
+    write_video_dataset(videos, [("pan", (tmp_path / "pan.mp4").read_bytes()),
+                                 ("shape", (tmp_path / "shape.mp4").read_bytes())])
+    out = s3_server.url("video", "out")
+    cfg = {"input": videos, "output": out, "atlas": {"method": "homography"},
+           "edit": {"method": "sdedit", "model": tiny_models["img2img"], "prompt": "a watercolor painting",
+                    "strength": 0.5, "steps": 2, "guidance_scale": 1.0}, "cpus_per_job": 1}
+    path = tmp_path / "video.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    s = _summary(run_cli(["video", str(path), "--json"], cluster, cwd=tmp_path))
+    assert sorted(s["ran"]) == ["pan", "shape"] and not s["failed"] and not s["rejected"], s
+    local = tmp_path / "check.mp4"
+    local.write_bytes(storage.read_bytes(storage.join(out, "videos", "pan", "edited.mp4")))
+    assert probe_video(local).frames == 6
+    for name in ("metrics.parquet", "report.html", "config.json", "videos/pan/job.json",
+                 "videos/pan/frames/edited-00005.png", "videos/shape/atlas/atlas.json"):
+        assert storage.exists(storage.join(out, name)), name
+    again = _summary(run_cli(["video", str(path), "--json"], cluster, cwd=tmp_path))
+    assert again["ran"] == [] and sorted(again["skipped"]) == ["pan", "shape"]
+
+    # a neural atlas whose checkpoints live on S3: more iterations resume from them
+    neural = {**cfg, "input": storage.join(videos), "output": s3_server.url("video", "neural"), "atlas": {
+        "method": "neural", "neural": {"preset": "tiny", "iterations": 40, "checkpoint_every": 20,
+                                       "batch_size": 256}}, "limit": 1}
+    path.write_text(yaml.safe_dump(neural))
+    first = _summary(run_cli(["video", str(path), "--json"], cluster, cwd=tmp_path))
+    assert first["ran"] == ["pan"], first
+    ckpt = s3_server.url("video", "neural", "videos", "pan", "atlas-checkpoints", "checkpoint.json")
+    assert storage.exists(ckpt)
+    more = ["--set", "atlas.neural.iterations=60", "--overwrite", "--json"]
+    second = _summary(run_cli(["video", str(path), *more], cluster, cwd=tmp_path))
+    assert second["ran"] == ["pan"]
+    atlas = json.loads(storage.read_text(s3_server.url("video", "neural", "videos", "pan", "metrics.json")))["atlas"]
+    assert atlas["start_iteration"] == 40 and atlas["iterations"] == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.mp4", "pan.mp4", "shape.mp4", "video.yaml"]
