@@ -44,3 +44,28 @@ def test_listings_are_fresh_when_another_process_writes(s3_server):
     s3_server.filesystem().pipe_file(storage.resolve(storage.join(root, "b"))[1], b"2")  # another client
     assert storage.listdir(root) == ["a", "b"]
     assert storage.exists(storage.join(root, "b"))
+
+
+def test_remote_models_and_adapters_are_copied_once_per_content(s3_server, tmp_path):
+    import pytest
+
+    from pixelmill.models.adapters import LORA_FILE, AdapterError, adapter_fingerprint, adapter_kind
+    from pixelmill.models.loading import ModelNotFound, check_model_reference, model_fingerprint
+
+    adapter = s3_server.url("unit", "adapter", "artifacts")
+    storage.write_bytes(storage.join(adapter, LORA_FILE), b"v1")
+    first = storage.local_copy(adapter)
+    assert first.startswith(str(storage.cache_dir())) and open(f"{first}/{LORA_FILE}", "rb").read() == b"v1"
+    assert storage.local_copy(adapter) == first  # unchanged: no new copy
+    assert adapter_kind(s3_server.url("unit", "adapter")) == "lora"  # a job folder finds its artifacts/
+    fp1, mfp1 = adapter_fingerprint(adapter), model_fingerprint(adapter)
+    storage.write_bytes(storage.join(adapter, LORA_FILE), b"v2")  # retrained: rewritten in place
+    second = storage.local_copy(adapter)
+    assert second != first and open(f"{second}/{LORA_FILE}", "rb").read() == b"v2"
+    assert adapter_fingerprint(adapter) != fp1 and model_fingerprint(adapter) != mfp1
+    with pytest.raises(AdapterError, match="not found"):
+        adapter_kind(s3_server.url("unit", "no-such-adapter"))
+    with pytest.raises(ModelNotFound, match="model_index.json"):
+        check_model_reference(adapter)  # a folder, but not a pipeline
+    with pytest.raises(ModelNotFound):
+        model_fingerprint(s3_server.url("unit", "no-such-model"))
