@@ -185,17 +185,6 @@ def test_no_planted_secret_in_outputs_logs_ray_or_prefect(pipeline_run, s3_serve
         assert not any(s in (p or "") for p in params) and not any(s in (m or "") for m in logs)
 
 
-def test_runtime_env_carries_no_storage_credentials(monkeypatch):
-    from pixelmill.runtime import Runtime
-
-    for k, v in {**PLANTED, "AWS_SESSION_TOKEN": "tok", "AWS_ENDPOINT_URL_S3": "http://x"}.items():
-        monkeypatch.setenv(k, v)
-    env = Runtime(prefect_api_url="http://127.0.0.1:1/api").worker_env()
-    assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api"
-    assert not [k for k in env if k.startswith("AWS_")]
-    assert not any(PLANTED["AWS_SECRET_ACCESS_KEY"] in v for v in env.values())
-
-
 # -- the other flows on S3 (make sweep) ---------------------------------------------------------
 
 @pytest.mark.sweep
