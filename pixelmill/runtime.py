@@ -501,7 +501,13 @@ class Runtime:
         os.environ[key] = value
 
     def worker_env(self) -> dict[str, str]:
-        """Environment variables every Ray worker of this job gets."""
+        """Environment variables every Ray worker of this job gets (a fixed allow-list).
+
+        Storage endpoints and credentials (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+        ...) are never among them: Ray shows a job's runtime environment in its dashboard
+        and metadata. Workers read them from their node's own environment or credential
+        files, as every node must (the cluster configs set them).
+        """
         env = {k: os.environ[k] for k in QUIET_ENV if k in os.environ}
         env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
         env["PREFECT_API_URL"] = self.prefect_api_url or ""

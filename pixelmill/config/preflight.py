@@ -313,9 +313,6 @@ def check_video(cfg, overwrite: bool = False, dry_run: bool = False):
     from pixelmill.datasets import DatasetNotFound, config_hash, diff_config
     from pixelmill.tasks.video.plan import plan_videos, read_output_config
 
-    if "://" in cfg.output and not cfg.output.startswith("file://"):
-        raise PreflightError(f"output: {cfg.output}: the video flow writes to a local (or shared) folder; "
-                         "object-store URLs are not supported for video outputs")
     edit = cfg.edit
     t2l = getattr(edit, "text2live", None)
     if t2l is not None:

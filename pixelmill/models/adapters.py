@@ -28,7 +28,19 @@ class AdapterError(ValueError):
 
 
 def adapter_folder(path: str) -> Path:
-    """The folder holding the adapter files (a job folder's ``artifacts/`` is found too)."""
+    """The folder holding the adapter files (a job folder's ``artifacts/`` is found too).
+
+    An adapter on object storage (``s3://…``, any remote fsspec URL) is downloaded to the
+    local cache first (once per content, ``storage.local_copy``): diffusers' loaders read
+    local files only.
+    """
+    from pixelmill.datasets import storage
+
+    if storage.is_remote(path):
+        try:
+            path = storage.local_copy(path)
+        except FileNotFoundError:
+            raise AdapterError(f"adapter {path}: not found") from None
     p = Path(path).expanduser()
     if (p / "artifacts").is_dir() and not any((p / f).exists() for f in (TI_FILE, LORA_FILE, CD_FILE)):
         p = p / "artifacts"

@@ -9,11 +9,8 @@ code is never trusted. Names that look local but point nowhere fail early with
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import threading
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -33,9 +30,6 @@ TOY_PREFIX = "toy:"
 TOY_MODELS_DIR = Path(__file__).resolve().parents[1] / "toy" / "models"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_FINGERPRINT_SUFFIXES = {".safetensors", ".json", ".txt", ".model"}
-_file_hash_cache: dict[tuple[str, int, int], str] = {}
-_file_hash_lock = threading.Lock()
 
 
 class ModelNotFound(FileNotFoundError):
@@ -50,9 +44,20 @@ def resolve_model_name(model: str) -> str:
     ``looks_local`` says False for it, so path handling leaves it alone until a loader
     resolves it.
 
+    A model on object storage (``s3://bucket/models/sd``, any remote fsspec URL) comes back
+    as the path of its local copy (``storage.local_copy``: downloaded once per content),
+    since diffusers and open_clip load local folders only.
+
     Raises:
-        ModelNotFound: an unknown toy name.
+        ModelNotFound: an unknown toy name, or nothing at a remote URL.
     """
+    if _is_remote(model):
+        from pixelmill.datasets import storage
+
+        try:
+            return storage.local_copy(model)
+        except FileNotFoundError:
+            raise ModelNotFound(f"model not found: {model}") from None
     if not model.startswith(TOY_PREFIX):
         return model
     name = model[len(TOY_PREFIX):]
@@ -62,6 +67,12 @@ def resolve_model_name(model: str) -> str:
         shipped = ", ".join(TOY_PREFIX + k for k in known) or "none"
         raise ModelNotFound(f"unknown toy model {model!r}; shipped: {shipped}")
     return str(path)
+
+
+def _is_remote(model: str) -> bool:
+    from pixelmill.datasets.storage import is_remote
+
+    return is_remote(model)
 
 
 def looks_local(model: str) -> bool:
@@ -346,85 +357,6 @@ def require_sd_shaped(pipe: Any, what: str) -> None:
         )
 
 
-def _hash_file(path: Path, stat: os.stat_result) -> str:
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    with _file_hash_lock:
-        cached = _file_hash_cache.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    with _file_hash_lock:
-        _file_hash_cache[key] = value
-    return value
-
-
-def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit a revision points at in the local hub cache, without network access."""
-    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-
-        ref = (
-            Path(constants.HF_HUB_CACHE)
-            / repo_folder_name(repo_id=repo_id, repo_type="model")
-            / "refs"
-            / (revision or "main")
-        )
-        return ref.read_text().strip() if ref.is_file() else None
-    except (ImportError, OSError):
-        return None
-
-
-def model_fingerprint(model: str, revision: str | None = None) -> str:
-    """A short provenance string that changes when the model's weights or configs change.
-
-    For a local folder (or file): the first 16 hex digits of a sha256 over the relative
-    names, sizes and content hashes of its ``.safetensors``/``.json``/``.txt``/``.model``
-    files. Content hashes are cached by path, size and mtime, so repeated calls only
-    re-read files that changed. For a hub id: ``"<id>@<commit>"`` when the local hub
-    cache knows the commit, else ``"<id>@<revision or main>"``.
-
-    Args:
-        model: A local path or a hub id (``hf-hub:`` prefix allowed).
-        revision: Hub branch, tag or commit; ignored for local paths.
-
-    Raises:
-        ModelNotFound: A local-looking path that does not exist.
-    """
-    model = resolve_model_name(model)
-    if not looks_local(model):
-        repo_id = model.removeprefix(HF_HUB_PREFIX)
-        commit = _hub_commit(repo_id, revision) if _HUB_ID.match(repo_id) else None
-        return f"{model}@{commit or revision or 'main'}"
-    path = _local_path(model)
-    if not path.exists():
-        raise ModelNotFound(f"model path not found: {path} (from model name {model!r})")
-    if path.is_file():
-        files = [path]
-        root = path.parent
-    else:
-        root = path
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix in _FINGERPRINT_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-    digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        rel = file.relative_to(root).as_posix()
-        digest.update(f"{rel}\0{stat.st_size}\0{_hash_file(file, stat)}\n".encode())
-    return digest.hexdigest()[:16]
-
-
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -557,6 +489,14 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
     Raises:
         ModelNotFound: naming the path and what is missing.
     """
+    if _is_remote(model):  # checked where it lies, without downloading it
+        from pixelmill.datasets import storage
+
+        wanted = storage.join(model, MODEL_INDEX) if kind == "pipeline" else model
+        if not storage.exists(wanted):
+            raise ModelNotFound(f"model not found: {wanted}" if kind != "pipeline" else
+                                f"{model} is not a diffusers pipeline folder: it has no {MODEL_INDEX}")
+        return
     model = resolve_model_name(model)
     if not looks_local(model):
         return
@@ -597,3 +537,6 @@ def load_training_components(model: str, revision: str | None = None) -> dict[st
     parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler")}
     parts["pipeline_class"] = type(pipe).__name__
     return parts
+
+
+from pixelmill.models.fingerprint import model_fingerprint  # noqa: E402,F401  (re-exported; uses the helpers above)

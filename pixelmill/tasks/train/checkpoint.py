@@ -89,7 +89,7 @@ class JobStore:
                                 st_save({k: v.contiguous() for k, v in ema.items()}))
         storage.write_text_atomic(storage.join(tmp, "state.json"), json.dumps({"step": step, **extra}))
         storage.remove(final)
-        storage.move(tmp, final)
+        storage.move(tmp, final, last=("state.json",))
         for old in self.checkpoint_steps()[:-keep]:
             storage.remove(self.path("checkpoints", f"{STEP_PREFIX}{old:06d}"))
         return final

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,10 +79,9 @@ class VideoRejected(Exception):
 # -- records ---------------------------------------------------------------------------------
 
 def read_record(directory: str | Path) -> dict[str, Any]:
-    """The video's ``job.json`` (empty when there is none or it is unreadable)."""
-    path = Path(directory) / JOB_JSON
+    """The video's ``job.json`` (empty when there is none or it is unreadable); any fsspec URL."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(storage.join(str(directory), JOB_JSON)))
     except (OSError, ValueError):
         return {}
 
@@ -100,14 +100,15 @@ def job_state(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         reused when its own settings did not change), ``resume`` (interrupted, or atlas
         work to reuse) or ``new``.
     """
-    d = Path(spec["dir"])
+    d = str(spec["dir"])
     rec = read_record(d)
-    progress = (d / CHECKPOINT_DIR / "checkpoint.json").is_file() or (d / ATLAS_DIR / "atlas.json").is_file()
+    progress = storage.exists(storage.join(d, CHECKPOINT_DIR, "checkpoint.json")) \
+        or storage.exists(storage.join(d, ATLAS_DIR, "atlas.json"))
     if not rec:
         return ("resume" if progress else "new"), {}
     same = rec.get("hash") == spec["hash"]
     status = rec.get("status")
-    if same and status == STATUS_FINISHED and (d / EDITED_VIDEO).is_file():
+    if same and status == STATUS_FINISHED and storage.exists(storage.join(d, EDITED_VIDEO)):
         return "finished", rec
     if same and status == STATUS_REJECTED:
         return "rejected", rec
@@ -134,15 +135,40 @@ def _clean(value: Any) -> Any:
 def run_video_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Edit one video (or skip it when already done); returns its record plus ``skipped``.
 
+    A video folder on object storage (``s3://…``) is mirrored: the job works in a local
+    folder filled from it (saved atlas, checkpoints, record), and uploads what it wrote
+    after every neural-atlas checkpoint and when it ends, failed or not, so a rerun on
+    any node resumes from there. PyAV and PIL write local files only.
+
     Raises:
         Exception: anything but a reject, after recording the video as ``failed``.
     """
+    if not storage.is_remote(spec["dir"]):
+        return _run_job(spec, Path(spec["dir"]))
+    remote = spec["dir"]
+    local = Path(tempfile.mkdtemp(prefix="pixelmill-video-"))
+    try:
+        if storage.exists(remote):
+            storage.get_dir(remote, str(local))
+
+        def upload(sub: str | None = None) -> None:
+            src = local / sub if sub else local
+            storage.sync_dir(str(src), storage.join(remote, sub) if sub else remote)
+
+        try:
+            return _run_job({**spec, "dir": str(local)}, local, upload)
+        finally:
+            upload()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _run_job(spec: dict[str, Any], d: Path, upload: Callable[[str], None] | None = None) -> dict[str, Any]:
     from pixelmill.tasks.stage import set_torch_threads
 
     state, rec = job_state(spec)
     if state in ("finished", "rejected"):
         return {**rec, "skipped": True}
-    d = Path(spec["dir"])
     d.mkdir(parents=True, exist_ok=True)
     for name in _OUTPUTS:
         target = d / name
@@ -160,7 +186,7 @@ def run_video_job(spec: dict[str, Any]) -> dict[str, Any]:
     set_torch_threads(spec.get("cpus", 1))
     t0 = time.perf_counter()
     try:
-        metrics, files = _process(spec, d)
+        metrics, files = _process(spec, d, upload)
     except VideoRejected as e:
         record.update(status=STATUS_REJECTED, error=e.reason, seconds=time.perf_counter() - t0)
         return {**_write_record(d, record), "skipped": False}
@@ -211,7 +237,8 @@ def _frames_sha256(frames: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _process(spec: dict[str, Any], d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _process(spec: dict[str, Any], d: Path, upload: Callable[[str], None] | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
     from pixelmill.tasks.video.io import probe_video
     from pixelmill.tasks.video.metrics import psnr, temporal_consistency
     from pixelmill.tasks.video.render import atlas_validity_mask, composite_edit, overlay_edit, render_frames
@@ -222,7 +249,7 @@ def _process(spec: dict[str, Any], d: Path) -> tuple[dict[str, Any], dict[str, A
     decode_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    atlas, atlas_info = _atlas(spec, d, frames, video.fps)
+    atlas, atlas_info = _atlas(spec, d, frames, video.fps, upload)
     atlas_s = time.perf_counter() - t
     reconstruction = render_frames(atlas)
 
@@ -293,7 +320,8 @@ def _encode(frames: list[np.ndarray], fps, path: Path) -> str:
 
 # -- the atlas -------------------------------------------------------------------------------
 
-def _atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps) -> tuple[Any, dict[str, Any]]:
+def _atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps,
+           upload: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """The saved atlas when its settings and frames are unchanged, else a new one (saved)."""
     from pixelmill.tasks.video.atlas import Atlas, AtlasError
     from pixelmill.tasks.video.homography import build_homography_atlas
@@ -317,7 +345,7 @@ def _atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps) -> tupl
             raise VideoRejected(f"homography atlas: {e}") from None
         info: dict[str, Any] = {"covered_fraction": atlas.meta.get("covered_fraction")}
     else:
-        atlas, info = _neural_atlas(spec, d, frames, fps)
+        atlas, info = _neural_atlas(spec, d, frames, fps, upload)
     atlas.meta.update(atlas_hash=spec["atlas_hash"], frames_sha256=fingerprint, job=info)
     tmp = d / f".{ATLAS_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -327,7 +355,8 @@ def _atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps) -> tupl
     return atlas, {"reused": False, **info}
 
 
-def _neural_atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps) -> tuple[Any, dict[str, Any]]:
+def _neural_atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps,
+                  upload: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
     from pixelmill.models.device import resolve_device
     from pixelmill.tasks.video.atlas import AtlasError
     from pixelmill.tasks.video.homography import build_homography_atlas, motion_masks
@@ -346,7 +375,8 @@ def _neural_atlas(spec: dict[str, Any], d: Path, frames: list[np.ndarray], fps) 
     device = resolve_device(spec.get("device", "auto"))
 
     def train():
-        return train_neural_atlas(frames, cfg, checkpoint_dir=checkpoints, masks=masks, fps=fps, device=device)
+        return train_neural_atlas(frames, cfg, checkpoint_dir=checkpoints, masks=masks, fps=fps, device=device,
+                                  on_checkpoint=(lambda: upload(CHECKPOINT_DIR)) if upload else None)
 
     try:
         atlas, stats = train()

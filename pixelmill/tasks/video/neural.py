@@ -474,6 +474,7 @@ def train_neural_atlas(
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     fps: Fraction | None = None,
     device: str | torch.device = "cpu",
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> tuple[Atlas, NeuralAtlasStats]:
     """Fit a two-layer neural atlas to a clip and export it as an :class:`Atlas`.
 
@@ -488,6 +489,7 @@ def train_neural_atlas(
         masks: optional rough foreground masks (HxW, bool or [0, 1]) per frame to bootstrap alpha.
         progress: called as ``progress(step, iterations, losses)`` every ``progress_every`` steps.
         fps: frame rate recorded on the atlas.
+        on_checkpoint: called after each checkpoint is written (e.g. to upload it).
         device: torch device to train on. Initialisation and pixel sampling happen on the
             CPU, so a seed gives the same start on every device; bit-identical results
             (and resume equality) are guaranteed on the CPU only.
@@ -521,9 +523,13 @@ def train_neural_atlas(
                 progress(done, cfg.iterations, losses)
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, model, optimizer, done, cfg, fingerprint)
+            if on_checkpoint is not None:
+                on_checkpoint()
     reached = max(start, cfg.iterations)
     if checkpoint_dir is not None and reached > start and (not cfg.checkpoint_every or reached % cfg.checkpoint_every):
         save_checkpoint(checkpoint_dir, model, optimizer, reached, cfg, fingerprint)
+        if on_checkpoint is not None:
+            on_checkpoint()
     seconds = time.perf_counter() - began
     atlas, mlp_rgb = _export_atlas(model, video, cfg, fps)
     rendered = render_frames(atlas)

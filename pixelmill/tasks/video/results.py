@@ -9,7 +9,6 @@ original, timings and the paths of what the job wrote. Every input video is a ro
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -82,8 +81,8 @@ def write_video_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, 
     write_parquet_file(table_url, pa.Table.from_pylist(rows, schema=METRICS_SCHEMA))
     videos = []
     for spec, rec, row in zip(specs, records, rows):
-        rel = Path(spec["dir"]).relative_to(Path(output)).as_posix() if Path(spec["dir"]).is_relative_to(
-            Path(output)) else spec["dir"]
+        prefix = str(output).rstrip("/") + "/"
+        rel = spec["dir"][len(prefix):] if spec["dir"].startswith(prefix) else spec["dir"]
         videos.append({"row": row, "record": rec, "rel_dir": rel})
     report_url = storage.join(output, "report.html")
     render_video_report(report_url, videos)
