@@ -13,17 +13,29 @@ import pyarrow as pa
 
 from pixelmill.tasks.stage import Stage, set_torch_threads
 
+WORKER_COLUMN = "_worker"
+"""Control column each output batch carries: ``<node id>/<actor id>`` of the actor that made it."""
+
 
 class _StageActor:
-    """Ray Data actor: builds the stage from its builder on the worker, sets it up once."""
+    """Ray Data actor: builds the stage from its builder on the worker, sets it up once.
+
+    Tags its output rows with where they were made (``WORKER_COLUMN``), so a run can say
+    which nodes and how many actors did the work (and so its GPU-hours).
+    """
 
     def __init__(self, builder: Callable[[], Stage]) -> None:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        self.where = f"{ctx.get_node_id()}/{ctx.get_actor_id()}"
         self.stage = builder()
         set_torch_threads(self.stage.resources.cpus)
         self.stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
+        out = self.stage(batch)
+        return out.append_column(WORKER_COLUMN, pa.array([self.where] * out.num_rows, pa.string()))
 
 
 def quiet_data_context() -> None:

@@ -15,17 +15,33 @@ from collections.abc import Callable
 from typing import Any
 
 
+def current_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): a job records it on each attempt."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - only descriptive
+        return None
+
+
 def _loop(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
+    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     config["worker"](ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    nodes: list[Any] = [None] * ctx.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    ray.train.report({"nodes": nodes})
 
 
 def run_data_parallel(worker: Callable[[int, int, Any], None], *, name: str, num_workers: int,
-                      cpus_per_worker: float, num_gpus: float) -> None:
-    """Call ``worker(rank, world, device)`` on ``num_workers`` Ray Train workers and wait for all.
+                      cpus_per_worker: float, num_gpus: float) -> list[str]:
+    """Call ``worker(rank, world, device)`` on ``num_workers`` Ray Train workers, wait for all,
+    and return the Ray node id each rank ran on (rank order).
 
     ``num_gpus`` is the job's total, split evenly between workers; with GPUs the process
     group uses NCCL, without them Gloo. ``worker`` must be picklable (a module-level
@@ -47,6 +63,7 @@ def run_data_parallel(worker: Callable[[int, int, Any], None], *, name: str, num
         run_config=RunConfig(name=name, storage_path=ray_storage),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
+        return list((result.metrics or {}).get("nodes") or [])
     finally:
         shutil.rmtree(ray_storage, ignore_errors=True)
