@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -33,6 +34,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 sys.path.insert(0, str(NETGUARD))
 import sitecustomize  # noqa: E402,F401  (installs the guard in this process too)
+
+from tests.helpers.s3_server import S3Server, isolate_aws_env  # noqa: E402
+
+# AWS settings come from files under this folder, never from the developer's own setup.
+# Set before any Ray node starts, so nodes and their workers read the same files: the
+# ``s3_server`` fixture writes them (the "credentials file the nodes read").
+_AWS_DIR = Path(tempfile.mkdtemp(prefix="pixelmill-aws-"))
+isolate_aws_env(_AWS_DIR)
+atexit.register(shutil.rmtree, _AWS_DIR, True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -129,6 +139,27 @@ def cluster(tmp_path_factory):
         log.close()
         server.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 with bucket ``pixelmill-test``, for the whole session.
+
+    Its endpoint and (distinctive, random) secret are written to the AWS config and
+    credentials files that ``AWS_CONFIG_FILE`` / ``AWS_SHARED_CREDENTIALS_FILE`` name in
+    this process's environment, so CLI subprocesses and the workers of Ray nodes started by
+    the tests reach it without anything passed in code or in Ray's runtime environment.
+    ``s3_server.env`` holds the same settings as plain ``AWS_*`` variables.
+    """
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    config, creds = os.environ["AWS_CONFIG_FILE"], os.environ["AWS_SHARED_CREDENTIALS_FILE"]
+    server.write_aws_files(config, creds)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for path in (config, creds):
+            Path(path).unlink(missing_ok=True)
 
 
 def run_cli(args: list[str], env_extra: dict[str, str] | None = None, cwd: str | Path | None = None,
