@@ -218,8 +218,8 @@ def run_stage_into_writer(
             if rejected.num_rows:
                 sw.reject(rejected)
                 for error in rejected["error"].to_pylist():
-                    key = reason_key(error)
-                    stats.reject_reasons[key] = stats.reject_reasons.get(key, 0) + 1
+                    reason = reason_key(error)
+                    stats.reject_reasons[reason] = stats.reject_reasons.get(reason, 0) + 1
             before = len(seen[name])
             for table in (ok, dropped):
                 seen[name].update(str(v) for v in table[key].to_pylist() if v is not None)

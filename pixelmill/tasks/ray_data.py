@@ -109,14 +109,20 @@ def run_stage(
     # node must not starve the reads that feed it.
     ds = ds.map_batches(_read_spec_batch, fn_kwargs={"columns": columns}, batch_size=1,
                         batch_format="numpy", num_cpus=0)
-    ds = ds.map_batches(
+    # One call per shard (batch_size=None: whole blocks) also with GPUs: the public
+    # ``map_batches`` refuses that combination, ``map_batches_internal`` (Ray's DeveloperAPI,
+    # what ``map_groups`` uses for the same reason) does not validate it.
+    remote = ray_remote_args(probe)
+    map_batches = ds.map_batches_internal if remote.get("num_gpus") and hasattr(ds, "map_batches_internal") \
+        else ds.map_batches
+    ds = map_batches(
         _StageActor,
         fn_constructor_kwargs={"builder": builder},
         batch_size=None,
         batch_format="pyarrow",
         zero_copy_batch=True,
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
-        **ray_remote_args(probe),
+        **remote,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if batch.num_rows:

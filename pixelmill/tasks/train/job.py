@@ -533,9 +533,10 @@ def _run_data_parallel(spec: dict[str, Any], stop_at: int | None) -> dict[str, A
     from pixelmill.tasks.ray_train import run_data_parallel
 
     s = spec["settings"]
+    # the flow resolves ``auto`` on the cluster; a spec run as it is (``auto`` left) claims no GPUs
+    gpus = s["num_gpus"] if isinstance(s["num_gpus"], int | float) else 0.0
     nodes = run_data_parallel(functools.partial(_rank_worker, spec, stop_at), name=f"pixelmill-{spec['id']}",
-                              num_workers=s["num_workers"], cpus_per_worker=s["cpus_per_worker"],
-                              num_gpus=s["num_gpus"])
+                              num_workers=s["num_workers"], cpus_per_worker=s["cpus_per_worker"], num_gpus=gpus)
     url = storage.join(spec["dir"], ".worker-result.json")
     result = json.loads(storage.read_text(url))
     storage.remove(url)
