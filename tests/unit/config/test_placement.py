@@ -89,3 +89,37 @@ def test_run_figures_table_and_chained_runs():
     assert chain.rejected == {"bulk-edit: nsfw": 2, "bulk-edit: cannot decode image": 1,
                               "finetune: failed: RuntimeError": 1}
     assert chain.gpu_hours == 1.5 and chain.seconds == 5.0 and chain.notes == [f"bulk-edit: {NO_GPUS}"]
+
+
+def test_every_command_refuses_gpus_the_cluster_lacks_the_same_way():
+    """edit, pairs, video, fine-tuning and pipeline steps all list their GPU counts; one rule checks them."""
+    from pixelmill.cli.commands import pipeline_gpu_requests
+    from pixelmill.config import PairsConfig
+
+    configs = {
+        "edit": EditConfig.model_validate({**EDIT, "placement": {"gpus": 1}}),
+        "pairs": PairsConfig.model_validate({"input": "i", "output": "o", "images": {"model": "m", "clip_model": "c"},
+                                             "num_gpus_per_worker": 1}),
+        "video": VideoConfig.model_validate({"input": "v", "output": "o", "num_gpus": 1,
+                                             "edit": {"method": "sdedit", "model": "m", "prompt": "p"}}),
+        "finetune": CampaignConfig.model_validate({
+            "output": "o", "model": "m", "concepts": {"d": {"instance_data": "d", "token": "<d>", "class_word": "d"}},
+            "defaults": {"num_gpus": 1}, "jobs": [{"name": "j", "method": "lora", "concepts": ["d"]}]}),
+    }
+    for name, cfg in configs.items():
+        requests = cfg.gpu_requests()
+        assert requests, name
+        assert [c.gpus for c in check_gpu_requests(requests, [0, 1])] == [1.0], name
+        with pytest.raises(PlacementError, match="has no GPUs"):
+            check_gpu_requests(requests, [0, 0])
+        auto = cfg.model_copy(update={"placement": cfg.placement.model_copy(update={"gpus": "auto"})})
+        if name != "finetune":  # a job's num_gpus (set in defaults) wins over placement
+            assert check_gpu_requests(auto.gpu_requests(), [0])[0].note == NO_GPUS, name
+
+    steps = [{"name": "a", "uses": "edit", "data": {**EDIT, "placement": {"gpus": 2}}},
+             {"name": "b", "uses": "edit", "data": {**EDIT, "input": "${steps.a.output}"}}]
+    requests = pipeline_gpu_requests(steps)
+    assert [(r.field, r.value) for r in requests] == [("steps.a: placement.gpus", 2),
+                                                      ("steps.b: placement.gpus", "auto")]
+    with pytest.raises(PlacementError, match=r"steps.a: placement.gpus: 2 GPU\(s\) asked per worker"):
+        check_gpu_requests(requests, [1])
