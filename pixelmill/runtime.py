@@ -449,6 +449,15 @@ def enable_ray_token_auth_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def node_gpus() -> list[float]:
+    """GPUs on each alive node of the Ray cluster this process is connected to (none when not connected)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
 @dataclass
 class Runtime:
     """Ray + Prefect for one pixelmill command; use as a context manager.

@@ -4,6 +4,7 @@ runtime, runs a flow and prints its summary (``--json`` for one JSON line)."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from pixelmill.config import CampaignConfig, EditConfig, PairsConfig, RetrieveConfig, VideoConfig, load_config
@@ -47,9 +48,38 @@ def flow_runtime(args, runtime_cfg=None):
                    prefect_api_url=rc.prefect_api_url, home=home, num_cpus=rc.num_cpus)
 
 
+@contextmanager
+def connected(args, cfg, requests=None):
+    """The command's runtime, entered, with the config's GPU counts checked against the cluster.
+
+    An explicit GPU count that the connected cluster's nodes cannot provide raises
+    ``PlacementError`` (exit status 2) here, before any flow run, shard or job starts.
+    """
+    from pixelmill.config.placement import check_gpu_requests
+    from pixelmill.runtime import node_gpus
+
+    with flow_runtime(args, cfg.runtime) as runtime:
+        check_gpu_requests(cfg.gpu_requests() if requests is None else requests, node_gpus())
+        yield runtime
+
+
+def summary_extras(summary) -> dict:
+    """What every flow summary adds to ``--json``: notes, GPU-hours, rejects by reason, nodes, flow run."""
+    return {k: getattr(summary, k) for k in ("notes", "gpus", "gpu_hours", "rejected_by_reason", "nodes",
+                                             "flow_run_id") if hasattr(summary, k)}
+
+
+def print_notes(summary) -> None:
+    """The summary's notes (``ran on CPU: …``) and GPU-hours, under its figures."""
+    for note in getattr(summary, "notes", []):
+        print(f"note: {note}")
+    if getattr(summary, "gpu_hours", 0):
+        print(f"GPU-hours: {summary.gpu_hours:.4f}")
+
+
 def run_edit(cfg: EditConfig, args, show_progress: bool = True):
     """Start the runtime and run the bulk-edit flow."""
-    with flow_runtime(args, cfg.runtime):
+    with connected(args, cfg):
         from pixelmill.flows.bulk_edit import bulk_edit_flow
 
         return bulk_edit_flow(cfg.model_dump(), show_progress=show_progress)
@@ -66,6 +96,7 @@ def print_summary(summary, as_json: bool = False) -> None:
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(summary.images_per_second, 4),
         "worker": summary.worker,
+        **summary_extras(summary),
     }
     if as_json:
         print(json.dumps(data))
@@ -76,6 +107,7 @@ def print_summary(summary, as_json: bool = False) -> None:
     print(f"done: {summary.rows_in} rows in -> {summary.rows_out} edited + {summary.rejects} rejected "
           f"({len(summary.shards_run)} shard(s) run, {len(summary.shards_skipped)} skipped) "
           f"in {summary.seconds:.1f}s, {summary.images_per_second:.2f} images/s")
+    print_notes(summary)
     print(f"output: {summary.output}")
 
 
@@ -89,7 +121,7 @@ def cmd_retrieve(args) -> int:
         print(plan.describe())
         return 0
 
-    with flow_runtime(args, cfg.runtime):
+    with connected(args, cfg):
         from pixelmill.flows.retrieve import retrieve_flow
 
         summary = retrieve_flow(cfg.model_dump())
@@ -117,21 +149,17 @@ def cmd_finetune(args) -> int:
 
         for j in plan.jobs:
             storage.remove(j.spec["dir"])
-    with flow_runtime(args, cfg.runtime):
-        import ray
+    from pixelmill.config.campaign import job_gpu_request
 
-        have = float(ray.cluster_resources().get("GPU", 0))
-        for j in plan.jobs:
-            s = j.spec["settings"]
-            if j.action != "skip" and s["num_gpus"] > have:
-                raise UsageError(f"job {j.spec['name']!r} asks for num_gpus={s['num_gpus']}, but the Ray cluster "
-                                 f"has {have:g} GPU(s); it would wait forever (set num_gpus: 0 to train on CPU)")
+    requests = [job_gpu_request(j.spec["name"], j.spec["settings"]["num_gpus"], j.spec["settings"]["num_workers"])
+                for j in plan.jobs if j.action != "skip"]
+    with connected(args, cfg, requests):
         from pixelmill.flows.finetune import finetune_flow
 
         summary = finetune_flow(cfg.model_dump())
     data = {"output": summary.output, "ran": summary.ran, "skipped": summary.skipped, "failed": summary.failed,
             "warnings": summary.warnings, "class_images": summary.class_images, "results": summary.results,
-            "report": summary.report, "seconds": round(summary.seconds, 3)}
+            "report": summary.report, "seconds": round(summary.seconds, 3), **summary_extras(summary)}
     if args.json:
         print(json.dumps(data))
     else:
@@ -142,6 +170,7 @@ def cmd_finetune(args) -> int:
         for name, warnings in summary.warnings.items():
             for w in warnings:
                 print(f"  WARNING {name}: {w}")
+        print_notes(summary)
         print(f"results: {summary.results}\nreport:  {summary.report}")
     return 1 if summary.failed else 0
 
@@ -186,7 +215,8 @@ def finetune_status(config_path: str, args) -> int:
 def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps({"output": summary.output, "prompts": summary.prompts, "skipped": summary.skipped,
-                          "exported": summary.exported, "seconds": round(summary.seconds, 3)}))
+                          "exported": summary.exported, "seconds": round(summary.seconds, 3),
+                          **summary_extras(summary)}))
         return
     if not summary.prompts:
         print(f"nothing to do: {len(summary.skipped)} prompt(s) already complete in {summary.output}")
@@ -240,13 +270,14 @@ def cmd_pairs(args) -> int:
             "" if text.todo else " (text/ is complete; run without --dry-run to see its shards)"))
         return 0
 
-    with flow_runtime(args, cfg.runtime):
+    with connected(args, cfg):
         from pixelmill.flows.pairs import pairs_flow
 
         s = pairs_flow(cfg.model_dump())
     data = {k: getattr(s, k) for k in ("output", "captions", "instructions", "text_rejects", "pairs", "dropped",
                                        "pair_rejects", "text_skipped", "pairs_skipped")}
     data["seconds"] = round(s.seconds, 3)
+    data.update(summary_extras(s))
     if args.json:
         print(json.dumps(data))
     else:
@@ -254,6 +285,7 @@ def cmd_pairs(args) -> int:
               f"({len(s.text_skipped)} shard(s) skipped)")
         print(f"pairs: {s.pairs} kept, {s.dropped} dropped by the CLIP filter, {s.pair_rejects} captions with no "
               f"surviving pair ({len(s.pairs_skipped)} shard(s) skipped) in {s.seconds:.1f}s")
+        print_notes(s)
         print(f"output: {s.output}/pairs (columns input_image, edit_prompt, edited_image)")
     return 0
 
@@ -268,7 +300,7 @@ def cmd_video(args) -> int:
               f"{cfg.edit.layer} layer)")
         print(plan.describe())
         return 0
-    with flow_runtime(args, cfg.runtime):
+    with connected(args, cfg):
         from pixelmill.flows.video import video_flow
 
         summary = video_flow(cfg.model_dump())
@@ -279,7 +311,8 @@ def cmd_video(args) -> int:
 def print_video_summary(summary, as_json: bool = False) -> None:
     data = {"output": summary.output, "videos": summary.videos, "ran": summary.ran, "skipped": summary.skipped,
             "rejected": summary.rejected, "failed": summary.failed, "num_gpus": summary.num_gpus,
-            "metrics": summary.metrics, "report": summary.report, "seconds": round(summary.seconds, 3)}
+            "metrics": summary.metrics, "report": summary.report, "seconds": round(summary.seconds, 3),
+            **summary_extras(summary)}
     if as_json:
         print(json.dumps(data))
         return
@@ -290,6 +323,7 @@ def print_video_summary(summary, as_json: bool = False) -> None:
         print(f"  rejected {vid}: {reason}")
     for vid, err in summary.failed.items():
         print(f"  FAILED {vid}: {err}")
+    print_notes(summary)
     print(f"metrics: {summary.metrics}\nreport:  {summary.report}")
 
 
@@ -409,7 +443,7 @@ def cmd_run(args) -> int:
             print(f"  {s['name']:<16} {s['uses']:<10} -> {s['data'].get('output')}")
         print("each step skips what it already committed (shards, jobs, videos)")
         return 0
-    with flow_runtime(args, cfg.runtime):
+    with connected(args, cfg, pipeline_gpu_requests(steps)):
         from pixelmill.flows.run import pipeline_flow
 
         run_name = Path(args.config).stem  # the parent flow run is named after the pipeline file
@@ -419,7 +453,25 @@ def cmd_run(args) -> int:
     else:
         for name, s in summaries.items():
             figures = ", ".join(f"{k} {v if not isinstance(v, list | dict) else len(v)}" for k, v in s.items()
-                                if k not in ("output", "worker") and v not in (None, [], {}, 0))
+                                if k not in ("output", "worker", "notes", "nodes", "flow_run_id", "gpus")
+                                and v not in (None, [], {}, 0))
             print(f"{name}: {figures}")
+            for note in s.get("notes") or []:
+                print(f"  note: {note}")
         print(f"done: {len(summaries)} step(s)")
     return 0
+
+
+def pipeline_gpu_requests(steps: list[dict]) -> list:
+    """Every step's GPU counts (references to earlier steps' results left as they are: they name paths)."""
+    from dataclasses import replace
+
+    from pixelmill import registry
+    from pixelmill.config.pipeline import substitute
+
+    requests = []
+    for step in steps:
+        model = registry.get("pipeline", step["uses"]).obj.config_model()
+        cfg = model.model_validate(substitute(step["data"], lambda name, key: f"steps.{name}.{key}"))
+        requests += [replace(r, field=f"steps.{step['name']}: {r.field}") for r in cfg.gpu_requests()]
+    return requests

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the field and what is wrong."""
+
+
+AUTO = "auto"
+
+GpuCount = Annotated[float, Field(ge=0)] | Literal["auto"]
+"""A config's GPU count: ``auto`` (GPUs where the cluster has them, else CPU) or a number
+(``0``: CPU on purpose; more than the cluster can provide is refused). See ``config/placement.py``."""
 
 
 class StrictModel(BaseModel):
@@ -46,24 +53,28 @@ class Placement(StrictModel):
     Args:
         workers: actors per data-parallel stage (ignored by one-job-per-unit flows).
         cpus: CPUs each worker claims (and its torch thread count).
-        gpus: GPUs each worker claims where the Ray cluster has GPUs (0 on a CPU-only cluster).
+        gpus: GPUs each worker claims: ``auto`` (default: one where the Ray cluster has GPUs,
+            else CPU, said in the run's summary), or a number (``0``: CPU; more than the
+            cluster's nodes can provide is refused with exit status 2 before work starts).
         memory: bytes of memory each worker claims (Ray's ``memory`` resource), or none.
     """
 
     workers: int = Field(default=1, ge=1)
     cpus: float = Field(default=1.0, gt=0)
-    gpus: float = Field(default=1.0, ge=0)
+    gpus: GpuCount = AUTO
     memory: int | None = Field(default=None, ge=1)
 
-    def gpus_on(self, cluster_gpus: float) -> float:
-        """GPUs a worker claims on a cluster with ``cluster_gpus`` GPUs (none there: 0)."""
-        return self.gpus if cluster_gpus > 0 else 0.0
+    def gpu_request(self, field: str = "placement.gpus"):
+        """This placement's GPU count as a ``GpuRequest`` (resolved with ``config.placement.resolve_gpus``)."""
+        from pixelmill.config.placement import GpuRequest
 
-    def resources(self, cluster_gpus: float = 0.0):
-        """The stage ``Resources`` for this placement on a cluster with ``cluster_gpus`` GPUs."""
+        return GpuRequest(field, self.gpus, self.workers)
+
+    def resources(self, gpus: float = 0.0):
+        """The stage ``Resources`` for this placement, each worker claiming ``gpus`` (resolved) GPUs."""
         from pixelmill.tasks.stage import Resources
 
-        return Resources(cpus=self.cpus, gpus=self.gpus_on(cluster_gpus), memory_bytes=self.memory)
+        return Resources(cpus=self.cpus, gpus=gpus, memory_bytes=self.memory)
 
 
 class FlowConfig(StrictModel):
@@ -100,6 +111,10 @@ class FlowConfig(StrictModel):
             block[new] = value
         data["placement"] = block
         return data
+
+    def gpu_requests(self) -> list:
+        """Every GPU count this run claims (``GpuRequest``), checked as soon as Ray is connected."""
+        return [self.placement.gpu_request()]
 
     def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> Self:
         """What types cannot check, checked before the flow starts; returns the config to run.

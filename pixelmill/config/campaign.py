@@ -10,7 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pixelmill.config.base import ConfigError, FlowConfig, Placement, StrictModel, format_validation_error
+from pixelmill.config.base import (
+    AUTO,
+    ConfigError,
+    FlowConfig,
+    GpuCount,
+    Placement,
+    StrictModel,
+    format_validation_error,
+)
 
 # Settings that change where, how fast or how often a job runs, what it reports or refuses,
 # but not the weights it ends with: left out of the job id. ``max_steps`` is left out on
@@ -141,7 +149,7 @@ class TrainSettings(StrictModel):
     edited_column: str = "edited_image"
     instruction_column: str = "edit_prompt"
     # placement (not hashed)
-    num_gpus: float = Field(default=0, ge=0)
+    num_gpus: GpuCount = AUTO
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     device: str = "auto"
@@ -207,8 +215,10 @@ class CampaignConfig(FlowConfig):
         retrieve: optional regularization retrieval run first (its config without
             ``output``); concepts with ``class_data: retrieval`` train on its images.
         placement: each job's defaults for ``num_workers`` (data-parallel workers),
-            ``cpus_per_worker`` and ``num_gpus`` (GPUs per job); ``defaults`` or a job's
-            ``settings`` override them per job.
+            ``cpus_per_worker`` and ``num_gpus`` (GPUs per job: ``auto``, the default, gives
+            each worker a GPU where the cluster has one for every worker, else CPU; a number
+            the cluster cannot provide is refused); ``defaults`` or a job's ``settings``
+            override them per job.
     """
 
     def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> CampaignConfig:
@@ -225,7 +235,11 @@ class CampaignConfig(FlowConfig):
     grid: GridConfig | None = None
     eval: EvalSettings = Field(default_factory=EvalSettings)
     retrieve: dict[str, Any] | None = None
-    placement: Placement = Field(default_factory=lambda: Placement(gpus=0))
+    placement: Placement = Field(default_factory=Placement)
+
+    def gpu_requests(self) -> list:
+        """Each job's ``num_gpus``, as its workers claim it."""
+        return [job_gpu_request(j.name, j.settings.num_gpus, j.settings.num_workers) for j in self.expand()]
 
     @model_validator(mode="after")
     def _check(self) -> CampaignConfig:
@@ -283,6 +297,14 @@ class CampaignConfig(FlowConfig):
                               f"({' and '.join(joint) or 'no method'} trains several jointly)")
         return ExpandedJob(name=name, method=method, concepts=list(concepts), model=model or self.model,
                            settings=ts)
+
+
+def job_gpu_request(name: str, num_gpus: float | str, num_workers: int):
+    """A job's ``num_gpus`` as a ``GpuRequest``: the job's total, split between its workers, a whole GPU
+    each when several train together (NCCL ranks cannot share one)."""
+    from pixelmill.config.placement import GpuRequest
+
+    return GpuRequest(f"jobs[{name}].num_gpus", num_gpus, num_workers, per_job=True, whole=True)
 
 
 class ExpandedJob(BaseModel):

@@ -87,6 +87,10 @@ class RetrieveConfig(FlowConfig):
             raise ValueError("prompts contain duplicates")
         return self
 
+    def gpu_requests(self) -> list:
+        """None: scanning and downloading claim no GPUs (``placement.gpus`` is not read)."""
+        return []
+
     def active_prompts(self) -> list[str]:
         return self.prompts[: self.limit] if self.limit else list(self.prompts)
 

@@ -167,8 +167,8 @@ class VideoAtlasSettings(StrictModel):
 class VideoConfig(FlowConfig):
     """The video flow: every video of a dataset edited through a layered atlas.
 
-    One job per video (one Prefect task on Ray, with ``num_gpus`` GPUs where the cluster
-    has them): decode, build or train the atlas, edit one atlas layer, render the edit
+    One job per video (one Prefect task on Ray, claiming ``placement.gpus`` GPUs: ``auto``
+    gives it one where the cluster has GPUs): decode, build or train the atlas, edit one atlas layer, render the edit
     through every frame's UV map (and alpha), encode an MP4 with the source's frame
     count, size and frame rate, and measure it.
 
@@ -190,9 +190,9 @@ class VideoConfig(FlowConfig):
             the edit leaves transparent stay the original) or ``atlas`` (every frame
             re-rendered from the edited atlas layers, as in Neural Layered Atlases).
         device, dtype: ``auto`` (CUDA when the job has a GPU) or explicit.
-        placement: ``gpus`` each video job claims (used when the cluster has GPUs; 0
-            otherwise) and ``cpus`` (also its torch thread count); old keys ``num_gpus``
-            and ``cpus_per_job`` still parse into it.
+        placement: ``gpus`` each video job claims (``auto``: one where the cluster has GPUs,
+            else CPU; a number the cluster cannot provide is refused) and ``cpus`` (also its
+            torch thread count); old keys ``num_gpus`` and ``cpus_per_job`` still parse into it.
         limit: only the first N input rows.
     """
 

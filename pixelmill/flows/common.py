@@ -11,9 +11,11 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pixelmill.datasets import Dataset, DatasetWriter, config_hash, read_manifest
+from pixelmill.flows.summary import reason_key
+from pixelmill.tasks.ray_data import WORKER_COLUMN
 from pixelmill.tasks.stage import STATUS_DROPPED, STATUS_OK, STATUS_REJECT
 
-CONTROL_COLUMNS = ("status", "error", "stage", "shard")
+CONTROL_COLUMNS = ("status", "error", "stage", "shard", WORKER_COLUMN)
 
 
 @dataclass
@@ -121,12 +123,34 @@ def wait_with_progress(future, progress: Progress | None, total: int, desc: str)
 
 @dataclass
 class StageStats:
+    """What one stage run did.
+
+    Args:
+        reject_reasons: rejects counted by reason (``reason_key`` of their ``error``).
+        nodes: output rows per Ray node id of the stage actors that made them.
+        actors: how many stage actors made rows (each claimed the stage's GPUs).
+        worker: the process that drove the stage (a Ray task claiming no CPU).
+    """
+
     rows_in: int = 0
     rows_out: int = 0
     rejects: int = 0
     dropped: int = 0
     seconds: float = 0.0
     worker: dict[str, Any] = field(default_factory=dict)
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
+    actors: int = 0
+
+
+def _count_where(stats: StageStats, actors: set[str], part) -> None:
+    if WORKER_COLUMN not in part.column_names:
+        return
+    for where in part[WORKER_COLUMN].to_pylist():
+        if where:
+            node, _, actor = where.partition("/")
+            stats.nodes[node] = stats.nodes.get(node, 0) + 1
+            actors.add(actor)
 
 
 def _worker_info() -> dict[str, Any]:
@@ -176,7 +200,9 @@ def run_stage_into_writer(
     seen: dict[str, set[str]] = {name: set() for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
+    actors: set[str] = set()
     for out in execute(plan.specs, columns, builder, workers=workers):
+        _count_where(stats, actors, out)
         key = "parent_id" if "parent_id" in out.column_names else "id"
         for name in pc.unique(out["shard"]).to_pylist():
             part = out.filter(pc.equal(out["shard"], name))
@@ -191,6 +217,9 @@ def run_stage_into_writer(
             rejected = part.filter(pc.equal(status, STATUS_REJECT)).select(["id", "error", "stage"])
             if rejected.num_rows:
                 sw.reject(rejected)
+                for error in rejected["error"].to_pylist():
+                    reason = reason_key(error)
+                    stats.reject_reasons[reason] = stats.reject_reasons.get(reason, 0) + 1
             before = len(seen[name])
             for table in (ok, dropped):
                 seen[name].update(str(v) for v in table[key].to_pylist() if v is not None)
@@ -205,5 +234,6 @@ def run_stage_into_writer(
     unfinished = {k: (len(seen[k]), v) for k, v in expected.items() if len(seen[k]) != v}
     if unfinished:
         raise RuntimeError(f"stage accounted for a different number of inputs than it was given: {unfinished}")
+    stats.actors = len(actors)
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -21,13 +21,15 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import CampaignConfig
-from pixelmill.flows.stage_run import run_stage
+from pixelmill.config.campaign import job_gpu_request
+from pixelmill.flows.stage_run import choose_gpus, run_stage
+from pixelmill.flows.summary import FlowSummary, RunFigures, add_counts, gpu_hours, publish, reason_counts
 from pixelmill.tasks.train.plan import CampaignPlan, ClassImageRequest, plan_campaign
 
 
 @dataclass
-class CampaignSummary:
-    """What a campaign run did."""
+class CampaignSummary(FlowSummary):
+    """What a campaign run did (``nodes``: Ray node id → workers of this run's jobs that trained there)."""
 
     output: str
     ran: list[str] = field(default_factory=list)
@@ -38,6 +40,12 @@ class CampaignSummary:
     results: str | None = None
     report: str | None = None
     seconds: float = 0.0
+
+    def figures(self) -> RunFigures:
+        return RunFigures(flow="finetune", output=self.output, unit_in="jobs", unit_out="jobs",
+                          rows_in=len(self.ran) + len(self.failed), rows_out=len(self.ran),
+                          rejected=dict(self.rejected_by_reason), skipped=len(self.skipped), seconds=self.seconds,
+                          gpu_hours=self.gpu_hours, notes=list(self.notes))
 
 
 def generate_class_images(request: ClassImageRequest, num_gpus: float) -> int:
@@ -101,7 +109,9 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
     todo = [j for j in plan.jobs if j.action != "skip"]
     summary.skipped = [j.spec["name"] for j in plan.jobs if j.action == "skip"]
     if todo:
+        todo = [_placed(j, summary) for j in todo]
         gpus = max((j.spec["settings"]["num_gpus"] for j in todo), default=0)
+        summary.gpus = gpus
         for request in plan.class_images:
             summary.class_images += generate_class_images(request, min(gpus, 1.0))
         caches: dict[tuple, dict[str, Any]] = {}
@@ -120,6 +130,7 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
             try:
                 record = fut.result()
                 summary.ran.append(name)
+                _account(summary, record)
                 if record.get("warnings"):
                     summary.warnings[name] = list(record["warnings"])
                     for w in record["warnings"]:
@@ -128,4 +139,25 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
                 summary.failed[name] = f"{type(e).__name__}: {e}"
     summary.results, summary.report = collect_results(config, [j.spec for j in plan.jobs])
     summary.seconds = time.perf_counter() - t0
-    return summary
+    summary.rejected_by_reason = add_counts({}, reason_counts(summary.failed.values()), "failed: ")
+    return publish(summary)
+
+
+def _placed(job, summary: CampaignSummary):
+    """``job`` with its ``num_gpus`` resolved on the connected cluster (``auto`` → a number; notes kept)."""
+    from dataclasses import replace
+
+    s = job.spec["settings"]
+    choice = choose_gpus(job_gpu_request(job.spec["name"], s["num_gpus"], s["num_workers"]))
+    if choice.note and choice.note not in summary.notes:
+        summary.notes.append(choice.note)
+    return replace(job, spec={**job.spec, "settings": {**s, "num_gpus": choice.total}})
+
+
+def _account(summary: CampaignSummary, record: dict[str, Any]) -> None:
+    """Add a finished job's GPU-hours and nodes (its last attempt's) to the summary."""
+    last = (record.get("attempts") or [{}])[-1]
+    summary.gpu_hours += gpu_hours(float(last.get("num_gpus") or 0), 1, float(last.get("seconds") or 0))
+    for node in last.get("nodes") or []:
+        if node:
+            summary.nodes[node] = summary.nodes.get(node, 0) + 1

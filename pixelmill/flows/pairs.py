@@ -20,7 +20,8 @@ from prefect_ray.task_runners import RayTaskRunner
 from pixelmill.config import PairsConfig
 from pixelmill.datasets.storage import join
 from pixelmill.flows.common import plan_shards
-from pixelmill.flows.stage_run import cluster_gpus, run_stage
+from pixelmill.flows.stage_run import choose_gpus, run_stage
+from pixelmill.flows.summary import FlowSummary, RunFigures, add_counts, gpu_hours, publish
 
 
 def stage_urls(config: dict[str, Any]) -> dict[str, str]:
@@ -29,8 +30,8 @@ def stage_urls(config: dict[str, Any]) -> dict[str, str]:
 
 
 @dataclass
-class PairsSummary:
-    """What a pairs run did."""
+class PairsSummary(FlowSummary):
+    """What a pairs run did (``rejected_by_reason`` keys start with the stage: ``text:``, ``pairs:``)."""
 
     output: str
     captions: int = 0
@@ -42,6 +43,12 @@ class PairsSummary:
     text_skipped: list[str] = field(default_factory=list)
     pairs_skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def figures(self) -> RunFigures:
+        return RunFigures(flow="pairs", output=self.output, unit_in="captions", unit_out="pairs",
+                          rows_in=self.captions, rows_out=self.pairs, rejected=dict(self.rejected_by_reason),
+                          dropped=self.dropped, skipped=len(self.text_skipped) + len(self.pairs_skipped),
+                          seconds=self.seconds, gpu_hours=self.gpu_hours, notes=list(self.notes))
 
 
 @task(name="find-duplicate-captions", cache_policy=NO_CACHE)
@@ -60,6 +67,7 @@ def pairs_flow(config: dict[str, Any]) -> PairsSummary:
 
     t0 = time.perf_counter()
     cfg = PairsConfig.model_validate(config)
+    gpus = choose_gpus(cfg.placement.gpu_request())  # the image stage's; the text stage runs on CPU
     urls = stage_urls(config)
     duplicates = join(cfg.output, "text-duplicates.json")
     if plan_shards({"input": cfg.input, "output": urls["text"], "limit": cfg.limit}, cfg.text_affecting()).todo:
@@ -67,11 +75,14 @@ def pairs_flow(config: dict[str, Any]) -> PairsSummary:
     text = run_stage(InstructionStage, {**cfg.text_stage_config(), "duplicates_url": duplicates},
                      cfg.placement.resources(0), input=cfg.input, output=urls["text"], hashed=cfg.text_affecting(),
                      workers=cfg.placement.workers, limit=cfg.limit, task_name="write-instructions")
-    pairs = run_stage(PairRenderStage, cfg.image_stage_config(), cfg.placement.resources(cluster_gpus()),
+    pairs = run_stage(PairRenderStage, cfg.image_stage_config(), cfg.placement.resources(gpus.gpus),
                       input=urls["text"], output=urls["pairs"], hashed=cfg.pairs_affecting(),
                       workers=cfg.placement.workers, task_name="render-pairs")
-    return PairsSummary(
+    rejected = add_counts({}, text.stats.reject_reasons, "text: ")
+    return publish(PairsSummary(
         output=cfg.output, captions=text.stats.rows_in, instructions=text.stats.rows_out,
         text_rejects=text.stats.rejects, pairs=pairs.stats.rows_out, dropped=pairs.stats.dropped,
         pair_rejects=pairs.stats.rejects, text_skipped=text.shards_skipped, pairs_skipped=pairs.shards_skipped,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, notes=[gpus.note] if gpus.note and pairs.shards_run else [],
+        gpus=gpus.gpus, gpu_hours=gpu_hours(gpus.gpus, pairs.stats.actors, pairs.stats.seconds),
+        rejected_by_reason=add_counts(rejected, pairs.stats.reject_reasons, "pairs: "), nodes=pairs.stats.nodes))

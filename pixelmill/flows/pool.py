@@ -11,6 +11,7 @@ from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.datasets import Dataset
 from pixelmill.flows.stage_run import run_stage
+from pixelmill.flows.summary import RunFigures, publish_figures
 from pixelmill.tasks.stage import Resources
 
 
@@ -37,4 +38,7 @@ def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str
         remove(out)
     r = run_stage(PoolEmbedder, stage_cfg, Resources(), input=dataset, output=out, hashed=hashed, workers=workers,
                   task_name="embed-pool")
-    return {"rows": r.stats.rows_out, "rejects": r.stats.rejects}
+    run = publish_figures(RunFigures(
+        flow="pool-build", output=out, rows_in=r.stats.rows_in, rows_out=r.stats.rows_out,
+        rejected=r.stats.reject_reasons, skipped=len(r.shards_skipped), seconds=r.stats.seconds))
+    return {"rows": r.stats.rows_out, "rejects": r.stats.rejects, "flow_run_id": run}

@@ -22,6 +22,7 @@ from pixelmill.config import RetrieveConfig
 from pixelmill.datasets import config_hash, read_manifest, stable_id
 from pixelmill.datasets.storage import join
 from pixelmill.flows.stage_run import commit_manifest
+from pixelmill.flows.summary import FlowSummary, RunFigures, publish, reason_counts
 
 CANDIDATES = ("candidates", 1)
 IMAGES = ("regularization", 1)
@@ -110,14 +111,22 @@ def export_real_prior(config: dict[str, Any], prompts: dict[str, str]) -> dict[s
 
 
 @dataclass
-class RetrieveSummary:
-    """What a retrieval run did, per prompt."""
+class RetrieveSummary(FlowSummary):
+    """What a retrieval run did, per prompt (a prompt with no image at all is a reject)."""
 
     output: str
     prompts: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     exported: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def figures(self) -> RunFigures:
+        p = self.prompts.values()
+        return RunFigures(flow="retrieve", output=self.output, unit_in="prompts", unit_out="images",
+                          rows_in=len(self.prompts), rows_out=sum(s["downloaded"] for s in p),
+                          rejected=reason_counts(s["reject"] for s in p if s.get("reject")),
+                          dropped=sum(s["failed"] + s["dropped"] for s in p), skipped=len(self.skipped),
+                          seconds=self.seconds, notes=list(self.notes))
 
 
 @flow(name="retrieve", task_runner=RayTaskRunner(), log_prints=True)
@@ -144,4 +153,5 @@ def retrieve_flow(config: dict[str, Any]) -> RetrieveSummary:
     if cfg.export:
         summary.exported = export_real_prior(config, plan.prompts)
     summary.seconds = time.perf_counter() - t0
-    return summary
+    summary.rejected_by_reason = summary.figures().rejected
+    return publish(summary)

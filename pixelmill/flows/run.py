@@ -16,6 +16,7 @@ from prefect import flow
 
 from pixelmill.config import ConfigError
 from pixelmill.config.pipeline import substitute
+from pixelmill.flows.summary import combine, publish_figures
 
 
 def _as_dict(summary: Any) -> dict[str, Any]:
@@ -26,6 +27,10 @@ def _as_dict(summary: Any) -> dict[str, Any]:
 def pipeline_flow(steps: list[dict[str, Any]], overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """Run ``steps`` (``{"name", "uses", "data"}``, checked by ``pixelmill run``) in order.
 
+    Each step's flow publishes its own summary artifact; this parent flow publishes the
+    chain's (``pixelmill-pipeline-summary``: the first step's inputs, the last step's
+    outputs, rejects, GPU-hours and notes of every step).
+
     Raises:
         RuntimeError: a step reported failed jobs or videos (later steps would read them).
     """
@@ -33,6 +38,7 @@ def pipeline_flow(steps: list[dict[str, Any]], overwrite: bool = False) -> dict[
 
     offered: dict[str, dict[str, str]] = {}
     summaries: dict[str, dict[str, Any]] = {}
+    figures = []
     for step in steps:
         pipeline = registry.get("pipeline", step["uses"]).obj
         data = substitute(step["data"], lambda name, key: offered[name][key])
@@ -41,8 +47,15 @@ def pipeline_flow(steps: list[dict[str, Any]], overwrite: bool = False) -> dict[
         except ConfigError as e:
             raise type(e)(f"step {step['name']!r}: {e}") from None
         print(f"step {step['name']} ({step['uses']}): {cfg.output}")
-        summaries[step["name"]] = _as_dict(pipeline.run_flow(cfg, flow_run_name=step["name"]))
+        result = pipeline.run_flow(cfg, flow_run_name=step["name"])
+        summaries[step["name"]] = _as_dict(result)
+        if hasattr(result, "figures"):
+            f = result.figures()
+            f.flow = step["name"]
+            figures.append(f)
         if summaries[step["name"]].get("failed"):
+            publish_figures(combine("pipeline", str(cfg.output), figures))
             raise RuntimeError(f"step {step['name']!r} failed: {summaries[step['name']]['failed']}")
         offered[step["name"]] = pipeline.results(cfg)
+    publish_figures(combine("pipeline", figures[-1].output if figures else "", figures))
     return summaries

@@ -94,8 +94,13 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
     return result
 
 
-def cluster_gpus() -> float:
-    """GPUs in the Ray cluster this process is connected to (0 when none or not connected)."""
-    import ray
+def choose_gpus(request):
+    """``request`` (a ``GpuRequest``) resolved against the connected Ray cluster's nodes (a ``GpuChoice``).
 
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    Raises:
+        PlacementError: an explicit GPU count the cluster cannot provide (exit status 2).
+    """
+    from pixelmill.config.placement import resolve_gpus
+    from pixelmill.runtime import node_gpus
+
+    return resolve_gpus(request, node_gpus())

@@ -20,12 +20,13 @@ from prefect_ray.context import remote_options
 from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import VideoConfig
-from pixelmill.flows.stage_run import cluster_gpus
+from pixelmill.flows.stage_run import choose_gpus
+from pixelmill.flows.summary import FlowSummary, RunFigures, add_counts, gpu_hours, publish, reason_counts
 from pixelmill.tasks.video.plan import VideoPlan, plan_videos, write_output_config
 
 
 @dataclass
-class VideoSummary:
+class VideoSummary(FlowSummary):
     """What a video run did. Every planned video is in exactly one of ``ran``, ``skipped``,
     ``rejected`` or ``failed``."""
 
@@ -39,6 +40,13 @@ class VideoSummary:
     metrics: str | None = None
     report: str | None = None
     seconds: float = 0.0
+
+    def figures(self) -> RunFigures:
+        rejected = add_counts(reason_counts(self.rejected.values()), reason_counts(self.failed.values()), "failed: ")
+        return RunFigures(flow="video", output=self.output, unit_in="videos", unit_out="videos",
+                          rows_in=self.videos - len(self.skipped), rows_out=len(self.ran), rejected=rejected,
+                          skipped=len(self.skipped), seconds=self.seconds, gpu_hours=self.gpu_hours,
+                          notes=list(self.notes))
 
 
 @task(name="video-job", cache_policy=NO_CACHE, retries=0)
@@ -64,8 +72,11 @@ def video_flow(config: dict[str, Any]) -> VideoSummary:
     cfg = VideoConfig.model_validate(config)
     plan: VideoPlan = plan_videos(cfg)
     write_output_config(cfg.output, plan.config)
-    gpus = cfg.placement.gpus_on(cluster_gpus())
-    summary = VideoSummary(output=cfg.output, videos=len(plan.jobs), num_gpus=gpus)
+    choice = choose_gpus(cfg.placement.gpu_request())
+    gpus = choice.gpus
+    summary = VideoSummary(output=cfg.output, videos=len(plan.jobs), num_gpus=gpus, gpus=gpus)
+    if choice.note and any(job.runs for job in plan.jobs):
+        summary.notes.append(choice.note)
     futures = {}
     for job in plan.jobs:
         if job.runs:
@@ -81,10 +92,12 @@ def video_flow(config: dict[str, Any]) -> VideoSummary:
         except Exception as e:  # noqa: BLE001 - one failed video never stops the others
             summary.failed[vid] = f"{type(e).__name__}: {e}"
             continue
+        summary.gpu_hours += gpu_hours(gpus, 1, float(result.get("seconds") or 0.0))
         if result.get("status") == "rejected":
             summary.rejected[vid] = result.get("error") or "rejected"
         else:
             summary.ran.append(vid)
     summary.metrics, summary.report = collect_video_results(cfg.output, [j.spec for j in plan.jobs])
     summary.seconds = time.perf_counter() - t0
-    return summary
+    summary.rejected_by_reason = summary.figures().rejected
+    return publish(summary)

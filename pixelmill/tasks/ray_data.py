@@ -13,17 +13,29 @@ import pyarrow as pa
 
 from pixelmill.tasks.stage import Stage, set_torch_threads
 
+WORKER_COLUMN = "_worker"
+"""Control column each output batch carries: ``<node id>/<actor id>`` of the actor that made it."""
+
 
 class _StageActor:
-    """Ray Data actor: builds the stage from its builder on the worker, sets it up once."""
+    """Ray Data actor: builds the stage from its builder on the worker, sets it up once.
+
+    Tags its output rows with where they were made (``WORKER_COLUMN``), so a run can say
+    which nodes and how many actors did the work (and so its GPU-hours).
+    """
 
     def __init__(self, builder: Callable[[], Stage]) -> None:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        self.where = f"{ctx.get_node_id()}/{ctx.get_actor_id()}"
         self.stage = builder()
         set_torch_threads(self.stage.resources.cpus)
         self.stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage(batch)
+        out = self.stage(batch)
+        return out.append_column(WORKER_COLUMN, pa.array([self.where] * out.num_rows, pa.string()))
 
 
 def quiet_data_context() -> None:
@@ -97,14 +109,20 @@ def run_stage(
     # node must not starve the reads that feed it.
     ds = ds.map_batches(_read_spec_batch, fn_kwargs={"columns": columns}, batch_size=1,
                         batch_format="numpy", num_cpus=0)
-    ds = ds.map_batches(
+    # One call per shard (batch_size=None: whole blocks) also with GPUs: the public
+    # ``map_batches`` refuses that combination, ``map_batches_internal`` (Ray's DeveloperAPI,
+    # what ``map_groups`` uses for the same reason) does not validate it.
+    remote = ray_remote_args(probe)
+    map_batches = ds.map_batches_internal if remote.get("num_gpus") and hasattr(ds, "map_batches_internal") \
+        else ds.map_batches
+    ds = map_batches(
         _StageActor,
         fn_constructor_kwargs={"builder": builder},
         batch_size=None,
         batch_format="pyarrow",
         zero_copy_batch=True,
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
-        **ray_remote_args(probe),
+        **remote,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if batch.num_rows:

@@ -78,6 +78,7 @@ def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: 
     if dropped:
         sw.drop(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA))
     message = res.message or ""
+    reason = None
     if not rows:
         reason = (f"no image: {len(cands)} candidates above threshold {cfg.threshold}, none downloaded"
                   if cands else f"no candidate above threshold {cfg.threshold}")
@@ -88,7 +89,7 @@ def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: 
     makedirs(stats_url)
     write_text_atomic(join(stats_url, f"{pid}_stats.json"), json.dumps(stats, indent=2, default=str))
     return {"prompt": prompt, "found": len(cands), "downloaded": len(rows), "failed": len(res.failed),
-            "dropped": len(res.dropped), "shortfall": res.shortfall, "message": message}
+            "dropped": len(res.dropped), "shortfall": res.shortfall, "message": message, "reject": reason}
 
 
 def _dropped_row(pid: str, d: dict[str, Any], reason: str) -> dict[str, Any]:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from pixelmill.config.placement import NO_GPUS
 from pixelmill.datasets import Dataset, account
 from pixelmill.datasets.images import decode_image
 from tests.conftest import run_cli
+from tests.helpers.prefect_api import summary_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +110,20 @@ def test_edit_accounts_for_every_row_and_reports_to_one_prefect_server(cluster, 
     # ... and in no other: Prefect announces a temporary server whenever it starts one. (Only this
     # run's own output is checked: other Prefect servers may run on the machine, not ours to judge.)
     assert "temporary server" not in proc.stdout + proc.stderr
+
+    # The run's summary is an artifact of its flow run, with the manifest's figures; GPUs were
+    # `auto`: where the cluster has none, the summary says the run was on CPU.
+    assert summary["flow_run_id"] == str(flow_run.id)
+    key, figures, _ = summary_artifact(cluster["PREFECT_API_URL"], summary["flow_run_id"])
+    shards = ds.manifest.shards
+    assert key == "pixelmill-bulk-edit-summary" and figures["output"] == out
+    assert (figures["rows in"], figures["rows out"], figures["rejected"]) == (
+        sum(s.input_rows for s in shards), sum(s.rows for s in shards), sum(s.rejects for s in shards))
+    reasons = Counter(r["error"].split(": ", 1)[0] for r in rejects)
+    assert {k.removeprefix("rejected: "): v for k, v in figures.items() if k.startswith("rejected: ")} == reasons
+    assert figures["throughput (rows/s)"] > 0
+    if summary["gpus"] == 0:
+        assert summary["notes"] == figures["note"] == [NO_GPUS] and figures["GPU-hours"] == 0
 
 
 def test_second_run_does_no_work(cluster, sdedit_config):

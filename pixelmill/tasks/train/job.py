@@ -499,12 +499,14 @@ def run_job(spec: dict[str, Any], stop_at: int | None = None) -> dict[str, Any]:
         else:
             result = train_worker(spec, stop_at=stop_at)
             result.pop("method_obj", None)
+            result["nodes"] = [_node_id()]
     except Exception as e:  # noqa: BLE001 - recorded on the job, then re-raised for Prefect
         store.update_record(status=STATUS_FAILED, error=f"{type(e).__name__}: {e}")
         raise
     rec = store.record()
     attempts = rec["attempts"]
-    attempts[-1].update({"end_step": result["end_step"], "seconds": result["seconds"]})
+    attempts[-1].update({"end_step": result["end_step"], "seconds": result["seconds"],
+                         "num_gpus": spec["settings"]["num_gpus"], "nodes": result.get("nodes") or []})
     finished = result["end_step"] >= spec["settings"]["max_steps"]
     total_seconds = sum(a.get("seconds", 0) for a in attempts)
     fields = dict(status=STATUS_FINISHED if finished else STATUS_RUNNING, step=result["end_step"],
@@ -531,12 +533,20 @@ def _run_data_parallel(spec: dict[str, Any], stop_at: int | None) -> dict[str, A
     from pixelmill.tasks.ray_train import run_data_parallel
 
     s = spec["settings"]
-    run_data_parallel(functools.partial(_rank_worker, spec, stop_at), name=f"pixelmill-{spec['id']}",
-                      num_workers=s["num_workers"], cpus_per_worker=s["cpus_per_worker"], num_gpus=s["num_gpus"])
+    # the flow resolves ``auto`` on the cluster; a spec run as it is (``auto`` left) claims no GPUs
+    gpus = s["num_gpus"] if isinstance(s["num_gpus"], int | float) else 0.0
+    nodes = run_data_parallel(functools.partial(_rank_worker, spec, stop_at), name=f"pixelmill-{spec['id']}",
+                              num_workers=s["num_workers"], cpus_per_worker=s["cpus_per_worker"], num_gpus=gpus)
     url = storage.join(spec["dir"], ".worker-result.json")
     result = json.loads(storage.read_text(url))
     storage.remove(url)
-    return result
+    return {**result, "nodes": nodes}
+
+
+def _node_id() -> str | None:
+    from pixelmill.tasks.ray_train import current_node_id
+
+    return current_node_id()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,12 @@ def _job_files(spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any
     return store.record() or {}, store.read_log()
 
 
+def _settings(spec: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """The job's settings, with the GPUs it last ran with (its record: ``auto`` resolved) where it has run."""
+    ran = (rec.get("settings") or {}).get("num_gpus")
+    return {**spec["settings"], "num_gpus": ran} if ran is not None else spec["settings"]
+
+
 def result_row(spec: dict[str, Any], files: tuple[dict, list] | None = None) -> dict[str, Any]:
     """The results-table row of one job (``not started`` when it has no record yet).
 
@@ -52,7 +58,7 @@ def result_row(spec: dict[str, Any], files: tuple[dict, list] | None = None) -> 
         "memory_kind": rec.get("memory_kind"), "clip_text_alignment": metrics.get("clip_text_alignment"),
         "clip_image_alignment": metrics.get("clip_image_alignment"),
         "final_loss": log[-1]["loss"] if log else None, "artifacts": artifacts, "job_dir": spec["dir"],
-        "settings": json.dumps(spec["settings"], sort_keys=True), "error": rec.get("error"),
+        "settings": json.dumps(_settings(spec, rec), sort_keys=True), "error": rec.get("error"),
         "attempts": len(rec.get("attempts", [])),
         # prior preservation: class images used and asked for (summed over concepts; None without a prior)
         "class_images": sum(p["used"] for p in prior) if prior else None,

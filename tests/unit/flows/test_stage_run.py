@@ -183,6 +183,7 @@ def test_every_input_is_an_output_parent_or_a_reject_exactly_once(src, out):
     assert parents | set(rejected) == set(all_ids(TEXTS))
 
     assert (stats.rows_in, stats.rows_out, stats.rejects, stats.dropped) == (12, 12, 3, 2)
+    assert stats.reject_reasons == {"empty text": 3}  # what the run's summary artifact reports
     assert plan.todo == ["00000", "00001", "00002"] and plan.rows_todo == 12
 
 
