@@ -10,26 +10,18 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from pixelmill.datasets import Dataset, account, read_manifest
+from tests.helpers.edit_inputs import sample_dataset, sdedit_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_killed_run_resumes_and_accounts_for_every_row(cluster, tmp_path, tiny_models):
-    from pixelmill.datasets.importer import import_folder
-    from pixelmill.samples import draw_sample_images
-
-    draw_sample_images(str(tmp_path / "files"), n=30, corrupt=2, seed=5)
-    import_folder(str(tmp_path / "files"), str(tmp_path / "images"), num_buckets=8)
-    ids = Dataset.open(str(tmp_path / "images")).to_table(["id"])["id"].to_pylist()
+    images, ids = sample_dataset(tmp_path, n=30, corrupt=2, seed=5, buckets=8)
     out = tmp_path / "out"
-    cfg = tmp_path / "edit.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        input=str(tmp_path / "images"), output=str(out), model=tiny_models["img2img"],
-        prompt="an oil painting of {caption}", strength=0.5, steps=6, resolution=64, batch_size=2,
-    )))
+    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
+                        "an oil painting of {caption}")
     env = dict(os.environ, **cluster)
     cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -50,7 +42,7 @@ def test_killed_run_resumes_and_accounts_for_every_row(cluster, tmp_path, tiny_m
     assert not m.complete, "the run finished before it could be killed; the test proves nothing"
     # Killed mid-run: every data file a folder reader can see is a committed shard.
     assert {f.stem.removeprefix("part-") for f in out.glob("part-*.parquet")} == set(m.shard_names())
-    assert len(m.shard_names()) < len(Dataset.open(str(tmp_path / "images")).shard_names())
+    assert len(m.shard_names()) < len(Dataset.open(images).shard_names())
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

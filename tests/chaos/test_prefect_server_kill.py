@@ -15,27 +15,20 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from pixelmill.datasets import Dataset, account, read_manifest
+from tests.helpers.edit_inputs import sample_dataset, sdedit_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_server_killed_mid_run_then_rerun_completes_without_duplicates(cluster, tmp_path, tiny_models):
-    from pixelmill.datasets.importer import import_folder
     from pixelmill.runtime import PrefectServer
-    from pixelmill.samples import draw_sample_images
 
-    draw_sample_images(str(tmp_path / "files"), n=19, corrupt=1, seed=21)
-    import_folder(str(tmp_path / "files"), str(tmp_path / "images"), num_buckets=8)
-    ids = Dataset.open(str(tmp_path / "images")).to_table(["id"])["id"].to_pylist()
+    images, ids = sample_dataset(tmp_path, n=19, corrupt=1, seed=21, buckets=8)
     out = tmp_path / "out"
-    cfg = tmp_path / "edit.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        input=str(tmp_path / "images"), output=str(out), model=tiny_models["img2img"],
-        prompt="a pencil drawing of {caption}", strength=0.5, steps=6, resolution=64, batch_size=2,
-    )))
+    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
+                        "a pencil drawing of {caption}")
     cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
 
     server = PrefectServer(tmp_path / "server-home").start()

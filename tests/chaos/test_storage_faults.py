@@ -22,32 +22,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from pixelmill.datasets import Dataset, account, read_manifest
 from tests.conftest import run_cli
+from tests.helpers.edit_inputs import sample_dataset, sdedit_config
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> tuple[str, list[str]]:
     """12 rows in 6 shards, 1 of them a corrupt file (a reject)."""
-    from pixelmill.datasets.importer import import_folder
-    from pixelmill.samples import draw_sample_images
-
-    root = tmp_path_factory.mktemp("storage-fault-inputs")
-    draw_sample_images(str(root / "files"), n=11, corrupt=1, seed=8)
-    import_folder(str(root / "files"), str(root / "images"), num_buckets=6)
-    ids = Dataset.open(str(root / "images")).to_table(["id"])["id"].to_pylist()
-    return str(root / "images"), ids
+    return sample_dataset(tmp_path_factory.mktemp("storage-fault-inputs"), n=11, corrupt=1, seed=8, buckets=6)
 
 
 def _config(tmp_path: Path, images: str, model: str, output: str) -> Path:
-    cfg = tmp_path / "edit.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        input=images, output=output, model=model, prompt="a watercolour of {caption}",
-        strength=0.5, steps=2, resolution=64, batch_size=2,
-    )))
-    return cfg
+    return sdedit_config(tmp_path / "edit.yaml", images, model, output, "a watercolour of {caption}", steps=2)
 
 
 def _set_fault(folder: Path, fault: str | None, after: int = 0) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from pixelmill.datasets import Dataset, account, read_manifest
+from tests.helpers.edit_inputs import sample_dataset, sdedit_config
 
 pytestmark = pytest.mark.slow
 
@@ -67,18 +67,10 @@ def run_killing_one_worker(cluster: dict[str, str], args: list[str], manifest_di
 
 
 def test_bulk_edit_survives_a_killed_actor(cluster, tmp_path, tiny_models):
-    from pixelmill.datasets.importer import import_folder
-    from pixelmill.samples import draw_sample_images
-
-    draw_sample_images(str(tmp_path / "files"), n=22, corrupt=2, seed=11)
-    import_folder(str(tmp_path / "files"), str(tmp_path / "images"), num_buckets=8)
-    ids = Dataset.open(str(tmp_path / "images")).to_table(["id"])["id"].to_pylist()
+    images, ids = sample_dataset(tmp_path, n=22, corrupt=2, seed=11, buckets=8)
     out = tmp_path / "out"
-    cfg = tmp_path / "edit.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        input=str(tmp_path / "images"), output=str(out), model=tiny_models["img2img"],
-        prompt="an oil painting of {caption}", strength=0.5, steps=6, resolution=64, batch_size=2,
-    )))
+    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
+                        "an oil painting of {caption}")
     done, killed = run_killing_one_worker(cluster, ["edit", str(cfg), "--json"], out, "_StageActor")
     assert killed, "no stage actor was found to kill mid-run; the test proves nothing"
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
