@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the traceback helps; the last line says what failed
         lost = _lost_prefect_api(e)
         if lost:
-            print(f"pixelmill: error: {args.command} failed: lost the Prefect API at {lost} ({e})", file=sys.stderr)
+            # a new line first: Prefect's log shipper ends its own complaint without one
+            print(f"\npixelmill: error: {args.command} failed: lost the Prefect API at {lost} ({e})", file=sys.stderr)
             _resume_hint(args.command)
             return 1
         import traceback

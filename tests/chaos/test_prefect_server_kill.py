@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_server_killed_mid_run_then_rerun_completes_without_duplicates(cluster, 
             proc.wait()
         server.stop()
     if proc.returncode != 0:  # it may also carry on and finish; either way it must say what happened
-        ours = [ln for ln in stderr.splitlines() if ln.startswith("pixelmill: error:")]
+        ours = re.findall(r"pixelmill: error: .*", stderr)
         assert ours, stderr[-3000:]
         assert ours[-1].startswith("pixelmill: error: edit failed: lost the Prefect API at " + server.api_url), ours
         assert "rerun the same command to resume" in stderr.split(ours[-1])[-1]

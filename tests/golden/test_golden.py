@@ -583,7 +583,7 @@ def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normal
 # one golden comparison covers "unchanged output" and "a killed run resumes to the same
 # bytes". make_expected.py runs uninterrupted (no kill).
 KILL_SEED = 0
-MAX_KILL_DELAY = 1.0
+MAX_KILL_DELAY = 0.2
 
 
 def kill_delay_for(case: str, seed: int, max_delay: float = MAX_KILL_DELAY) -> float:
@@ -647,4 +647,7 @@ def test_example_config_output_is_unchanged(case, golden, runs, expected):
     differences = diff_paths(expected[case], record)
     assert not differences, f"{case}: output differs from the pre-restructure code:\n  " + "\n  ".join(differences[:40])
     assert kill["killed"] and kill["returncode"] == -9, f"{case}: the run ended before the kill point: {kill}"
-    assert kill["partial"] != expected[case], f"{case}: the killed run had already written everything: {kill}"
+    if CASES[case]["command"] != "edit":
+        # the edit cases are 4 rows: their last shards can commit within the kill delay, so a
+        # killed-mid-shard edit is tested by tests/chaos/test_interrupted_edit.py instead
+        assert kill["partial"] != expected[case], f"{case}: the killed run had already written everything: {kill}"
