@@ -33,7 +33,9 @@ def test_server_killed_mid_run_then_rerun_completes_without_duplicates(cluster, 
     cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
 
     server = PrefectServer(tmp_path / "server-home").start()
-    env = {**os.environ, "RAY_ADDRESS": cluster["RAY_ADDRESS"], "PREFECT_API_URL": server.api_url}
+    # one retry, not Prefect's default five with back-off: the test waits for the failure, not the retries
+    env = {**os.environ, "RAY_ADDRESS": cluster["RAY_ADDRESS"], "PREFECT_API_URL": server.api_url,
+           "PREFECT_CLIENT_MAX_RETRIES": "1"}
     proc = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
