@@ -2,8 +2,9 @@
 
 For each golden case (``tests/golden``: the example configs of every flow, run small
 through the real CLI, Ray and Prefect server), one uninterrupted run measures how long the
-flow writes; then ``PIXELMILL_CHAOS_KILLS`` (default 10) runs are each killed at a seeded
-point of that span (SIGKILL to the CLI's whole process group) and run again. Every resumed
+flow runs; then ``PIXELMILL_CHAOS_KILLS`` (default 10) runs are each killed at a seeded
+point of that span, counted from the command's start so start-up is a kill point too
+(SIGKILL to the CLI's whole process group), and run again. Every resumed
 output must equal the golden record (same ids, same row bytes, same artifacts: reports and
 timestamps aside). A kill point the run had already passed is counted as missed, not as a
 pass. The tally per flow is appended to ``$PIXELMILL_CHAOS_REPORT`` (JSON lines) for the
@@ -48,7 +49,7 @@ def test_killed_at_seeded_points_resumes_to_the_same_output(case, golden, cluste
     failures = []
     for seed in range(1, KILLS + 1):
         delay = kill_delay_for(case, seed, max_delay=span)
-        proc, record, kill = _run_and_collect(case, cwd, cluster, norm, delay)
+        proc, record, kill = _run_and_collect(case, cwd, cluster, norm, delay, from_start=True)
         tally["kills"] += 1
         if not kill["killed"]:
             tally["missed"] += 1

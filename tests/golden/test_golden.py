@@ -502,8 +502,9 @@ def _has_started_writing(out: Path) -> bool:
 
 
 def kill_mid_run(args: list[str], cluster: dict[str, str], cwd: Path, out: Path, delay: float,
-                 timeout: float = 600) -> dict[str, Any]:
-    """Start ``pixelmill ARGS``, SIGKILL its process group ``delay`` seconds after it starts writing.
+                 timeout: float = 600, from_start: bool = False) -> dict[str, Any]:
+    """Start ``pixelmill ARGS``, SIGKILL its process group ``delay`` seconds after it starts writing
+    (``from_start``: after it starts).
 
     Returns what happened: ``killed`` (False when the run ended before the kill point),
     ``after`` (seconds from start to the kill), the return code.
@@ -518,7 +519,7 @@ def kill_mid_run(args: list[str], cluster: dict[str, str], cwd: Path, out: Path,
     proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", *args], env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        while proc.poll() is None and not _has_started_writing(out):
+        while not from_start and proc.poll() is None and not _has_started_writing(out):
             if time.monotonic() - start > timeout:
                 raise TimeoutError(f"{args}: nothing written under {out} within {timeout} s")
             time.sleep(0.05)
@@ -536,7 +537,7 @@ def kill_mid_run(args: list[str], cluster: dict[str, str], cwd: Path, out: Path,
 
 
 def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normaliser,
-                     kill_delay: float | None = None):
+                     kill_delay: float | None = None, from_start: bool = False):
     """Run one case through the CLI and collect its record; returns ``(process, record or None, kill)``.
 
     With ``kill_delay`` the first run is killed (SIGKILL, its whole process group) that many
@@ -561,7 +562,7 @@ def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normal
             if proc.returncode != 0:
                 return proc, None, kill
         if kill_delay is not None:
-            kill = kill_mid_run(_args(case, cwd), cluster, cwd, out, kill_delay)
+            kill = kill_mid_run(_args(case, cwd), cluster, cwd, out, kill_delay, from_start=from_start)
             try:
                 kill["partial"] = spec["collect"](out, norm)
             except Exception:  # noqa: BLE001 - a killed output may not be collectable at all
