@@ -190,22 +190,6 @@ def write_bytes(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
-def put_dir(local_dir: str, url: str) -> None:
-    """Copy a local folder tree to ``url`` (replacing what is there)."""
-    import os
-
-    fs, path = resolve(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    for root, _dirs, files in os.walk(local_dir):
-        rel = os.path.relpath(root, local_dir)
-        target = path if rel == "." else posixpath.join(path, *rel.split(os.sep))
-        fs.makedirs(target, exist_ok=True)
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                fs.pipe_file(posixpath.join(target, name), f.read())
-
-
 def sync_dir(local_dir: str, url: str, last: str = "job.json") -> None:
     """Make the folder at ``url`` match a local folder tree: upload every file, then remove
     remote files the local tree no longer has. ``last`` (a record naming the other files)
@@ -227,8 +211,10 @@ def sync_dir(local_dir: str, url: str, last: str = "job.json") -> None:
         wanted += [name if rel == "." else "/".join([*rel.split(os.sep), name]) for name in files]
     wanted.sort(key=lambda r: r == last)
     for rel in wanted:
+        target = posixpath.join(path, rel)
+        fs.makedirs(posixpath.dirname(target), exist_ok=True)  # local disks need the folders
         with open(os.path.join(local_dir, *rel.split("/")), "rb") as f:
-            fs.pipe_file(posixpath.join(path, rel), f.read())
+            fs.pipe_file(target, f.read())
     keep = {posixpath.join(path, rel) for rel in wanted}
     stale = [p for p in (fs.find(path) if fs.exists(path) else []) if p not in keep]
     if stale:

@@ -47,7 +47,7 @@ def s3_inputs(s3_server, tiny_models, tmp_path_factory):
     draw_sample_images(str(local / "files"), n=4, corrupt=1, seed=3)
     import_folder(str(local / "files"), storage.join(root, "images"))
     write_image_dataset(storage.join(root, "dog"), draw_concept_images(3, seed=0))
-    storage.put_dir(tiny_models["img2img"], storage.join(root, "models", "img2img"))
+    storage.sync_dir(tiny_models["img2img"], storage.join(root, "models", "img2img"), last="")
     ids = Dataset.open(storage.join(root, "images")).to_table(["id"])["id"].to_pylist()
     return {"images": storage.join(root, "images"), "dog": storage.join(root, "dog"),
             "model": storage.join(root, "models", "img2img"), "image_ids": ids}

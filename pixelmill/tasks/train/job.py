@@ -453,7 +453,7 @@ def _finish(spec, method, trainer, data, device) -> dict[str, Any]:
         if local:
             os.replace(tmp, os.path.join(local, "artifacts"))
         else:
-            storage.put_dir(str(tmp), storage.join(spec["dir"], "artifacts"))
+            storage.sync_dir(str(tmp), storage.join(spec["dir"], "artifacts"), last="")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = _with_ema(trainer, lambda: render_samples(method, data, spec["concepts"], e["prompts"],

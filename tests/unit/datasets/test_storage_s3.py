@@ -27,7 +27,7 @@ def test_storage_round_trip_on_s3(s3_server, tmp_path):
     storage.remove(storage.join(root, "step-1"))
     local = storage.get_dir(root, str(tmp_path / "copy"))
     assert (tmp_path / "copy" / "a" / "note.txt").read_text() == "hello"
-    storage.put_dir(local, storage.join(root, "again"))
+    storage.sync_dir(local, storage.join(root, "again"), last="")
     assert storage.read_text(storage.join(root, "again", "a", "note.txt")) == "hello"
     # A fresh process finds the server from the AWS files alone (what a Ray worker does).
     code = f"from pixelmill.datasets import storage; print(storage.read_text({storage.join(root, 'a', 'note.txt')!r}))"
