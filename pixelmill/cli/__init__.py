@@ -226,6 +226,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The console script: ``main`` then a process exit that skips native static destructors.
+
+    Python-level shutdown still happens in order (non-daemon threads joined, ``atexit``
+    handlers such as Ray's and Prefect's run, output flushed); only the C++ teardown is
+    skipped. pyarrow's thread pool can race the interpreter's exit there and abort the
+    process ("terminate called without an active exception", exit -6) after the command
+    had already finished, which turned a clean exit 2 into a crash under load.
+    """
+    import atexit
+    import os
+    import threading
+
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    try:
+        threading._shutdown()  # what the interpreter does first at exit: join non-daemon threads
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def _lost_prefect_api(exc: BaseException) -> str | None:
     """The Prefect API URL when ``exc`` (or its cause) is a failed connection to it, else None."""
     import os

@@ -1,7 +1,5 @@
 """``python -m pixelmill.cli``."""
 
-import sys
+from pixelmill.cli import run
 
-from pixelmill.cli import main
-
-sys.exit(main())
+run()
