@@ -204,6 +204,20 @@ class EvalSettings(StrictModel):
     seed: int = 0
 
 
+class Timeouts(StrictModel):
+    """When a job is given up on (its worker ended; the job is recorded failed with the reason
+    and a rerun resumes it from its last checkpoint). Never part of a job's id.
+
+    Args:
+        stall: seconds without a finished training step (counted from the first step;
+            None: off). A hung GPU collective, driver or storage read stops the steps.
+        job: seconds for one attempt of a job, set-up and evaluation included (None: off).
+    """
+
+    stall: float | None = Field(default=1800.0, gt=0)
+    job: float | None = Field(default=None, gt=0)
+
+
 class CampaignConfig(FlowConfig):
     """A fine-tuning campaign: concepts, and jobs listed or expanded from a grid.
 
@@ -219,6 +233,9 @@ class CampaignConfig(FlowConfig):
             each worker a GPU where the cluster has one for every worker, else CPU; a number
             the cluster cannot provide is refused); ``defaults`` or a job's ``settings``
             override them per job.
+        timeouts: ``stall`` (default 1800 s without a training step) and ``job`` (seconds
+            per attempt, default none): a job past either is ended and recorded failed;
+            rerun the campaign to resume it.
     """
 
     def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> CampaignConfig:
@@ -236,6 +253,7 @@ class CampaignConfig(FlowConfig):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     retrieve: dict[str, Any] | None = None
     placement: Placement = Field(default_factory=Placement)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
 
     def gpu_requests(self) -> list:
         """Each job's ``num_gpus``, as its workers claim it."""

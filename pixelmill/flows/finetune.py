@@ -122,7 +122,7 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
         for spec in caches.values():
             with remote_options(**_job_resources(spec)):
                 build_cache.submit(spec).result()
-        futures = {}
+        futures, specs = {}, {j.spec["name"]: j.spec for j in todo}
         for j in todo:
             with remote_options(**_job_resources(j.spec)):
                 futures[j.spec["name"]] = train_job.submit(j.spec)
@@ -136,11 +136,25 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
                     for w in record["warnings"]:
                         print(f"WARNING job {name}: {w}")
             except Exception as e:  # noqa: BLE001 - one failed job never stops the campaign
-                summary.failed[name] = f"{type(e).__name__}: {e}"
+                summary.failed[name] = _failure(specs[name], e)
     summary.results, summary.report = collect_results(config, [j.spec for j in plan.jobs])
     summary.seconds = time.perf_counter() - t0
     summary.rejected_by_reason = add_counts({}, reason_counts(summary.failed.values()), "failed: ")
     return publish(summary)
+
+
+def _failure(spec: dict[str, Any], exc: Exception) -> str:
+    """Why a job failed: what it recorded itself (a timeout ends its worker, so the exception here
+    only says the worker died), else the exception."""
+    from pixelmill.tasks.train.checkpoint import JobStore
+
+    try:
+        rec = JobStore(spec["dir"]).record() or {}
+    except Exception:  # noqa: BLE001 - the exception is the reason then
+        rec = {}
+    if rec.get("status") == "failed" and rec.get("error"):
+        return str(rec["error"])
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _placed(job, summary: CampaignSummary):

@@ -149,17 +149,20 @@ def _pixels(url: str) -> dict[str, np.ndarray]:
     return {r["id"]: np.asarray(decode_image(r["edited_image"]), dtype=np.int16) for r in t}
 
 
-def test_reruns_are_deterministic_and_batch_size_only_moves_pixels_slightly(cluster, tmp_path, images, tiny_models):
+def test_batch_size_only_moves_pixels_slightly(cluster, tmp_path, images, tiny_models):
+    """Batches of 4 vs 3 over the same rows: each row's noise comes from its id, so only batched
+    arithmetic differs. (Reruns with the same config give identical bytes: tests/golden.)"""
     base = dict(input=images[0], model=tiny_models["img2img"], prompt="a watercolor painting",
-                strength=0.75, steps=4, resolution=64, seed=11, limit=12)
-    outs = {}
-    for name, bs in (("a", 4), ("b", 4), ("c", 3)):
-        cfg = write_config(tmp_path / f"{name}.yaml", output=str(tmp_path / name), batch_size=bs, **base)
-        _summary(run_cli(["edit", str(cfg), "--json"], cluster))
-        outs[name] = _pixels(str(tmp_path / name))
-    assert outs["a"].keys() == outs["b"].keys() == outs["c"].keys() and len(outs["a"]) >= 10
+                strength=0.75, steps=4, resolution=64, seed=11)
+    steps = [{"name": name, "uses": "edit", "with": {**base, "output": str(tmp_path / name), "batch_size": bs}}
+             for name, bs in (("a", 4), ("c", 3))]
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"steps": steps}))
+    proc = run_cli(["run", str(pipeline), "--limit", "8"], cluster)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outs = {name: _pixels(str(tmp_path / name)) for name in ("a", "c")}
+    assert outs["a"].keys() == outs["c"].keys() and len(outs["a"]) >= 6
     for k in outs["a"]:
-        assert np.array_equal(outs["a"][k], outs["b"][k])
         assert np.abs(outs["a"][k] - outs["c"][k]).max() <= 3
 
 

@@ -144,24 +144,7 @@ def pool(tmp_path_factory, tiny_models):
         yield str(root / "pool")
 
 
-def test_edit_records_its_runs_in_its_own_database(tmp_path, images, tiny_models):
-    """With Prefect auth on: the embedded server then refuses anonymous calls, and the command's
-    client and its local Ray's workers (which run the stage task) must send the auth string."""
-    cfg = tmp_path / "ip2p.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        input=images, output=str(tmp_path / "out"), method="instruct_pix2pix",
-        model=tiny_models["instruct_pix2pix"], instruction="make it snowy", steps=3, resolution=64,
-    )))
-    home = tmp_path / "home"
-    out = run_user(["edit", str(cfg), "--json"], home, tmp_path, env={"PREFECT_SERVER_API_AUTH_STRING": "pm:s3cret"})
-    summary = json.loads(last_line(out))
-    assert summary["rows_out"] == 4 and summary["worker"]["in_ray_worker"] is True
-    assert Dataset.open(str(tmp_path / "out")).num_rows == 4
-    assert (home / "prefect.db").is_file()
-    runs = assert_recorded(home, "bulk-edit")
-    assert next(r for r in runs if r["flow"] == "bulk-edit")["tasks"] == ["commit-manifest", "edit-shards"]
-
-
+@pytest.mark.sweep  # same code path as edit/run; `make sweep` runs it
 def test_retrieve_records_its_runs_in_its_own_database(tmp_path, pool):
     cfg = tmp_path / "retrieve.yaml"
     cfg.write_text(yaml.safe_dump(dict(
@@ -277,15 +260,24 @@ def test_video_records_its_runs_in_its_own_database(tmp_path, tiny_models):
 
 
 def test_run_records_the_pipeline_and_its_steps_in_its_own_database(tmp_path, images, tiny_models):
+    """A pipeline (its one step an InstructPix2Pix bulk edit) with Prefect auth on: the embedded server
+    then refuses anonymous calls, and the command's client and its local Ray's workers (which run
+    the stage task) must send the auth string. The pipeline and its step are recorded as parent
+    and child flow runs."""
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"steps": [
-        {"name": "sdedit", "uses": "edit",
-         "with": {"input": images, "output": str(tmp_path / "edited"), "model": tiny_models["img2img"],
-                  "prompt": "a painting", "strength": 0.5, "steps": 2, "resolution": 64}},
+        {"name": "ip2p", "uses": "edit",
+         "with": {"input": images, "output": str(tmp_path / "edited"), "method": "instruct_pix2pix",
+                  "model": tiny_models["instruct_pix2pix"], "instruction": "make it snowy", "steps": 2,
+                  "resolution": 64}},
     ]}))
     home = tmp_path / "home"
-    out = run_user(["run", str(path), "--limit", "2"], home, tmp_path)
-    assert last_line(out) == "done: 1 step(s)", out[-3000:]
+    out = run_user(["run", str(path), "--limit", "2", "--json"], home, tmp_path,
+                   env={"PREFECT_SERVER_API_AUTH_STRING": "pm:s3cret"})
+    summary = json.loads(last_line(out))["ip2p"]
+    assert summary["rows_out"] == 2 and summary["worker"]["in_ray_worker"] is True
+    assert Dataset.open(str(tmp_path / "edited")).num_rows == 2
+    assert (home / "prefect.db").is_file()
     runs = assert_recorded(home, "pipeline", min_tasks=0)
     top = next(r for r in runs if r["flow"] == "pipeline")
     steps = [r for r in runs if r["flow"] == "bulk-edit"]

@@ -39,6 +39,7 @@ from pixelmill.tasks.train.data import (
     prompt_key,
     read_image_rows,
 )
+from pixelmill.tasks.watchdog import Watchdog
 
 _log = logging.getLogger("pixelmill.train")
 
@@ -344,9 +345,24 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
         device: defaults to the spec's device setting.
         stop_at: stop after this step without finishing (tests, benchmarks).
     """
-    s = spec["settings"]
-    device = device or _device(spec)
     store = JobStore(spec["dir"])
+    limits = spec.get("timeouts") or {}
+    watchdog = Watchdog(limits.get("stall"), limits.get("job"), functools.partial(_record_timeout, store, rank),
+                        what=f"job {spec['name']}" + (f" (rank {rank})" if world > 1 else "")).start()
+    try:
+        return _train(spec, store, watchdog, rank, world, device or _device(spec), stop_at)
+    finally:
+        watchdog.stop()
+
+
+def _record_timeout(store: JobStore, rank: int, reason: str) -> None:
+    """The watchdog's record of why it ended this worker (read by the flow and a rerun)."""
+    _log.error("%s; the job resumes from its last checkpoint when the campaign is run again", reason)
+    store.update_record(status=STATUS_FAILED, error=f"{reason}; rerun the campaign to resume it", timed_out=True)
+
+
+def _train(spec, store, watchdog, rank, world, device, stop_at) -> dict[str, Any]:
+    s = spec["settings"]
     method, data, trainer = _setup(spec, device, rank, world)
     if rank == 0:  # on the record as soon as the data is known, not only when the job ends
         store.update_record(prior=data.prior, warnings=data.warnings)
@@ -360,6 +376,7 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         for step in range(start, end):
+            watchdog.beat(f"last finished step {step} of {s['max_steps']}")
             entry = trainer.step(step)
             if rank == 0 and (entry.step % s["log_every"] == 0 or entry.step == end):
                 log.append({"step": entry.step, "loss": entry.loss, "instance_loss": entry.instance_loss,
@@ -369,6 +386,7 @@ def train_worker(spec: dict[str, Any], rank: int = 0, world: int = 1, device: to
                 _checkpoint(store, trainer, method, entry.step, rank, world, log, s)
             if rank == 0 and s.get("validation_every") and entry.step % s["validation_every"] == 0:
                 _validation(spec, method, trainer, data, entry.step, device)
+    watchdog.disarm_stall()  # evaluation and saving follow, with no steps; the job timeout still applies
     seconds = time.perf_counter() - t0
     out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds,
            "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, "skipped_rows": data.skipped,

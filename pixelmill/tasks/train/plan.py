@@ -204,6 +204,7 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
             "settings": job.settings.model_dump(), "concepts": concepts,
             "dir": storage.join(jobs_root(cfg.output), job_id),
             "eval": cfg.eval.model_dump(), "clip_model": cfg.clip_model,
+            "timeouts": cfg.timeouts.model_dump(),
         }
         spec["cache"] = {
             "latents": storage.join(cfg.output, "cache", f"latents-{cache_key(spec, 'latents')}.safetensors")
