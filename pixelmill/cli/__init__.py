@@ -220,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixelmill: error: {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
         _resume_hint(args.command)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from pixelmill.cli.cancel import RunCancelled
+
+        print(f"\npixelmill: {e}" if isinstance(e, RunCancelled) else "\ninterrupted", file=sys.stderr)
         _resume_hint(args.command)
         return 130
 

@@ -55,12 +55,14 @@ def connected(args, cfg, requests=None):
     An explicit GPU count that the connected cluster's nodes cannot provide raises
     ``PlacementError`` (exit status 2) here, before any flow run, shard or job starts.
     """
+    from pixelmill.cli.cancel import cancellable
     from pixelmill.config.placement import check_gpu_requests
     from pixelmill.runtime import node_gpus
 
     with flow_runtime(args, cfg.runtime) as runtime:
         check_gpu_requests(cfg.gpu_requests() if requests is None else requests, node_gpus())
-        yield runtime
+        with cancellable(args.command):  # Ctrl-C or a cancel in the Prefect UI stops the run cleanly
+            yield runtime
 
 
 def summary_extras(summary) -> dict:
@@ -234,7 +236,9 @@ def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
 def cmd_pool_build(args) -> int:
 
     check_model_path("--clip", args.clip, "clip")
-    with flow_runtime(args):
+    from pixelmill.cli.cancel import cancellable
+
+    with flow_runtime(args), cancellable(args.command):
         from pixelmill.flows.pool import build_pool_flow
 
         summary = build_pool_flow(

@@ -1,0 +1,113 @@
+"""Stopping a command's run: Ctrl-C here, or "Cancel" on its flow run in the Prefect UI / API.
+
+A flow started by the CLI runs in the CLI's process, so no Prefect worker is there to act
+on a cancellation asked for in the UI. :func:`cancellable` tags every flow run the command
+starts with one tag of its own and watches the Prefect API for one of them entering
+``Cancelling``; then it interrupts the command's main thread as Ctrl-C does. Either way the
+command unwinds: the Ray driver ends, and with it the run's stage actors and training
+tasks (Ray ends a driver's tasks and actors with it), committed shards and checkpoints
+stay, and the command's flow runs are marked ``Cancelled`` (not ``Crashed``) with what
+stopped them, while the Prefect API is still up. A rerun resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_log = logging.getLogger("pixelmill")
+
+TAG_PREFIX = "pixelmill-cli-"
+
+
+class RunCancelled(KeyboardInterrupt):
+    """The command's run was stopped (Ctrl-C, or cancelled through the Prefect API)."""
+
+
+class _Watcher:
+    def __init__(self, tag: str, poll: float) -> None:
+        self.tag, self.poll = tag, poll
+        self.requested: str | None = None  # the cancelled run's name, once seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pixelmill-cancel-watch", daemon=True)
+
+    def _cancelling(self) -> str | None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            FlowRunFilterTags,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[self.tag]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))), limit=1)
+        return runs[0].name if runs else None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                name = self._cancelling()
+            except Exception:  # noqa: BLE001 - the API may be briefly away; the run itself reports a lost API
+                continue
+            if name:
+                self.requested = name
+                os.kill(os.getpid(), signal.SIGINT)  # the main thread unwinds as on Ctrl-C
+                return
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _mark_cancelled(tag: str, message: str) -> None:
+    """Every flow run of this command not yet final → ``Cancelled`` with ``message``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))):
+                if run.state is None or not run.state.is_final() or run.state.is_crashed():
+                    client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+    except Exception as e:  # noqa: BLE001 - the command is stopping anyway; say what could not be recorded
+        _log.warning("could not mark the run cancelled in Prefect: %s", e)
+
+
+@contextmanager
+def cancellable(command: str, poll: float = 2.0) -> Iterator[None]:
+    """Run a command's flows so that Ctrl-C or a cancellation in the Prefect UI stops them cleanly.
+
+    Raises:
+        RunCancelled: when stopped; its message says by what.
+    """
+    from prefect import tags
+
+    tag = TAG_PREFIX + uuid.uuid4().hex[:12]
+    watcher = _Watcher(tag, poll)
+    watcher.start()
+    try:
+        with tags(tag):
+            yield
+    except KeyboardInterrupt:
+        watcher.stop()
+        if watcher.requested:
+            why = f"cancelled through the Prefect API (flow run {watcher.requested})"
+        else:
+            why = "interrupted (Ctrl-C)"
+        _mark_cancelled(tag, f"pixelmill {command}: {why}")
+        raise RunCancelled(f"{command} {why}") from None
+    finally:
+        watcher.stop()

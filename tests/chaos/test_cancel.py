@@ -1,0 +1,164 @@
+"""Stopping a run: cancelled in the Prefect UI (through its API), or Ctrl-C on the CLI.
+
+Either way the command ends saying what stopped it, its flow run is ``Cancelled`` (not
+``Crashed``), no Ray actor or task of the run is left working, and a rerun resumes: the
+committed shards are skipped and every input id ends up in the output or the rejects once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pixelmill.datasets import Dataset, account, read_manifest
+from tests.helpers.edit_inputs import sample_dataset, sdedit_config
+
+pytestmark = pytest.mark.slow
+
+
+def _our_runs(api_url: str, before: set) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return [r for r in await client.read_flow_runs(limit=200) if r.id not in before]
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        return asyncio.run(go())
+
+
+def _cancel(api_url: str, run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    async def go():
+        async with get_client() as client:
+            await client.set_flow_run_state(run_id, Cancelling(), force=True)
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        asyncio.run(go())
+
+
+def _stage_actors(head_pid: int) -> list:
+    """The cluster's processes running a stage actor (Ray titles a worker after its actor)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(head_pid).children(recursive=True):
+        try:
+            if "_StageActor" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _gone_within(head_pid: int, seconds: float) -> list:
+    deadline = time.monotonic() + seconds
+    while (left := _stage_actors(head_pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def _start(cmd, env):
+    return subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _wait_first_commit(proc, out, timeout=300) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        m = read_manifest(str(out))
+        if m and m.shards:
+            return set(m.shard_names())
+        time.sleep(0.1)
+    raise AssertionError(f"no shard committed (rc={proc.poll()}): {proc.stderr.read()[-3000:] if proc.poll() else ''}")
+
+
+def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
+    images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=31, buckets=8)
+    out = tmp_path / "out"
+    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
+                        "an oil painting of {caption}",
+                        steps=12)
+    cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
+    env = {**os.environ, **cluster}
+    api_url = cluster["PREFECT_API_URL"]
+    before = {r.id for r in _our_runs(api_url, set())}
+
+    # "Cancel" on the flow run in the UI (the same API call the UI makes)
+    proc = _start(cmd, env)
+    try:
+        _wait_first_commit(proc, out)
+        (run,) = [r for r in _our_runs(api_url, before) if r.state and r.state.is_running()]
+        assert any(t.startswith("pixelmill-cli-") for t in run.tags)
+        head = int(cluster["PIXELMILL_TEST_RAY_HEAD_PID"])
+        assert _stage_actors(head), "no stage actor found working (the check below would prove nothing)"
+        t0 = time.monotonic()
+        _cancel(api_url, run.id)
+        _, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr[-4000:]
+    assert f"pixelmill: edit cancelled through the Prefect API (flow run {run.name})" in stderr, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr and "Traceback" not in stderr.split("pixelmill: edit")[-1]
+    assert took < 60, took
+    assert not _gone_within(head, 30), "stage actors of the cancelled run are still alive"
+    states = {r.id: r.state for r in _our_runs(api_url, before)}
+    assert states[run.id].is_cancelled(), states[run.id]
+    first = read_manifest(str(out))
+    assert first is not None and not first.complete
+
+    # a rerun resumes: committed shards skipped, every id once
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary["shards_skipped"]) >= set(first.shard_names())
+    ds = Dataset.open(str(out))
+    assert ds.complete
+    report = account(ids, ds)
+    assert report.ok, str(report)
+
+
+@pytest.mark.sweep  # the same unwinding as a cancel from the UI (which interrupts the command the same way)
+def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
+    images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=32, buckets=8)
+    out = tmp_path / "out"
+    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
+                        "an oil painting of {caption}", steps=12)
+    cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
+    env = {**os.environ, **cluster}
+    api_url = cluster["PREFECT_API_URL"]
+    before = {r.id for r in _our_runs(api_url, set())}
+    proc = _start(cmd, env)
+    try:
+        first = _wait_first_commit(proc, out)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr[-4000:]
+    assert "pixelmill: edit interrupted (Ctrl-C)" in stderr, stderr[-3000:]
+    (run,) = _our_runs(api_url, before)
+    assert run.state.is_cancelled(), run.state
+    assert not _gone_within(int(cluster["PIXELMILL_TEST_RAY_HEAD_PID"]), 30)
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert set(json.loads(done.stdout.strip().splitlines()[-1])["shards_skipped"]) >= first
+    report = account(ids, Dataset.open(str(out)))
+    assert report.ok, str(report)
