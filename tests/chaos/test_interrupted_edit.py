@@ -14,7 +14,9 @@ import pytest
 from pixelmill.datasets import Dataset, account, read_manifest
 from tests.helpers.edit_inputs import sample_dataset, sdedit_config
 
-pytestmark = pytest.mark.slow
+# A second case of "the CLI SIGKILLed mid-run" for the bulk edit (the golden cases kill every flow once
+# under `make test`; tests/chaos/test_cancel.py stops an edit mid-run and resumes it): `make sweep`.
+pytestmark = [pytest.mark.slow, pytest.mark.sweep]
 
 
 def test_killed_run_resumes_and_accounts_for_every_row(cluster, tmp_path, tiny_models):

@@ -158,58 +158,6 @@ def test_retrieve_records_its_runs_in_its_own_database(tmp_path, pool):
     assert_recorded(home, "retrieve", min_tasks=2)
 
 
-def test_pairs_records_its_runs_in_its_own_database_and_writes_its_api_key_nowhere(tmp_path, tiny_models):
-    """Also the planted-key check (security): the OpenAI-compatible writer reads a distinctive
-    key from ``$OPENAI_API_KEY`` (only there: the config holds none) and sends it to a
-    loopback server that accepts nothing else; afterwards no output file, no file in the
-    home (the Prefect database with its flow-run parameters, task runs, logs and artifacts;
-    the server's log), no file of Ray's session folder (every worker's and service's log)
-    and nothing the command printed holds the key."""
-    import secrets
-    import shutil
-    import tempfile
-
-    import pyarrow as pa
-
-    from pixelmill.datasets import DatasetWriter
-    from tests.helpers.leaks import find_secret, regular_files
-    from tests.helpers.llm_server import FakeLLMServer, echo
-
-    w = DatasetWriter(str(tmp_path / "captions"), "captions", 1, {"test": 1}).open()
-    sw = w.shard("00000")
-    sw.write(pa.table({"id": ["c0", "c1", "c2"], "caption": ["a red car on a street", "a cat on a chair",
-                                                            "a bowl of apples"]}))
-    sw.commit()
-    w.finish()
-    key = f"sk-planted-{secrets.token_hex(16)}"
-    ray_tmp = Path(tempfile.mkdtemp(prefix="pms"))  # short: Ray's socket paths must fit in 107 bytes
-    home = tmp_path / "home"
-    try:
-        with FakeLLMServer(api_key=key, handler=echo()) as server:
-            cfg = tmp_path / "pairs.yaml"
-            cfg.write_text(yaml.safe_dump(dict(
-                input=str(tmp_path / "captions"), output=str(tmp_path / "out"), seed=4,
-                text=dict(writer="openai", options=dict(base_url=server.base_url, model="fake-llm", retries=0)),
-                images=dict(model=tiny_models["img2img"], clip_model=tiny_models["clip"], samples_per_caption=1,
-                            steps=2, height=64, width=64, min_direction=-1.0, min_image_caption=-1.0,
-                            min_image_similarity=-1.0),
-            )))
-            out = run_user(["pairs", str(cfg), "--json", "--limit", "2"], home, tmp_path,
-                           env={"OPENAI_API_KEY": key, "RAY_TMPDIR": str(ray_tmp)})
-            used = [r.headers.get("authorization") for r in server.requests]
-        summary = json.loads(last_line(out))
-        assert summary["captions"] == 2 and summary["text_rejects"] == 0
-        assert used and set(used) == {f"Bearer {key}"}  # the key was really read and sent
-        roots = {"outputs": tmp_path / "out", "pixelmill home": home, "Ray session": ray_tmp}
-        names = {p.name for root in roots.values() for p in regular_files(root)}
-        assert {"_manifest.json", "prefect.db"} <= names  # the search covers manifests and Prefect's records
-        assert any(n.startswith("worker-") for n in names), sorted(names)  # ... and Ray's worker logs
-        assert find_secret(key, roots, {"config": cfg.read_text(), "the command's output": out}) == []
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert_recorded(home, "pairs", min_tasks=2)
-
-
 @pytest.mark.sweep  # same code path as edit/retrieve/run; `make sweep` runs it
 def test_finetune_and_its_retrieval_subflow_record_their_runs_in_its_own_database(tmp_path, pool, tiny_models):
     from pixelmill.samples import draw_concept_images, write_image_dataset
@@ -259,30 +207,76 @@ def test_video_records_its_runs_in_its_own_database(tmp_path, tiny_models):
     assert_recorded(home, "video")
 
 
-def test_run_records_the_pipeline_and_its_steps_in_its_own_database(tmp_path, images, tiny_models):
-    """A pipeline (its one step an InstructPix2Pix bulk edit) with Prefect auth on: the embedded server
-    then refuses anonymous calls, and the command's client and its local Ray's workers (which run
-    the stage task) must send the auth string. The pipeline and its step are recorded as parent
-    and child flow runs."""
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"steps": [
-        {"name": "ip2p", "uses": "edit",
-         "with": {"input": images, "output": str(tmp_path / "edited"), "method": "instruct_pix2pix",
-                  "model": tiny_models["instruct_pix2pix"], "instruction": "make it snowy", "steps": 2,
-                  "resolution": 64}},
-    ]}))
+def test_run_records_the_pipeline_and_its_steps_and_writes_its_api_key_nowhere(tmp_path, images, tiny_models):
+    """A pipeline of two steps (instruction pairs from an OpenAI-compatible writer, then an
+    InstructPix2Pix bulk edit), run on the embedded runtime with Prefect auth on: the embedded
+    server then refuses anonymous calls, and the command's client and its local Ray's workers
+    (which run the stage tasks) must send the auth string. The pipeline and its steps are
+    recorded as parent and child flow runs in the command's own database.
+
+    Also the planted-key check (security): the writer reads a distinctive key from
+    ``$OPENAI_API_KEY`` (only there: the config holds none) and sends it to a loopback server
+    that accepts nothing else; afterwards no output file, no file in the home (the Prefect
+    database with its flow-run parameters, task runs, logs and artifacts; the server's log),
+    no file of Ray's session folder (every worker's and service's log) and nothing the
+    command printed holds the key."""
+    import secrets
+    import shutil
+    import tempfile
+
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+    from tests.helpers.leaks import find_secret, regular_files
+    from tests.helpers.llm_server import FakeLLMServer, echo
+
+    w = DatasetWriter(str(tmp_path / "captions"), "captions", 1, {"test": 1}).open()
+    sw = w.shard("00000")
+    sw.write(pa.table({"id": ["c0", "c1", "c2"], "caption": ["a red car on a street", "a cat on a chair",
+                                                            "a bowl of apples"]}))
+    sw.commit()
+    w.finish()
+    key = f"sk-planted-{secrets.token_hex(16)}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pms"))  # short: Ray's socket paths must fit in 107 bytes
     home = tmp_path / "home"
-    out = run_user(["run", str(path), "--limit", "2", "--json"], home, tmp_path,
-                   env={"PREFECT_SERVER_API_AUTH_STRING": "pm:s3cret"})
-    summary = json.loads(last_line(out))["ip2p"]
-    assert summary["rows_out"] == 2 and summary["worker"]["in_ray_worker"] is True
-    assert Dataset.open(str(tmp_path / "edited")).num_rows == 2
-    assert (home / "prefect.db").is_file()
+    try:
+        with FakeLLMServer(api_key=key, handler=echo()) as server:
+            path = tmp_path / "pipeline.yaml"
+            path.write_text(yaml.safe_dump({"steps": [
+                {"name": "pairs", "uses": "pairs",
+                 "with": dict(input=str(tmp_path / "captions"), output=str(tmp_path / "pairs"), seed=4,
+                              text=dict(writer="openai",
+                                        options=dict(base_url=server.base_url, model="fake-llm", retries=0)),
+                              images=dict(model=tiny_models["img2img"], clip_model=tiny_models["clip"],
+                                          samples_per_caption=1, steps=2, height=64, width=64, min_direction=-1.0,
+                                          min_image_caption=-1.0, min_image_similarity=-1.0))},
+                {"name": "ip2p", "uses": "edit",
+                 "with": {"input": images, "output": str(tmp_path / "edited"), "method": "instruct_pix2pix",
+                          "model": tiny_models["instruct_pix2pix"], "instruction": "make it snowy", "steps": 2,
+                          "resolution": 64}},
+            ]}))
+            out = run_user(["run", str(path), "--limit", "2", "--json"], home, tmp_path,
+                           env={"PREFECT_SERVER_API_AUTH_STRING": "pm:s3cret", "OPENAI_API_KEY": key,
+                                "RAY_TMPDIR": str(ray_tmp)})
+            used = [r.headers.get("authorization") for r in server.requests]
+        summaries = json.loads(last_line(out))
+        assert summaries["pairs"]["captions"] == 2 and summaries["pairs"]["text_rejects"] == 0
+        assert summaries["ip2p"]["rows_out"] == 2 and summaries["ip2p"]["worker"]["in_ray_worker"] is True
+        assert Dataset.open(str(tmp_path / "edited")).num_rows == 2
+        assert used and set(used) == {f"Bearer {key}"}  # the key was really read and sent
+        roots = {"outputs": tmp_path / "pairs", "pixelmill home": home, "Ray session": ray_tmp}
+        names = {p.name for root in roots.values() for p in regular_files(root)}
+        assert {"_manifest.json", "prefect.db"} <= names  # the search covers manifests and Prefect's records
+        assert any(n.startswith("worker-") for n in names), sorted(names)  # ... and Ray's worker logs
+        assert find_secret(key, roots, {"config": path.read_text(), "the command's output": out}) == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     runs = assert_recorded(home, "pipeline", min_tasks=0)
     top = next(r for r in runs if r["flow"] == "pipeline")
-    steps = [r for r in runs if r["flow"] == "bulk-edit"]
-    assert len(steps) == 1 and steps[0]["parent"] == top["id"] and steps[0]["state"] == "COMPLETED", runs
-    assert steps[0]["tasks"] == ["commit-manifest", "edit-shards"]
+    steps = {r["flow"]: r for r in runs if r["parent"] == top["id"]}
+    assert sorted(steps) == ["bulk-edit", "pairs"] and all(r["state"] == "COMPLETED" for r in steps.values()), runs
+    assert steps["bulk-edit"]["tasks"] == ["commit-manifest", "edit-shards"]
+    assert len(steps["pairs"]["tasks"]) >= 2
 
 
 def _gone(p: psutil.Process) -> bool:

@@ -113,6 +113,7 @@ def test_video_flow_end_to_end(inputs, cluster):
     assert missing.returncode == 2 and "input: " in missing.stderr and "no video files" in missing.stderr
 
 
+@pytest.mark.sweep  # resume from a checkpoint: tests/unit/tasks/test_video_job.py and test_video_atlas.py
 def test_neural_atlas_on_one_file_resumes_from_checkpoint(inputs, cluster, tiny_models, tmp_path):
     root, _, clips, _ = inputs
     cfg = {
