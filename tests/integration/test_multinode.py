@@ -11,7 +11,9 @@ to the session's one Prefect server and writing its outputs to the session's S3 
   shared Prefect server, its dataset in the bucket;
 - a fine-tuning job with ``num_workers: 2`` trains on two nodes (its attempt records them);
   ``auto`` GPUs run it on CPU and say why (one GPU, two workers), and an explicit
-  ``num_gpus`` the cluster cannot provide is refused with exit status 2 before any work.
+  ``num_gpus`` the cluster cannot provide is refused with exit status 2 before any work;
+- (last, as it changes the cluster) a node running one of a bulk edit's two actors is
+  removed mid-stage: the run finishes on the other and every row is accounted for once.
 
 Only the cluster started here is stopped (``Cluster.shutdown``: its own processes).
 """
@@ -50,7 +52,7 @@ def nodes(cluster, s3_server):
         ray_cluster.wait_for_nodes()
         env = {"PREFECT_API_URL": cluster["PREFECT_API_URL"]}
         yield {"env": env, "address": ray_cluster.address, "head": ray_cluster.head_node.node_id,
-               "gpu": gpu.node_id, "cpu": cpu.node_id}
+               "gpu": gpu.node_id, "cpu": cpu.node_id, "cluster": ray_cluster}
     finally:
         ray_cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -142,3 +144,78 @@ def test_finetune_with_two_workers_trains_on_two_nodes(nodes, tmp_path, tiny_mod
     assert (figures["jobs in"], figures["jobs out"], figures["rejected"]) == (1, 1, 0)
     assert figures["GPU-hours"] == 0 and figures["note"] == summary["notes"]
     assert Path(figures["output"]) == tmp_path / "campaign"
+
+
+def _node_processes(node) -> list:
+    """Every process of one ``Cluster`` node (its raylet's tree), with their command lines."""
+    import psutil
+
+    out = []
+    for info in node.all_processes.get("raylet", []):
+        try:
+            root = psutil.Process(info.process.pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    out.append((p, " ".join(p.cmdline())))
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_node_removed_mid_stage_loses_no_row(nodes, tmp_path, tiny_models):
+    """Runs last in this module: it adds a second GPU node and removes the one whose actor is working
+    (the node running the task that drives the stage is never the one removed: that is a lost
+    driver, which fails the run and resumes on a rerun, tested by the kill tests)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pixelmill.datasets import read_manifest
+    from tests.helpers.edit_inputs import sample_dataset, sdedit_config
+
+    ray_cluster = nodes["cluster"]
+    extra = ray_cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=OBJECT_STORE)
+    ray_cluster.wait_for_nodes()
+    images, ids = sample_dataset(tmp_path, n=14, corrupt=1, seed=41, buckets=8)
+    out = tmp_path / "out"
+    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out), "a sketch of {caption}",
+                        steps=8)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["placement"] = {"workers": 2, "gpus": 1, "cpus": 1}  # one actor per GPU node
+    cfg.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, **nodes["env"]}
+    proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json",
+                             "--ray-address", nodes["address"]], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    gpu_nodes = {n.node_id: n for n in ray_cluster.worker_nodes if n.node_id in (nodes["gpu"], extra.node_id)}
+    removed = None
+    try:
+        deadline = time.monotonic() + 600
+        while removed is None and proc.poll() is None and time.monotonic() < deadline:
+            m = read_manifest(str(out))
+            if m and m.shards and not m.complete:
+                for node_id, node in gpu_nodes.items():
+                    titles = [t for _, t in _node_processes(node)]
+                    if any("_StageActor" in t for t in titles) and not any("_run_prefect_task" in t for t in titles):
+                        ray_cluster.remove_node(node, allow_graceful=False)
+                        removed = node_id
+                        break
+            time.sleep(0.1)
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert removed, f"no node was removed mid-stage (rc={proc.returncode}); the test proves nothing"
+    assert proc.returncode == 0, stderr[-5000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["rows_out"] + summary["rejects"] == summary["rows_in"] == len(ids)
+    ds = Dataset.open(str(out))
+    assert ds.complete
+    report = account(ids, ds)
+    assert report.ok, str(report)
+    assert ds.rejects().num_rows == 1  # the corrupt file only: no row became a reject through the lost node
