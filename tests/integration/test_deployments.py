@@ -1,0 +1,245 @@
+"""Deployments end to end: `pixelmill deploy` against the session's Prefect server, runs started from
+the Prefect API and executed by a real `prefect worker` process, a failed run notifying a webhook
+receiver on 127.0.0.1 through a Prefect automation, and `pixelmill serve` firing an interval
+schedule twice on a server whose scheduler loop is shortened (the second run finds nothing new)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+from tests.helpers.edit_inputs import sample_dataset
+
+pytestmark = pytest.mark.slow
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 recording every POST body (the notification's destination)."""
+
+    def __init__(self):
+        self.bodies: list[bytes] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                owner.bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, n: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.bodies) < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return [json.loads(b) for b in self.bodies]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _client(api_url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Ctx:
+        def __enter__(self):
+            self.settings = temporary_settings({PREFECT_API_URL: api_url})
+            self.settings.__enter__()
+            self.client = get_client(sync_client=True).__enter__()
+            return self.client
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self.settings.__exit__(*exc)
+
+    return Ctx()
+
+
+def _edit_config(path: Path, images: str, model: str, output: str, **extra) -> Path:
+    path.write_text(yaml.safe_dump(dict(input=images, output=output, model=model, prompt="a painting of {caption}",
+                                        strength=0.5, steps=2, resolution=32, batch_size=2, **extra)))
+    return path
+
+
+def _logs(client, flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return "\n".join(log.message for log in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+
+
+def _committed(output: str) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime for p in Path(output).glob("part-*.parquet")}
+
+
+def test_deploy_worker_run_and_failure_webhook(cluster, tiny_models, tmp_path):
+    """(a) deploy: schedule, concurrency limit, pool, parameters read back; (b) a run started from the
+    API completes on a `prefect worker` process; (d) a failing run POSTs to the webhook."""
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.deployments import run_deployment
+
+    from pixelmill.datasets import Dataset
+
+    api = cluster["PREFECT_API_URL"]
+    images, ids = sample_dataset(tmp_path / "in", n=3, corrupt=0, seed=3, buckets=1)
+    doomed, _ = sample_dataset(tmp_path / "doomed", n=1, corrupt=0, seed=4, buckets=1)
+    out = str(tmp_path / "out" / "edited")
+    tag = uuid.uuid4().hex[:8]
+    pool = f"test-pool-{tag}"
+    good = _edit_config(tmp_path / "nightly.yaml", images, tiny_models["img2img"], out,
+                        schedule={"cron": "0 2 * * *", "timezone": "Europe/Berlin"},
+                        deployment={"name": f"nightly-{tag}", "tags": ["test"]})
+    bad = _edit_config(tmp_path / "doomed.yaml", images.replace(str(tmp_path / "in"), str(tmp_path / "doomed")),
+                       tiny_models["img2img"], str(tmp_path / "out" / "doomed"),
+                       deployment={"name": f"doomed-{tag}", "collision_strategy": "cancel_new"})
+    receiver = Receiver()
+    try:
+        t0 = time.monotonic()
+        r = run_cli(["deploy", str(good), str(bad), "--pool", pool, "--notify", receiver.url, "--json"],
+                    env_extra=cluster)
+        assert r.returncode == 0, r.stderr[-3000:]
+        print("TIMING deploy", time.monotonic() - t0)
+        listed = {d["config"]: d for d in json.loads(r.stdout)}
+        assert listed[str(good)]["name"] == f"pixelmill-edit/nightly-{tag}"
+
+        with _client(api) as client:
+            dep = client.read_deployment_by_name(f"pixelmill-edit/nightly-{tag}")
+            assert str(dep.id) == listed[str(good)]["id"]
+            assert dep.entrypoint == "pixelmill.flows.deployed.edit" and dep.pull_steps == []
+            assert dep.work_pool_name == pool and client.read_work_pool(pool).type == "process"
+            [sched] = dep.schedules
+            assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == ("0 2 * * *", "Europe/Berlin", True)
+            assert dep.global_concurrency_limit.limit == 1
+            assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+            assert {"pixelmill", "test"} <= set(dep.tags)
+            config = dep.parameters["config"]  # the checked config itself, not a path on this machine
+            assert (config["input"], config["output"], config["steps"]) == (images, out, 2)
+            doomed_dep = client.read_deployment_by_name(f"pixelmill-edit/doomed-{tag}")
+            assert doomed_dep.schedules == []
+            assert doomed_dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+            automations = client.read_automations_by_name(f"pixelmill: notify when pixelmill-edit/doomed-{tag} fails")
+            assert len(automations) == 1 and automations[0].enabled
+
+        # the doomed config's input disappears after it was deployed: its run fails in preflight
+        shutil.rmtree(tmp_path / "doomed" / "images")
+        with _client(api):
+            ok_run = run_deployment(f"pixelmill-edit/nightly-{tag}", timeout=0)
+            bad_run = run_deployment(f"pixelmill-edit/doomed-{tag}", timeout=0)
+        worker = subprocess.run([PREFECT, "worker", "start", "--pool", pool, "--run-once", "--limit", "2"],
+                                env={**os.environ, **cluster}, capture_output=True, text=True, timeout=400)
+        print("TIMING worker", time.monotonic() - t0)
+        print(worker.stdout[-5000:], worker.stderr[-5000:])
+        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        with _client(api) as client:
+            ok_state = client.read_flow_run(ok_run.id).state
+            bad_state = client.read_flow_run(bad_run.id).state
+            assert ok_state.is_completed(), (ok_state, _logs(client, ok_run.id)[-3000:])
+            assert "3 rows in -> 3 edited + 0 rejected" in _logs(client, ok_run.id)
+            assert bad_state.is_failed(), bad_state
+            assert "does not exist" in (bad_state.message or "") + _logs(client, bad_run.id)
+        assert sorted(Dataset.open(out).to_table(["id"])["id"].to_pylist()) == sorted(ids)
+
+        print("TIMING checked", time.monotonic() - t0)
+        messages = receiver.wait(1, timeout=90)
+        print("TIMING webhook", time.monotonic() - t0)
+        assert [m["flow_run_id"] for m in messages] == [str(bad_run.id)], messages
+        assert messages[0]["deployment"] == f"doomed-{tag}" and messages[0]["state"] == "Failed"
+        assert "does not exist" in messages[0]["message"]
+    finally:
+        receiver.close()
+
+
+def test_deploy_refuses_without_a_reachable_server(tmp_path, tiny_models):
+    images, _ = sample_dataset(tmp_path / "in", n=1, corrupt=0, seed=5, buckets=1)
+    cfg = _edit_config(tmp_path / "e.yaml", images, tiny_models["img2img"], str(tmp_path / "out"))
+    r = run_cli(["deploy", str(cfg)], env_extra={"PREFECT_API_URL": ""})
+    assert r.returncode == 2 and "PREFECT_API_URL is not set" in r.stderr, r.stderr
+    r = run_cli(["deploy", str(cfg)], env_extra={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert r.returncode == 2 and "does not answer" in r.stderr and "127.0.0.1:9" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_fires_an_interval_schedule_twice_and_the_rerun_finds_nothing_new(cluster, tiny_models, tmp_path):
+    """(c) `pixelmill serve` on a server whose scheduler loop runs every 2 s (60 s by default), with
+    the scheduler, late-runs, cancellation-cleanup and repossessor (frees slots of crashed runs) on."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from pixelmill.datasets import Dataset
+    from pixelmill.runtime import PrefectServer
+
+    server = PrefectServer(tmp_path / "prefect", env={
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true",
+        "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": "true",
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "true",
+    }).start()
+    images, ids = sample_dataset(tmp_path / "in", n=2, corrupt=0, seed=6, buckets=1)
+    out = str(tmp_path / "out")
+    cfg = _edit_config(tmp_path / "hourly.yaml", images, tiny_models["img2img"], out,
+                       schedule={"interval": 15}, deployment={"name": "every-15s"})
+    env = {**os.environ, "RAY_ADDRESS": cluster["RAY_ADDRESS"], "PREFECT_API_URL": server.api_url,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "serve", str(cfg)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        done = []
+        first_commit = None
+        deadline = time.monotonic() + 300
+        with _client(server.api_url) as client:
+            while len(done) < 2:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(2)
+                try:
+                    dep = client.read_deployment_by_name("pixelmill-edit/every-15s")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    continue
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                    flow_run_filter=FlowRunFilter(), sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+                assert not [r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()], \
+                    [(r.name, r.state) for r in runs]
+                done = [r for r in runs if r.state and r.state.is_completed()]
+                if len(done) == 1 and first_commit is None:
+                    first_commit = _committed(out)
+            first, second = done[:2]
+            assert first.auto_scheduled and second.auto_scheduled  # fired by the schedule, not by hand
+            assert "2 rows in -> 2 edited" in _logs(client, first.id)
+            assert "nothing new: 1 shard(s) already committed" in _logs(client, second.id)
+        assert first_commit and _committed(out) == first_commit  # the second run rewrote nothing
+        assert sorted(Dataset.open(out).to_table(["id"])["id"].to_pylist()) == sorted(ids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+        server.stop()
