@@ -94,16 +94,27 @@ def _committed(output: str) -> dict[str, float]:
     return {p.name: p.stat().st_mtime for p in Path(output).glob("part-*.parquet")}
 
 
-def test_deploy_worker_run_and_failure_webhook(cluster, tiny_models, tmp_path):
-    """(a) deploy: schedule, concurrency limit, pool, parameters read back; (b) a run started from the
-    API completes on a `prefect worker` process; (d) a failing run POSTs to the webhook."""
+def _deploy(args: list[str], cluster) -> dict[str, dict]:
+    r = run_cli(["deploy", *args, "--json"], env_extra=cluster)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {d["config"]: d for d in json.loads(r.stdout)}
+
+
+def _work(pool: str, cluster, runs: int = 1) -> None:
+    """A real worker process: polls the pool once, runs what it found, waits for those runs to end."""
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", pool, "--run-once", "--limit", str(runs)],
+                            env={**os.environ, **cluster}, capture_output=True, text=True, timeout=400)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+
+
+def test_deploy_registers_schedule_and_limit_and_a_failed_run_notifies(cluster, tiny_models, tmp_path):
+    """(a) what `pixelmill deploy` registered, read back through the Prefect client; (d) a run started
+    from the API fails on a `prefect worker` process and the automation POSTs to a receiver."""
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.deployments import run_deployment
 
-    from pixelmill.datasets import Dataset
-
     api = cluster["PREFECT_API_URL"]
-    images, ids = sample_dataset(tmp_path / "in", n=3, corrupt=0, seed=3, buckets=1)
+    images, _ = sample_dataset(tmp_path / "in", n=1, corrupt=0, seed=3, buckets=1)
     doomed, _ = sample_dataset(tmp_path / "doomed", n=1, corrupt=0, seed=4, buckets=1)
     out = str(tmp_path / "out" / "edited")
     tag = uuid.uuid4().hex[:8]
@@ -111,19 +122,12 @@ def test_deploy_worker_run_and_failure_webhook(cluster, tiny_models, tmp_path):
     good = _edit_config(tmp_path / "nightly.yaml", images, tiny_models["img2img"], out,
                         schedule={"cron": "0 2 * * *", "timezone": "Europe/Berlin"},
                         deployment={"name": f"nightly-{tag}", "tags": ["test"]})
-    bad = _edit_config(tmp_path / "doomed.yaml", images.replace(str(tmp_path / "in"), str(tmp_path / "doomed")),
-                       tiny_models["img2img"], str(tmp_path / "out" / "doomed"),
+    bad = _edit_config(tmp_path / "doomed.yaml", doomed, tiny_models["img2img"], str(tmp_path / "out" / "doomed"),
                        deployment={"name": f"doomed-{tag}", "collision_strategy": "cancel_new"})
     receiver = Receiver()
     try:
-        t0 = time.monotonic()
-        r = run_cli(["deploy", str(good), str(bad), "--pool", pool, "--notify", receiver.url, "--json"],
-                    env_extra=cluster)
-        assert r.returncode == 0, r.stderr[-3000:]
-        print("TIMING deploy", time.monotonic() - t0)
-        listed = {d["config"]: d for d in json.loads(r.stdout)}
+        listed = _deploy([str(good), str(bad), "--pool", pool, "--notify", receiver.url], cluster)
         assert listed[str(good)]["name"] == f"pixelmill-edit/nightly-{tag}"
-
         with _client(api) as client:
             dep = client.read_deployment_by_name(f"pixelmill-edit/nightly-{tag}")
             assert str(dep.id) == listed[str(good)]["id"]
@@ -143,44 +147,48 @@ def test_deploy_worker_run_and_failure_webhook(cluster, tiny_models, tmp_path):
             assert len(automations) == 1 and automations[0].enabled
 
         # the doomed config's input disappears after it was deployed: its run fails in preflight
-        shutil.rmtree(tmp_path / "doomed" / "images")
+        shutil.rmtree(doomed)
         with _client(api):
-            ok_run = run_deployment(f"pixelmill-edit/nightly-{tag}", timeout=0)
             bad_run = run_deployment(f"pixelmill-edit/doomed-{tag}", timeout=0)
-        worker = subprocess.run([PREFECT, "worker", "start", "--pool", pool, "--run-once", "--limit", "2"],
-                                env={**os.environ, **cluster}, capture_output=True, text=True, timeout=400)
-        print("TIMING worker", time.monotonic() - t0)
-        print(worker.stdout[-5000:], worker.stderr[-5000:])
-        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        _work(pool, cluster)
         with _client(api) as client:
-            ok_state = client.read_flow_run(ok_run.id).state
-            bad_state = client.read_flow_run(bad_run.id).state
-            assert ok_state.is_completed(), (ok_state, _logs(client, ok_run.id)[-3000:])
-            assert "3 rows in -> 3 edited + 0 rejected" in _logs(client, ok_run.id)
-            assert bad_state.is_failed(), bad_state
-            assert "does not exist" in (bad_state.message or "") + _logs(client, bad_run.id)
-        assert sorted(Dataset.open(out).to_table(["id"])["id"].to_pylist()) == sorted(ids)
-
-        print("TIMING checked", time.monotonic() - t0)
+            state = client.read_flow_run(bad_run.id).state
+            assert state.is_failed() and "does not exist" in (state.message or ""), state
         messages = receiver.wait(1, timeout=90)
-        print("TIMING webhook", time.monotonic() - t0)
         assert [m["flow_run_id"] for m in messages] == [str(bad_run.id)], messages
         assert messages[0]["deployment"] == f"doomed-{tag}" and messages[0]["state"] == "Failed"
         assert "does not exist" in messages[0]["message"]
+        assert not Path(out).exists()  # the nightly deployment's schedule is at 02:00: nothing ran it
     finally:
         receiver.close()
 
 
-def test_deploy_refuses_without_a_reachable_server(tmp_path, tiny_models):
-    images, _ = sample_dataset(tmp_path / "in", n=1, corrupt=0, seed=5, buckets=1)
-    cfg = _edit_config(tmp_path / "e.yaml", images, tiny_models["img2img"], str(tmp_path / "out"))
-    r = run_cli(["deploy", str(cfg)], env_extra={"PREFECT_API_URL": ""})
-    assert r.returncode == 2 and "PREFECT_API_URL is not set" in r.stderr, r.stderr
-    r = run_cli(["deploy", str(cfg)], env_extra={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
-    assert r.returncode == 2 and "does not answer" in r.stderr and "127.0.0.1:9" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr
+@pytest.mark.sweep
+def test_deployed_edit_started_from_the_api_completes_on_a_worker(cluster, tiny_models, tmp_path):
+    """(b) `pixelmill deploy`, a run started from the Prefect API, a `prefect worker` process runs it."""
+    from prefect.deployments import run_deployment
+
+    from pixelmill.datasets import Dataset
+
+    api = cluster["PREFECT_API_URL"]
+    images, ids = sample_dataset(tmp_path / "in", n=3, corrupt=0, seed=3, buckets=1)
+    out = str(tmp_path / "out" / "edited")
+    tag = uuid.uuid4().hex[:8]
+    pool = f"test-pool-{tag}"
+    cfg = _edit_config(tmp_path / "nightly.yaml", images, tiny_models["img2img"], out,
+                       schedule={"cron": "0 2 * * *"}, deployment={"name": f"nightly-{tag}"})
+    _deploy([str(cfg), "--pool", pool], cluster)
+    with _client(api):
+        run = run_deployment(f"pixelmill-edit/nightly-{tag}", timeout=0)
+    _work(pool, cluster)
+    with _client(api) as client:
+        state = client.read_flow_run(run.id).state
+        assert state.is_completed(), (state, _logs(client, run.id)[-3000:])
+        assert "3 rows in -> 3 edited + 0 rejected" in _logs(client, run.id)
+    assert sorted(Dataset.open(out).to_table(["id"])["id"].to_pylist()) == sorted(ids)
 
 
+@pytest.mark.sweep
 def test_serve_fires_an_interval_schedule_twice_and_the_rerun_finds_nothing_new(cluster, tiny_models, tmp_path):
     """(c) `pixelmill serve` on a server whose scheduler loop runs every 2 s (60 s by default), with
     the scheduler, late-runs, cancellation-cleanup and repossessor (frees slots of crashed runs) on."""
@@ -229,6 +237,8 @@ def test_serve_fires_an_interval_schedule_twice_and_the_rerun_finds_nothing_new(
                     first_commit = _committed(out)
             first, second = done[:2]
             assert first.auto_scheduled and second.auto_scheduled  # fired by the schedule, not by hand
+            # concurrency limit 1: the runs never overlapped (a firing during the first run waited)
+            assert second.start_time >= first.end_time, (first.start_time, first.end_time, second.start_time)
             assert "2 rows in -> 2 edited" in _logs(client, first.id)
             assert "nothing new: 1 shard(s) already committed" in _logs(client, second.id)
         assert first_commit and _committed(out) == first_commit  # the second run rewrote nothing

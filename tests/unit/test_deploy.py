@@ -160,3 +160,21 @@ def test_deploy_parameters_are_the_checked_config_with_absolute_paths(tmp_path, 
     assert all(s.config is None for s in pipe.steps)  # the base file is inlined: a worker has no copy
     assert one["input"] == images and one["output"] == str(tmp_path / "out" / "one") and one["prompt"] == "a cat"
     assert two["input"] == "${steps.one.output}" and two["prompt"] == "a cat"
+
+
+def test_deploy_refuses_without_a_reachable_server(tmp_path, tiny_models, monkeypatch, capsys):
+    """No embedded server for deploy: exit 2 naming PREFECT_API_URL, before anything is registered."""
+    from pixelmill.cli import main
+    from tests.helpers.edit_inputs import sample_dataset
+
+    images, _ = sample_dataset(tmp_path / "in", n=1, corrupt=0, seed=5, buckets=1)
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(yaml.safe_dump({"input": images, "output": str(tmp_path / "out"), "model": tiny_models["img2img"],
+                                   "prompt": "a cat", "steps": 2, "resolution": 32}))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["deploy", str(cfg)]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert main(["deploy", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "127.0.0.1:9" in err and "Traceback" not in err, err
