@@ -164,8 +164,9 @@ def test_deploy_registers_schedule_and_limit_and_a_failed_run_notifies(cluster, 
 
 
 @pytest.mark.sweep
-def test_deployed_edit_started_from_the_api_completes_on_a_worker(cluster, tiny_models, tmp_path):
-    """(b) `pixelmill deploy`, a run started from the Prefect API, a `prefect worker` process runs it."""
+def test_deployed_edit_and_pipeline_started_from_the_api_complete_on_a_worker(cluster, tiny_models, tmp_path):
+    """(b) `pixelmill deploy` of a bulk edit and of a chained pipeline (its step file inlined, the second
+    step reading the first's output), runs started from the Prefect API, one `prefect worker` runs both."""
     from prefect.deployments import run_deployment
 
     from pixelmill.datasets import Dataset
@@ -177,15 +178,30 @@ def test_deployed_edit_started_from_the_api_completes_on_a_worker(cluster, tiny_
     pool = f"test-pool-{tag}"
     cfg = _edit_config(tmp_path / "nightly.yaml", images, tiny_models["img2img"], out,
                        schedule={"cron": "0 2 * * *"}, deployment={"name": f"nightly-{tag}"})
-    _deploy([str(cfg), "--pool", pool], cluster)
+    (tmp_path / "steps").mkdir()
+    base = _edit_config(tmp_path / "steps" / "base.yaml", images, tiny_models["img2img"], "unused")
+    pipe = tmp_path / "steps" / "chain.yaml"
+    pipe.write_text(yaml.safe_dump({
+        "schedule": {"interval": 86400}, "deployment": {"name": f"chain-{tag}"},
+        "steps": [{"name": "first", "uses": "edit", "config": base.name, "with": {"output": str(tmp_path / "p1")}},
+                  {"name": "second", "uses": "edit", "config": base.name,
+                   "with": {"input": "${steps.first.output}", "output": str(tmp_path / "p2"),
+                            "image_column": "edited_image", "prompt": "a photo"}}]}))
+    listed = _deploy([str(cfg), str(pipe), "--pool", pool], cluster)
+    assert listed[str(pipe)]["name"] == f"pixelmill-run/chain-{tag}"
     with _client(api):
-        run = run_deployment(f"pixelmill-edit/nightly-{tag}", timeout=0)
-    _work(pool, cluster)
+        runs = [run_deployment(f"pixelmill-edit/nightly-{tag}", timeout=0),
+                run_deployment(f"pixelmill-run/chain-{tag}", timeout=0)]
+    _work(pool, cluster, runs=2)
     with _client(api) as client:
-        state = client.read_flow_run(run.id).state
-        assert state.is_completed(), (state, _logs(client, run.id)[-3000:])
-        assert "3 rows in -> 3 edited + 0 rejected" in _logs(client, run.id)
+        for run in runs:
+            state = client.read_flow_run(run.id).state
+            assert state.is_completed(), (state, _logs(client, run.id)[-3000:])
+        assert "3 rows in -> 3 edited + 0 rejected" in _logs(client, runs[0].id)
+        assert "pipeline: 2 step(s) done: first, second" in _logs(client, runs[1].id)
     assert sorted(Dataset.open(out).to_table(["id"])["id"].to_pylist()) == sorted(ids)
+    for step in ("p1", "p2"):
+        assert sorted(Dataset.open(str(tmp_path / step)).to_table(["id"])["id"].to_pylist()) == sorted(ids)
 
 
 @pytest.mark.sweep
