@@ -26,6 +26,7 @@ from tests.helpers.edit_inputs import sample_dataset
 pytestmark = pytest.mark.slow
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Receiver:
@@ -161,6 +162,41 @@ def test_deploy_registers_schedule_and_limit_and_a_failed_run_notifies(cluster, 
         assert not Path(out).exists()  # the nightly deployment's schedule is at 02:00: nothing ran it
     finally:
         receiver.close()
+
+
+def test_prefect_yaml_registers_with_prefect_deploy(cluster):
+    """cluster/prefect.yaml as its users run it: `prefect deploy --all`, read back from the server."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from pixelmill.cli.deploy import ensure_pool
+    from pixelmill.flows.deployed import FLOWS
+
+    env = {**os.environ, **cluster}
+    with _client(cluster["PREFECT_API_URL"]):
+        ensure_pool("pixelmill")
+    r = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file",
+                        str(ROOT / "cluster" / "prefect.yaml")], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with _client(cluster["PREFECT_API_URL"]) as client:
+        names = [f.name for f in FLOWS.values()]
+        deps = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=names)))}
+        wanted = {"pixelmill-edit/nightly", "pixelmill-retrieve/retrieve", "pixelmill-pairs/pairs",
+                  "pixelmill-finetune/finetune", "pixelmill-video/video", "pixelmill-run/pipeline-ip2p"}
+        assert wanted <= set(deps), sorted(deps)
+        nightly = deps["pixelmill-edit/nightly"]
+        assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "UTC")]
+        assert nightly.parameters == {"config": "configs/edit-sdedit.yaml"}
+        assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                       {"directory": "/home/ray/work"}}]
+        for name in wanted:
+            d = deps[name]
+            assert d.work_pool_name == "pixelmill" and d.entrypoint.startswith("pixelmill.flows.deployed.")
+            assert d.global_concurrency_limit.limit == 1
+            assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+            assert name == "pixelmill-edit/nightly" or not d.schedules
 
 
 @pytest.mark.sweep
