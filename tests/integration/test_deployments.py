@@ -295,6 +295,12 @@ def test_serve_fires_an_interval_schedule_twice_and_the_rerun_finds_nothing_new(
             assert "nothing new: 1 shard(s) already committed" in _logs(client, second.id)
         assert first_commit and _committed(out) == first_commit  # the second run rewrote nothing
         assert sorted(Dataset.open(out).to_table(["id"])["id"].to_pylist()) == sorted(ids)
+        # a service manager's stop (SIGTERM): serve ends cleanly and pauses its schedule
+        proc.terminate()
+        assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        with _client(server.api_url) as client:
+            dep = client.read_deployment_by_name("pixelmill-edit/every-15s")
+            assert dep.paused or not any(s.active for s in dep.schedules), dep
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
