@@ -319,7 +319,14 @@ def cmd_deploy(args) -> int:
 def cmd_serve(args) -> int:
     from prefect import serve
 
-    from pixelmill.runtime import PrefectServer, Watchdog, default_home, user_server_url
+    from pixelmill.runtime import (
+        CLIENT_AUTH_ENV,
+        SERVER_AUTH_ENV,
+        PrefectServer,
+        Watchdog,
+        default_home,
+        user_server_url,
+    )
 
     items = _prepare_all(args)
     home = Path(args.home).resolve() if args.home else default_home()
@@ -336,6 +343,9 @@ def cmd_serve(args) -> int:
                 url = server.api_url
                 print(f"embedded Prefect server at {url} (database in {home}); "
                       f"browse it later with `pixelmill server --home {home}`")
+            # a server of this home has auth on when PREFECT_SERVER_API_AUTH_STRING is set: send it
+            if os.environ.get(SERVER_AUTH_ENV) and not os.environ.get(CLIENT_AUTH_ENV):
+                os.environ[CLIENT_AUTH_ENV] = os.environ[SERVER_AUTH_ENV]
         use_api(url)
         deployments = [to_deployment(it, served=True) for it in items]
         for it in items:
