@@ -291,6 +291,9 @@ def test_serve_fires_an_interval_schedule_twice_and_the_rerun_finds_nothing_new(
             assert first.auto_scheduled and second.auto_scheduled  # fired by the schedule, not by hand
             # concurrency limit 1: the runs never overlapped (a firing during the first run waited)
             assert second.start_time >= first.end_time, (first.start_time, first.end_time, second.start_time)
+            waited = {st.name for st in client.read_flow_run_states(second.id)}
+            if second.expected_start_time < first.end_time:  # it fell due while the first one worked
+                assert "AwaitingConcurrencySlot" in waited, waited
             assert "2 rows in -> 2 edited" in _logs(client, first.id)
             assert "nothing new: 1 shard(s) already committed" in _logs(client, second.id)
         assert first_commit and _committed(out) == first_commit  # the second run rewrote nothing
