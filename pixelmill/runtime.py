@@ -206,6 +206,7 @@ class PrefectServer:
     ui: bool = False
     die_with_parent: bool = True
     proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra server settings (e.g. service loop seconds)
 
     @property
     def api_url(self) -> str:
@@ -222,7 +223,7 @@ class PrefectServer:
             cmd = die_with_parent(cmd)  # a SIGKILLed owner must not leave its server behind
         self.proc = subprocess.Popen(
             cmd,
-            env=prefect_server_env(self.home, self.ui, self.host, self.port),
+            env={**prefect_server_env(self.home, self.ui, self.host, self.port), **self.env},
             stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

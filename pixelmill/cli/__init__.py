@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow_args(p, limit_help="only the first N input rows of every step")
     p.set_defaults(func=cmd_run)
 
+    from pixelmill.cli.deploy import add_parsers as add_deploy_parsers
+
+    add_deploy_parsers(sub)  # deploy, serve
+
     p = sub.add_parser("demo", help="run every pipeline on drawn sample images with tiny offline models",
                        description="Draw sample images, build tiny models, start the embedded runtime, "
                                    "run the bulk-edit flow with SDEdit and InstructPix2Pix, write a report.")

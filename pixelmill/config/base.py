@@ -44,6 +44,64 @@ class RuntimeConfig(StrictModel):
     num_cpus: int | None = Field(default=None, ge=1)
 
 
+class ScheduleConfig(StrictModel):
+    """When a deployed config runs (``pixelmill deploy`` / ``pixelmill serve``): a cron line or an interval.
+
+    Args:
+        cron: a cron line, e.g. ``"0 2 * * *"`` (every night at 02:00 in ``timezone``).
+        interval: seconds between runs (at least 1).
+        timezone: IANA name (``Europe/Berlin``); default UTC. DST-aware for cron.
+    """
+
+    cron: str | None = None
+    interval: float | None = Field(default=None, ge=1)
+    timezone: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of `cron` and `interval` (seconds)")
+        if self.cron is not None:
+            from prefect.client.schemas.schedules import CronSchedule
+
+            try:
+                CronSchedule(cron=self.cron)
+            except ValueError:
+                raise ValueError(f"cron {self.cron!r} is not a valid cron line (e.g. \"0 2 * * *\")") from None
+        if self.timezone is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. UTC, "
+                                 "Europe/Berlin)") from None
+        return self
+
+
+class DeploymentSettings(StrictModel):
+    """How ``pixelmill deploy`` registers a config with Prefect (never part of an output's hash).
+
+    Args:
+        name: the deployment's name (default: the config file's name without ``.yaml``).
+        work_pool: the Prefect work pool whose workers run it (created as a ``process`` pool
+            when missing); ``pixelmill serve`` ignores it (it runs the schedule itself).
+        work_queue: a queue of that pool, or the pool's default.
+        concurrency_limit: runs of this deployment at the same time (default 1).
+        collision_strategy: what a run that would exceed the limit does: ``enqueue`` (waits
+            for the running one, then edits what is still new; default) or ``cancel_new``
+            (is cancelled; the next scheduled run catches up).
+        tags: Prefect tags on the deployment and its runs (``pixelmill`` is always added).
+    """
+
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    work_pool: str = "pixelmill"
+    work_queue: str | None = None
+    concurrency_limit: int = Field(default=1, ge=1)
+    collision_strategy: Literal["enqueue", "cancel_new"] = "enqueue"
+    tags: list[str] = Field(default_factory=list)
+
+
 class Placement(StrictModel):
     """How many workers a flow's stages (or jobs) use, and what each one claims.
 
@@ -78,7 +136,8 @@ class Placement(StrictModel):
 
 
 class FlowConfig(StrictModel):
-    """Base of every flow's config: ``placement``, ``runtime``, ``plugins`` and ``limit``.
+    """Base of every flow's config: ``placement``, ``runtime``, ``plugins``, ``limit``, and
+    ``schedule`` / ``deployment`` (read by ``pixelmill deploy`` and ``pixelmill serve`` only).
 
     Subclasses set ``LEGACY_PLACEMENT`` (old flat keys → ``placement`` fields: configs
     written before the block existed still parse) and ``UNHASHED`` (other keys that
@@ -87,10 +146,13 @@ class FlowConfig(StrictModel):
 
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {}
     UNHASHED: ClassVar[frozenset[str]] = frozenset()
-    NEVER_HASHED: ClassVar[frozenset[str]] = frozenset({"placement", "runtime", "plugins", "output"})
+    NEVER_HASHED: ClassVar[frozenset[str]] = frozenset(
+        {"placement", "runtime", "plugins", "output", "schedule", "deployment"})
 
     placement: Placement = Field(default_factory=Placement)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    schedule: ScheduleConfig | None = None
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     plugins: list[str] = Field(default_factory=list)
     limit: int | None = Field(default=None, ge=1)
 
