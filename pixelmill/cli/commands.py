@@ -437,7 +437,7 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     """``pixelmill run PIPELINE.yaml``: check every step, then run them as one Prefect flow."""
-    from pixelmill.config.pipeline import PipelineConfig
+    from pixelmill.config.pipeline import PipelineConfig, pipeline_gpu_requests
 
     cfg = load_flow_config(PipelineConfig, args.config, args, preflight=False)
     steps = cfg.preflight_steps(Path(args.config).resolve().parent, overwrite=args.overwrite)
@@ -464,18 +464,3 @@ def cmd_run(args) -> int:
                 print(f"  note: {note}")
         print(f"done: {len(summaries)} step(s)")
     return 0
-
-
-def pipeline_gpu_requests(steps: list[dict]) -> list:
-    """Every step's GPU counts (references to earlier steps' results left as they are: they name paths)."""
-    from dataclasses import replace
-
-    from pixelmill import registry
-    from pixelmill.config.pipeline import substitute
-
-    requests = []
-    for step in steps:
-        model = registry.get("pipeline", step["uses"]).obj.config_model()
-        cfg = model.model_validate(substitute(step["data"], lambda name, key: f"steps.{name}.{key}"))
-        requests += [replace(r, field=f"steps.{step['name']}: {r.field}") for r in cfg.gpu_requests()]
-    return requests

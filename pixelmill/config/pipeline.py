@@ -99,3 +99,17 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def pipeline_gpu_requests(steps: list[dict]) -> list:
+    """Every step's GPU counts (references to earlier steps' results left as they are: they name paths)."""
+    from dataclasses import replace
+
+    from pixelmill import registry
+
+    requests = []
+    for step in steps:
+        model = registry.get("pipeline", step["uses"]).obj.config_model()
+        cfg = model.model_validate(substitute(step["data"], lambda name, key: f"steps.{name}.{key}"))
+        requests += [replace(r, field=f"steps.{step['name']}: {r.field}") for r in cfg.gpu_requests()]
+    return requests

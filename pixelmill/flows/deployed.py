@@ -68,8 +68,7 @@ def run_deployed(kind: str, config: dict[str, Any] | str) -> dict[str, Any]:
     data, base_dir = read_config(config)
     where = config if isinstance(config, str) else None
     if kind == "run":
-        from pixelmill.cli.commands import pipeline_gpu_requests
-        from pixelmill.config.pipeline import PipelineConfig
+        from pixelmill.config.pipeline import PipelineConfig, pipeline_gpu_requests
 
         cfg = validate(PipelineConfig, data, where)
         steps = cfg.preflight_steps(base_dir or Path.cwd())

@@ -93,8 +93,8 @@ def test_run_figures_table_and_chained_runs():
 
 def test_every_command_refuses_gpus_the_cluster_lacks_the_same_way():
     """edit, pairs, video, fine-tuning and pipeline steps all list their GPU counts; one rule checks them."""
-    from pixelmill.cli.commands import pipeline_gpu_requests
     from pixelmill.config import PairsConfig
+    from pixelmill.config.pipeline import pipeline_gpu_requests
 
     configs = {
         "edit": EditConfig.model_validate({**EDIT, "placement": {"gpus": 1}}),
