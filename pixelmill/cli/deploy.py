@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ def add_parsers(sub) -> None:
                                    "`prefect worker start --pool pixelmill` where pixelmill is installed.")
     common(p)
     p.add_argument("--pool", default=None, help="work pool for every config (default: its deployment.work_pool)")
-    p.add_argument("--notify", default=None, metavar="URL",
+    p.add_argument("--notify", nargs="?", const="", default=None, metavar="URL",
                    help="POST a JSON message to URL when a run of these deployments fails or crashes "
-                        "(a Prefect automation with a webhook action)")
+                        "(a Prefect automation with a webhook action). Without URL: $PIXELMILL_NOTIFY_URL "
+                        "(better: a webhook URL is a secret, and arguments show in `ps` and shell history). "
+                        "Printed with its path hidden.")
     p.add_argument("--json", action="store_true", help="print the deployments as JSON")
     p.set_defaults(func=cmd_deploy)
 
@@ -227,6 +230,29 @@ def ensure_pool(name: str) -> bool:
             return True
 
 
+NOTIFY_ENV = "PIXELMILL_NOTIFY_URL"
+
+
+def notify_url(arg: str | None) -> str | None:
+    """The webhook URL of ``--notify [URL]`` (``$PIXELMILL_NOTIFY_URL`` when given without one)."""
+    if arg is None:
+        return None
+    url = arg or os.environ.get(NOTIFY_ENV, "")
+    if not url:
+        raise UsageError(f"--notify without a URL reads ${NOTIFY_ENV}, which is not set")
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UsageError(f"--notify: {redacted_url(url)} is not an http(s) URL")
+    return url
+
+
+def redacted_url(url: str) -> str:
+    """``scheme://host[:port]/…``: a webhook URL's path and query often hold its secret."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/…" if parts.path.strip("/") or parts.query else f"{parts.scheme}://{host}{port}"
+
+
 def notify_on_failure(url: str, deployments: list[tuple[str, Any]]) -> str:
     """A webhook block for ``url`` and one automation per deployment: on Failed/Crashed, POST JSON to it.
 
@@ -277,6 +303,7 @@ def _prepare_all(args) -> list[dict[str, Any]]:
 def cmd_deploy(args) -> int:
     from pixelmill.config import RuntimeConfig
 
+    notify = notify_url(args.notify)
     url = os.environ.get("PREFECT_API_URL")
     if url:
         url = check_server(url)
@@ -297,10 +324,10 @@ def cmd_deploy(args) -> int:
         out.append({"name": f"{dep.flow_name}/{dep.name}", "id": str(dep_id), "config": it["path"],
                     "flow": it["kind"], "work_pool": dep.work_pool_name, "schedule": describe_schedule(it["cfg"]),
                     "concurrency_limit": d.concurrency_limit, "collision_strategy": d.collision_strategy})
-    if args.notify:
-        block = notify_on_failure(args.notify, [(o["name"], o["id"]) for o in out])
+    if notify:
+        block = notify_on_failure(notify, [(o["name"], o["id"]) for o in out])
         for o in out:
-            o["notify"] = {"url": args.notify, "webhook_block": block}
+            o["notify"] = {"url": redacted_url(notify), "webhook_block": block}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -309,8 +336,8 @@ def cmd_deploy(args) -> int:
     for o in out:
         print(f"deployment {o['name']} ({o['id']}): {o['config']} on pool {o['work_pool']}, {o['schedule']}, "
               f"concurrency {o['concurrency_limit']} ({o['collision_strategy']})")
-        if args.notify:
-            print(f"  notifies {args.notify} when a run fails or crashes")
+        if notify:
+            print(f"  notifies {redacted_url(notify)} when a run fails or crashes")
     pools = sorted({o["work_pool"] for o in out})
     print("runs start on a worker: " + "; ".join(f"prefect worker start --pool {p}" for p in pools))
     return 0

@@ -127,7 +127,10 @@ def test_deploy_registers_schedule_and_limit_and_a_failed_run_notifies(cluster, 
                        deployment={"name": f"doomed-{tag}", "collision_strategy": "cancel_new"})
     receiver = Receiver()
     try:
-        listed = _deploy([str(good), str(bad), "--pool", pool, "--notify", receiver.url], cluster)
+        # the webhook URL (a secret) from the environment; never printed whole
+        listed = _deploy([str(good), str(bad), "--pool", pool, "--notify"], {**cluster, "PIXELMILL_NOTIFY_URL":
+                                                                             receiver.url})
+        assert receiver.url not in json.dumps(listed)
         assert listed[str(good)]["name"] == f"pixelmill-edit/nightly-{tag}"
         with _client(api) as client:
             dep = client.read_deployment_by_name(f"pixelmill-edit/nightly-{tag}")

@@ -178,3 +178,20 @@ def test_deploy_refuses_without_a_reachable_server(tmp_path, tiny_models, monkey
     assert main(["deploy", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "does not answer" in err and "127.0.0.1:9" in err and "Traceback" not in err, err
+
+
+def test_the_notify_url_comes_from_the_environment_and_is_never_shown_whole(monkeypatch):
+    from pixelmill.cli.commands import UsageError
+    from pixelmill.cli.deploy import notify_url, redacted_url
+
+    secret = "https://hooks.example.com/services/T000/B000/XXXXsecretXXXX"
+    monkeypatch.setenv("PIXELMILL_NOTIFY_URL", secret)
+    assert notify_url("") == secret and notify_url(None) is None
+    assert notify_url("http://127.0.0.1:9/hook") == "http://127.0.0.1:9/hook"
+    assert redacted_url(secret) == "https://hooks.example.com/…"
+    assert redacted_url("http://127.0.0.1:9/hook?token=abc") == "http://127.0.0.1:9/…"
+    monkeypatch.delenv("PIXELMILL_NOTIFY_URL")
+    with pytest.raises(UsageError, match=r"\$PIXELMILL_NOTIFY_URL, which is not set"):
+        notify_url("")
+    with pytest.raises(UsageError, match="not an http"):
+        notify_url("file:///etc/passwd")
