@@ -384,7 +384,10 @@ class DatasetWriter:
 
             with self._lock, OutputLock(self.url):
                 manifest = read_manifest(self.url) or self.manifest
+                storage.remove(storage.join(self.url, STAGING_DIR, self.run))
                 others = self.tidy()
+                if not storage.listdir(storage.join(self.url, STAGING_DIR)):
+                    storage.remove(storage.join(self.url, STAGING_DIR))
                 manifest.complete = not others
                 manifest.updated_at = datetime.now(UTC)
                 write_manifest(self.url, manifest)

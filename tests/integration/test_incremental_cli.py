@@ -66,10 +66,11 @@ def _ids_once(out: Path) -> list[str]:
     return sorted(ids)
 
 
-def _popen(cfg: Path, cluster: dict, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json", *extra],
-                            env=dict(os.environ, **cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def _popen(cfg: Path, cluster: dict, log: Path) -> subprocess.Popen:
+    """``pixelmill edit CFG --json`` in its own process group; stdout to ``log``.out, stderr to ``log``.err."""
+    return subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"],
+                            env=dict(os.environ, **cluster), stdout=open(f"{log}.out", "w"),
+                            stderr=open(f"{log}.err", "w"), start_new_session=True)
 
 
 def _two_days(cluster, tmp_path, tiny_models):
@@ -123,20 +124,23 @@ def test_overlapping_runs_split_the_work_by_claims(cluster, tmp_path, tiny_model
     inp, out = tmp_path / "incoming", tmp_path / "out"
     ids = _files(inp, n=4, corrupt=0, seed=3, prefix="a")
     cfg = _config(tmp_path / "edit.yaml", inp, out, tiny_models["img2img"])
-    # Hold the output's lock so both processes queue for it once they have hashed the input
-    # (each writes its hash cache first): they then plan within moments of each other.
-    lock = OutputLock(str(out)).acquire()
-    procs = [_popen(cfg, cluster), _popen(cfg, cluster)]
+    # Hold the output's lock until both flows have started (planning is their next step):
+    # the first to get the lock claims every id; the second plans while that run is live.
+    lock = OutputLock(str(out), ttl=600).acquire()
+    logs = [tmp_path / "a", tmp_path / "b"]
+    procs = [_popen(cfg, cluster, log) for log in logs]
     deadline = time.monotonic() + 240
-    while len(list((out / "__sources").glob("part-*.parquet"))) < 2:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the runs did not start"
+    while not all("Beginning flow run" in Path(f"{log}.err").read_text() for log in logs):
+        ended = [Path(f"{log}.err").read_text()[-3000:] for p, log in zip(procs, logs) if p.poll() is not None]
+        assert time.monotonic() < deadline and not ended, f"the runs did not start: {ended}"
         time.sleep(0.2)
+    time.sleep(3)
     lock.release()
     results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr[-4000:]
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    for p, log in zip(procs, logs):
+        p.wait(timeout=600)
+        assert p.returncode == 0, Path(f"{log}.err").read_text()[-4000:]
+        results.append(json.loads(Path(f"{log}.out").read_text().strip().splitlines()[-1]))
     results.sort(key=lambda s: s["rows_in"])
     assert [s["rows_in"] for s in results] == [0, 4]
     assert results[0]["rows_claimed_elsewhere"] == 4  # the later planner left every id to the live run
@@ -149,7 +153,7 @@ def test_killed_run_claim_is_taken_over(cluster, tmp_path, tiny_models):
     inp, out = tmp_path / "incoming", tmp_path / "out"
     ids = _files(inp, n=3, corrupt=0, seed=4, prefix="k")
     cfg = _config(tmp_path / "edit.yaml", inp, out, tiny_models["img2img"])
-    proc = _popen(cfg, cluster)
+    proc = _popen(cfg, cluster, tmp_path / "killed")
     deadline = time.monotonic() + 240
     while not list((out / "__claims" / "runs").glob("*.json")):
         assert time.monotonic() < deadline and proc.poll() is None, "the run never claimed its work"
