@@ -6,7 +6,8 @@ Layout of a dataset folder::
     part-<name>.parquet            output rows of each committed shard
     __rejects/part-<name>.parquet  failed rows (``id``, ``error``, ``stage``, …)
     __dropped/part-<name>.parquet  rows filtered by design, with their scores
-    __staging/                     shards being written (never read as data)
+    __processed/part-<name>.parquet  ids the shard accounts for (runs with a claim; datasets/incremental.py)
+    __staging/                     shards being written (never read as data; ``__staging/<run>/`` with a claim)
 
 Hugging Face ``datasets`` skips folders starting with ``__``; pyarrow, DuckDB globs on
 ``part-*.parquet`` and Ray Data skip ``_``-prefixed ones. So only committed shards are
