@@ -45,8 +45,8 @@ class IncrementalPlan(ShardPlan):
     claim: RunClaim | None = None
 
     def describe(self) -> str:
-        lines = [f"{self.rows_todo} row(s) to edit in {len(self.specs)} new shard(s); "
-                 f"{self.rows_done} already processed (skipped)"
+        lines = [f"{len(self.specs)} new shard(s) to run ({self.rows_todo} rows); "
+                 f"{self.rows_done} row(s) already processed (skipped)"
                  + (f"; {self.rows_claimed} claimed by live run(s) {', '.join(self.others)}" if self.rows_claimed
                     else "") + (f"; {len(self.retried)} reject(s) retried" if self.retried else "")]
         lines += [f"  run   {s['shard']}  {s['rows']} rows  from {s['url']}" for s in self.specs]
