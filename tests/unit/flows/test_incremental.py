@@ -184,3 +184,23 @@ def test_expired_claim_of_another_host_is_taken_over(tmp_path, monkeypatch):
     storage.write_text_atomic(claim.url, json.dumps({**claim.record, "expires": time.time() - 1}))
     assert _run(inp, out).rows_todo == 1
     assert _ids_once(out) == ["x"] and not list_claims(out)
+
+
+@pytest.mark.slow
+def test_s3_prefix_grows_and_killed_runs_leftovers_are_cleaned(s3_server):
+    from pixelmill.datasets import storage
+
+    inp, out = s3_server.url("incr", "incoming"), s3_server.url("incr", "out")
+    for w in (8, 16):
+        storage.write_bytes(storage.join(inp, f"a{w}.jpg"), _png(w))
+    storage.write_bytes(storage.join(inp, "skip.png"), _png(4))  # not matched by the glob
+    assert _run(inp, out, input_glob="*.jpg").rows_todo == 2
+    # what a killed run leaves: a staging folder and a claim whose owner is gone
+    storage.write_bytes(storage.join(out, "__staging", "dead-run", "00000.parquet"), b"half a shard")
+    dead = RunClaim(out, "dead-run", shards=["dead-run-00000"]).write(["nothing"], ttl=60)
+    storage.write_text_atomic(dead.url, json.dumps({**dead.record, "expires": time.time() - 1}))
+    storage.write_bytes(storage.join(inp, "b24.jpg"), _png(24))
+    plan = _run(inp, out, input_glob="*.jpg")
+    assert (plan.rows_todo, plan.rows_done, plan.rows_claimed) == (1, 2, 0)
+    assert not storage.exists(storage.join(out, "__staging")) and not list_claims(out)
+    assert len(_ids_once(out)) == 3
