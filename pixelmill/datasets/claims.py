@@ -77,6 +77,7 @@ def create_if_absent(url: str, data: bytes) -> bool:
                 return False
             fs.pipe_file(path, data)
             return True
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)  # local-like filesystems need the folder; S3: nothing
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
@@ -160,6 +161,8 @@ class OutputLock:
         won = create_if_absent(self._name(top + 1), json.dumps(record).encode())
         if not won:  # a retried PUT may have landed the first time: it is ours if it holds our nonce
             won = (_read_json(self._name(top + 1)) or {}).get("nonce") == self.nonce
+        if won and max(self._generations(), default=-1) != top + 1:
+            return False  # a stale view: generations were cleaned past ours while this process stalled
         if won:
             self.gen = top + 1
             for old in gens[: max(0, len(gens) - LOCK_KEEP)]:
