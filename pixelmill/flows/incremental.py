@@ -99,17 +99,20 @@ def plan_edit(config: dict[str, Any], hashed: dict[str, Any], dataset: tuple[str
     lock = OutputLock(output).acquire() if claim else None
     try:
         writer = DatasetWriter(output, *dataset, hashed, run=run)
+        manifest = read_manifest(output)
+        same = manifest is not None and manifest.config_hash == config_hash(hashed)
+        table = processed_table(output, manifest) if same else None
         if claim:
             writer.open()
-            repair_superseded(writer)
+            if table is not None and repair_superseded(writer, table):
+                manifest = read_manifest(output)
+                table = processed_table(output, manifest)
             plan.others = writer.tidy()
             others = [c for c in list_claims(output) if c.run in plan.others]
         else:
             others = [c for c in list_claims(output) if not expired(c.record)]
             plan.others = [c.run for c in others]
-        manifest = read_manifest(output)
-        same = manifest is not None and manifest.config_hash == config_hash(hashed)
-        status = latest_status(processed_table(output, manifest)) if same else {}
+        status = latest_status(table) if table is not None else {}
         taken = {i for c in others for i in c.ids()}
         used = set(manifest.shard_names() if same else []) | {s for c in others for s in c.shards}
         plan.output_complete = bool(same and manifest.complete)
@@ -158,13 +161,17 @@ def plan_edit(config: dict[str, Any], hashed: dict[str, Any], dataset: tuple[str
     return plan
 
 
-def repair_superseded(writer: DatasetWriter) -> int:
+def repair_superseded(writer: DatasetWriter, table=None) -> int:
     """Keep each id's latest record only (call under the lock): a retried reject's old record goes.
 
     A run with ``retry_rejects`` does this after its commits; a run killed before it left
     both records, and the next run's planning finishes the job. Returns the ids fixed.
+
+    Args:
+        writer: the output's writer (opened, with the run id).
+        table: the output's processed table, when the caller has read it already.
     """
-    table = processed_table(writer.url)
+    table = processed_table(writer.url) if table is None else table
     if table.num_rows == len(set(table["id"].to_pylist())):
         return 0
     latest = latest_status(table)
