@@ -107,4 +107,20 @@ def compact(url: str, target_rows: int = 10_000) -> dict:
         for name in replaced:
             for sub in ("", REJECTS_DIR, DROPPED_DIR, PROCESSED_DIR):
                 storage.remove(storage.join(url, sub, part_file(name)))
+        _merge_sources(url, tag)
         return {"before": before, "after": len(manifest.shards), "rows": manifest.num_rows}
+
+
+def _merge_sources(url: str, tag: str) -> None:
+    """One file for the raw-file id cache (``__sources/``), which gains a file per run that hashed files."""
+    from pixelmill.datasets.incremental import SOURCES_DIR
+    from pixelmill.datasets.writer import write_parquet_file
+
+    folder = storage.join(url, SOURCES_DIR)
+    names = [n for n in storage.listdir(folder) if n.startswith("part-") and n.endswith(".parquet")]
+    if len(names) < 2:
+        return
+    table = pa.concat_tables([read_parquet_file(storage.join(folder, n)) for n in names])
+    write_parquet_file(storage.join(folder, f"part-c{tag}.parquet"), table)  # before the old ones go
+    for n in names:
+        storage.remove(storage.join(folder, n))

@@ -111,6 +111,10 @@ def test_growing_folder_edits_only_new_files_and_records_them(tmp_path):
     assert not list_claims(out) and not (Path(out) / "__staging").exists() or not os.listdir(Path(out) / "__staging")
     m = read_manifest(out)
     assert m.complete and len(m.shards) == 2  # one new shard per run; the first never rewritten
+    assert len(list((Path(out) / "__sources").iterdir())) == 2  # the id cache: a file per run that hashed
+    assert compact(out, target_rows=100)["after"] == 1
+    assert len(list((Path(out) / "__sources").iterdir())) == 1
+    assert _run(str(inp), out).rows_todo == 0 and len(_ids_once(out)) == 5
 
 
 def test_dataset_input_is_incremental_by_id_and_retry_rejects_supersedes(tmp_path):
