@@ -13,6 +13,7 @@ import sys
 
 from pixelmill.cli.commands import (
     UsageError,
+    cmd_dataset_compact,
     cmd_dataset_import,
     cmd_dataset_info,
     cmd_demo,
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Text2Live). Examples: configs/edit-sdedit.yaml, configs/edit-ip2p.yaml, "
                                    "configs/edit-masked-sdedit.yaml, configs/edit-text2live.yaml.")
     _add_flow_args(p)
+    p.add_argument("--retry-rejects", action="store_true",
+                   help="edit rejected ids again (otherwise a reject counts as processed)")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("retrieve", help="retrieve exactly N real images per class prompt from a pool",
@@ -178,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pixelmill.toy.cli import add_dataset_toy_parser
 
     add_dataset_toy_parser(dsub)
+    q = dsub.add_parser("compact", help="merge a dataset's small shards into fewer (ids and rows unchanged)",
+                        description="Merge the many small shards incremental runs append into shards of about "
+                                    "--rows rows: manifest switched atomically, processed table kept consistent. "
+                                    "Refused while a run holds a live claim on the dataset.")
+    q.add_argument("dataset", help="dataset folder or URL")
+    q.add_argument("--rows", type=int, default=10_000, help="target rows per shard (default 10000)")
+    q.set_defaults(func=cmd_dataset_compact)
     q = dsub.add_parser("info", help="print a dataset's manifest summary")
     q.add_argument("dataset")
     q.set_defaults(func=cmd_dataset_info)

@@ -24,11 +24,17 @@ def load_flow_config(model, path: str, args, preflight: bool = True):
 
 
 def cmd_edit(args) -> int:
+    if getattr(args, "retry_rejects", False):
+        args.overrides = [*args.overrides, "retry_rejects=true"]
     cfg = load_flow_config(EditConfig, args.config, args)
-    from pixelmill.flows.common import plan_shards
-
-    plan = plan_shards(cfg.model_dump(), cfg.output_affecting())
     if args.dry_run:
+        from pixelmill.datasets.claims import new_run_id
+        from pixelmill.flows.bulk_edit import editor_class
+        from pixelmill.flows.incremental import plan_edit
+
+        data = cfg.model_dump()
+        plan = plan_edit(data, cfg.output_affecting(), editor_class(data).dataset, run=new_run_id(),
+                         retry_rejects=cfg.retry_rejects, claim=False)
         print(f"bulk-edit {cfg.method}: {cfg.input} -> {cfg.output}")
         print(plan.describe())
         return 0
@@ -98,13 +104,18 @@ def print_summary(summary, as_json: bool = False) -> None:
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(summary.images_per_second, 4),
         "worker": summary.worker,
+        **{k: getattr(summary, k) for k in ("run", "rows_skipped", "rows_claimed_elsewhere", "retried")
+           if hasattr(summary, k)},
         **summary_extras(summary),
     }
     if as_json:
         print(json.dumps(data))
         return
     if not summary.shards_run:
-        print(f"nothing to do: {len(summary.shards_skipped)} shard(s) already committed in {summary.output}")
+        print(f"nothing to do: {len(summary.shards_skipped)} shard(s) already committed in {summary.output}"
+              + (f" ({summary.rows_skipped} row(s) processed before)" if getattr(summary, "rows_skipped", 0) else ""))
+        for note in getattr(summary, "notes", []):
+            print(f"note: {note}")
         return
     print(f"done: {summary.rows_in} rows in -> {summary.rows_out} edited + {summary.rejects} rejected "
           f"({len(summary.shards_run)} shard(s) run, {len(summary.shards_skipped)} skipped) "
@@ -401,6 +412,16 @@ def cmd_dataset_import(args) -> int:
         raise UsageError(str(e)) from None
     print(f"imported {summary['images']} images ({summary['captioned']} with captions) "
           f"into {args.out} ({summary['shards']} shard(s))")
+    return 0
+
+
+def cmd_dataset_compact(args) -> int:
+    from pixelmill.datasets.compaction import compact
+
+    if args.rows < 1:
+        raise UsageError("--rows must be at least 1")
+    result = compact(local_url(args.dataset), target_rows=args.rows)
+    print(f"compacted {args.dataset}: {result['before']} shard(s) -> {result['after']}, {result['rows']} rows")
     return 0
 
 

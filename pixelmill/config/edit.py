@@ -145,8 +145,15 @@ class EditConfig(FlowConfig, EditSettings):
     """The bulk-edit flow: a registered editing method over an image dataset.
 
     Args:
-        input: dataset URL with an image column (a pixelmill dataset or a folder of Parquet files).
-        output: dataset URL to write.
+        input: dataset URL with an image column (a pixelmill dataset or a folder of Parquet
+            files), or a folder / prefix of image files that may keep growing (row ids are
+            the SHA-256 of each file's bytes; undecodable files become rejects).
+        output: dataset URL to write. Runs are incremental: each edits only the input ids
+            not yet processed under the same config, and appends new shards.
+        input_glob: with a folder of files, only those matching (``*.jpg``; a pattern with
+            ``/`` matches the relative path); without it, files with image extensions.
+        retry_rejects: edit rejected ids again (``--retry-rejects``); otherwise a reject
+            counts as processed.
         image_column / caption_column: the input's image and caption columns.
         prompt / prompt_column: one prompt for all rows (``{column}`` placeholders are
             filled from the row, e.g. ``"a watercolor painting of {caption}"``), or a
@@ -176,12 +183,14 @@ class EditConfig(FlowConfig, EditSettings):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {
         "workers": "workers", "num_gpus_per_worker": "gpus", "num_cpus_per_worker": "cpus"}
-    UNHASHED: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})
+    UNHASHED: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "input_glob", "retry_rejects"})
     TEXT_SOURCES: ClassVar[dict[str, tuple[str, ...]]] = {
         "prompt": ("prompt", "prompt_column"), "instruction": ("instruction", "instruction_column")}
 
     input: str
     output: str
+    input_glob: str | None = None
+    retry_rejects: bool = False
     image_column: str = "image"
     caption_column: str | None = "caption"
     prompt_column: str | None = None

@@ -179,18 +179,37 @@ def check_output_config(url: str, hashed: dict, overwrite: bool = False, dry_run
         remove(remove_url or url)
 
 
+def _raw_files_input(cfg: EditConfig) -> bool:
+    """Whether the edit's input is a folder/prefix of image files (a missing local one is left to the dataset check)."""
+    from pixelmill.datasets import storage
+    from pixelmill.datasets.errors import InputError
+    from pixelmill.datasets.incremental import is_raw_input
+
+    if not storage.is_remote(cfg.input) and not Path(cfg.input).is_dir():
+        return False
+    try:
+        return is_raw_input(cfg.input, cfg.input_glob)
+    except InputError as e:
+        raise PreflightError(f"input: {e}") from None
+
+
 def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) -> EditConfig:
     """Validate the config and its inputs before anything starts (no Ray, no server)."""
     from pixelmill.datasets import Dataset, DatasetNotFound
     from pixelmill.datasets.errors import InputError
 
     cfg = absolute_paths(cfg)
-    try:
-        schema = Dataset.open(cfg.input).schema
-    except (DatasetNotFound, InputError) as e:
-        raise PreflightError(f"input: {e}") from None
-    cfg = check_input_columns(cfg, schema.names)
-    check_input(cfg.input, edit_input_columns(cfg))
+    if _raw_files_input(cfg):
+        from pixelmill.datasets.incremental import RAW_SCHEMA
+
+        cfg = check_input_columns(cfg, RAW_SCHEMA.names)
+    else:
+        try:
+            schema = Dataset.open(cfg.input).schema
+        except (DatasetNotFound, InputError) as e:
+            raise PreflightError(f"input: {e}") from None
+        cfg = check_input_columns(cfg, schema.names)
+        check_input(cfg.input, edit_input_columns(cfg))
     check_model_path("model", cfg.model, "pipeline")
     check_model_path("clip_model", cfg.clip_model, "clip")
     t2l = getattr(cfg, "text2live", None)

@@ -6,7 +6,8 @@ Layout of a dataset folder::
     part-<name>.parquet            output rows of each committed shard
     __rejects/part-<name>.parquet  failed rows (``id``, ``error``, ``stage``, …)
     __dropped/part-<name>.parquet  rows filtered by design, with their scores
-    __staging/                     shards being written (never read as data)
+    __processed/part-<name>.parquet  ids the shard accounts for (runs with a claim; datasets/incremental.py)
+    __staging/                     shards being written (never read as data; ``__staging/<run>/`` with a claim)
 
 Hugging Face ``datasets`` skips folders starting with ``__``; pyarrow, DuckDB globs on
 ``part-*.parquet`` and Ray Data skip ``_``-prefixed ones. So only committed shards are
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pixelmill.datasets import storage
@@ -40,6 +42,7 @@ from pixelmill.datasets.manifest import (
 STAGING_DIR = "__staging"
 REJECTS_DIR = "__rejects"
 DROPPED_DIR = "__dropped"
+PROCESSED_DIR = "__processed"
 REJECT_COLUMNS = ("id", "error", "stage")
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string()), ("stage", pa.string())])
 COMPRESSION = "zstd"
@@ -61,6 +64,10 @@ class ConfigMismatch(Exception):
             f"{url} was written by a different config (changed: {keys}); "
             "use overwrite to replace it or choose another output"
         )
+
+
+class ClaimLost(RuntimeError):
+    """A run's claim on its output was taken over (it had expired); it must not commit more."""
 
 
 def part_file(name: str) -> str:
@@ -135,7 +142,10 @@ class ShardWriter:
     def __init__(self, dataset: DatasetWriter, name: str) -> None:
         self._dataset = dataset
         self.name = _validate_name(name)
-        staging = storage.join(dataset.url, STAGING_DIR)
+        staging = storage.join(dataset.url, STAGING_DIR, *([dataset.run] if dataset.run else []))
+        self._ok_ids: list[str] = []
+        self._rejected: list[tuple[str, str]] = []
+        self._processed = _ParquetStream(storage.join(staging, f"__processed-{name}.parquet"), None)
         self._data = _ParquetStream(storage.join(staging, f"{name}.parquet"), dataset.schema)
         self._rejects = _ParquetStream(storage.join(staging, f"__rejects-{name}.parquet"), None)
         self._dropped = _ParquetStream(storage.join(staging, f"__dropped-{name}.parquet"), None)
@@ -150,6 +160,9 @@ class ShardWriter:
         """
         self._check_open()
         self._data.write(table)
+        if self._dataset.run and table.num_rows:
+            key = "parent_id" if "parent_id" in table.column_names else "id"
+            self._ok_ids += [str(v) for v in dict.fromkeys(table[key].to_pylist()) if v is not None]
 
     def reject(self, table: pa.Table) -> None:
         """Append rows that failed; they must have ``id``, ``error`` and ``stage`` columns.
@@ -162,6 +175,8 @@ class ShardWriter:
         if missing:
             raise ValueError(f"reject table for shard {self.name} lacks columns {missing}")
         self._rejects.write(table)
+        if self._dataset.run:
+            self._rejected += list(zip(map(str, table["id"].to_pylist()), table["error"].to_pylist()))
 
     def drop(self, table: pa.Table) -> None:
         """Append candidates removed by design (filtered samples, surplus downloads).
@@ -188,7 +203,12 @@ class ShardWriter:
             self._rejects.write(REJECTS_SCHEMA.empty_table())
         if not self._data.started and self._data.schema is not None:
             self._data.write(self._data.schema.empty_table())
-        for stream in (self._data, self._rejects, self._dropped):
+        if self._dataset.run:
+            from pixelmill.datasets.incremental import processed_rows
+
+            self._processed.write(processed_rows(list(dict.fromkeys(self._ok_ids)), self._rejected, self.name,
+                                                 self._dataset.run))
+        for stream in (self._data, self._rejects, self._dropped, self._processed):
             stream.close()
 
         url = self._dataset.url
@@ -196,6 +216,7 @@ class ShardWriter:
             (self._data, storage.join(url, part_file(self.name))),
             (self._rejects, storage.join(url, REJECTS_DIR, part_file(self.name))),
             (self._dropped, storage.join(url, DROPPED_DIR, part_file(self.name))),
+            (self._processed, storage.join(url, PROCESSED_DIR, part_file(self.name))),
         ]
         entry = ShardEntry(
             name=self.name,
@@ -248,6 +269,11 @@ class DatasetWriter:
         config: the config producing the dataset; its hash decides resume or mismatch.
         schema: optional Arrow schema every output table is cast to; with it, shards
             with no output rows still get a (empty) data file.
+        run: the id of a run holding a claim on the output (``datasets/claims.py``). Then
+            several processes may write the dataset at once: shards are staged under
+            ``__staging/<run>/``, each commit also writes the shard's processed table and
+            re-reads and rewrites the manifest under the output's lock (refused once the
+            run's claim was taken over), and nothing of another live run is removed.
     """
 
     def __init__(
@@ -257,6 +283,7 @@ class DatasetWriter:
         schema_version: int,
         config: dict[str, Any],
         schema: pa.Schema | None = None,
+        run: str | None = None,
     ) -> None:
         self.url = str(url)
         self.schema_name = schema_name
@@ -264,6 +291,7 @@ class DatasetWriter:
         self.config = config
         self.config_hash = config_hash(config)
         self.schema = schema
+        self.run = run
         self._manifest: Manifest | None = None
         self._lock = threading.Lock()
 
@@ -295,7 +323,8 @@ class DatasetWriter:
         if overwrite and (existing is None or self._changes_from(existing)):
             self._clear()
             existing = None
-        storage.remove(storage.join(self.url, STAGING_DIR))
+        if self.run is None:  # with claims, the run's flow removes only dead runs' staging (tidy)
+            storage.remove(storage.join(self.url, STAGING_DIR))
         self._manifest = existing or Manifest(
             schema_name=self.schema_name,
             schema_version=self.schema_version,
@@ -348,22 +377,108 @@ class DatasetWriter:
 
         Deletes unlisted ``part-*.parquet`` files (top level, ``__rejects/``,
         ``__dropped/``) and the ``__staging/`` folder, then writes the manifest with
-        ``complete=True``.
+        ``complete=True``. With a ``run``, under the output's lock, and only when no other
+        run holds a live claim (else that run finishes the dataset).
         """
+        if self.run is not None:
+            from pixelmill.datasets.claims import OutputLock
+
+            with self._lock, OutputLock(self.url):
+                manifest = read_manifest(self.url) or self.manifest
+                storage.remove(storage.join(self.url, STAGING_DIR, self.run))
+                others = self.tidy()
+                if not storage.listdir(storage.join(self.url, STAGING_DIR)):
+                    storage.remove(storage.join(self.url, STAGING_DIR))
+                manifest.complete = not others
+                manifest.updated_at = datetime.now(UTC)
+                write_manifest(self.url, manifest)
+                self._manifest = manifest
+                return manifest
         with self._lock:
             manifest = self.manifest
-            listed = {part_file(n) for n in manifest.shard_names()}
-            for folder in (self.url, storage.join(self.url, REJECTS_DIR), storage.join(self.url, DROPPED_DIR)):
-                for name in self._part_files(folder):
-                    if name not in listed:
-                        storage.remove(storage.join(folder, name))
+            self._remove_unlisted(manifest)
             storage.remove(storage.join(self.url, STAGING_DIR))
             manifest.complete = True
             manifest.updated_at = datetime.now(UTC)
             write_manifest(self.url, manifest)
             return manifest
 
+    def _remove_unlisted(self, manifest: Manifest) -> None:
+        listed = {part_file(n) for n in manifest.shard_names()}
+        for sub in ("", REJECTS_DIR, DROPPED_DIR, PROCESSED_DIR):
+            folder = storage.join(self.url, sub)
+            for name in self._part_files(folder):
+                if name not in listed:
+                    storage.remove(storage.join(folder, name))
+
+    def tidy(self) -> list[str]:
+        """Remove what killed runs left (call under the output's lock); the other live runs' ids.
+
+        Expired claims are deleted (their runs' ids become free), ``__staging/`` folders of
+        runs without a live claim are removed, and, when no other run is live, shard files
+        the manifest does not list.
+        """
+        from pixelmill.datasets.claims import expired, list_claims
+
+        live = []
+        for claim in list_claims(self.url):
+            if claim.run == self.run:
+                continue
+            if expired(claim.record):
+                claim.remove()
+            else:
+                live.append(claim.run)
+        staging = storage.join(self.url, STAGING_DIR)
+        for name in storage.listdir(staging):
+            if name not in live and name != self.run:
+                storage.remove(storage.join(staging, name))
+        if not live:
+            self._remove_unlisted(read_manifest(self.url) or self.manifest)
+        return live
+
+    def supersede(self, stale: dict[str, set[str]]) -> None:
+        """Drop retried ids from the rejects and processed records of older shards (under the lock).
+
+        Args:
+            stale: shard name → ids whose record there a newer shard replaces (only
+                rejects are ever retried, so no data file changes).
+        """
+        from pixelmill.datasets.reader import read_parquet_file
+
+        manifest = read_manifest(self.url) or self.manifest
+        for name, ids in stale.items():
+            entry = manifest.get(name)
+            if entry is None or not ids:
+                continue
+            for sub in (REJECTS_DIR, PROCESSED_DIR):
+                url = storage.join(self.url, sub, part_file(name))
+                if storage.exists(url):
+                    table = read_parquet_file(url)
+                    keep = table.filter(pc.invert(pc.is_in(table["id"].cast(pa.string()),
+                                                           pa.array(sorted(ids), pa.string()))))
+                    write_parquet_file(url, keep)
+                    if sub == REJECTS_DIR:
+                        entry.rejects = keep.num_rows
+        manifest.updated_at = datetime.now(UTC)
+        write_manifest(self.url, manifest)
+        self._manifest = manifest
+
     def _record(self, entry: ShardEntry) -> None:
+        if self.run is not None:
+            from pixelmill.datasets.claims import OutputLock, RunClaim
+
+            with self._lock, OutputLock(self.url):
+                if not RunClaim(self.url, self.run).held():
+                    raise ClaimLost(f"run {self.run} lost its claim on {self.url} (it expired and another run "
+                                    f"took the work over); shard {entry.name} is not committed")
+                current = read_manifest(self.url) or self.manifest
+                shards = [s for s in current.shards if s.name != entry.name] + [entry]
+                updated = current.model_copy(update={
+                    "shards": sorted(shards, key=lambda s: s.name), "complete": False,
+                    "updated_at": datetime.now(UTC)})
+                write_manifest(self.url, updated)
+                self._manifest = updated
+            return
         with self._lock:
             shards = [s for s in self.manifest.shards if s.name != entry.name] + [entry]
             updated = self.manifest.model_copy(update={
@@ -384,7 +499,7 @@ class DatasetWriter:
     def _clear(self) -> None:
         for name in self._part_files(self.url):
             storage.remove(storage.join(self.url, name))
-        for sub in (REJECTS_DIR, DROPPED_DIR, STAGING_DIR, MANIFEST_NAME):
+        for sub in (REJECTS_DIR, DROPPED_DIR, PROCESSED_DIR, STAGING_DIR, MANIFEST_NAME):
             storage.remove(storage.join(self.url, sub))
 
     @staticmethod

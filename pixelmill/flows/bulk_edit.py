@@ -1,12 +1,14 @@
-"""The bulk-edit flow: a registered editing method over an image dataset.
+"""The bulk-edit flow: a registered editing method over an image dataset or a folder of images.
 
-Reading the flow function shows the DAG: look the method up in the registry, then one
-stage run (plan shards, skip committed ones, edit the rest as one Ray Data pipeline
-driven by one Prefect task on a Ray worker, commit the manifest).
+Reading the flow function shows the DAG: look the method up in the registry, plan and
+claim the ids not yet processed (``flows/incremental.py``), then one stage run (edit them
+as one Ray Data pipeline driven by one Prefect task on a Ray worker, commit new shards
+and the manifest) while a heartbeat keeps the claim alive, then release the claim.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,10 @@ class EditSummary(FlowSummary):
     shards_skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     worker: dict[str, Any] = field(default_factory=dict)
+    run: str = ""
+    rows_skipped: int = 0
+    rows_claimed_elsewhere: int = 0
+    retried: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -50,15 +56,31 @@ def editor_class(config: dict[str, Any]) -> type:
 
 @flow(name="bulk-edit", task_runner=RayTaskRunner(), log_prints=True)
 def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSummary:
-    """Edit every row not yet committed under the same config → commit the manifest."""
+    """Edit every input id not yet processed under the same config (and claimed by no live run)."""
+    from pixelmill.datasets.claims import Heartbeat, new_run_id
+    from pixelmill.flows.incremental import plan_edit, release
+
     cfg = EditConfig.model_validate(config)
     gpus = choose_gpus(cfg.placement.gpu_request())
-    r = run_stage(editor_class(config), config, cfg.placement.resources(gpus.gpus), input=cfg.input,
-                  output=cfg.output, hashed=cfg.output_affecting(), workers=cfg.placement.workers, limit=cfg.limit,
-                  task_name="edit-shards", show_progress=show_progress, progress_label="editing")
+    stage_cls = editor_class(config)
+    run = new_run_id()
+    plan = plan_edit(config, cfg.output_affecting(), stage_cls.dataset, run=run, retry_rejects=cfg.retry_rejects)
+    if plan.rows_claimed:
+        print(f"{plan.rows_claimed} row(s) are claimed by live run(s) {', '.join(plan.others)}: left to them")
+    try:
+        with Heartbeat(plan.claim) if plan.claim else nullcontext():
+            r = run_stage(stage_cls, config, cfg.placement.resources(gpus.gpus), input=cfg.input,
+                          output=cfg.output, hashed=cfg.output_affecting(), workers=cfg.placement.workers,
+                          task_name="edit-shards", show_progress=show_progress, progress_label="editing",
+                          plan=plan, run=run)
+    finally:
+        release(plan, stage_cls.dataset)
     return publish(EditSummary(
+        run=run, rows_skipped=plan.rows_done, rows_claimed_elsewhere=plan.rows_claimed, retried=len(plan.retried),
         output=cfg.output, rows_in=r.stats.rows_in, rows_out=r.stats.rows_out, rejects=r.stats.rejects,
         shards_run=r.shards_run, shards_skipped=r.shards_skipped, seconds=r.stats.seconds, worker=r.stats.worker,
-        notes=[gpus.note] if gpus.note and r.shards_run else [], gpus=gpus.gpus,
+        notes=([gpus.note] if gpus.note and r.shards_run else []) + (
+            [f"{plan.rows_claimed} row(s) left to live run(s) {', '.join(plan.others)}"] if plan.rows_claimed else []),
+        gpus=gpus.gpus,
         gpu_hours=gpu_hours(gpus.gpus, r.stats.actors, r.stats.seconds),
         rejected_by_reason=r.stats.reject_reasons, nodes=r.stats.nodes))

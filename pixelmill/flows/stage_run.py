@@ -42,7 +42,7 @@ class StageResult:
 
 @task(name="run-stage", cache_policy=NO_CACHE)
 def run_shards(stage_cls: type, config: dict[str, Any], resources: Any, plan: ShardPlan, output: str,
-               workers: int, progress: Progress | None = None) -> StageStats:
+               workers: int, progress: Progress | None = None, run: str | None = None) -> StageStats:
     """Run ``stage_cls`` over the planned shards and commit each output shard as it completes."""
     from pixelmill.flows.common import run_stage_into_writer
 
@@ -50,7 +50,7 @@ def run_shards(stage_cls: type, config: dict[str, Any], resources: Any, plan: Sh
         plan=plan,
         builder=partial(stage_cls, config, resources),
         columns=stage_cls.input_columns(config),
-        writer=DatasetWriter(output, *stage_cls.dataset, plan.config),
+        writer=DatasetWriter(output, *stage_cls.dataset, plan.config, run=run),
         workers=workers,
         progress=progress,
         drop_columns=stage_cls.dropped_columns(config),
@@ -58,14 +58,15 @@ def run_shards(stage_cls: type, config: dict[str, Any], resources: Any, plan: Sh
 
 
 @task(name="commit-manifest", cache_policy=NO_CACHE)
-def commit_manifest(output: str, dataset: tuple[str, int], hashed: dict[str, Any]) -> None:
+def commit_manifest(output: str, dataset: tuple[str, int], hashed: dict[str, Any], run: str | None = None) -> None:
     """Mark the output dataset complete (every planned shard is committed)."""
-    DatasetWriter(output, *dataset, hashed).open().finish()
+    DatasetWriter(output, *dataset, hashed, run=run).open().finish()
 
 
 def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input: str, output: str,
               hashed: dict[str, Any], workers: int = 1, limit: int | None = None, task_name: str | None = None,
-              show_progress: bool = False, progress_label: str = "rows") -> StageResult:
+              show_progress: bool = False, progress_label: str = "rows", plan: ShardPlan | None = None,
+              run: str | None = None) -> StageResult:
     """Plan → run the uncommitted shards on Ray → commit the manifest. Call from inside a flow.
 
     Args:
@@ -78,18 +79,21 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
         limit: only the first N input rows (in shard order).
         task_name: the Prefect task's name (default ``run-stage``).
         show_progress: a progress bar on stderr while the shards run.
+        plan: a plan made by the caller (``flows/incremental.py``) instead of one output
+            shard per input shard.
+        run: the id of the run whose claim covers ``plan`` (``datasets/claims.py``).
     """
     t0 = time.perf_counter()
-    plan = plan_shards({"input": input, "output": output, "limit": limit}, hashed)
+    plan = plan or plan_shards({"input": input, "output": output, "limit": limit}, hashed)
     result = StageResult(output=output, plan=plan)
     if plan.todo:
         progress = Progress.create(total=plan.rows_todo) if show_progress else None
         submit = run_shards.with_options(name=task_name) if task_name else run_shards
         with remote_options(num_cpus=0):
-            future = submit.submit(stage_cls, config, resources, plan, output, workers, progress)
+            future = submit.submit(stage_cls, config, resources, plan, output, workers, progress, run)
         result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)
     if plan.todo or not plan.output_complete:
-        commit_manifest(output, stage_cls.dataset, plan.config)
+        commit_manifest(output, stage_cls.dataset, plan.config, run)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -65,11 +65,12 @@ def ray_remote_args(stage: Stage) -> dict[str, Any]:
 
 def _read_spec_batch(batch: dict, columns: list[str]) -> pa.Table:
     """Read the input shard(s) named in a batch of specs; tag rows with their shard."""
-    from pixelmill.datasets.reader import read_parquet_file
+    from pixelmill.datasets.incremental import read_spec
 
     tables = []
-    for url, shard, rows in zip(batch["url"], batch["shard"], batch["rows"]):
-        t = read_parquet_file(str(url), columns=columns).slice(0, int(rows))
+    selects = batch["select"] if "select" in batch else [""] * len(batch["url"])
+    for url, shard, rows, select in zip(batch["url"], batch["shard"], batch["rows"], selects):
+        t = read_spec(str(url), int(rows), str(select or ""), columns)
         tables.append(t.append_column("shard", pa.array([str(shard)] * t.num_rows, pa.string())))
     return pa.concat_tables(tables)
 
@@ -90,7 +91,8 @@ def run_stage(
 
     Args:
         specs: one dict per input shard: ``url``, ``shard`` (name) and ``rows`` (how many
-            of its first rows to read).
+            of its first rows to read), optionally ``select`` (planned ids or raw files,
+            ``datasets.incremental.read_spec``).
         columns: input columns to read.
         builder: a picklable zero-argument callable that builds the stage on the worker
             (builders, not objects, cross process boundaries).

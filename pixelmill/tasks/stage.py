@@ -87,13 +87,13 @@ def run_stage_inline(specs: list[dict[str, Any]], columns: list[str], builder, w
 
     For tests and debugging (one worker; ``workers`` is ignored).
     """
-    from pixelmill.datasets.reader import read_parquet_file
+    from pixelmill.datasets.incremental import read_spec
 
     stage = builder()
     set_torch_threads(stage.resources.cpus)
     stage.setup()
     for spec in specs:
-        table = read_parquet_file(str(spec["url"]), columns=columns).slice(0, int(spec["rows"]))
+        table = read_spec(str(spec["url"]), int(spec["rows"]), spec.get("select") or "", columns)
         table = table.append_column("shard", pa.array([str(spec["shard"])] * table.num_rows, pa.string()))
         out = stage(table)
         if out.num_rows:
