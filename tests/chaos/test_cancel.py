@@ -120,6 +120,8 @@ def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp
     assert states[run.id].is_cancelled(), states[run.id]
     first = read_manifest(str(out))
     assert first is not None and not first.complete
+    claims = out / "__claims" / "runs"  # its claim on the rows it had not edited is released
+    assert not (claims.is_dir() and list(claims.glob("*.json"))), sorted(claims.iterdir())
 
     # a rerun resumes: committed shards skipped, every id once
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
