@@ -115,8 +115,10 @@ class S3Server:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self._log = open(self.log_dir / "moto-server.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+        from pixelmill.runtime import die_with_parent
+
+        self.proc = subprocess.Popen(  # ends with the test session, however it ends (SIGKILL too)
+            die_with_parent([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]),
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
