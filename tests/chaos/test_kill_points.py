@@ -10,7 +10,7 @@ timestamps aside). A kill point the run had already passed is counted as missed,
 pass. The tally per flow is appended to ``$PIXELMILL_CHAOS_REPORT`` (JSON lines) for the
 README's reliability table.
 
-``make test`` keeps one kill per case: the golden test itself kills each run once.
+``make test`` keeps one kill per flow: the golden test kills one case of each flow once.
 """
 
 from __future__ import annotations
