@@ -84,16 +84,20 @@ def _wait_first_commit(proc, out, timeout=300) -> set[str]:
     raise AssertionError(f"no shard committed (rc={proc.poll()}): {proc.stderr.read()[-3000:] if proc.poll() else ''}")
 
 
-def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
-    images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=31, buckets=8)
+def _edit_run(cluster, tmp_path, tiny_models, seed: int):
+    """A 16-file edit (one corrupt) slow enough to stop mid-run: ids, output, command, env, API URL,
+    and the flow runs the server held before."""
+    images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=seed, buckets=8)
     out = tmp_path / "out"
     cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
-                        "an oil painting of {caption}",
-                        steps=12)
+                        "an oil painting of {caption}", steps=12)
     cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
-    env = {**os.environ, **cluster}
     api_url = cluster["PREFECT_API_URL"]
-    before = {r.id for r in _our_runs(api_url, set())}
+    return ids, out, cmd, {**os.environ, **cluster}, api_url, {r.id for r in _our_runs(api_url, set())}
+
+
+def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
+    ids, out, cmd, env, api_url, before = _edit_run(cluster, tmp_path, tiny_models, seed=31)
 
     # "Cancel" on the flow run in the UI (the same API call the UI makes)
     proc = _start(cmd, env)
@@ -136,14 +140,7 @@ def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp
 
 @pytest.mark.sweep  # the same unwinding as a cancel from the UI (which interrupts the command the same way)
 def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
-    images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=32, buckets=8)
-    out = tmp_path / "out"
-    cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
-                        "an oil painting of {caption}", steps=12)
-    cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
-    env = {**os.environ, **cluster}
-    api_url = cluster["PREFECT_API_URL"]
-    before = {r.id for r in _our_runs(api_url, set())}
+    ids, out, cmd, env, api_url, before = _edit_run(cluster, tmp_path, tiny_models, seed=32)
     proc = _start(cmd, env)
     try:
         first = _wait_first_commit(proc, out)
