@@ -36,7 +36,7 @@ class _Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="pixelmill-cancel-watch", daemon=True)
 
-    def _cancelling(self) -> str | None:
+    def _watch(self) -> None:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (
             FlowRunFilter,
@@ -46,22 +46,22 @@ class _Watcher:
         )
         from prefect.client.schemas.objects import StateType
 
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[self.tag]),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING]))), limit=1)
-        return runs[0].name if runs else None
-
-    def _watch(self) -> None:
+        cancelling = FlowRunFilter(tags=FlowRunFilterTags(all_=[self.tag]),
+                                   state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])))
+        client = None
         while not self._stop.wait(self.poll):
             try:
-                name = self._cancelling()
+                if client is None:  # one client for the thread's life, not one per poll
+                    client = get_client(sync_client=True).__enter__()
+                runs = client.read_flow_runs(flow_run_filter=cancelling, limit=1)
             except Exception:  # noqa: BLE001 - the API may be briefly away; the run itself reports a lost API
                 continue
-            if name:
-                self.requested = name
+            if runs:
+                self.requested = runs[0].name
                 os.kill(os.getpid(), signal.SIGINT)  # the main thread unwinds as on Ctrl-C
-                return
+                break
+        if client is not None:
+            client.__exit__(None, None, None)
 
     def start(self) -> None:
         self._thread.start()
