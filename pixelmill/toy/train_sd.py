@@ -2,8 +2,8 @@
 
 Two phases, both resumable from ``--work``:
 
-1. VAE: a small ``AutoencoderKL`` with 4x downsampling (32x32 images -> 4x8x8 latents;
-   SD's 8x would leave 4x4) trained to reconstruct toy images (MSE + a small KL term,
+1. VAE: a small ``AutoencoderKL`` with 2x downsampling (32x32 images -> 4x16x16 latents;
+   ``--vae-factor 4`` gives 8x8, too coarse for a 10-pixel object's shape) trained to reconstruct toy images (MSE + a small KL term,
    decoding posterior samples so the decoder tolerates imperfect latents). Its
    ``scaling_factor`` is set to 1 / std of the training latents.
 2. UNet: a small ``UNet2DConditionModel`` trained from scratch by pixelmill's trainer
@@ -16,7 +16,7 @@ Two phases, both resumable from ``--work``:
 The learning rate warms up, then follows a cosine to zero at ``--max-minutes`` of
 training (or ``--steps``, whichever comes first), so a busy machine still ends on an
 annealed model. Every ``--checkpoint-minutes`` the UNet and AdamW state go to
-``--work``; rerunning the same command resumes. One thread by default.
+``--work`` (safetensors); rerunning the same command resumes. One thread by default.
 
 At the end the pipeline is written to ``--out`` (diffusers ``StableDiffusionPipeline``
 layout, fp16 safetensors), loaded back through ``pixelmill.models.loading`` and measured
@@ -50,7 +50,9 @@ TRAIN_SEED = 11
 """World seed of the training rows (``quality.EVAL_SEED`` holds out the prompts)."""
 TEXT_WIDTH = 64
 LATENT_CHANNELS = 4
-VAE_FACTOR = 4
+VAE_FACTORS = (2, 4)
+"""Downsampling of the VAE: 2 (32x32 images -> 16x16 latents, the shipped model) or 4 (-> 8x8,
+the first shipped model: too coarse for the shape of a 10-pixel object)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,27 +87,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--vae-factor", type=int, choices=VAE_FACTORS, default=2,
+                   help="VAE downsampling: 2 (16x16 latents) or 4 (8x8 latents)")
     return p.parse_args(argv)
 
 
 # -- the architecture ---------------------------------------------------------------------
-def vae_config() -> dict[str, Any]:
+def vae_config(factor: int = 2) -> dict[str, Any]:
+    blocks = {2: (32, 64), 4: (16, 32, 64)}[factor]
     return {
         "in_channels": 3, "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
-        "block_out_channels": (16, 32, 64), "layers_per_block": 1, "latent_channels": LATENT_CHANNELS,
+        "down_block_types": ("DownEncoderBlock2D",) * len(blocks),
+        "up_block_types": ("UpDecoderBlock2D",) * len(blocks),
+        "block_out_channels": blocks, "layers_per_block": 1, "latent_channels": LATENT_CHANNELS,
         "norm_num_groups": 16, "sample_size": world.IMAGE_SIZE,
     }
 
 
-def unet_config() -> dict[str, Any]:
+def unet_config(factor: int = 2) -> dict[str, Any]:
+    if factor == 4:  # 8x8 latents: cross-attention at 8x8 and 4x4
+        return {
+            "sample_size": world.IMAGE_SIZE // factor,
+            "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
+            "block_out_channels": (64, 96, 128), "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": (2, 3, 4), "norm_num_groups": 32,
+        }
+    # 16x16 latents: plain resnets at 16x16, cross-attention at 8x8 and 4x4 (same cost per step
+    # as the 8x8 model's would be at 16x16 with half the width there)
     return {
-        "sample_size": world.IMAGE_SIZE // VAE_FACTOR,
+        "sample_size": world.IMAGE_SIZE // factor,
         "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
-        "block_out_channels": (64, 96, 128), "layers_per_block": 1,
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": (2, 3, 4), "norm_num_groups": 32,
+        "block_out_channels": (32, 64, 128), "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": (1, 2, 4), "norm_num_groups": 16,
     }
 
 
@@ -121,7 +138,7 @@ def text_config():
     )
 
 
-def build_parts(seed: int) -> dict[str, Any]:
+def build_parts(seed: int, factor: int = 2) -> dict[str, Any]:
     """Fresh components (seeded): tokenizer, frozen text encoder, VAE, UNet, DDIM scheduler."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -131,9 +148,9 @@ def build_parts(seed: int) -> dict[str, Any]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config())
+        unet = UNet2DConditionModel(**unet_config(factor))
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**vae_config())
+        vae = AutoencoderKL(**vae_config(factor))
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(text_config())
     text_encoder.eval()
@@ -239,6 +256,8 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae, pixels: torch.Te
             return state
         before = {"steps": state["steps"], "seconds": state["seconds"], "sessions": state.get("sessions", 1)}
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for q in params:  # the UNet phase froze the whole VAE
+        q.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     vae.eval()
     vae.decoder.train()
@@ -319,8 +338,29 @@ def trainer_settings(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat ``opt.<index>.<name>`` tensors (safetensors, no pickle)."""
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            out[f"opt.{idx}.{name}"] = torch.as_tensor(value).contiguous()
+    return out
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore ``optimizer_tensors`` output (hyper-parameters come from the live optimizer)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
 def train_unet(args: argparse.Namespace, work: Path, parts: dict[str, Any], rows, pixels):
     """Train the UNet with the ``text_to_image`` method on the trainer core; returns (method, state)."""
+    from safetensors.torch import load_file, save_file
+
     from pixelmill.tasks.train.core import Trainer
     from pixelmill.tasks.train.data import Sample, TrainingData
     from pixelmill.tasks.train.methods import make_method
@@ -328,13 +368,13 @@ def train_unet(args: argparse.Namespace, work: Path, parts: dict[str, Any], rows
     settings = trainer_settings(args)
     method = make_method("text_to_image", parts, settings, [])
     method.setup()
-    ckpt, meta = work / "unet-checkpoint.pt", work / "unet-checkpoint.json"
+    ckpt, meta = work / "unet-checkpoint.safetensors", work / "unet-checkpoint.json"
     state = {"step": 0, "train_seconds": 0.0}
     saved = None
     if meta.is_file():
         state = json.loads(meta.read_text())
-        saved = torch.load(ckpt, weights_only=True)
-        parts["unet"].load_state_dict(saved["unet"])
+        saved = load_file(str(ckpt))
+        parts["unet"].load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("unet.")})
         print(f"unet: resumed from step {state['step']} ({state['train_seconds'] / 60:.1f} min trained)", flush=True)
         if state["step"] >= args.steps or state["train_seconds"] > args.max_minutes * 60:
             parts["unet"].eval()
@@ -345,13 +385,14 @@ def train_unet(args: argparse.Namespace, work: Path, parts: dict[str, Any], rows
     lat = latent_cache(parts["vae"], rows, pixels)
     txt = text_cache(parts, [r["caption"] for r in rows])
     print(f"caches: {len(lat)} latents, {len(txt)} prompts in {time.time() - t0:.0f}s", flush=True)
-    trainer = Trainer(method, data, settings, latent_cache=lat, text_cache=txt, vae_multiple=VAE_FACTOR)
+    trainer = Trainer(method, data, settings, latent_cache=lat, text_cache=txt, vae_multiple=args.vae_factor)
     if saved is not None:
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer(trainer.optimizer, saved)
 
     def checkpoint() -> None:
-        _atomic(ckpt, lambda p: torch.save({"unet": parts["unet"].state_dict(),
-                                            "optimizer": trainer.optimizer.state_dict()}, p))
+        tensors = {f"unet.{k}": v.contiguous() for k, v in parts["unet"].state_dict().items()}
+        tensors.update(optimizer_tensors(trainer.optimizer))
+        _atomic(ckpt, lambda p: save_file(tensors, str(p)))
         _atomic(meta, lambda p: p.write_text(json.dumps(state, indent=2)))
 
     last_ckpt, start, before = time.time(), time.time(), state["train_seconds"]
@@ -428,7 +469,7 @@ def model_card(args, vae_state, state, metrics, sizes) -> str:
     ok = g["color"] >= 0.8 and g["shape"] >= 0.7
     command = "python -m pixelmill.toy.train_sd " + " ".join(
         shlex.quote(a) for a in sys.argv[1:] if a != "--card-only")
-    uc, vc = unet_config(), vae_config()
+    uc, vc = unet_config(args.vae_factor), vae_config(args.vae_factor)
     dec = vae_state.get("decoder")
     dec_line = dec_time = dec_note = ""
     if dec:
@@ -459,7 +500,7 @@ path: `pixelmill.models.loading.load_text2img_pipeline("toy:sd")` /
 ## Architecture
 
 - VAE: `AutoencoderKL`, blocks {list(vc["block_out_channels"])}, {vc["layers_per_block"]} layer per block,
-  {VAE_FACTOR}x downsampling, {LATENT_CHANNELS} latent channels
+  {args.vae_factor}x downsampling, {LATENT_CHANNELS} latent channels
   ({world.IMAGE_SIZE}px -> {LATENT_CHANNELS}x{uc["sample_size"]}x{uc["sample_size"]}),
   scaling factor {vae_state["scaling_factor"]:.4f}; reconstruction RMSE {vae_state["rmse"]:.4f} on [0, 1]
   (trained {vae_state["steps"]} steps of batch {args.vae_batch}, {vae_state["seconds"] / 60:.1f} min,
@@ -528,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "MODEL_CARD.md").write_text(model_card(args, m["vae"], state, m, m["weights_bytes"]))
         return 0
     work.mkdir(parents=True, exist_ok=True)
-    parts = build_parts(args.seed)
+    parts = build_parts(args.seed, args.vae_factor)
     rows, pixels = dataset_rows(work, args.rows)
     vae_state = train_vae(args, work, parts["vae"], pixels)
     parts["vae"].eval()
