@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Every package version comes from here (cluster/Dockerfile installs with it too).
 LOCK := cluster/constraints.txt
 
-.PHONY: install demo test test-fast sweep chaos lint bench lock clean
+.PHONY: install demo test test-fast sweep chaos quality lint bench lock clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ demo: install
 	$(VENV)/bin/pixelmill demo
 
 test: install
-	$(PY) -m pytest -m "not sweep and not chaos" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not sweep and not chaos and not quality" $(PYTEST_ARGS)
 
 sweep: install
 	$(PY) -m pytest -m sweep $(PYTEST_ARGS)
@@ -45,8 +45,13 @@ chaos: install
 	rm -f chaos-report.jsonl
 	PIXELMILL_CHAOS_REPORT=$(CURDIR)/chaos-report.jsonl $(PY) -m pytest -m "chaos or sweep" tests/chaos $(PYTEST_ARGS)
 
+# The full toy-world quality measurement (python -m pixelmill.toy.measure at full size): asserts the
+# targets and writes quality-report/quality.json and report.html (the README "Quality" figures).
+quality: install
+	$(PY) -m pytest -m quality tests/unit/toy/test_quality.py $(PYTEST_ARGS)
+
 test-fast: install
-	$(PY) -m pytest -m "not slow and not sweep and not chaos" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not sweep and not chaos and not quality" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pixelmill tests benchmarks
