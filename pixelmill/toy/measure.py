@@ -171,11 +171,11 @@ def measure_generation(model: str, n: int, guidance: float = 4.0, steps: int = 2
 
 
 def class_prompts(n: int) -> list[tuple[str, str, str]]:
-    """``(prompt, colour, shape)``: "a red circle", ... over colours x training shapes."""
+    """``(prompt, colour, shape)``: "a red circle", "an orange star", ... over colours x training shapes."""
     pairs = [(c, s) for s in world.TRAIN_SHAPES for c in world.COLORS]
     rng = np.random.default_rng(0)
     picked = [pairs[i] for i in rng.permutation(len(pairs))[:n]]
-    return [(f"a {c} {s}", c, s) for c, s in picked]
+    return [(world._articles(f"a {c} {s}"), c, s) for c, s in picked]
 
 
 def measure_retrieval(clip: str, pool_rows: int, prompts: int, seed: int = POOL_SEED) -> dict[str, Any]:
@@ -199,14 +199,25 @@ def measure_retrieval(clip: str, pool_rows: int, prompts: int, seed: int = POOL_
     hits = scan_block(emb, q, THRESHOLD)
     per = [{"prompt": p, "retrieved": 0, "right": 0, "relevant": sum(lab == (c, s) for lab in labels)}
            for p, c, s in items]
+    wrong: dict[str, int] = {}
     for qi, row, _ in hits:
         per[qi]["retrieved"] += 1
-        per[qi]["right"] += labels[row] == (items[qi][1], items[qi][2])
+        if labels[row] == (items[qi][1], items[qi][2]):
+            per[qi]["right"] += 1
+        else:
+            key = labels[row][1] if labels[row][1] != items[qi][2] else "other colour"
+            wrong[key] = wrong.get(key, 0) + 1
     retrieved = sum(p["retrieved"] for p in per)
     right = sum(p["right"] for p in per)
     relevant = sum(p["relevant"] for p in per)
+    # the same scan over the pool without the held-out shape (what the toy SD can draw)
+    seen = np.array([lab[1] != world.HELD_OUT_SHAPE for lab in labels])
+    hits_seen = [(qi, row) for qi, row, _ in hits if seen[row]]
+    right_seen = sum(labels[row] == (items[qi][1], items[qi][2]) for qi, row in hits_seen)
     return {"pool_rows": pool_rows, "prompts": len(items), "threshold": THRESHOLD, "retrieved": retrieved,
             "precision": right / retrieved if retrieved else 0.0, "recall": right / relevant if relevant else 0.0,
+            "wrong_hits": wrong,
+            "precision_without_held_out_shape": right_seen / len(hits_seen) if hits_seen else 0.0,
             "per_prompt": per}
 
 

@@ -3,9 +3,9 @@
 Two phases, both resumable from ``--work``:
 
 1. VAE: a small ``AutoencoderKL`` with 2x downsampling (32x32 images -> 4x16x16 latents;
-   ``--vae-factor 4`` gives 8x8, too coarse for a 10-pixel object's shape) trained to reconstruct toy images (MSE + a small KL term,
-   decoding posterior samples so the decoder tolerates imperfect latents). Its
-   ``scaling_factor`` is set to 1 / std of the training latents.
+   ``--vae-factor 4`` gives 8x8, too coarse for a 10-pixel object's shape) trained to
+   reconstruct toy images (MSE + a small KL term, decoding posterior samples so the
+   decoder tolerates imperfect latents). Its ``scaling_factor`` is set to 1 / std of the training latents.
 2. UNet: a small ``UNet2DConditionModel`` trained from scratch by pixelmill's trainer
    core (``pixelmill.tasks.train.core.Trainer``) with the ``text_to_image`` method
    (the whole UNet trains, 10 % of captions dropped to the empty prompt for
