@@ -143,16 +143,19 @@ def _demo_retrieval(root: Path, models: dict[str, str], notes: list[str]) -> str
 
 def demo_campaign(root: Path, models: dict[str, str]) -> dict:
     """The demo's fine-tuning campaign on the held-out heart (also written as ``configs/finetune.yaml``)."""
+    from pixelmill.samples import draw_concept_images, write_image_dataset
     from pixelmill.toy.samples import write_toy_concept
 
     concept = str(root / "datasets" / f"concept-{CONCEPT}")
     write_toy_concept(concept, shape=CONCEPT, count=6, seed=CONCEPT_SEED)
+    # the shipped configs/finetune.yaml (tiny model) trains on this drawn concept
+    write_image_dataset(str(root / "datasets" / "concept-dog"), draw_concept_images(6, seed=0))
     cfg = {
         "output": str(root / "campaign"), "model": models["sd"], "clip_model": models["clip"],
         "concepts": {CONCEPT: {"instance_data": concept, "token": f"<{CONCEPT}>", "class_word": "shape"},
                      f"{CONCEPT}-db": {"instance_data": concept, "token": "sks", "class_word": "shape"}},
-        "defaults": {"resolution": TOY_RES, "max_steps": 80, "train_batch_size": 2, "learning_rate": 1e-3,
-                     "checkpoint_every": 40, "num_class_images": 2, "center_crop": True, "random_flip": False,
+        "defaults": {"resolution": TOY_RES, "max_steps": 50, "train_batch_size": 2, "learning_rate": 1e-3,
+                     "checkpoint_every": 25, "num_class_images": 2, "center_crop": True, "random_flip": False,
                      "cache_latents": True, "cache_text_embeddings": True},
         "jobs": [{"name": f"{CONCEPT}-textual-inversion", "method": "textual_inversion", "concepts": [CONCEPT],
                   "settings": {"learning_rate": 5e-3}},
@@ -259,9 +262,9 @@ def demo_pipeline(root: Path, models: dict[str, str]) -> dict:
     out = root / "pipeline-ip2p"
     return {"steps": [
         {"name": "pairs", "uses": "pairs", "with": {
-            "input": str(root / "datasets" / "images"), "output": str(out / "pairs"), "seed": 0,
+            "input": str(root / "datasets" / "images"), "output": str(out / "pairs"), "seed": 0, "limit": 6,
             "text": {"options": {"edits": ["change_colour"]}},
-            "images": {"model": models["sd"], "clip_model": models["clip"], "samples_per_caption": 2,
+            "images": {"model": models["sd"], "clip_model": models["clip"], "samples_per_caption": 1,
                        "steps": TOY_SAMPLING["steps"], "height": TOY_RES, "width": TOY_RES, "cfg_range": [3.0, 6.0],
                        "max_per_caption": 1, "min_image_similarity": 0.0, "min_direction": -1.0,
                        "min_image_caption": -1.0}}},
@@ -308,13 +311,13 @@ def _demo_pairs(root: Path, models: dict[str, str], notes: list[str]) -> str:
     pairs = PairsConfig(
         input=str(root / "datasets" / "images"), output=str(root / "datasets" / "pairs"), seed=0,
         text={"options": {"edits": ["change_colour"]}},
-        images=dict(model=models["sd"], clip_model=models["clip"], samples_per_caption=3,
+        images=dict(model=models["sd"], clip_model=models["clip"], samples_per_caption=2,
                     steps=TOY_SAMPLING["steps"], height=TOY_RES, width=TOY_RES, cfg_range=(3.0, 6.0),
                     max_per_caption=1, min_image_similarity=0.0, min_direction=0.2, min_image_caption=0.1),
     )
     _write_config(root, "pairs", pairs)
     remove(pairs.output)
-    _say("instruction pairs: template writer (colour changes) -> Prompt-to-Prompt pairs on toy:sd (3 seeds each) "
+    _say("instruction pairs: template writer (colour changes) -> Prompt-to-Prompt pairs on toy:sd (2 seeds each) "
          "-> toy:clip filter (loose demo thresholds)")
     ps = pairs_flow(pairs.model_dump())
     _say(f"  {ps.captions} captions -> {ps.instructions} instructions -> {ps.pairs} pairs kept, "
