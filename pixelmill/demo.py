@@ -66,14 +66,9 @@ def demo_configs(root: Path, models: dict[str, str]) -> dict[str, EditConfig]:
     return cfgs
 
 
-def _read_edits(url: str) -> list[dict]:
-    from pixelmill.datasets import Dataset
-
-    return Dataset.open(url).to_table(columns=["id", "edited_image"]).to_pylist()
-
-
-def detector_readout(edited_url: str, input_url: str, color: str) -> tuple[int, int, int]:
-    """``(edits, read as color, shape kept)`` of an SDEdit output by the toy detectors (``pixelmill.toy.detect``)."""
+def detector_readout(edited_url: str, input_url: str) -> list[tuple[object, dict]]:
+    """What the toy detectors (``pixelmill.toy.detect``) read from each edited image of an edit output,
+    beside the input row's labels: ``(Detection, {"shape": ..., "color": ...})`` per edited row."""
     import io
 
     from PIL import Image
@@ -81,14 +76,12 @@ def detector_readout(edited_url: str, input_url: str, color: str) -> tuple[int, 
     from pixelmill.datasets import Dataset
     from pixelmill.toy.detect import detect
 
-    shapes = {r["id"]: r["shape"] for r in Dataset.open(input_url).to_table(columns=["id", "shape"]).to_pylist()}
-    rows = _read_edits(edited_url)
-    hits = kept = 0
-    for r in rows:
-        d = detect(Image.open(io.BytesIO(r["edited_image"]["bytes"])).convert("RGB"))
-        hits += d.color == color
-        kept += d.shape == shapes.get(r["id"])
-    return len(rows), hits, kept
+    labels = {r.pop("id"): r for r in Dataset.open(input_url).to_table(columns=["id", "shape", "color"]).to_pylist()}
+    out = []
+    for r in Dataset.open(edited_url).to_table(columns=["id", "edited_image"]).to_pylist():
+        image = Image.open(io.BytesIO(r["edited_image"]["bytes"])).convert("RGB")
+        out.append((detect(image), labels.get(r["id"], {})))
+    return out
 
 
 def retrieval_precision(images_url: str) -> dict[str, int]:
@@ -198,7 +191,13 @@ def _demo_finetune(root: Path, models: dict[str, str], notes: list[str]) -> tupl
     _say(f"bulk-edit with the campaign's <{CONCEPT}> embedding and LoRA (scale 0.8) loaded on the worker: "
          f"'{prompt}' at strength 0.8")
     s = bulk_edit_flow(edit.model_dump(), show_progress=True)
-    _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected")
+    read = detector_readout(edit.output, edit.input)
+    hearts = sum(d.shape == CONCEPT for d, _ in read)
+    colour = sum(d.color == lab.get("color") for d, lab in read)
+    line = (f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected; toy detectors: {hearts}/{len(read)} "
+            f"read as a {CONCEPT}, {colour}/{len(read)} keep their colour")
+    _say(f"  {line}")
+    notes.append(f"bulk edit with the campaign's adapters: {line}")
     return summary.report, edit.output
 
 
@@ -230,7 +229,7 @@ def _demo_video(root: Path, models: dict[str, str], notes: list[str]) -> str:
     runs = {
         "homography": VideoConfig(
             input=dataset, output=str(root / "video-homography"), atlas={"method": "homography"},
-            edit={"method": "sdedit", "model": models["sd"], "prompt": VIDEO_PROMPT, "strength": 0.6,
+            edit={"method": "sdedit", "model": models["sd"], "prompt": VIDEO_PROMPT, "strength": 0.5,
                   "resolution": TOY_RES, **TOY_SAMPLING}, placement={"cpus": 1}),
         "neural": VideoConfig(
             input=str(clips / "moving-shape.mp4"), output=str(root / "video-neural"),
@@ -239,7 +238,7 @@ def _demo_video(root: Path, models: dict[str, str], notes: list[str]) -> str:
                   "text2live": {"iterations": 30, "alpha_init": 0.5, "sparsity_weight": 0.1}}, placement={"cpus": 1}),
     }
     what = {"homography": f"{dataset} (an 8-frame camera pan across a red circle, 32x32): homography atlas, "
-                          f"SDEdit '{VIDEO_PROMPT}' (strength 0.6) on the atlas with toy:sd",
+                          f"SDEdit '{VIDEO_PROMPT}' (strength 0.5) on the atlas with toy:sd",
             "neural": "a red disk moving over a texture (8 frames, 32x32): tiny neural atlas (background + "
                       "foreground, 300 steps), Text2Live layer 'a blue circle' with toy:clip on the foreground"}
     reports = {}
@@ -366,8 +365,10 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
             s = bulk_edit_flow(cfg.model_dump(), show_progress=True)
             line = f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected"
             if cfg.method == "sdedit":
-                n, green, kept = detector_readout(cfg.output, images, "green")
-                line += f"; toy detectors: {green}/{n} read green, {kept}/{n} keep their shape"
+                read = detector_readout(cfg.output, images)
+                green = sum(d.color == "green" for d, _ in read)
+                kept = sum(d.shape == lab.get("shape") for d, lab in read)
+                line += f"; toy detectors: {green}/{len(read)} read green, {kept}/{len(read)} keep their shape"
             _say(f"  {line}, {s.images_per_second:.1f} images/s")
             notes.append(f"{title}: {line}")
             sections.append((title, cfg.output))

@@ -43,7 +43,7 @@ def test_no_demo_input_row_is_green_so_the_colour_prompt_is_always_a_change():
         assert "green" not in (obj.color, obj.background, obj.background2)
 
 
-def test_detector_readout_counts_green_edits_and_kept_shapes(tmp_path):
+def test_detector_readout_pairs_each_edit_with_its_input_labels(tmp_path):
     write_toy_images(str(tmp_path / "in"), rows=4, seed=DEMO_SEED, broken=0)
     rows = Dataset.open(str(tmp_path / "in")).to_table(columns=["id"]).to_pylist()
     edited = []
@@ -55,7 +55,11 @@ def test_detector_readout_counts_green_edits_and_kept_shapes(tmp_path):
     table = pa.table({"id": [r["id"] for r in edited],
                       "edited_image": pa.array([r["edited_image"] for r in edited], IMAGE_TYPE)})
     write_table_dataset(str(tmp_path / "out"), table, "edits", {})
-    assert detector_readout(str(tmp_path / "out"), str(tmp_path / "in"), "green") == (4, 3, 4)
+    read = detector_readout(str(tmp_path / "out"), str(tmp_path / "in"))
+    assert [d.color == "green" for d, _ in read] == [True, True, True, False]
+    originals = [world.make_row(DEMO_SEED, k)[2] for k in range(4)]
+    assert [lab for _, lab in read] == [{"shape": o.shape, "color": o.color} for o in originals]
+    assert all(d.shape == lab["shape"] for d, lab in read)
 
 
 def test_retrieval_precision_compares_colour_and_shape_of_the_captions(tmp_path):
