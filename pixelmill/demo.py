@@ -1,13 +1,14 @@
-"""``pixelmill demo``: every pipeline that exists, on drawn images and tiny offline models.
+"""``pixelmill demo``: every pipeline that exists, on toy-world images and the toy models shipped in the package.
 
-Draws a small sample image dataset (one file corrupt on purpose, to show rejects),
-builds tiny random-weight models, starts the embedded runtime (local Ray + a Prefect API
-server on 127.0.0.1), runs the bulk-edit flow with SDEdit (fixed t0 and the t0 search)
-and with InstructPix2Pix, generates instruction pairs (template writer, Prompt-to-Prompt,
-CLIP filter), retrieves exactly N regularization images per class prompt from a sample
-pool served on 127.0.0.1, runs a small fine-tuning campaign (Textual Inversion, LoRA,
-DreamBooth with generated class images) and bulk-edits with two of its adapters, and
-writes the HTML reports.
+Writes 12 toy-world images (32x32, one coloured shape each, with ``shape``/``color``
+labels) plus one broken row (to show rejects), starts the embedded runtime (local Ray +
+a Prefect API server on 127.0.0.1) and runs, on the trained toy models ``toy:sd`` and
+``toy:clip``: SDEdit colour changes at two strengths and with the t0 search, instruction
+pairs (template writer, Prompt-to-Prompt, CLIP filter), exactly-N retrieval from a toy
+pool served on 127.0.0.1, a fine-tuning campaign (Textual Inversion, LoRA, DreamBooth)
+on the held-out heart shape and a bulk edit with its adapters, and the two video edits.
+No trained InstructPix2Pix exists yet, so its edit and the pairs -> fine-tune -> edit
+pipeline run on a random-weight tiny one (noise: they show the pipeline, not an edit).
 """
 
 from __future__ import annotations
@@ -19,95 +20,150 @@ import yaml
 
 from pixelmill.config import EditConfig
 
+DEMO_SEED = 164
+"""World seed of the demo's input images: its 13 rows (12 + the broken one) show all five shapes and never use
+green, as object or background, so "a green {shape} on a {background} background" is always a change."""
+CONCEPT_SEED = 21
+POOL_SEED = 7
+TOY_RES = 32
+TOY_SAMPLING = {"steps": 20, "guidance_scale": 4.0}
+COLOR_PROMPT = "a green {shape} on a {background} background"
+STRENGTHS = (0.5, 0.8)
+VIDEO_PROMPT = "a large green circle on a white and blue background"
+RETRIEVAL_PROMPTS = ("a red circle", "a blue square")
+CONCEPT = "heart"
+NOISE = "random-weight InstructPix2Pix: noise, pipeline only"
+
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def demo_configs(root: Path, models: dict[str, str], clip: str | None) -> dict[str, EditConfig]:
-    """The demo's bulk-edit configs (also written as YAML next to the outputs)."""
-    images = str(root / "datasets" / "images")
-    common = dict(input=images, resolution=64, steps=10, batch_size=4, seed=0, clip_model=clip,
-                  workers=1)
-    cfgs = {
-        "sdedit": EditConfig(**common, output=str(root / "datasets" / "edit-sdedit"), method="sdedit",
-                             model=models["img2img"], prompt="a watercolor painting of {caption}",
-                             negative_prompt="blurry", strength=0.2, guidance_scale=5.0),
-        "sdedit-auto-t0": EditConfig(**common, output=str(root / "datasets" / "edit-sdedit-auto"),
-                                     method="sdedit", model=models["img2img"],
-                                     prompt="a pencil sketch of {caption}", strength="auto", target_l2=0.2,
-                                     guidance_scale=5.0),
-        "instruct-pix2pix": EditConfig(**common, output=str(root / "datasets" / "edit-ip2p"),
-                                       method="instruct_pix2pix", model=models["instruct_pix2pix"],
-                                       instruction="make it look like winter", guidance_scale=7.5,
-                                       image_guidance_scale=1.5),
-    }
+def _write_config(root: Path, name: str, cfg) -> None:
+    data = cfg if isinstance(cfg, dict) else cfg.model_dump(exclude_defaults=True, exclude={"runtime"})
     (root / "configs").mkdir(parents=True, exist_ok=True)
-    for name, cfg in cfgs.items():
-        (root / "configs" / f"edit-{name}.yaml").write_text(
-            yaml.safe_dump(cfg.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False)
-        )
+    (root / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def demo_configs(root: Path, models: dict[str, str]) -> dict[str, EditConfig]:
+    """The demo's bulk-edit configs (also written as YAML next to the outputs), by report title."""
+    images = str(root / "datasets" / "images")
+    common = dict(input=images, resolution=TOY_RES, batch_size=4, seed=0, clip_model=models["clip"], workers=1)
+    toy = dict(common, method="sdedit", model=models["sd"], **TOY_SAMPLING)
+    cfgs = {f"SDEdit on toy:sd, strength {s}: '{COLOR_PROMPT}'": EditConfig(
+        **toy, output=str(root / "datasets" / f"edit-sdedit-{s}"), prompt=COLOR_PROMPT, strength=s)
+        for s in STRENGTHS}
+    cfgs[f"SDEdit t0 search on toy:sd (strength auto, target L2 0.2): '{COLOR_PROMPT}'"] = EditConfig(
+        **toy, output=str(root / "datasets" / "edit-sdedit-auto"), prompt=COLOR_PROMPT, strength="auto",
+        target_l2=0.2)
+    cfgs[NOISE] = EditConfig(
+        **common, output=str(root / "datasets" / "edit-ip2p"), method="instruct_pix2pix",
+        model=models["instruct_pix2pix"], instruction="make the {shape} green", steps=10, guidance_scale=7.5,
+        image_guidance_scale=1.5)
+    names = [f"edit-sdedit-{s}" for s in STRENGTHS] + ["edit-sdedit-auto", "edit-ip2p"]
+    for name, cfg in zip(names, cfgs.values()):
+        _write_config(root, name, cfg)
     return cfgs
 
 
-def _demo_retrieval(root: Path, models: dict[str, str]) -> str:
-    """Build a sample pool served from 127.0.0.1 and retrieve exactly N images per prompt."""
+def detector_readout(edited_url: str, input_url: str) -> list[tuple[object, dict]]:
+    """What the toy detectors (``pixelmill.toy.detect``) read from each edited image of an edit output,
+    beside the input row's labels: ``(Detection, {"shape": ..., "color": ...})`` per edited row."""
+    import io
+
+    from PIL import Image
+
+    from pixelmill.datasets import Dataset
+    from pixelmill.toy.detect import detect
+
+    labels = {r.pop("id"): r for r in Dataset.open(input_url).to_table(columns=["id", "shape", "color"]).to_pylist()}
+    out = []
+    for r in Dataset.open(edited_url).to_table(columns=["id", "edited_image"]).to_pylist():
+        image = Image.open(io.BytesIO(r["edited_image"]["bytes"])).convert("RGB")
+        out.append((detect(image), labels.get(r["id"], {})))
+    return out
+
+
+def retrieval_precision(images_url: str) -> dict[str, int]:
+    """Per prompt, how many retrieved images' captions name the prompt's colour and shape (toy grammar)."""
+    from pixelmill.datasets import Dataset
+    from pixelmill.toy.world import parse_caption
+
+    right: dict[str, int] = {}
+    for r in Dataset.open(images_url).to_table(columns=["prompt", "caption"]).to_pylist():
+        want, got = parse_caption(r["prompt"]), parse_caption(r["caption"])
+        ok = (want["color"], want["shape"]) == (got["color"], got["shape"])
+        right[r["prompt"]] = right.get(r["prompt"], 0) + ok
+    return right
+
+
+def _demo_retrieval(root: Path, models: dict[str, str], notes: list[str]) -> str:
+    """Build a toy pool with ``toy:clip`` from images served on 127.0.0.1; retrieve exactly N per prompt."""
     from pixelmill.config import RetrieveConfig
     from pixelmill.datasets.storage import remove
     from pixelmill.flows.pool import build_pool_flow
     from pixelmill.flows.retrieve import retrieve_flow
-    from pixelmill.samples import LoopbackFileServer, write_sample_pool_source
+    from pixelmill.samples import LoopbackFileServer
+    from pixelmill.toy.samples import write_toy_pool_source
 
     web = root / "web"
+    targets = [tuple(p.split()[1:]) for p in RETRIEVAL_PROMPTS]
     with LoopbackFileServer(str(web)) as server:
-        _say(f"regularization retrieval: a sample pool of 48 drawn images served at {server.base_url}")
-        write_sample_pool_source(str(web / "images"), server.base_url + "/images", str(root / "datasets" / "pool-src"))
+        rows = write_toy_pool_source(str(web / "toy"), server.base_url + "/toy", str(root / "datasets" / "pool-src"),
+                                     targets=targets, seed=POOL_SEED)
+        _say(f"regularization retrieval: a toy pool of {rows} images (6 of each prompt's colour and shape, "
+             f"near misses, others) served at {server.base_url}, embedded with toy:clip (pixelmill pool build)")
         remove(str(root / "datasets" / "pool"))
         build_pool_flow(dataset=str(root / "datasets" / "pool-src"), out=str(root / "datasets" / "pool"),
                         clip_model=models["clip"], batch_size=16)
-        cfg = RetrieveConfig(prompts=["a photo of a dog", "a photo of a car"], pool=str(root / "datasets" / "pool"),
+        cfg = RetrieveConfig(prompts=list(RETRIEVAL_PROMPTS), pool=str(root / "datasets" / "pool"),
                              clip_model=models["clip"], output=str(root / "datasets" / "regularization"),
-                             num_images=4, threshold=0.85, resolution=64,
+                             num_images=4, threshold=0.85, resolution=TOY_RES,
                              download={"allow_loopback": True, "timeout": 5})
-        (root / "configs" / "retrieve.yaml").write_text(
-            yaml.safe_dump(cfg.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
+        _write_config(root, "retrieve", cfg)
         remove(cfg.output)
         summary = retrieve_flow(cfg.model_dump())
+        right = retrieval_precision(str(root / "datasets" / "regularization" / "images"))
         for s in summary.prompts.values():
-            _say(f"  {s['prompt']!r}: {s['found']} candidates above {cfg.threshold}, {s['downloaded']} downloaded "
-                 f"(exactly {cfg.num_images} wanted)")
+            line = (f"{s['found']} pool captions above {cfg.threshold}, {s['downloaded']} downloaded (exactly "
+                    f"{cfg.num_images} wanted), {right.get(s['prompt'], 0)} of them with the prompt's colour and shape")
+            _say(f"  {s['prompt']!r}: {line}")
+            notes.append(f"retrieval {s['prompt']!r} from {rows} toy pool images: {line}")
         for prompt, folder in summary.exported.items():
             _say(f"  --real_prior folder for {prompt!r}: {folder}")
     return str(root / "datasets" / "regularization" / "images")
 
 
 def demo_campaign(root: Path, models: dict[str, str]) -> dict:
-    """The demo's fine-tuning campaign (also written as ``configs/finetune.yaml``)."""
+    """The demo's fine-tuning campaign on the held-out heart (also written as ``configs/finetune.yaml``)."""
     from pixelmill.samples import draw_concept_images, write_image_dataset
+    from pixelmill.toy.samples import write_toy_concept
 
-    concept = str(root / "datasets" / "concept-dog")
-    write_image_dataset(concept, draw_concept_images(6, seed=0))
+    concept = str(root / "datasets" / f"concept-{CONCEPT}")
+    write_toy_concept(concept, shape=CONCEPT, count=6, seed=CONCEPT_SEED)
+    # the shipped configs/finetune.yaml (tiny model) trains on this drawn concept
+    write_image_dataset(str(root / "datasets" / "concept-dog"), draw_concept_images(6, seed=0))
     cfg = {
-        "output": str(root / "campaign"), "model": models["img2img"], "clip_model": models["clip"],
-        "concepts": {"dog": {"instance_data": concept, "token": "<dog1>", "class_word": "dog"},
-                     "dog-db": {"instance_data": concept, "token": "sks", "class_word": "dog"}},
-        "defaults": {"resolution": 64, "max_steps": 8, "train_batch_size": 2, "learning_rate": 1e-3,
-                     "checkpoint_every": 4, "num_class_images": 2, "center_crop": True,
+        "output": str(root / "campaign"), "model": models["sd"], "clip_model": models["clip"],
+        "concepts": {CONCEPT: {"instance_data": concept, "token": f"<{CONCEPT}>", "class_word": "shape"},
+                     f"{CONCEPT}-db": {"instance_data": concept, "token": "sks", "class_word": "shape"}},
+        "defaults": {"resolution": TOY_RES, "max_steps": 50, "train_batch_size": 2, "learning_rate": 1e-3,
+                     "checkpoint_every": 25, "num_class_images": 2, "center_crop": True, "random_flip": False,
                      "cache_latents": True, "cache_text_embeddings": True},
-        "jobs": [{"name": "dog-textual-inversion", "method": "textual_inversion", "concepts": ["dog"],
+        "jobs": [{"name": f"{CONCEPT}-textual-inversion", "method": "textual_inversion", "concepts": [CONCEPT],
                   "settings": {"learning_rate": 5e-3}},
-                 {"name": "dog-lora", "method": "lora", "concepts": ["dog"]},
-                 {"name": "dog-dreambooth", "method": "dreambooth", "concepts": ["dog-db"]}],
-        "eval": {"prompts": ["a photo of {concept}", "a photo of {concept} on the beach"],
-                 "samples_per_prompt": 2, "steps": 10},
+                 {"name": f"{CONCEPT}-lora", "method": "lora", "concepts": [CONCEPT]},
+                 {"name": f"{CONCEPT}-dreambooth", "method": "dreambooth", "concepts": [f"{CONCEPT}-db"],
+                  "settings": {"learning_rate": 2e-4}}],
+        "eval": {"prompts": ["a photo of {concept}", "a red {concept}"], "samples_per_prompt": 2,
+                 "steps": TOY_SAMPLING["steps"], "guidance_scale": TOY_SAMPLING["guidance_scale"]},
     }
-    (root / "configs").mkdir(parents=True, exist_ok=True)
-    (root / "configs" / "finetune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    _write_config(root, "finetune", cfg)
     return cfg
 
 
-def _demo_finetune(root: Path, models: dict[str, str]) -> tuple[str, str]:
-    """Train three small jobs (one generating its DreamBooth class images), then edit with two adapters."""
+def _demo_finetune(root: Path, models: dict[str, str], notes: list[str]) -> tuple[str, str]:
+    """Train three small jobs on toy:sd (DreamBooth generating its class images), then edit with two adapters."""
     from pixelmill.config import CampaignConfig
     from pixelmill.datasets.storage import remove
     from pixelmill.flows.bulk_edit import bulk_edit_flow
@@ -116,96 +172,112 @@ def _demo_finetune(root: Path, models: dict[str, str]) -> tuple[str, str]:
 
     cfg = demo_campaign(root, models)
     remove(cfg["output"])
-    _say("fine-tuning campaign: Textual Inversion, LoRA and DreamBooth (+2 generated class images), 8 steps each")
+    steps = cfg["defaults"]["max_steps"]
+    _say(f"fine-tuning campaign on toy:sd: the {CONCEPT} it never saw (6 toy images), Textual Inversion, LoRA "
+         f"and DreamBooth (+2 generated class images), {steps} steps each at {TOY_RES}px")
     summary = finetune_flow(cfg)
     _say(f"  {len(summary.ran)} jobs trained, {summary.class_images} class images generated; "
          f"results: {summary.results}")
+    notes.append(f"campaign: {len(summary.ran)} jobs trained ({steps} steps each), report {summary.report}")
     jobs = {j.spec["name"]: j.spec["dir"] for j in plan_campaign(CampaignConfig.model_validate(cfg)).jobs}
+    prompt = f"a {{color}} <{CONCEPT}> on a {{background}} background"
     edit = EditConfig(input=str(root / "datasets" / "images"), output=str(root / "datasets" / "edit-adapters"),
-                      method="sdedit", model=models["img2img"], prompt="a photo of <dog1> in the style of {caption}",
-                      strength=0.5, steps=10, resolution=64, batch_size=4, seed=0,
-                      adapters=[{"path": jobs["dog-textual-inversion"]}, {"path": jobs["dog-lora"], "scale": 0.8}])
-    (root / "configs" / "edit-adapters.yaml").write_text(
-        yaml.safe_dump(edit.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
+                      method="sdedit", model=models["sd"], prompt=prompt, strength=0.8,
+                      resolution=TOY_RES, batch_size=4, seed=0, clip_model=models["clip"], **TOY_SAMPLING,
+                      adapters=[{"path": jobs[f"{CONCEPT}-textual-inversion"]},
+                                {"path": jobs[f"{CONCEPT}-lora"], "scale": 0.8}])
+    _write_config(root, "edit-adapters", edit)
     remove(edit.output)
-    _say("bulk-edit with the campaign's Textual Inversion embedding and LoRA (scale 0.8) loaded on the worker")
+    _say(f"bulk-edit with the campaign's <{CONCEPT}> embedding and LoRA (scale 0.8) loaded on the worker: "
+         f"'{prompt}' at strength 0.8")
     s = bulk_edit_flow(edit.model_dump(), show_progress=True)
-    _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected")
+    read = detector_readout(edit.output, edit.input)
+    hearts = sum(d.shape == CONCEPT for d, _ in read)
+    colour = sum(d.color == lab.get("color") for d, lab in read)
+    line = (f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected; toy detectors: {hearts}/{len(read)} "
+            f"read as a {CONCEPT}, {colour}/{len(read)} keep their colour")
+    _say(f"  {line}")
+    notes.append(f"bulk edit with the campaign's adapters: {line}")
     return summary.report, edit.output
 
 
-def _demo_video(root: Path, models: dict[str, str]) -> str:
-    """Edit two synthetic clips through layered atlases; returns the homography run's report.
+def _demo_video(root: Path, models: dict[str, str], notes: list[str]) -> str:
+    """Edit two toy clips through layered atlases; returns the homography run's report.
 
-    A camera pan across a drawn texture goes through a homography atlas and SDEdit; a
-    clip with a moving shape through a tiny neural atlas and a Text2Live layer on its
-    foreground. The clips are written as MP4 files and as a video dataset (bytes).
+    A camera pan across a toy scene (a red circle on a white/blue background) goes through
+    a homography atlas and SDEdit on ``toy:sd``; a red disk moving over a texture through
+    a tiny neural atlas and a Text2Live layer (``toy:clip``) on its foreground. The clips
+    are written as MP4 files; the pan also as a video dataset (bytes).
     """
     from pixelmill.config import VideoConfig
     from pixelmill.datasets.storage import remove
     from pixelmill.datasets.videos import write_video_dataset
     from pixelmill.flows.video import video_flow
     from pixelmill.tasks.video.io import encode_video
-    from pixelmill.tasks.video.synthetic import synthetic_moving_shape, synthetic_pan
+    from pixelmill.tasks.video.synthetic import synthetic_moving_shape
+    from pixelmill.toy import world
+    from pixelmill.toy.samples import toy_pan_clip
 
     clips = root / "videos"
-    pan = synthetic_pan(frames=10, size=(64, 48), shift=(2.0, 1.0), fps=24, seed=3)
-    shape = synthetic_moving_shape(frames=8, size=(64, 48), radius=7.0, velocity=(3.0, 1.0), fps=24)
-    encode_video(pan.frames, pan.fps, clips / "pan.mp4")
+    pan = toy_pan_clip(frames=8, shift=(1, 1))
+    shape = synthetic_moving_shape(frames=8, size=(TOY_RES, TOY_RES), radius=7.0, velocity=(2.0, 1.0), fps=24,
+                                   color=world.COLORS["red"])
+    encode_video(pan.frames, pan.fps, clips / "toy-pan.mp4")
     encode_video(shape.frames, shape.fps, clips / "moving-shape.mp4")
     dataset = str(root / "datasets" / "videos")
-    write_video_dataset(dataset, [("pan", (clips / "pan.mp4").read_bytes()),
-                                  ("moving-shape", (clips / "moving-shape.mp4").read_bytes())])
+    write_video_dataset(dataset, [("toy-pan", (clips / "toy-pan.mp4").read_bytes())])
     runs = {
         "homography": VideoConfig(
             input=dataset, output=str(root / "video-homography"), atlas={"method": "homography"},
-            edit={"method": "sdedit", "model": models["img2img"], "prompt": "a watercolor painting",
-                  "strength": 0.5, "steps": 6, "guidance_scale": 5.0}, placement={"cpus": 1}),
+            edit={"method": "sdedit", "model": models["sd"], "prompt": VIDEO_PROMPT, "strength": 0.5,
+                  "resolution": TOY_RES, **TOY_SAMPLING}, placement={"cpus": 1}),
         "neural": VideoConfig(
             input=str(clips / "moving-shape.mp4"), output=str(root / "video-neural"),
             atlas={"method": "neural", "neural": {"preset": "tiny", "iterations": 300, "checkpoint_every": 100}},
-            edit={"method": "text2live", "layer": "foreground", "prompt": "fire", "clip_model": models["clip"],
+            edit={"method": "text2live", "layer": "foreground", "prompt": "a blue circle", "clip_model": models["clip"],
                   "text2live": {"iterations": 30, "alpha_init": 0.5, "sparsity_weight": 0.1}}, placement={"cpus": 1}),
     }
-    what = {"homography": f"{dataset} (a 10-frame pan and an 8-frame moving shape, 64x48): homography atlas, "
-                          "SDEdit on the atlas",
-            "neural": "the moving-shape clip: tiny neural atlas (background + foreground, 300 steps), "
-                      "Text2Live layer on the foreground"}
+    what = {"homography": f"{dataset} (an 8-frame camera pan across a red circle, 32x32): homography atlas, "
+                          f"SDEdit '{VIDEO_PROMPT}' (strength 0.5) on the atlas with toy:sd",
+            "neural": "a red disk moving over a texture (8 frames, 32x32): tiny neural atlas (background + "
+                      "foreground, 300 steps), Text2Live layer 'a blue circle' with toy:clip on the foreground"}
     reports = {}
     for name, cfg in runs.items():
-        (root / "configs" / f"video-{name}.yaml").write_text(
-            yaml.safe_dump(cfg.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
+        _write_config(root, f"video-{name}", cfg)
         remove(cfg.output)
         _say(f"video editing through layered atlases, {what[name]}")
         s = video_flow(cfg.model_dump())
         rejected = "".join(f"; rejected {k}: {v}" for k, v in s.rejected.items())
         _say(f"  {s.videos} video(s) in -> {len(s.ran)} edited (same frames, size and fps), {len(s.failed)} failed"
              f"{rejected}; report: {s.report}")
+        notes.append(f"video {name}: {len(s.ran)} of {s.videos} edited, report {s.report}")
         reports[name] = s.report
     return reports["homography"]
 
 
 def demo_pipeline(root: Path, models: dict[str, str]) -> dict:
-    """The demo's chained pipeline (also written as ``configs/pipeline-ip2p.yaml``):
-    instruction pairs -> an InstructPix2Pix fine-tune on them -> a bulk edit with the result."""
+    """The demo's chained pipeline (also written as ``configs/pipeline-ip2p.yaml``): instruction
+    pairs on the toy models -> a fine-tune of the random-weight InstructPix2Pix on them -> a bulk edit with it."""
     out = root / "pipeline-ip2p"
     return {"steps": [
         {"name": "pairs", "uses": "pairs", "with": {
-            "input": str(root / "datasets" / "images"), "output": str(out / "pairs"), "seed": 0,
-            "images": {"model": models["img2img"], "clip_model": models["clip"], "samples_per_caption": 2,
-                       "steps": 4, "height": 64, "width": 64, "max_per_caption": 1, "min_direction": -1.0,
+            "input": str(root / "datasets" / "images"), "output": str(out / "pairs"), "seed": 0, "limit": 6,
+            "text": {"options": {"edits": ["change_colour"]}},
+            "images": {"model": models["sd"], "clip_model": models["clip"], "samples_per_caption": 1,
+                       "steps": TOY_SAMPLING["steps"], "height": TOY_RES, "width": TOY_RES, "cfg_range": [3.0, 6.0],
+                       "max_per_caption": 1, "min_image_similarity": 0.0, "min_direction": -1.0,
                        "min_image_caption": -1.0}}},
         {"name": "train", "uses": "finetune", "with": {
             "output": str(out / "campaign"), "model": models["instruct_pix2pix"],
             "concepts": {"edits": {"instance_data": "${steps.pairs.output}/pairs"}},
-            "defaults": {"resolution": 64, "max_steps": 6, "train_batch_size": 2, "learning_rate": 1e-4,
+            "defaults": {"resolution": TOY_RES, "max_steps": 6, "train_batch_size": 2, "learning_rate": 1e-4,
                          "center_crop": True},
             "jobs": [{"name": "ip2p", "method": "instruct_pix2pix", "concepts": ["edits"]}],
-            "eval": {"prompts": ["make it look like winter"], "samples_per_prompt": 1, "steps": 4}}},
+            "eval": {"prompts": ["make it green"], "samples_per_prompt": 1, "steps": 4}}},
         {"name": "edit", "uses": "edit", "with": {
             "input": str(root / "datasets" / "images"), "output": str(out / "edited"), "method": "instruct_pix2pix",
-            "model": "${steps.train.jobs.ip2p}", "instruction": "make it look like winter", "steps": 6,
-            "resolution": 64, "batch_size": 4, "seed": 0}},
+            "model": "${steps.train.jobs.ip2p}", "instruction": "make it green", "steps": 6,
+            "resolution": TOY_RES, "batch_size": 4, "seed": 0}},
     ]}
 
 
@@ -219,7 +291,8 @@ def _demo_pipeline(root: Path, models: dict[str, str]) -> str:
     path = root / "configs" / "pipeline-ip2p.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     remove(str(root / "pipeline-ip2p"))
-    _say("pipeline (pixelmill run): pairs -> InstructPix2Pix fine-tune on them -> bulk edit with it, one flow")
+    _say("pipeline (pixelmill run): toy pairs -> fine-tune of the RANDOM-WEIGHT tiny InstructPix2Pix on them "
+         "-> bulk edit with it, one flow (no trained toy InstructPix2Pix exists yet: its edits are noise)")
     steps = PipelineConfig.model_validate(data).preflight_steps(path.parent)
     summaries = pipeline_flow(steps)
     edited = summaries["edit"]
@@ -228,71 +301,100 @@ def _demo_pipeline(root: Path, models: dict[str, str]) -> str:
     return str(root / "pipeline-ip2p" / "edited")
 
 
+def _demo_pairs(root: Path, models: dict[str, str], notes: list[str]) -> str:
+    """Instruction pairs on the toy models: template colour edits, Prompt-to-Prompt on toy:sd, toy:clip filter."""
+    from pixelmill.config import PairsConfig
+    from pixelmill.datasets.storage import remove
+    from pixelmill.flows.pairs import pairs_flow
+
+    pairs = PairsConfig(
+        input=str(root / "datasets" / "images"), output=str(root / "datasets" / "pairs"), seed=0,
+        text={"options": {"edits": ["change_colour"]}},
+        images=dict(model=models["sd"], clip_model=models["clip"], samples_per_caption=2,
+                    steps=TOY_SAMPLING["steps"], height=TOY_RES, width=TOY_RES, cfg_range=(3.0, 6.0),
+                    max_per_caption=1, min_image_similarity=0.0, min_direction=0.2, min_image_caption=0.1),
+    )
+    _write_config(root, "pairs", pairs)
+    remove(pairs.output)
+    _say("instruction pairs: template writer (colour changes) -> Prompt-to-Prompt pairs on toy:sd (2 seeds each) "
+         "-> toy:clip filter (loose demo thresholds)")
+    ps = pairs_flow(pairs.model_dump())
+    _say(f"  {ps.captions} captions -> {ps.instructions} instructions -> {ps.pairs} pairs kept, "
+         f"{ps.dropped} dropped, {ps.pair_rejects} captions without a pair")
+    notes.append(f"instruction pairs: {ps.captions} captions -> {ps.pairs} pairs kept, {ps.dropped} dropped")
+    return str(root / "datasets" / "pairs" / "pairs")
+
+
 def run_demo(root: Path, ray_address: str | None = None) -> int:
     """Run the demo into ``root``; returns the exit status."""
-    from pixelmill.datasets.importer import import_folder
     from pixelmill.models.tiny import save_tiny_models
     from pixelmill.report import render_multi_report
     from pixelmill.runtime import Runtime
-    from pixelmill.samples import draw_sample_images
+    from pixelmill.toy.samples import write_toy_images
 
     t_start = time.perf_counter()
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     _say(f"writing everything under {root}")
 
-    _say("drawing 12 sample images (+1 corrupt file, to show how bad rows become rejects)")
-    draw_sample_images(str(root / "samples"), n=12, corrupt=1, seed=0)
-    summary = import_folder(str(root / "samples"), str(root / "datasets" / "images"), overwrite=True)
-    _say(f"imported {summary['images']} files into {root / 'datasets' / 'images'}")
+    images = str(root / "datasets" / "images")
+    info = write_toy_images(images, rows=12, seed=DEMO_SEED, broken=1)
+    _say(f"12 toy-world images (32x32, {', '.join(info['shapes'])} in {', '.join(info['colors'])}; with shape/color "
+         f"columns) + 1 broken row (a PNG cut in half, to show how bad rows become rejects) -> {images}")
 
-    _say("building tiny random-weight models offline (img2img, InstructPix2Pix, CLIP)")
-    models = save_tiny_models(str(root / "models"))
-    cfgs = demo_configs(root, models, models.get("clip"))
+    models = {"sd": "toy:sd", "clip": "toy:clip"}
+    _say("models: toy:sd and toy:clip, trained on the toy world and shipped in the package "
+         "(pixelmill/toy/models/*/MODEL_CARD.md)")
+    _say("building the random-weight tiny models offline (InstructPix2Pix: no trained toy one exists yet)")
+    tiny = save_tiny_models(str(root / "models"))
+    models["instruct_pix2pix"] = tiny["instruct_pix2pix"]
+    cfgs = demo_configs(root, models)
 
     home = root / ".pixelmill"
     _say("starting the embedded runtime: local Ray + a Prefect API server on 127.0.0.1")
-    sections = []
+    sections: list[tuple[str, str]] = []
+    notes: list[str] = []
     with Runtime(ray_address=ray_address, home=home) as rt:
         _say(f"Prefect API at {rt.prefect_api_url}")
         from pixelmill.datasets.storage import remove
         from pixelmill.flows.bulk_edit import bulk_edit_flow
 
-        for name, cfg in cfgs.items():
+        for title, cfg in cfgs.items():
             remove(cfg.output)
-            _say(f"bulk-edit with {name}: {cfg.input} -> {cfg.output}")
+            _say(f"bulk-edit, {title}: {cfg.input} -> {cfg.output}")
             s = bulk_edit_flow(cfg.model_dump(), show_progress=True)
-            _say(f"  {s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected, "
-                 f"{s.images_per_second:.1f} images/s")
-            sections.append((name, cfg.output))
+            line = f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected"
+            if cfg.method == "sdedit":
+                read = detector_readout(cfg.output, images)
+                green = sum(d.color == "green" for d, _ in read)
+                kept = sum(d.shape == lab.get("shape") for d, lab in read)
+                line += f"; toy detectors: {green}/{len(read)} read green, {kept}/{len(read)} keep their shape"
+            _say(f"  {line}, {s.images_per_second:.1f} images/s")
+            notes.append(f"{title}: {line}")
+            sections.append((title, cfg.output))
 
-        from pixelmill.config import PairsConfig
-        from pixelmill.flows.pairs import pairs_flow
-
-        pairs = PairsConfig(
-            input=str(root / "datasets" / "images"), output=str(root / "datasets" / "pairs"), seed=0,
-            images=dict(model=models["img2img"], clip_model=models["clip"], samples_per_caption=3, steps=4,
-                        height=64, width=64, max_per_caption=2, min_direction=-1.0, min_image_caption=-1.0),
-        )
-        (root / "configs" / "pairs.yaml").write_text(
-            yaml.safe_dump(pairs.model_dump(exclude_defaults=True, exclude={"runtime"}), sort_keys=False))
-        remove(pairs.output)
-        _say("instruction pairs: template writer -> Prompt-to-Prompt pairs (3 seeds each) -> CLIP filter")
-        ps = pairs_flow(pairs.model_dump())
-        _say(f"  {ps.captions} captions -> {ps.instructions} instructions -> {ps.pairs} pairs kept, "
-             f"{ps.dropped} dropped, {ps.pair_rejects} captions without a pair")
-        sections.append(("instruction pairs", str(root / "datasets" / "pairs" / "pairs")))
-        sections.append(("regularization retrieval", _demo_retrieval(root, models)))
-        campaign_report, adapter_edit = _demo_finetune(root, models)
-        _demo_video(root, models)
-        sections.append(("bulk edit with campaign adapters", adapter_edit))
-        sections.append(("pipeline: pairs -> InstructPix2Pix fine-tune -> edit", _demo_pipeline(root, models)))
-    report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo")
+        sections.append(("instruction pairs: template colour edits, Prompt-to-Prompt on toy:sd, toy:clip filter",
+                         _demo_pairs(root, models, notes)))
+        sections.append(("regularization retrieval: toy pool, toy:clip, threshold 0.85, exactly 4 per prompt",
+                         _demo_retrieval(root, models, notes)))
+        campaign_report, adapter_edit = _demo_finetune(root, models, notes)
+        _demo_video(root, models, notes)
+        sections.append((f"bulk edit with campaign adapters (<{CONCEPT}> Textual Inversion + LoRA on toy:sd)",
+                         adapter_edit))
+        sections.append((f"pipeline: toy pairs -> InstructPix2Pix fine-tune -> edit ({NOISE})",
+                         _demo_pipeline(root, models)))
+    report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo (toy world)")
     _say(f"finished in {time.perf_counter() - t_start:.0f}s")
+    print()
+    print("Summary:")
+    for note in notes:
+        print(f"  - {note}")
     print()
     print(f"Report:  {report}")
     print(f"Fine-tuning campaign report: {campaign_report}")
-    print(f"Configs: {root / 'configs'}  (rerun one with: pixelmill edit {root / 'configs' / 'edit-sdedit.yaml'})")
+    print(f"Configs: {root / 'configs'}  (rerun one with: pixelmill edit {root / 'configs' / 'edit-sdedit-0.8.yaml'})")
     print(f"Browse the demo's runs in the Prefect UI:  pixelmill server --home {home}")
-    print("(the models are random-weight test models: the edits are noise, the pipeline is real)")
+    print("(the edits ran on toy-world models trained by pixelmill, toy:sd and toy:clip: real edits in a 32x32 "
+          "world of coloured shapes, colour more reliably than shape; the InstructPix2Pix parts use a "
+          "random-weight test model: noise, pipeline only)")
     return 0

@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_deploy_parsers(sub)  # deploy, serve
 
-    p = sub.add_parser("demo", help="run every pipeline on drawn sample images with tiny offline models",
-                       description="Draw sample images, build tiny models, start the embedded runtime, "
-                                   "run the bulk-edit flow with SDEdit and InstructPix2Pix, write a report.")
+    p = sub.add_parser("demo", help="run every pipeline on toy-world images with the trained toy models",
+                       description="Write toy-world images (one broken row), start the embedded runtime, run "
+                                   "SDEdit, instruction pairs, retrieval, a fine-tuning campaign and video edits on "
+                                   "toy:sd and toy:clip (InstructPix2Pix on a random-weight tiny model), write "
+                                   "the reports.")
     p.add_argument("--out", default="pixelmill-demo", help="demo folder (default: ./pixelmill-demo)")
     p.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)

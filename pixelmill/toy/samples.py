@@ -1,0 +1,196 @@
+"""Toy-world inputs for the demo (and tests): images with a broken row, a retrieval pool, concept images, clips.
+
+Everything here is drawn by ``pixelmill.toy.world`` from fixed seeds, so the demo's inputs
+are the same on every machine and every edit can be read by the toy detectors: the
+images carry their ``shape`` and ``color`` labels, which prompt templates can name
+(``"a green {shape}"``).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
+import pyarrow as pa
+
+from pixelmill.datasets import storage
+from pixelmill.datasets.images import encode_image
+from pixelmill.datasets.sharding import stable_id
+from pixelmill.datasets.writer import DatasetWriter, write_table_dataset
+from pixelmill.tasks.video.synthetic import SyntheticClip
+from pixelmill.toy import world
+from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, TOY_SCHEMA_VERSION, toy_row_id
+
+MAX_SCAN = 20_000
+"""Rows of a world scanned at most when looking for rows with given attributes."""
+
+
+def _row(seed: int, index: int, shapes: Sequence[str] = world.SHAPES) -> dict:
+    image, caption, obj = world.make_row(seed, index, shapes)
+    return {"id": toy_row_id(seed, index), "image": encode_image(image), "caption": caption,
+            **obj.labels(), "row_index": index}
+
+
+def toy_indices(seed: int, count: int, shape: str | None = None, color: str | None = None,
+                start: int = 0) -> list[int]:
+    """The first ``count`` row indices (from ``start``) of world ``seed`` whose object has ``shape`` / ``color``.
+
+    Raises:
+        ValueError: an unknown shape or colour, or fewer matches in ``MAX_SCAN`` rows.
+    """
+    if shape is not None:
+        world.check_shapes([shape])
+    if color is not None and color not in world.COLORS:
+        raise ValueError(f"unknown colour {color!r}; known: {', '.join(world.COLORS)}")
+    found = []
+    for index in range(start, start + MAX_SCAN):
+        obj = world.sample_object(world.row_rng(seed, index))
+        if (shape is None or obj.shape == shape) and (color is None or obj.color == color):
+            found.append(index)
+            if len(found) == count:
+                return found
+    raise ValueError(f"only {len(found)} rows of world {seed} with shape={shape} color={color} "
+                     f"in {MAX_SCAN} rows (wanted {count})")
+
+
+def _truncated_png(seed: int, index: int) -> bytes:
+    buf = io.BytesIO()
+    world.make_row(seed, index)[0].save(buf, format="PNG")
+    data = buf.getvalue()
+    return data[: len(data) // 2]
+
+
+def write_toy_images(url: str, rows: int = 12, seed: int = 0, broken: int = 1) -> dict:
+    """Rows ``0 .. rows-1`` of world ``seed`` as a dataset (``TOY_SCHEMA``), plus ``broken`` undecodable rows.
+
+    A broken row is a toy row whose image bytes are a PNG cut in half (its labels and
+    caption intact): every stage that decodes it records it as a reject with the reason.
+
+    Returns:
+        ``{"url", "rows", "broken", "shapes", "colors"}`` (shapes and colours of the good rows).
+    """
+    good = [_row(seed, i) for i in range(rows)]
+    bad = []
+    for k in range(broken):
+        row = _row(seed, rows + k)
+        row["id"] = stable_id("toy-broken", seed, rows + k)
+        row["image"] = {"bytes": _truncated_png(seed, rows + k), "path": f"broken-{k:03d}.png"}
+        bad.append(row)
+    table = pa.Table.from_pylist(good + bad, schema=TOY_SCHEMA)
+    write_table_dataset(url, table, TOY_SCHEMA_NAME,
+                        {"generator": "pixelmill.toy.samples", "seed": seed, "rows": rows, "broken": broken})
+    return {"url": url, "rows": rows, "broken": broken, "shapes": sorted({r["shape"] for r in good}),
+            "colors": sorted({r["color"] for r in good})}
+
+
+def write_toy_concept(url: str, shape: str = world.HELD_OUT_SHAPE, count: int = 6, seed: int = 0) -> list[str]:
+    """A concept's instance images: the first ``count`` rows of world ``seed`` showing ``shape``.
+
+    Returns the rows' captions.
+    """
+    rows = [_row(seed, i) for i in toy_indices(seed, count, shape=shape)]
+    writer = DatasetWriter(url, TOY_SCHEMA_NAME, TOY_SCHEMA_VERSION,
+                           {"generator": "pixelmill.toy.samples", "concept": shape, "seed": seed, "rows": count},
+                           schema=TOY_SCHEMA).open(overwrite=True)
+    shard = writer.shard("00000")
+    shard.write(pa.Table.from_pylist(rows, schema=TOY_SCHEMA))
+    shard.commit()
+    writer.finish()
+    return [r["caption"] for r in rows]
+
+
+def toy_pool_indices(seed: int, targets: Sequence[tuple[str, str]], per_target: int = 6,
+                     near_misses: int = 3, others: int = 24) -> list[int]:
+    """Row indices of a toy retrieval pool: matches of each ``(color, shape)`` target, near misses, the rest.
+
+    For each target: ``per_target`` rows with its colour and shape, ``near_misses`` with its
+    colour and another shape and as many with its shape and another colour (the rows a
+    0.85 caption-similarity threshold must leave out); then ``others`` further rows of
+    any attributes. Sorted, without duplicates.
+    """
+    chosen: set[int] = set()
+
+    def take(count: int, pred) -> None:
+        got = 0
+        for index in range(MAX_SCAN):
+            if got == count:
+                return
+            obj = world.sample_object(world.row_rng(seed, index))
+            if index not in chosen and pred(obj):
+                chosen.add(index)
+                got += 1
+        raise ValueError(f"world {seed}: fewer than {count} rows for the toy pool")
+
+    for color, shape in targets:
+        take(per_target, lambda o, c=color, s=shape: o.color == c and o.shape == s)
+        take(near_misses, lambda o, c=color, s=shape: o.color == c and o.shape != s)
+        take(near_misses, lambda o, c=color, s=shape: o.shape == s and o.color != c)
+    take(others, lambda o: all((o.color, o.shape) != t for t in targets))
+    return sorted(chosen)
+
+
+def write_toy_pool_source(folder: str, base_url: str, out_url: str,
+                          targets: Sequence[tuple[str, str]] = (("red", "circle"), ("blue", "square")),
+                          per_target: int = 6, seed: int = 7) -> int:
+    """Write a toy pool's PNG files into ``folder`` and the dataset ``pixelmill pool build`` embeds.
+
+    The dataset has ``id``, ``caption`` (the world's grammar caption), ``url`` (``base_url``
+    + file name, for a loopback server serving ``folder``), ``image``, ``shape`` and
+    ``color``; the rows are ``toy_pool_indices``. Returns the row count.
+    """
+    indices = toy_pool_indices(seed, targets, per_target)
+    storage.makedirs(folder)
+    rows = []
+    for index in indices:
+        image, caption, obj = world.make_row(seed, index)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        name = f"toy-{seed}-{index:05d}.png"
+        fs, path = storage.resolve(storage.join(folder, name))
+        fs.pipe_file(path, buf.getvalue())
+        rows.append({"id": toy_row_id(seed, index), "caption": caption,
+                     "url": f"{base_url.rstrip('/')}/{name}", "image": {"bytes": buf.getvalue(), "path": name},
+                     "shape": obj.shape, "color": obj.color})
+    writer = DatasetWriter(out_url, "images", 1, {"toy_pool": [list(t) for t in targets], "seed": seed,
+                                                  "per_target": per_target}).open(overwrite=True)
+    shard = writer.shard("00000")
+    shard.write(pa.Table.from_pylist(rows))
+    shard.commit()
+    writer.finish()
+    return len(rows)
+
+
+def _toy_canvas(width: int, height: int, obj: world.ToyObject) -> np.ndarray:
+    """``obj`` drawn (no jitter) on a ``width`` x ``height`` canvas; its box is in canvas pixels."""
+    canvas = np.empty((height, width, 3), dtype=np.float32)
+    canvas[:] = world.BACKGROUND_COLORS[obj.background]
+    if obj.background2 is not None:
+        if obj.split == "horizontal":
+            canvas[height // 2:, :] = world.BACKGROUND_COLORS[obj.background2]
+        else:
+            canvas[:, width // 2:] = world.BACKGROUND_COLORS[obj.background2]
+    alpha = world.shape_coverage(obj.shape, obj.box, height, width)[..., None]
+    return canvas * (1 - alpha) + np.asarray(world.COLORS[obj.color], dtype=np.float32) * alpha
+
+
+def toy_pan_clip(frames: int = 8, shift: tuple[int, int] = (1, 1), shape: str = "circle", color: str = "red",
+                 background: str = "white", background2: str = "blue", extent: int = 18,
+                 fps: int = 24) -> SyntheticClip:
+    """A camera pan across a toy scene: ``world.IMAGE_SIZE`` frames cut from a larger canvas.
+
+    The scene is one ``color`` ``shape`` on a two-tone (left/right) background; frame ``t``
+    shows the canvas offset by ``t * shift`` whole pixels, so the clip is exact and its
+    atlas is the canvas itself.
+    """
+    n = world.IMAGE_SIZE
+    dx, dy = shift
+    width, height = n + dx * (frames - 1), n + dy * (frames - 1)
+    obj = world.ToyObject(shape, color, "large", extent, width / 2, height / 2, "center", background,
+                          background2, "vertical")
+    canvas = np.clip(np.rint(_toy_canvas(width, height, obj)), 0, 255).astype(np.uint8)
+    out = [canvas[t * dy: t * dy + n, t * dx: t * dx + n].copy() for t in range(frames)]
+    shifts = np.array([[t * dx, t * dy] for t in range(frames)], dtype=np.float64)
+    return SyntheticClip(frames=out, fps=Fraction(fps), shifts=shifts)
+
