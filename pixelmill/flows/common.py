@@ -191,7 +191,7 @@ def run_stage_into_writer(
     ``tasks.stage.run_stage_inline`` runs it in this process). ``timeouts``
     (``{"stall": s, "attempts": n}``, a config's ``StageTimeouts``) times each stage call and
     bounds the calls a shard gets (``tasks/call_guard.py``; attempt records under the
-    output's staging folder); a shard out of attempts comes back as rejects only, without
+    output's staging folder; None: neither); a shard out of attempts comes back as rejects only, without
     the stage's data columns: such a shard gets no data file (readers take the schema from
     the other shards), never a data file with a schema of ``id`` alone.
     """
@@ -205,13 +205,13 @@ def run_stage_into_writer(
     execute = execute or run_stage
     t0 = time.perf_counter()
     writer.open()
-    guard = CallGuard.from_timeouts(timeouts, storage.join(writer.staging, ATTEMPTS_DIR))
+    guard = None if timeouts is None else CallGuard.from_timeouts(timeouts, storage.join(writer.staging, ATTEMPTS_DIR))
     expected = {s["shard"]: s["rows"] for s in plan.specs}
     seen: dict[str, set[str]] = {name: set() for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
     actors: set[str] = set()
-    for out in execute(plan.specs, columns, builder, workers=workers, guard=guard):
+    for out in execute(plan.specs, columns, builder, workers=workers, **({"guard": guard} if guard else {})):
         _count_where(stats, actors, out)
         key = "parent_id" if "parent_id" in out.column_names else "id"
         for name in pc.unique(out["shard"]).to_pylist():

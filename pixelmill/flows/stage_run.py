@@ -86,8 +86,8 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
         run: the id of the run whose claim covers ``plan`` (``datasets/claims.py``).
         timeouts: the config's ``StageTimeouts`` as plain data (``{"stall": s, "attempts": n}``):
             each stage call is timed and a shard gets at most ``attempts`` calls, then its
-            rows are rejects naming why (``tasks/call_guard.py``). None: no watchdog, and a
-            shard gets 2 calls.
+            rows are rejects naming why (``tasks/call_guard.py``). None: calls are neither
+            timed nor counted (Ray Data retries a shard whose worker died without limit).
     """
     t0 = time.perf_counter()
     plan = plan or plan_shards({"input": input, "output": output, "limit": limit}, hashed)
