@@ -217,3 +217,40 @@ def test_every_shard_timing_out_still_commits_a_readable_dataset(tmp_path):
 def test_timeout_rejects_keep_ids_as_text():
     t = timeout_rejects(pa.table({"id": pa.array([1, 2]), "shard": ["s", "s"]}), "timed out: x", "edit")
     assert t["id"].type == pa.string() and t["id"].to_pylist() == ["1", "2"]
+
+
+def test_timeouts_are_validated_documented_defaults_and_never_hashed(tmp_path):
+    from pixelmill.config import (
+        CampaignConfig,
+        ConfigError,
+        EditConfig,
+        PairsConfig,
+        StageTimeouts,
+        StallTimeouts,
+        validate,
+    )
+
+    base = {"input": "in", "output": "out", "model": "m", "prompt": "p"}
+    cfg = EditConfig.model_validate(base)
+    assert cfg.timeouts == StageTimeouts(stall=1800.0, attempts=2)
+    assert "timeouts" not in cfg.output_affecting()
+    slow = EditConfig.model_validate({**base, "timeouts": {"stall": 30, "attempts": 3}})
+    assert slow.output_affecting() == cfg.output_affecting()  # a rerun with other timeouts resumes
+    assert EditConfig.model_validate({**base, "timeouts": {"stall": None}}).timeouts.stall is None
+    for bad, field in (({"stall": 0}, "timeouts.stall"), ({"stall": -5}, "timeouts.stall"),
+                       ({"attempts": 0}, "timeouts.attempts"), ({"job": 5}, "timeouts.job")):
+        with pytest.raises(ConfigError, match=field):
+            validate(EditConfig, {**base, "timeouts": bad})
+    pairs = PairsConfig.model_validate({"input": "in", "output": "out", "images": {"model": "m", "clip_model": "c"},
+                                        "timeouts": {"stall": 60}})
+    assert pairs.timeouts.attempts == 2 and "timeouts" not in str(pairs.pairs_affecting())
+    assert issubclass(type(CampaignConfig.model_fields["timeouts"].default_factory()), StallTimeouts)  # one idea
+
+
+def test_pool_build_refuses_bad_timeouts_before_starting(capsys):
+    from pixelmill.cli import main
+
+    assert main(["pool", "build", "ds", "--clip", "c", "--out", "o", "--attempts", "0"]) == 2
+    assert "--attempts: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["pool", "build", "ds", "--clip", "c", "--out", "o", "--stall-timeout", "-3"]) == 2
+    assert "--stall-timeout: Input should be greater than 0" in capsys.readouterr().err
