@@ -159,10 +159,15 @@ class StageTimeouts(StallTimeouts):
             worker is then ended and Ray restarts it (None: off).
         attempts: calls a shard gets (the first included); a shard whose worker ended
             ``attempts`` times (timed out, or killed, out of memory, crashed) is not run
-            again: each of its rows becomes a reject saying why ("timed out: ... (2 attempts)").
+            again: each of its rows becomes a reject saying why ("timed out: ...; gave up
+            after 2 attempt(s)"). Set-ups are counted the same way.
+        setup: seconds a worker's set-up (model loading) may take (None: off); past it the
+            worker is ended and Ray starts another; after ``attempts`` timed-out set-ups the
+            stage run fails naming the timeout (no row is to blame, so none is rejected).
     """
 
     attempts: int = Field(default=2, ge=1)
+    setup: float | None = Field(default=1800.0, gt=0)
 
 
 class FlowConfig(StrictModel):

@@ -66,6 +66,11 @@ class ShardAttempts:
         self._write(key, {"attempts": before["attempts"] + 1, "reason": None})
         return before
 
-    def record(self, key: str, reason: str) -> None:
-        """Say why the current call named ``key`` is ending (called just before its process ends)."""
-        self._write(key, {"attempts": self.read(key)["attempts"], "reason": reason})
+    def record(self, key: str, reason: str, attempts: int | None = None) -> None:
+        """Say why the current call named ``key`` is ending (called just before its process ends).
+
+        Args:
+            attempts: the count to store (default: as it is; set-ups count only their timeouts).
+        """
+        count = self.read(key)["attempts"] if attempts is None else attempts
+        self._write(key, {"attempts": count, "reason": reason})

@@ -32,6 +32,10 @@ from pixelmill.tasks.stage import STATUS_REJECT, Stage
 from pixelmill.tasks.watchdog import Watchdog
 
 
+class SetupTimedOut(RuntimeError):
+    """A stage's set-up (model loading) timed out on every attempt: the stage run fails with this reason."""
+
+
 def timeout_rejects(batch: pa.Table, reason: str, stage: str) -> pa.Table:
     """Every row of ``batch`` as a reject with ``reason``: ``id``, ``status``, ``error``, ``stage``, ``shard``.
 
@@ -64,6 +68,7 @@ class CallGuard:
 
     Args:
         stall: seconds a call may go without a :meth:`Stage.beat` (None: no watchdog).
+        setup_limit: seconds a worker's :meth:`Stage.setup` may take (None: no watchdog).
         attempts: calls a shard gets before its rows become rejects (at least 1).
         records: the folder of the shards' attempt records (``DatasetWriter.staging`` +
             ``/__attempts``); None: calls are not counted.
@@ -74,15 +79,17 @@ class CallGuard:
     attempts: int = 2
     records: str | None = None
     poll: float = 0.5
+    setup_limit: float | None = None
 
     @classmethod
     def from_timeouts(cls, timeouts: dict | None, records: str | None) -> CallGuard | None:
-        """A guard from a config's ``timeouts`` block as plain data (``{"stall": s, "attempts": n}``)."""
+        """A guard from a config's ``timeouts`` block as plain data (``{"stall": s, "attempts": n, "setup": s}``)."""
         timeouts = timeouts or {}
-        stall = timeouts.get("stall")
+        stall, setup = timeouts.get("stall"), timeouts.get("setup")
+        shortest = min([t for t in (stall, setup) if t] or [2.5])
         guard = cls(stall=stall, attempts=int(timeouts.get("attempts") or 2), records=records,
-                    poll=min(0.5, stall / 5) if stall else 0.5)
-        return guard if guard.stall is not None or guard.records is not None else None
+                    poll=min(0.5, shortest / 5), setup_limit=setup)
+        return guard if guard.stall is not None or guard.setup_limit is not None or guard.records is not None else None
 
     def begin(self, key: str) -> str | None:
         """Count a call of the rows named by ``key``; the reject reason instead when they are out of attempts."""
@@ -96,6 +103,35 @@ class CallGuard:
             return out_of_attempts(before["reason"], before["attempts"])
         records.start(key)
         return None
+
+    def setup(self, stage: Stage, exit: Callable[[int], None] = os._exit) -> None:
+        """Run ``stage.setup()`` (model loading) within ``setup_limit`` seconds.
+
+        A set-up past it records the timeout and ends the process; Ray restarts the actor
+        (without limit). Once set-ups timed out ``attempts`` times, the next one is not
+        tried: it raises :class:`SetupTimedOut`, which fails the stage run with the reason
+        (a model store that never answers is no row's fault, so no row is rejected for it).
+        """
+        if self.setup_limit is None:
+            stage.setup()
+            return
+        from pixelmill.datasets.attempts import ShardAttempts
+
+        records = ShardAttempts(self.records) if self.records is not None else None
+        key = f"setup-{stage.name}"
+        if records is not None:
+            before = records.read(key)
+            if before["attempts"] >= self.attempts:
+                raise SetupTimedOut(f"{before['reason']}; gave up after {before['attempts']} attempt(s)")
+
+        def on_expire(reason: str) -> None:
+            print(f"pixelmill: {reason}; ending this worker", file=sys.stderr, flush=True)
+            if records is not None:
+                records.record(key, reason, attempts=records.read(key)["attempts"] + 1)
+
+        with Watchdog(stall=None, total=self.setup_limit, on_expire=on_expire, what=f"the set-up of stage {stage.name}",
+                      exit=exit, poll=self.poll):
+            stage.setup()
 
     def watchdog(self, stage: Stage, what: str, key: str, exit: Callable[[int], None] = os._exit) -> Watchdog:
         """The watchdog of one call of ``stage`` (records the reason under ``key``, then ends the process)."""

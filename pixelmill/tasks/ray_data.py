@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pixelmill.tasks.call_guard import CallGuard
+from pixelmill.tasks.call_guard import CallGuard, SetupTimedOut
 from pixelmill.tasks.stage import Stage, set_torch_threads
 
 WORKER_COLUMN = "_worker"
@@ -36,7 +36,10 @@ class _StageActor:
         self.guard = guard
         self.stage = builder()
         set_torch_threads(self.stage.resources.cpus)
-        self.stage.setup()
+        if guard is None:
+            self.stage.setup()
+        else:
+            guard.setup(self.stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.stage(batch) if self.guard is None else self.guard.run(self.stage, batch)
@@ -135,6 +138,21 @@ def run_stage(
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
         **remote,
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if batch.num_rows:
-            yield batch
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows:
+                yield batch
+    except Exception as e:
+        reason = setup_timeout_in(e)
+        if reason is None:
+            raise
+        raise SetupTimedOut(reason) from None
+
+
+def setup_timeout_in(error: BaseException) -> str | None:
+    """The reason of a :class:`SetupTimedOut` that ended the stage's actors, from Ray's wrapping of it."""
+    marker = f"{SetupTimedOut.__name__}: "
+    text = str(error)
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip().splitlines()[0]

@@ -232,13 +232,14 @@ def test_timeouts_are_validated_documented_defaults_and_never_hashed(tmp_path):
 
     base = {"input": "in", "output": "out", "model": "m", "prompt": "p"}
     cfg = EditConfig.model_validate(base)
-    assert cfg.timeouts == StageTimeouts(stall=1800.0, attempts=2)
+    assert cfg.timeouts == StageTimeouts(stall=1800.0, attempts=2, setup=1800.0)
     assert "timeouts" not in cfg.output_affecting()
     slow = EditConfig.model_validate({**base, "timeouts": {"stall": 30, "attempts": 3}})
     assert slow.output_affecting() == cfg.output_affecting()  # a rerun with other timeouts resumes
     assert EditConfig.model_validate({**base, "timeouts": {"stall": None}}).timeouts.stall is None
     for bad, field in (({"stall": 0}, "timeouts.stall"), ({"stall": -5}, "timeouts.stall"),
-                       ({"attempts": 0}, "timeouts.attempts"), ({"job": 5}, "timeouts.job")):
+                       ({"attempts": 0}, "timeouts.attempts"), ({"setup": 0}, "timeouts.setup"),
+                       ({"job": 5}, "timeouts.job")):
         with pytest.raises(ConfigError, match=field):
             validate(EditConfig, {**base, "timeouts": bad})
     pairs = PairsConfig.model_validate({"input": "in", "output": "out", "images": {"model": "m", "clip_model": "c"},
@@ -254,3 +255,38 @@ def test_pool_build_refuses_bad_timeouts_before_starting(capsys):
     assert "--attempts: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert main(["pool", "build", "ds", "--clip", "c", "--out", "o", "--stall-timeout", "-3"]) == 2
     assert "--stall-timeout: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_a_setup_that_hangs_is_ended_counted_and_then_refused_with_the_reason(tmp_path):
+    from pixelmill.tasks.call_guard import SetupTimedOut
+    from pixelmill.tasks.ray_data import setup_timeout_in
+
+    class HangingSetup(SlowStage):
+        setups = 0
+
+        def setup(self):
+            HangingSetup.setups += 1
+            while not self.ended.wait(0.02):
+                pass
+            raise WorkerEnded
+
+    guard = CallGuard(stall=None, setup_limit=0.3, attempts=2, records=str(tmp_path / "att"), poll=0.02)
+    for attempt in (1, 2):
+        stage = HangingSetup({})
+        stage.ended = ended = threading.Event()
+        exits: list[int] = []
+        with pytest.raises(WorkerEnded):
+            guard.setup(stage, exit=lambda code, e=ended, x=exits: (x.append(code), e.set()))
+        assert exits == [EXIT_TIMED_OUT]
+        assert ShardAttempts(guard.records).read("setup-upper")["attempts"] == attempt
+    with pytest.raises(SetupTimedOut) as info:
+        guard.setup(HangingSetup({}))
+    assert HangingSetup.setups == 2  # the third is not tried
+    reason = "timed out: the set-up of stage upper ran longer than timeout=0.3 s; gave up after 2 attempt(s)"
+    assert str(info.value) == reason
+    # how Ray reports it (an actor that died in its constructor), and how the stage run re-raises it
+    wrapped = f"ActorDiedError: ...\n    raise\npixelmill.tasks.call_guard.SetupTimedOut: {reason}\n"
+    assert setup_timeout_in(RuntimeError(wrapped)) == reason and setup_timeout_in(RuntimeError("other")) is None
+    other = CallGuard(setup_limit=0.3, attempts=2, records=str(tmp_path / "other"), poll=0.02)
+    other.setup(SlowStage({}))  # a set-up that finishes in time is not counted
+    assert ShardAttempts(other.records).read("setup-upper")["attempts"] == 0
