@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pixelmill.datasets import Dataset, account
+from pixelmill.datasets import Dataset, account, read_manifest
 from tests.conftest import run_cli
 from tests.helpers.edit_inputs import sample_dataset
 
@@ -26,11 +26,12 @@ pytestmark = pytest.mark.slow
 
 
 def _hang_config(path: Path, images: str, model: str, output: str, hang_ids: list[str], stall: float,
-                 attempts: int) -> Path:
+                 attempts: int, hang_setup_while: str | None = None, setup: float = 1800) -> Path:
     path.write_text(yaml.safe_dump(dict(
         plugins=["tests.helpers.hang_edit"], method="sdedit_hangs", input=images, output=output, model=model,
         prompt="an oil painting of {caption}", strength=0.5, steps=2, resolution=64, batch_size=1,
-        sdedit_hangs={"hang_ids": hang_ids}, timeouts={"stall": stall, "attempts": attempts},
+        sdedit_hangs={"hang_ids": hang_ids, "hang_setup_while": hang_setup_while},
+        timeouts={"stall": stall, "attempts": attempts, "setup": setup},
         placement={"workers": 1, "gpus": 0},
     )))
     return path
@@ -69,3 +70,30 @@ def test_a_hung_shard_is_timed_out_retried_then_rejected_with_the_reason(cluster
     assert set(edited["method"].to_pylist()) == {"sdedit_hangs"} and all(edited["edited_image"].to_pylist())
     assert not (out / f"part-{hung}.parquet").exists() and ds.read_shard(hung).num_rows == 0
     print(f"hung-shard edit run: {elapsed:.1f} s")
+
+
+@pytest.mark.sweep
+def test_a_hung_setup_fails_the_run_naming_the_timeout_and_a_rerun_completes(cluster, tmp_path, tiny_models):
+    images, ids = sample_dataset(tmp_path, n=4, corrupt=0, seed=6, buckets=2)
+    out = tmp_path / "out"
+    flag = tmp_path / "model-store-down"
+    flag.touch()
+    cfg = _hang_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out), [], stall=60, attempts=2,
+                       hang_setup_while=str(flag), setup=8)
+    t0 = time.monotonic()
+    failed = run_cli(["edit", str(cfg), "--json"], env_extra=cluster, timeout=300)
+    print(f"hung set-up run: {time.monotonic() - t0:.1f} s")
+    assert failed.returncode == 1, failed.stderr[-4000:]
+    assert ("pixelmill: error: edit failed: SetupTimedOut: timed out: the set-up of stage edit ran longer than "
+            "timeout=8 s; gave up after 2 attempt(s)") in failed.stderr, failed.stderr[-3000:]
+    m = read_manifest(str(out))
+    assert m is None or not m.shards
+
+    flag.unlink()  # the model store answers again
+    data = yaml.safe_load(cfg.read_text())
+    data["timeouts"]["setup"] = 1800  # not hashed: the same output; 8 s is tight for a loaded machine's real set-up
+    cfg.write_text(yaml.safe_dump(data))
+    done = run_cli(["edit", str(cfg), "--json"], env_extra=cluster, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = account(ids, Dataset.open(str(out)))
+    assert report.ok and report.rejected == 0, str(report)
