@@ -16,6 +16,11 @@ ever: Ray Data restarts a dead actor and calls it again with the same shard, wit
    calls :meth:`Stage.beat` as it makes progress (a batch done); ``stall`` seconds without
    a beat (counted from the call's start, so a stage that never beats is timed by the whole
    call) records the reason in the shard's record and ends the worker process.
+
+A worker's set-up (model loading, in the actor's constructor) is timed as a whole by
+``setup_limit``; Ray restarts an actor that died there without limit, so after
+``attempts`` timed-out set-ups the next actor raises :class:`SetupTimedOut` instead, and
+the stage run fails with that reason.
 """
 
 from __future__ import annotations
