@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image-column", default="image", help="'' to embed captions only")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--stall-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="end a call that embeds no batch for this long and retry its shard (0: off; default 1800)")
+    q.add_argument("--attempts", type=int, default=2,
+                   help="calls a shard gets before its rows become rejects naming why (default 2)")
     _add_runtime_args(q)
     q.set_defaults(func=cmd_pool_build)
     q = psub.add_parser("index", help="build a faiss index (IVF or HNSW, inner product) and print its recall",

@@ -245,7 +245,16 @@ def print_retrieve_summary(summary, n: int, as_json: bool = False) -> None:
 
 
 def cmd_pool_build(args) -> int:
+    from pydantic import ValidationError
 
+    from pixelmill.config.base import StageTimeouts
+
+    try:
+        timeouts = StageTimeouts(stall=args.stall_timeout or None, attempts=args.attempts).model_dump()
+    except ValidationError as e:
+        bad = "; ".join(f"--{'stall-timeout' if x['loc'][0] == 'stall' else 'attempts'}: {x['msg']}"
+                        for x in e.errors())
+        raise UsageError(bad) from None
     check_model_path("--clip", args.clip, "clip")
     from pixelmill.cli.cancel import cancellable
 
@@ -256,6 +265,7 @@ def cmd_pool_build(args) -> int:
             dataset=local_url(args.dataset), out=local_url(args.out), clip_model=local_url_if_path(args.clip),
             caption_column=args.caption_column or None, image_column=args.image_column or None,
             batch_size=args.batch_size, overwrite=args.overwrite,
+            timeouts=timeouts,
         )
     print(f"pool: {summary['rows']} rows embedded ({summary['rejects']} rejected) into {args.out}")
     return 0

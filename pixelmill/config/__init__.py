@@ -12,6 +12,8 @@ from pixelmill.config.base import (
     FlowConfig,
     Placement,
     RuntimeConfig,
+    StageTimeouts,
+    StallTimeouts,
     StrictModel,
     apply_overrides,
     format_validation_error,
@@ -41,7 +43,8 @@ __all__ = [
     "PLACEMENT_SETTINGS", "NEURAL_PLACEMENT_SETTINGS", "AdapterSpec", "CampaignConfig", "Concept", "ConfigError",
     "DownloadSettings", "EditConfig", "EditSettings", "EvalSettings", "ExpandedJob", "FlowConfig", "GridConfig",
     "InstructionSettings", "JobConfig", "NeuralAtlasConfig", "PairRenderSettings", "PairsConfig", "Placement",
-    "RetrievalFilters", "RetrieveConfig", "RuntimeConfig", "StrictModel", "TrainSettings", "VideoAtlasSettings",
+    "RetrievalFilters", "RetrieveConfig", "RuntimeConfig", "StageTimeouts", "StallTimeouts", "StrictModel",
+    "TrainSettings", "VideoAtlasSettings",
     "VideoConfig", "VideoEditSettings", "adapters_affecting", "apply_overrides", "format_validation_error",
     "load_config", "method_settings", "parse_override", "read_yaml", "train_method", "validate",
 ]

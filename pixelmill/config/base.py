@@ -135,6 +135,41 @@ class Placement(StrictModel):
         return Resources(cpus=self.cpus, gpus=gpus, memory_bytes=self.memory)
 
 
+class StallTimeouts(StrictModel):
+    """When work that stopped making progress is given up on (a hung GPU collective, driver
+    or storage read). Never part of an output's hash or a job's id: it decides when to give
+    up, not what the rows are.
+
+    A watchdog thread beside the work ends its worker process (``tasks/watchdog.py``): a
+    hang in native code never returns to Python, so nothing softer is reliable.
+
+    Args:
+        stall: seconds without progress (None: off).
+    """
+
+    stall: float | None = Field(default=1800.0, gt=0)
+
+
+class StageTimeouts(StallTimeouts):
+    """Timeouts of a data-parallel stage's calls (one call edits, embeds or renders one input shard).
+
+    Args:
+        stall: seconds without progress in a call (stages report progress per batch they
+            finish; one that reports none must finish the whole call in this time); the
+            worker is then ended and Ray restarts it (None: off).
+        attempts: calls a shard gets (the first included); a shard whose worker ended
+            ``attempts`` times (timed out, or killed, out of memory, crashed) is not run
+            again: each of its rows becomes a reject saying why ("timed out: ...; gave up
+            after 2 attempt(s)"). Set-ups are counted the same way.
+        setup: seconds a worker's set-up (model loading) may take (None: off); past it the
+            worker is ended and Ray starts another; after ``attempts`` timed-out set-ups the
+            stage run fails naming the timeout (no row is to blame, so none is rejected).
+    """
+
+    attempts: int = Field(default=2, ge=1)
+    setup: float | None = Field(default=1800.0, gt=0)
+
+
 class FlowConfig(StrictModel):
     """Base of every flow's config: ``placement``, ``runtime``, ``plugins``, ``limit``, and
     ``schedule`` / ``deployment`` (read by ``pixelmill deploy`` and ``pixelmill serve`` only).
@@ -147,7 +182,7 @@ class FlowConfig(StrictModel):
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {}
     UNHASHED: ClassVar[frozenset[str]] = frozenset()
     NEVER_HASHED: ClassVar[frozenset[str]] = frozenset(
-        {"placement", "runtime", "plugins", "output", "schedule", "deployment"})
+        {"placement", "runtime", "plugins", "output", "schedule", "deployment", "timeouts"})
 
     placement: Placement = Field(default_factory=Placement)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

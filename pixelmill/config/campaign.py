@@ -16,6 +16,7 @@ from pixelmill.config.base import (
     FlowConfig,
     GpuCount,
     Placement,
+    StallTimeouts,
     StrictModel,
     format_validation_error,
 )
@@ -204,17 +205,18 @@ class EvalSettings(StrictModel):
     seed: int = 0
 
 
-class Timeouts(StrictModel):
+class Timeouts(StallTimeouts):
     """When a job is given up on (its worker ended; the job is recorded failed with the reason
     and a rerun resumes it from its last checkpoint). Never part of a job's id.
 
     Args:
         stall: seconds without a finished training step (counted from the first step;
             None: off). A hung GPU collective, driver or storage read stops the steps.
+            Class-image generation uses it too: seconds without a generated image in a
+            stage call (``config.base.StageTimeouts``, 2 attempts per shard).
         job: seconds for one attempt of a job, set-up and evaluation included (None: off).
     """
 
-    stall: float | None = Field(default=1800.0, gt=0)
     job: float | None = Field(default=None, gt=0)
 
 

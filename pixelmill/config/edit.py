@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pixelmill.config.base import FlowConfig, StrictModel, format_validation_error, placeholders
+from pixelmill.config.base import FlowConfig, StageTimeouts, StrictModel, format_validation_error, placeholders
 
 
 class AdapterSpec(StrictModel):
@@ -172,6 +172,10 @@ class EditConfig(FlowConfig, EditSettings):
         device, dtype: ``auto`` or explicit.
         placement: workers, CPUs, GPUs, memory per worker (old keys ``workers``,
             ``num_gpus_per_worker``, ``num_cpus_per_worker`` still parse into it).
+        timeouts: ``stall`` (default 1800 s without a finished batch in a shard's call;
+            null: off) and ``attempts`` (default 2): a hung call's worker is ended and the
+            shard retried; after ``attempts`` its rows are rejects naming the timeout
+            (:class:`~pixelmill.config.base.StageTimeouts`; not hashed).
         The other keys are :class:`EditSettings`'.
     """
 
@@ -204,6 +208,7 @@ class EditConfig(FlowConfig, EditSettings):
     mask_dilation: int = Field(default=4, ge=0, le=256)
     device: str = "auto"
     dtype: str = "auto"
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
 
     def _text_help(self, text: str) -> str:
         return f"`{text}` (one for all rows) or `{text}_column`"

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from pixelmill.config.base import FlowConfig, StrictModel
+from pixelmill.config.base import FlowConfig, StageTimeouts, StrictModel
 from pixelmill.config.edit import AdapterSpec, adapters_affecting
 
 
@@ -63,6 +63,10 @@ class PairsConfig(FlowConfig):
     Args:
         input: dataset with ``id`` and a caption column.
         output: root folder with ``text/`` (instructions, reused when complete) and ``pairs/``.
+        timeouts: ``stall`` (default 1800 s without a finished batch in a shard's call;
+            null: off) and ``attempts`` (default 2), for both stages: a hung call's worker is
+            ended and the shard retried; after ``attempts`` its rows are rejects naming the
+            timeout (:class:`~pixelmill.config.base.StageTimeouts`; not hashed).
     """
 
     def preflight(self, *, overwrite: bool = False, dry_run: bool = False) -> PairsConfig:
@@ -76,6 +80,7 @@ class PairsConfig(FlowConfig):
     seed: int = 0
     text: InstructionSettings = Field(default_factory=InstructionSettings)
     images: PairRenderSettings
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
 
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {
         "workers": "workers", "num_gpus_per_worker": "gpus", "num_cpus_per_worker": "cpus"}

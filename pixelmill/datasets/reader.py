@@ -117,9 +117,12 @@ class Dataset:
         """
         url = self.shard_url(name)
         if self._expected_rows(name) == 0 and not storage.exists(url):
+            # a shard of rejects only (e.g. timed out): no data file; the other shards' schema,
+            # and a requested column no shard has (every shard rejects only) as an empty null column
             schema = self.schema
             if columns is not None:
-                schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
+                schema = pa.schema([schema.field(c) if c in schema.names else pa.field(c, pa.null())
+                                    for c in columns])
             return schema.empty_table()
         return read_parquet_file(url, columns)
 

@@ -142,7 +142,7 @@ class ShardWriter:
     def __init__(self, dataset: DatasetWriter, name: str) -> None:
         self._dataset = dataset
         self.name = _validate_name(name)
-        staging = storage.join(dataset.url, STAGING_DIR, *([dataset.run] if dataset.run else []))
+        staging = dataset.staging
         self._ok_ids: list[str] = []
         self._rejected: list[tuple[str, str]] = []
         self._processed = _ParquetStream(storage.join(staging, f"__processed-{name}.parquet"), None)
@@ -339,6 +339,11 @@ class DatasetWriter:
         if self._manifest is None:
             raise RuntimeError("call DatasetWriter.open() first")
         return self._manifest
+
+    @property
+    def staging(self) -> str:
+        """This run's staging folder (``__staging/``, or ``__staging/<run>/`` with a claim)."""
+        return storage.join(self.url, STAGING_DIR, *([self.run] if self.run else []))
 
     @property
     def committed(self) -> set[str]:

@@ -72,7 +72,7 @@ def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSu
             r = run_stage(stage_cls, config, cfg.placement.resources(gpus.gpus), input=cfg.input,
                           output=cfg.output, hashed=cfg.output_affecting(), workers=cfg.placement.workers,
                           task_name="edit-shards", show_progress=show_progress, progress_label="editing",
-                          plan=plan, run=run)
+                          plan=plan, run=run, timeouts=cfg.timeouts.model_dump())
     finally:
         release(plan, stage_cls.dataset)
     return publish(EditSummary(

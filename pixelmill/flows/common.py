@@ -177,6 +177,7 @@ def run_stage_into_writer(
     progress: Progress | None = None,
     drop_columns: tuple[str, ...] = (),
     execute: Callable | None = None,
+    timeouts: dict[str, Any] | None = None,
 ) -> StageStats:
     """Stream the planned input shards through a stage; commit each output shard when whole.
 
@@ -187,21 +188,30 @@ def run_stage_into_writer(
     crash never leaves a half shard that looks complete.
 
     ``execute`` runs the stage over the specs (default: Ray Data, ``tasks/ray_data.py``;
-    ``tasks.stage.run_stage_inline`` runs it in this process).
+    ``tasks.stage.run_stage_inline`` runs it in this process). ``timeouts``
+    (``{"stall": s, "attempts": n}``, a config's ``StageTimeouts``) times each stage call and
+    bounds the calls a shard gets (``tasks/call_guard.py``; attempt records under the
+    output's staging folder; None: neither); a shard out of attempts comes back as rejects only, without
+    the stage's data columns: such a shard gets no data file (readers take the schema from
+    the other shards), never a data file with a schema of ``id`` alone.
     """
     import time
 
+    from pixelmill.datasets import storage
+    from pixelmill.datasets.attempts import ATTEMPTS_DIR
+    from pixelmill.tasks.call_guard import CallGuard
     from pixelmill.tasks.ray_data import run_stage
 
     execute = execute or run_stage
     t0 = time.perf_counter()
     writer.open()
+    guard = None if timeouts is None else CallGuard.from_timeouts(timeouts, storage.join(writer.staging, ATTEMPTS_DIR))
     expected = {s["shard"]: s["rows"] for s in plan.specs}
     seen: dict[str, set[str]] = {name: set() for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
     actors: set[str] = set()
-    for out in execute(plan.specs, columns, builder, workers=workers):
+    for out in execute(plan.specs, columns, builder, workers=workers, **({"guard": guard} if guard else {})):
         _count_where(stats, actors, out)
         key = "parent_id" if "parent_id" in out.column_names else "id"
         for name in pc.unique(out["shard"]).to_pylist():
@@ -210,7 +220,9 @@ def run_stage_into_writer(
             status = part["status"]
             drop = [c for c in (*CONTROL_COLUMNS, *drop_columns) if c in part.column_names]
             ok = part.filter(pc.equal(status, STATUS_OK))
-            sw.write(ok.drop_columns(drop))
+            data = ok.drop_columns(drop)
+            if ok.num_rows or set(data.column_names) - {"id", "parent_id"}:  # not rejects made without the stage
+                sw.write(data)
             dropped = part.filter(pc.equal(status, STATUS_DROPPED))
             if dropped.num_rows:
                 sw.drop(dropped.drop_columns([c for c in drop if c not in ("error", "stage")]))

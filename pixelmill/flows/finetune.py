@@ -48,8 +48,12 @@ class CampaignSummary(FlowSummary):
                           gpu_hours=self.gpu_hours, notes=list(self.notes))
 
 
-def generate_class_images(request: ClassImageRequest, num_gpus: float) -> int:
-    """Generate one request's missing class images into its dataset (a stage run, resumable per shard)."""
+def generate_class_images(request: ClassImageRequest, num_gpus: float, stall: float | None = None) -> int:
+    """Generate one request's missing class images into its dataset (a stage run, resumable per shard).
+
+    ``stall``: the campaign's ``timeouts.stall``, here seconds without a generated image in
+    a call; a shard whose 2 calls both timed out has its prompts rejected saying so.
+    """
     from pixelmill.datasets import storage
     from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.tasks.stage import Resources
@@ -60,7 +64,7 @@ def generate_class_images(request: ClassImageRequest, num_gpus: float) -> int:
     write_table_dataset(prompts, table, "class-prompts", {"key": request.key}, rows_per_shard=8)
     r = run_stage(ClassImageGenerator, {"model": request.model, "resolution": request.resolution},
                   Resources(cpus=1, gpus=num_gpus), input=prompts, output=request.url, hashed={"key": request.key},
-                  task_name="generate-class-images")
+                  task_name="generate-class-images", timeouts={"stall": stall, "attempts": 2})
     return r.plan.rows_todo
 
 
@@ -113,7 +117,7 @@ def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
         gpus = max((j.spec["settings"]["num_gpus"] for j in todo), default=0)
         summary.gpus = gpus
         for request in plan.class_images:
-            summary.class_images += generate_class_images(request, min(gpus, 1.0))
+            summary.class_images += generate_class_images(request, min(gpus, 1.0), cfg.timeouts.stall)
         caches: dict[tuple, dict[str, Any]] = {}
         for j in todo:
             c = j.spec["cache"]

@@ -74,10 +74,11 @@ def pairs_flow(config: dict[str, Any]) -> PairsSummary:
         find_duplicates(cfg, duplicates)
     text = run_stage(InstructionStage, {**cfg.text_stage_config(), "duplicates_url": duplicates},
                      cfg.placement.resources(0), input=cfg.input, output=urls["text"], hashed=cfg.text_affecting(),
-                     workers=cfg.placement.workers, limit=cfg.limit, task_name="write-instructions")
+                     workers=cfg.placement.workers, limit=cfg.limit, task_name="write-instructions",
+                     timeouts=cfg.timeouts.model_dump())
     pairs = run_stage(PairRenderStage, cfg.image_stage_config(), cfg.placement.resources(gpus.gpus),
                       input=urls["text"], output=urls["pairs"], hashed=cfg.pairs_affecting(),
-                      workers=cfg.placement.workers, task_name="render-pairs")
+                      workers=cfg.placement.workers, task_name="render-pairs", timeouts=cfg.timeouts.model_dump())
     rejected = add_counts({}, text.stats.reject_reasons, "text: ")
     return publish(PairsSummary(
         output=cfg.output, captions=text.stats.rows_in, instructions=text.stats.rows_out,

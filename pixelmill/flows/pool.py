@@ -18,8 +18,14 @@ from pixelmill.tasks.stage import Resources
 @flow(name="pool-build", task_runner=RayTaskRunner(), log_prints=True)
 def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str | None = "caption",
                     image_column: str | None = "image", batch_size: int = 64, overwrite: bool = False,
-                    device: str = "auto", workers: int = 1) -> dict[str, int]:
-    """Embed ``dataset`` into a pool at ``out`` (Parquet layout; the manifest names the CLIP model)."""
+                    device: str = "auto", workers: int = 1, timeouts: dict | None = None) -> dict[str, int]:
+    """Embed ``dataset`` into a pool at ``out`` (Parquet layout; the manifest names the CLIP model).
+
+    ``timeouts``: ``{"stall": seconds, "attempts": n}`` (``config.base.StageTimeouts``; default
+    1800 s and 2): a call that stops embedding batches ends its worker and its shard is
+    retried; after ``attempts`` its rows are rejects naming the timeout.
+    """
+    from pixelmill.config.base import StageTimeouts
     from pixelmill.datasets.pool import pool_manifest_config
     from pixelmill.datasets.storage import remove
     from pixelmill.tasks.regularization import clip_embed_dim
@@ -37,7 +43,7 @@ def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str
     if overwrite:
         remove(out)
     r = run_stage(PoolEmbedder, stage_cfg, Resources(), input=dataset, output=out, hashed=hashed, workers=workers,
-                  task_name="embed-pool")
+                  task_name="embed-pool", timeouts=StageTimeouts.model_validate(timeouts or {}).model_dump())
     run = publish_figures(RunFigures(
         flow="pool-build", output=out, rows_in=r.stats.rows_in, rows_out=r.stats.rows_out,
         rejected=r.stats.reject_reasons, skipped=len(r.shards_skipped), seconds=r.stats.seconds))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pixelmill.tasks.call_guard import CallGuard, SetupTimedOut
 from pixelmill.tasks.stage import Stage, set_torch_threads
 
 WORKER_COLUMN = "_worker"
@@ -21,20 +22,27 @@ class _StageActor:
     """Ray Data actor: builds the stage from its builder on the worker, sets it up once.
 
     Tags its output rows with where they were made (``WORKER_COLUMN``), so a run can say
-    which nodes and how many actors did the work (and so its GPU-hours).
+    which nodes and how many actors did the work (and so its GPU-hours). With a ``guard``,
+    each call is timed and counted (``tasks/call_guard.py``): a hung call ends this actor's
+    process, Ray Data restarts the actor and calls it again with the shard, and a shard out
+    of attempts comes back as rejects without calling the stage.
     """
 
-    def __init__(self, builder: Callable[[], Stage]) -> None:
+    def __init__(self, builder: Callable[[], Stage], guard: CallGuard | None = None) -> None:
         import ray
 
         ctx = ray.get_runtime_context()
         self.where = f"{ctx.get_node_id()}/{ctx.get_actor_id()}"
+        self.guard = guard
         self.stage = builder()
         set_torch_threads(self.stage.resources.cpus)
-        self.stage.setup()
+        if guard is None:
+            self.stage.setup()
+        else:
+            guard.setup(self.stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = self.stage(batch)
+        out = self.stage(batch) if self.guard is None else self.guard.run(self.stage, batch)
         return out.append_column(WORKER_COLUMN, pa.array([self.where] * out.num_rows, pa.string()))
 
 
@@ -80,6 +88,7 @@ def run_stage(
     columns: list[str],
     builder: Callable[[], Stage],
     workers: int,
+    guard: CallGuard | None = None,
 ) -> Iterator[pa.Table]:
     """Stream input shards through the stage on a pool of ``workers`` actors.
 
@@ -97,6 +106,9 @@ def run_stage(
         builder: a picklable zero-argument callable that builds the stage on the worker
             (builders, not objects, cross process boundaries).
         workers: actor pool size.
+        guard: per-call time limit and bounded attempts (``tasks/call_guard.py``); Ray
+            Data restarts an actor whose process ended and retries its shard (checked with
+            Ray 2.60: actors get ``max_restarts=-1, max_task_retries=-1``).
 
     Yields:
         Output tables as they complete (order not guaranteed).
@@ -119,13 +131,28 @@ def run_stage(
         else ds.map_batches
     ds = map_batches(
         _StageActor,
-        fn_constructor_kwargs={"builder": builder},
+        fn_constructor_kwargs={"builder": builder, "guard": guard},
         batch_size=None,
         batch_format="pyarrow",
         zero_copy_batch=True,
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
         **remote,
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if batch.num_rows:
-            yield batch
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows:
+                yield batch
+    except Exception as e:
+        reason = setup_timeout_in(e)
+        if reason is None:
+            raise
+        raise SetupTimedOut(reason) from None
+
+
+def setup_timeout_in(error: BaseException) -> str | None:
+    """The reason of a :class:`SetupTimedOut` that ended the stage's actors, from Ray's wrapping of it."""
+    marker = f"{SetupTimedOut.__name__}: "
+    text = str(error)
+    if marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip().splitlines()[0]

@@ -13,6 +13,7 @@ makes several rows per input names the input in ``parent_id``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +44,7 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     dataset: ClassVar[tuple[str, int]] = ("stage", 1)
+    _heartbeat: Callable[[str], None] | None = None  # set by the call's guard (tasks/call_guard.py)
 
     @classmethod
     def input_columns(cls, config: dict[str, Any]) -> list[str]:
@@ -64,6 +66,15 @@ class Stage:
     def __call__(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def beat(self, progress: str = "") -> None:
+        """Say the current call made progress (a batch done); ``progress`` says how far, for a timeout's reason.
+
+        A call whose stage does not beat for the stall time (``timeouts.stall``) is ended
+        (``tasks/call_guard.py``); outside a timed call this does nothing.
+        """
+        if self._heartbeat is not None:
+            self._heartbeat(progress)
+
 
 class RowError(Exception):
     """A problem with one row: it becomes a reject with ``reason``."""
@@ -82,10 +93,11 @@ def set_torch_threads(cpus: float) -> None:
         torch.set_num_threads(n)
 
 
-def run_stage_inline(specs: list[dict[str, Any]], columns: list[str], builder, workers: int = 1):
+def run_stage_inline(specs: list[dict[str, Any]], columns: list[str], builder, workers: int = 1, guard=None):
     """Run a stage in this process, shard by shard: ``ray_data.run_stage``'s contract without Ray.
 
-    For tests and debugging (one worker; ``workers`` is ignored).
+    For tests and debugging (one worker; ``workers`` and ``guard`` are ignored: a timed-out
+    call would end this process).
     """
     from pixelmill.datasets.incremental import read_spec
 

@@ -236,6 +236,7 @@ class BulkEditor(Stage):
             row["__notes"] = notes
             groups[image.size].append((i, image, text, row_seed(c["seed"], str(row["id"])), extra))
 
+        total, done = sum(len(items) for items in groups.values()), 0
         for items in groups.values():
             for start in range(0, len(items), c["batch_size"]):
                 chunk = items[start : start + c["batch_size"]]
@@ -246,6 +247,8 @@ class BulkEditor(Stage):
                         out[i] = self._reject(rows[i], res["reject"])
                     else:
                         out[i] = self._ok(rows[i], image, text, seed, res)
+                done += len(chunk)
+                self.beat(f"{done} of {total} rows edited")
         return pa.Table.from_pylist(out, schema=self.output_schema)
 
     def _edit_isolating_failures(self, chunk) -> list[dict]:

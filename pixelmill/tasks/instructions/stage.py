@@ -168,6 +168,7 @@ class InstructionStage(Stage):
             chunk = pending[start:start + size]
             for (i, caption, seed), answer in zip(chunk, self._write(chunk)):
                 out[i] = self._judge(rows[i], seed, caption, answer)
+            self.beat(f"{start + len(chunk)} of {len(pending)} captions written")
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _write(self, chunk: list[tuple[int, str, int]]) -> list[WriterAnswer]:

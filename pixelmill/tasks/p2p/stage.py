@@ -222,6 +222,7 @@ class PairRenderStage(Stage):
                     out[i] = self._finish(cap)
                 else:
                     self._prune(cap)
+            self.beat(f"{start + len(chunk)} of {len(queue)} samples rendered")
         return pa.Table.from_pylist([r for rs in out for r in rs], schema=OUTPUT_SCHEMA)
 
     def _texts(self, row: dict) -> tuple[str, str, str]:

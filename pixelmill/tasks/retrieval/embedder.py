@@ -168,6 +168,7 @@ class PoolEmbedder(Stage):
                         errors[i] = res
                     else:
                         store[i] = res
+                self.beat(f"{s + len(chunk)} of {len(keys)} rows embedded")
         ok = [e is None for e in errors]
         out = batch.drop_columns([x for x in ("text_emb", "img_emb", "status", "error", "stage")
                                   if x in batch.column_names])

@@ -63,6 +63,8 @@ class ClassImageGenerator(Stage):
         rows = batch.to_pylist()
         out = []
         for r in rows:
+            if out:
+                self.beat(f"{len(out)} of {len(rows)} images generated")
             base = {"id": r["id"], "prompt": r["prompt"], "seed": r["seed"], "model": c["model"],
                     "stage": self.name, "shard": r.get("shard"), "image": None, "error": None}
             try:
