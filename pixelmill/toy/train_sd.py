@@ -478,8 +478,8 @@ def model_card(args, vae_state, state, metrics, sizes) -> str:
                     f"{f' in {runs} runs' if runs > 1 else ''} ({dec['seconds'] / 60:.1f} min, L1 + MSE,"
                     f" encoder frozen): RMSE {dec['rmse']:.4f}")
         dec_time = f" + decoder {dec['seconds'] / 60:.1f} min"
-        dec_note = ("; the decoder phase reads only the frozen encoder, so it can run beside the UNet phase\n"
-                    "  (`--decoder-only`, a second process), as it did for these weights")
+        dec_note = ("; the decoder phase reads only the frozen encoder, so it can also run beside the\n"
+                    "  UNet phase (`--decoder-only`, a second process)")
     return f"""# toy Stable Diffusion (pixelmill toy world)
 
 A small text-to-image latent diffusion model in diffusers `StableDiffusionPipeline`
