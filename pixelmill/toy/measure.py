@@ -48,7 +48,7 @@ BAND = 0.7
 """The t0 search is on target when ``BAND * target <= L2 <= target``."""
 FULL = {"pool_rows": 5000, "prompts": 24, "edits": 200, "strengths": (0.2, 0.4, 0.6, 0.8, 1.0), "search": 100,
         "samples": 200}
-FAST = {"pool_rows": 600, "prompts": 8, "edits": 16, "strengths": (0.8,), "search": 8, "samples": 0}
+FAST = {"pool_rows": 600, "prompts": 8, "edits": 12, "strengths": (0.8,), "search": 6, "samples": 0}
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -57,6 +57,14 @@ def target_colour(obj: world.ToyObject, index: int) -> str:
     taken = {obj.color, obj.background, obj.background2}
     choices = [c for c in world.COLORS if c not in taken]
     return choices[index % len(choices)]
+
+
+def recolour(caption: str, phrase: str, new: str) -> str:
+    """``caption`` with ``phrase`` replaced by ``new``, articles fixed ("an orange star" -> "a red star")."""
+    import re
+
+    text = caption.replace(phrase, new, 1)
+    return world._articles(re.sub(r"\ban (?=[^aeiou\W])", "a ", text))
 
 
 def edit_rows(n: int, seed: int = EDIT_SEED) -> list[dict[str, Any]]:
@@ -71,7 +79,7 @@ def edit_rows(n: int, seed: int = EDIT_SEED) -> list[dict[str, Any]]:
         phrase = f"{obj.color} {obj.shape}"
         assert phrase in caption, caption
         rows.append({"id": toy_row_id(seed, i), "image": encode_image(image), "caption": caption,
-                     "edit_prompt": caption.replace(phrase, f"{target} {obj.shape}", 1), "color": obj.color,
+                     "edit_prompt": recolour(caption, phrase, f"{target} {obj.shape}"), "color": obj.color,
                      "shape": obj.shape, "target": target})
     return rows
 
