@@ -330,7 +330,8 @@ def test_job_id_ignores_placement_and_eval(tiny_models, data, tmp_path):
 
 # -- data parallel ---------------------------------------------------------------------------
 
-@pytest.mark.slow
+# make sweep: make test keeps two-worker training through tests/integration/test_multinode.py
+@pytest.mark.sweep
 def test_two_workers_match_one_worker(tiny_models, data, tmp_path, cluster):
     import ray
 
