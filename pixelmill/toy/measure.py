@@ -283,14 +283,16 @@ def write_report(out: Path, result: dict[str, Any], rows, outputs) -> Path:
     from pixelmill.datasets.images import decode_image
 
     show = rows[:8]
-    strips = ['<tr><th>input</th>' + "".join(f"<td>{escape(r['edit_prompt'])}</td>" for r in show) + "</tr>"]
-    strips.append('<tr><td>input</td><td colspan="8"><img src="data:image/png;base64,'
-                  + _png_b64([decode_image(r["image"]) for r in show]) + '"></td></tr>')
+
+    def cells(images) -> str:
+        return "".join(f'<td><img src="data:image/png;base64,{_png_b64([im])}"></td>' for im in images)
+
+    strips = ["<tr><th>edit prompt</th>" + "".join(f'<td class="p">{escape(r["edit_prompt"])}</td>' for r in show)
+              + "</tr>", "<tr><td>input</td>" + cells([decode_image(r["image"]) for r in show]) + "</tr>"]
     for s, outs in outputs.items():
         ims = [decode_image(o["edited_image"]) if o["status"] == "ok" else decode_image(r["image"])
                for r, o in zip(show, outs)]
-        strips.append(f'<tr><td>strength {s}</td><td colspan="8"><img src="data:image/png;base64,{_png_b64(ims)}">'
-                      "</td></tr>")
+        strips.append(f"<tr><td>strength {s}</td>{cells(ims)}</tr>")
     rows_html = "".join(
         f"<tr><td>{c['strength']}</td><td>{c['colour']:.3f}</td><td>{c['shape_kept']:.3f}</td>"
         f"<td>{c['both']:.3f}</td><td>{(c['l2_mean'] or 0):.4f}</td></tr>" for c in result["sdedit"])
@@ -298,7 +300,7 @@ def write_report(out: Path, result: dict[str, Any], rows, outputs) -> Path:
     html = f"""<!doctype html><html><head><meta charset="utf-8"><title>pixelmill toy-world quality</title>
 <style>body{{font-family:sans-serif;margin:24px;max-width:1100px}}td,th{{padding:3px 8px;border-bottom:1px solid #ddd;
 font-size:13px;text-align:left}}table{{border-collapse:collapse;margin:8px 0 20px}}
-img{{image-rendering:pixelated}}</style>
+img{{image-rendering:pixelated}}td.p{{width:80px;font-size:11px;vertical-align:bottom}}</style>
 </head><body><h1>Toy-world quality</h1>
 <p>Toy-world figures (32x32 shapes, toy SD and toy CLIP shipped in the package), measured by
 <code>python -m pixelmill.toy.measure</code> in {result['seconds']:.0f} s. Not figures for real models.</p>
