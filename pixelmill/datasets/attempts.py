@@ -56,13 +56,14 @@ class ShardAttempts:
             print(f"pixelmill: could not record the attempts of {key} at {self._file(key)}: {e}",
                   file=sys.stderr)
 
-    def start(self, key: str) -> dict:
+    def start(self, key: str, before: dict | None = None) -> dict:
         """Count a call that is about to run; returns the record as it was before.
 
         Args:
             key: names the call's rows: its shard and a digest of its ids (``tasks/call_guard.call_key``).
+            before: the record as the caller just read it (saves reading it again).
         """
-        before = self.read(key)
+        before = self.read(key) if before is None else before
         self._write(key, {"attempts": before["attempts"] + 1, "reason": None})
         return before
 

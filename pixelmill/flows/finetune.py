@@ -54,6 +54,7 @@ def generate_class_images(request: ClassImageRequest, num_gpus: float, stall: fl
     ``stall``: the campaign's ``timeouts.stall``, here seconds without a generated image in
     a call; a shard whose 2 calls both timed out has its prompts rejected saying so.
     """
+    from pixelmill.config.base import StageTimeouts
     from pixelmill.datasets import storage
     from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.tasks.stage import Resources
@@ -64,7 +65,7 @@ def generate_class_images(request: ClassImageRequest, num_gpus: float, stall: fl
     write_table_dataset(prompts, table, "class-prompts", {"key": request.key}, rows_per_shard=8)
     r = run_stage(ClassImageGenerator, {"model": request.model, "resolution": request.resolution},
                   Resources(cpus=1, gpus=num_gpus), input=prompts, output=request.url, hashed={"key": request.key},
-                  task_name="generate-class-images", timeouts={"stall": stall, "attempts": 2})
+                  task_name="generate-class-images", timeouts=StageTimeouts(stall=stall, setup=None).model_dump())
     return r.plan.rows_todo
 
 

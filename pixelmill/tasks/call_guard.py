@@ -106,7 +106,7 @@ class CallGuard:
         before = records.read(key)
         if before["attempts"] >= self.attempts:
             return out_of_attempts(before["reason"], before["attempts"])
-        records.start(key)
+        records.start(key, before)
         return None
 
     def setup(self, stage: Stage, exit: Callable[[int], None] = os._exit) -> None:

@@ -39,14 +39,16 @@ def toy_row_id(seed: int, index: int) -> str:
     return stable_id("toy-world", seed, index)
 
 
+def toy_row(seed: int, index: int, shapes: Sequence[str] = world.SHAPES) -> dict:
+    """Row ``index`` of world ``seed`` as a ``TOY_SCHEMA`` dict (id, PNG image, caption, labels)."""
+    image, caption, obj = world.make_row(seed, index, shapes)
+    return {"id": toy_row_id(seed, index), "image": encode_image(image), "caption": caption,
+            **obj.labels(), "row_index": index}
+
+
 def toy_rows(seed: int, start: int, stop: int, shapes: Sequence[str] = world.SHAPES) -> pa.Table:
     """Rows ``start .. stop - 1`` of world ``seed`` as a table of ``TOY_SCHEMA``."""
-    rows = []
-    for index in range(start, stop):
-        image, caption, obj = world.make_row(seed, index, shapes)
-        rows.append({"id": toy_row_id(seed, index), "image": encode_image(image), "caption": caption,
-                     **obj.labels(), "row_index": index})
-    return pa.Table.from_pylist(rows, schema=TOY_SCHEMA)
+    return pa.Table.from_pylist([toy_row(seed, i, shapes) for i in range(start, stop)], schema=TOY_SCHEMA)
 
 
 def write_toy_dataset(

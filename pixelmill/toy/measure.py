@@ -251,8 +251,7 @@ def _curve_svg(curve: list[dict[str, Any]]) -> str:
 
     lines = []
     for key, colour, ymax in (("colour", "#1a7f37", 1.0), ("shape_kept", "#0550ae", 1.0), ("l2_mean", "#cf222e", 0.5)):
-        pts = " ".join(f"{pt(x, c[key] or 0.0, ymax)[0]:.1f},{pt(x, c[key] or 0.0, ymax)[1]:.1f}"
-                       for x, c in zip(xs, curve))
+        pts = " ".join("{:.1f},{:.1f}".format(*pt(x, c[key] or 0.0, ymax)) for x, c in zip(xs, curve))
         lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{pts}"/>')
     ticks = "".join(f'<text x="{pt(x, 0, 1)[0]:.0f}" y="{h - 12}" font-size="11" text-anchor="middle">{x}</text>'
                     for x in xs)

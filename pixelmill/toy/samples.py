@@ -16,21 +16,27 @@ import numpy as np
 import pyarrow as pa
 
 from pixelmill.datasets import storage
-from pixelmill.datasets.images import encode_image
 from pixelmill.datasets.sharding import stable_id
-from pixelmill.datasets.writer import DatasetWriter, write_table_dataset
+from pixelmill.datasets.writer import write_table_dataset
 from pixelmill.tasks.video.synthetic import SyntheticClip
 from pixelmill.toy import world
-from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, TOY_SCHEMA_VERSION, toy_row_id
+from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row, toy_row_id
 
 MAX_SCAN = 20_000
 """Rows of a world scanned at most when looking for rows with given attributes."""
 
 
-def _row(seed: int, index: int, shapes: Sequence[str] = world.SHAPES) -> dict:
-    image, caption, obj = world.make_row(seed, index, shapes)
-    return {"id": toy_row_id(seed, index), "image": encode_image(image), "caption": caption,
-            **obj.labels(), "row_index": index}
+def _find(seed: int, count: int, pred, start: int = 0,
+          taken: set[int] | frozenset[int] = frozenset()) -> list[int] | None:
+    """The first ``count`` row indices (from ``start``, not in ``taken``) of world ``seed`` whose
+    object satisfies ``pred``; None when ``MAX_SCAN`` rows hold fewer."""
+    found = []
+    for index in range(start, start + MAX_SCAN):
+        if len(found) == count:
+            break
+        if index not in taken and pred(world.sample_object(world.row_rng(seed, index))):
+            found.append(index)
+    return found if len(found) == count else None
 
 
 def toy_indices(seed: int, count: int, shape: str | None = None, color: str | None = None,
@@ -44,15 +50,12 @@ def toy_indices(seed: int, count: int, shape: str | None = None, color: str | No
         world.check_shapes([shape])
     if color is not None and color not in world.COLORS:
         raise ValueError(f"unknown colour {color!r}; known: {', '.join(world.COLORS)}")
-    found = []
-    for index in range(start, start + MAX_SCAN):
-        obj = world.sample_object(world.row_rng(seed, index))
-        if (shape is None or obj.shape == shape) and (color is None or obj.color == color):
-            found.append(index)
-            if len(found) == count:
-                return found
-    raise ValueError(f"only {len(found)} rows of world {seed} with shape={shape} color={color} "
-                     f"in {MAX_SCAN} rows (wanted {count})")
+    found = _find(seed, count, lambda o: (shape is None or o.shape == shape) and (color is None or o.color == color),
+                  start)
+    if found is None:
+        raise ValueError(f"fewer than {count} rows of world {seed} with shape={shape} color={color} "
+                         f"in {MAX_SCAN} rows")
+    return found
 
 
 def _truncated_png(seed: int, index: int) -> bytes:
@@ -71,10 +74,10 @@ def write_toy_images(url: str, rows: int = 12, seed: int = 0, broken: int = 1) -
     Returns:
         ``{"url", "rows", "broken", "shapes", "colors"}`` (shapes and colours of the good rows).
     """
-    good = [_row(seed, i) for i in range(rows)]
+    good = [toy_row(seed, i) for i in range(rows)]
     bad = []
     for k in range(broken):
-        row = _row(seed, rows + k)
+        row = toy_row(seed, rows + k)
         row["id"] = stable_id("toy-broken", seed, rows + k)
         row["image"] = {"bytes": _truncated_png(seed, rows + k), "path": f"broken-{k:03d}.png"}
         bad.append(row)
@@ -90,14 +93,9 @@ def write_toy_concept(url: str, shape: str = world.HELD_OUT_SHAPE, count: int = 
 
     Returns the rows' captions.
     """
-    rows = [_row(seed, i) for i in toy_indices(seed, count, shape=shape)]
-    writer = DatasetWriter(url, TOY_SCHEMA_NAME, TOY_SCHEMA_VERSION,
-                           {"generator": "pixelmill.toy.samples", "concept": shape, "seed": seed, "rows": count},
-                           schema=TOY_SCHEMA).open(overwrite=True)
-    shard = writer.shard("00000")
-    shard.write(pa.Table.from_pylist(rows, schema=TOY_SCHEMA))
-    shard.commit()
-    writer.finish()
+    rows = [toy_row(seed, i) for i in toy_indices(seed, count, shape=shape)]
+    write_table_dataset(url, pa.Table.from_pylist(rows, schema=TOY_SCHEMA), TOY_SCHEMA_NAME,
+                        {"generator": "pixelmill.toy.samples", "concept": shape, "seed": seed, "rows": count})
     return [r["caption"] for r in rows]
 
 
@@ -113,15 +111,10 @@ def toy_pool_indices(seed: int, targets: Sequence[tuple[str, str]], per_target: 
     chosen: set[int] = set()
 
     def take(count: int, pred) -> None:
-        got = 0
-        for index in range(MAX_SCAN):
-            if got == count:
-                return
-            obj = world.sample_object(world.row_rng(seed, index))
-            if index not in chosen and pred(obj):
-                chosen.add(index)
-                got += 1
-        raise ValueError(f"world {seed}: fewer than {count} rows for the toy pool")
+        found = _find(seed, count, pred, taken=chosen)
+        if found is None:
+            raise ValueError(f"world {seed}: fewer than {count} rows for the toy pool")
+        chosen.update(found)
 
     for color, shape in targets:
         take(per_target, lambda o, c=color, s=shape: o.color == c and o.shape == s)
@@ -153,26 +146,9 @@ def write_toy_pool_source(folder: str, base_url: str, out_url: str,
         rows.append({"id": toy_row_id(seed, index), "caption": caption,
                      "url": f"{base_url.rstrip('/')}/{name}", "image": {"bytes": buf.getvalue(), "path": name},
                      "shape": obj.shape, "color": obj.color})
-    writer = DatasetWriter(out_url, "images", 1, {"toy_pool": [list(t) for t in targets], "seed": seed,
-                                                  "per_target": per_target}).open(overwrite=True)
-    shard = writer.shard("00000")
-    shard.write(pa.Table.from_pylist(rows))
-    shard.commit()
-    writer.finish()
+    write_table_dataset(out_url, pa.Table.from_pylist(rows), "images",
+                        {"toy_pool": [list(t) for t in targets], "seed": seed, "per_target": per_target})
     return len(rows)
-
-
-def _toy_canvas(width: int, height: int, obj: world.ToyObject) -> np.ndarray:
-    """``obj`` drawn (no jitter) on a ``width`` x ``height`` canvas; its box is in canvas pixels."""
-    canvas = np.empty((height, width, 3), dtype=np.float32)
-    canvas[:] = world.BACKGROUND_COLORS[obj.background]
-    if obj.background2 is not None:
-        if obj.split == "horizontal":
-            canvas[height // 2:, :] = world.BACKGROUND_COLORS[obj.background2]
-        else:
-            canvas[:, width // 2:] = world.BACKGROUND_COLORS[obj.background2]
-    alpha = world.shape_coverage(obj.shape, obj.box, height, width)[..., None]
-    return canvas * (1 - alpha) + np.asarray(world.COLORS[obj.color], dtype=np.float32) * alpha
 
 
 def toy_pan_clip(frames: int = 8, shift: tuple[int, int] = (1, 1), shape: str = "circle", color: str = "red",
@@ -189,7 +165,7 @@ def toy_pan_clip(frames: int = 8, shift: tuple[int, int] = (1, 1), shape: str = 
     width, height = n + dx * (frames - 1), n + dy * (frames - 1)
     obj = world.ToyObject(shape, color, "large", extent, width / 2, height / 2, "center", background,
                           background2, "vertical")
-    canvas = np.clip(np.rint(_toy_canvas(width, height, obj)), 0, 255).astype(np.uint8)
+    canvas = np.asarray(world.render(obj, width=width, height=height))
     out = [canvas[t * dy: t * dy + n, t * dx: t * dx + n].copy() for t in range(frames)]
     shifts = np.array([[t * dx, t * dy] for t in range(frames)], dtype=np.float64)
     return SyntheticClip(frames=out, fps=Fraction(fps), shifts=shifts)

@@ -105,25 +105,19 @@ def vae_config(factor: int = 2) -> dict[str, Any]:
 
 
 def unet_config(factor: int = 2) -> dict[str, Any]:
+    config = {"sample_size": world.IMAGE_SIZE // factor, "in_channels": LATENT_CHANNELS,
+              "out_channels": LATENT_CHANNELS, "layers_per_block": 1, "cross_attention_dim": TEXT_WIDTH}
     if factor == 4:  # 8x8 latents: cross-attention at 8x8 and 4x4
-        return {
-            "sample_size": world.IMAGE_SIZE // factor,
-            "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
-            "block_out_channels": (64, 96, 128), "layers_per_block": 1,
-            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": (2, 3, 4), "norm_num_groups": 32,
-        }
-    # 16x16 latents: plain resnets at 16x16, cross-attention at 8x8 and 4x4 (same cost per step
-    # as the 8x8 model's would be at 16x16 with half the width there)
-    return {
-        "sample_size": world.IMAGE_SIZE // factor,
-        "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
-        "block_out_channels": (32, 64, 128), "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": (1, 2, 4), "norm_num_groups": 16,
-    }
+        return {**config, "block_out_channels": (64, 96, 128),
+                "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                "attention_head_dim": (2, 3, 4), "norm_num_groups": 32}
+    # 16x16 latents: plain resnets at 16x16, cross-attention at 8x8 and 4x4 (about the 8x8
+    # model's cost per step, with half its width at the top level)
+    return {**config, "block_out_channels": (32, 64, 128),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": (1, 2, 4), "norm_num_groups": 16}
 
 
 def text_config():

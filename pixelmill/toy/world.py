@@ -237,21 +237,22 @@ def sample_object(rng: np.random.Generator, shapes: Sequence[str] = SHAPES) -> T
                      background, background2, split)
 
 
-def render(obj: ToyObject, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw ``obj`` as an ``IMAGE_SIZE`` RGB image (colours jittered by ``rng`` when given)."""
+def render(obj: ToyObject, rng: np.random.Generator | None = None, width: int = IMAGE_SIZE,
+           height: int = IMAGE_SIZE) -> Image.Image:
+    """Draw ``obj`` as a ``width`` x ``height`` RGB image (colours jittered by ``rng`` when given);
+    its box is in that image's pixels (a larger canvas: a scene to cut frames from)."""
     def color(name: str) -> np.ndarray:
         rgb = BACKGROUND_COLORS[name]
         return _jittered(rng, rgb) if rng is not None else np.asarray(rgb, dtype=np.float32)
 
-    n = IMAGE_SIZE
-    canvas = np.empty((n, n, 3), dtype=np.float32)
+    canvas = np.empty((height, width, 3), dtype=np.float32)
     canvas[:] = color(obj.background)
     if obj.background2 is not None:
         if obj.split == "horizontal":
-            canvas[n // 2:, :] = color(obj.background2)
+            canvas[height // 2:, :] = color(obj.background2)
         else:
-            canvas[:, n // 2:] = color(obj.background2)
-    alpha = shape_coverage(obj.shape, obj.box)[..., None]
+            canvas[:, width // 2:] = color(obj.background2)
+    alpha = shape_coverage(obj.shape, obj.box, height, width)[..., None]
     canvas = canvas * (1 - alpha) + color(obj.color) * alpha
     return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
 
