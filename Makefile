@@ -34,7 +34,7 @@ demo: install
 	$(VENV)/bin/pixelmill demo
 
 test: install
-	$(PY) -m pytest -m "not sweep and not chaos and not quality" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not sweep and not chaos and not quality" --durations=30 $(PYTEST_ARGS)
 
 sweep: install
 	$(PY) -m pytest -m sweep $(PYTEST_ARGS)

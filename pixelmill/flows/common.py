@@ -72,10 +72,16 @@ def plan_shards(config: dict[str, Any], hashed: dict[str, Any]) -> ShardPlan:
 
 
 class Progress:
-    """A row counter shared between the worker that does the work and the terminal."""
+    """A row counter shared between the worker that does the work and the terminal.
+
+    The counter actor lives on the head node, so a worker node that is lost mid-run cannot take
+    it down; if it is lost anyway, the bar stops moving and the run goes on: progress is never
+    a reason to fail.
+    """
 
     def __init__(self, handle) -> None:
         self.handle = handle
+        self.last = 0
 
     @classmethod
     def create(cls, total: int) -> Progress:
@@ -92,15 +98,27 @@ class Progress:
             def get(self) -> int:
                 return self.n
 
-        return cls(_Counter.remote())
+        # On the head node (as Ray Train pins its state actor): a cluster that loses its head
+        # is lost anyway, while any other node (the driver's own too) may go mid-run.
+        head = {"node:__internal_head__": 0.001}
+        if not any(head.keys() <= n["Resources"].keys() for n in ray.nodes() if n["Alive"]):
+            head = {}  # a cluster that names no head node: anywhere
+        return cls(_Counter.options(resources=head).remote())
 
     def add(self, k: int) -> None:
-        self.handle.add.remote(k)
+        try:
+            self.handle.add.remote(k)
+        except Exception:  # noqa: BLE001 - a lost counter only freezes the bar
+            pass
 
     def get(self) -> int:
         import ray
 
-        return ray.get(self.handle.get.remote())
+        try:
+            self.last = ray.get(self.handle.get.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a lost counter only freezes the bar
+            pass
+        return self.last
 
 
 def wait_with_progress(future, progress: Progress | None, total: int, desc: str):

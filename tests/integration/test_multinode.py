@@ -12,6 +12,7 @@ to the session's one Prefect server and writing its outputs to the session's S3 
 - a fine-tuning job with ``num_workers: 2`` trains on two nodes (its attempt records them);
   ``auto`` GPUs run it on CPU and say why (one GPU, two workers), and an explicit
   ``num_gpus`` the cluster cannot provide is refused with exit status 2 before any work;
+- the progress bar's counter lives on the head node, and losing it never fails a run;
 - (last, as it changes the cluster) a node running one of a bulk edit's two actors is
   removed mid-stage: the run finishes on the other and every row is accounted for once.
 
@@ -162,6 +163,38 @@ def _node_processes(node) -> list:
         except psutil.Error:
             pass
     return out
+
+
+_PROGRESS_PROBE = """
+import json, sys
+import ray
+from pixelmill.flows.common import Progress
+ray.init(address=sys.argv[1], log_to_driver=False)
+p = Progress.create(total=10)
+p.add(3)
+first = p.get()
+where = ray.get(p.handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+ray.kill(p.handle)
+p.add(4)
+print(json.dumps({"first": first, "after_loss": p.get(), "where": where}))
+"""
+
+
+def test_the_progress_counter_lives_on_the_head_and_its_loss_never_fails_a_run(nodes):
+    """The bar's row counter is placed on the head node (a lost worker node, the driver's own
+    among them, cannot take it down mid-stage) and, if it is lost anyway, the bar freezes at its
+    last count. (Every node here is on 127.0.0.1, so a driver attaches to any node's raylet.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **nodes["env"]}
+    proc = subprocess.run([sys.executable, "-c", _PROGRESS_PROBE, nodes["address"]], env=env, text=True,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["first"] == 3 and got["after_loss"] == 3
+    assert got["where"] == nodes["head"]
 
 
 def test_a_node_removed_mid_stage_loses_no_row(nodes, tmp_path, tiny_models):
