@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--geometry-weight", type=float, default=10.0)
     p.add_argument("--same-margin", type=float, default=0.92)
     p.add_argument("--diff-margin", type=float, default=0.75)
+    p.add_argument("--hard-from-step", type=int, default=None,
+                   help="from this step on, average each geometry hinge over its violating pairs only")
     p.add_argument("--pool-rows", type=int, default=60000, help="training rows of world seed 1")
     p.add_argument("--eval-rows", type=int, default=1000, help="held-out rows of world seed 2")
     p.add_argument("--seed", type=int, default=0)
@@ -83,14 +85,21 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def geometry_loss(text: torch.Tensor, keys: torch.Tensor, same_margin: float, diff_margin: float) -> torch.Tensor:
+def geometry_loss(text: torch.Tensor, keys: torch.Tensor, same_margin: float, diff_margin: float,
+                  hard: bool = False) -> torch.Tensor:
     """Squared hinges on caption-caption cosines: same (colour, shape) >= ``same_margin``,
-    different <= ``diff_margin``."""
+    different <= ``diff_margin``.
+
+    ``hard``: each hinge is averaged over the pairs that violate it, not over all pairs, so
+    a few confusable pairs (a heart and a circle of one colour) are not diluted by the
+    thousands of pairs already far apart."""
     cos = text @ text.T
     same = keys[:, None] == keys[None, :]
     off_diagonal = ~torch.eye(len(keys), dtype=torch.bool)
     pull = F.relu(same_margin - cos)[same & off_diagonal]
     push = F.relu(cos - diff_margin)[~same]
+    if hard:
+        pull, push = pull[pull > 0], push[push > 0]
     zero = cos.new_zeros(())
     return (pull.pow(2).mean() if pull.numel() else zero) + (push.pow(2).mean() if push.numel() else zero)
 
@@ -198,7 +207,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         txt = model.encode_text(torch.cat([captions[idx], alts[idx]]), normalize=True)
         scale = model.logit_scale.exp()
         contrastive = loss_fn(img, txt[: args.batch], scale)
-        geometry = geometry_loss(txt, torch.cat([keys[idx], keys[idx]]), args.same_margin, args.diff_margin)
+        hard = args.hard_from_step is not None and step >= args.hard_from_step
+        geometry = geometry_loss(txt, torch.cat([keys[idx], keys[idx]]), args.same_margin, args.diff_margin, hard)
         loss = contrastive + args.geometry_weight * geometry
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,6 +255,9 @@ def model_card(args: argparse.Namespace, state: dict[str, Any], metrics: toy_cli
     ok = (m.recall_at_1 >= 0.9 and m.pair_accuracy >= 0.95 and m.agreeing_above >= 0.95
           and m.differing_below >= 0.95)
     command = "python -m pixelmill.toy.train_clip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    hard_note = ("" if args.hard_from_step is None else
+                 f"; from step {args.hard_from_step} on, each hinge averaged over its violating pairs only"
+                 " (hard negatives: confusable captions such as a heart and a circle of one colour)")
     return f"""# toy CLIP (pixelmill toy world)
 
 A small open_clip `CLIP` trained from scratch by pixelmill's own contrastive loop
@@ -276,7 +289,7 @@ real CLIP BPE, 49,408 tokens, bundled with open_clip), context length {t["contex
   caption per row from another template for the geometry term
 - {state["step"]} steps of batch {args.batch}, AdamW lr {args.lr} (warm-up {args.warmup}, cosine),
   weight decay {args.weight_decay}; loss = ClipLoss + {args.geometry_weight} x geometry (squared
-  hinges: same colour and shape >= {args.same_margin} cosine, else <= {args.diff_margin})
+  hinges: same colour and shape >= {args.same_margin} cosine, else <= {args.diff_margin}){hard_note}
 - wall time: {state["train_seconds"] / 60:.1f} minutes of training on {args.threads} CPU thread(s)
 
 ## Measured (held out: the first {m.captions} rows of world seed {toy_clip.EVAL_SEED})
