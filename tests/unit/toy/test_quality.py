@@ -40,8 +40,7 @@ def test_fast_quality_subset(tmp_path, one_torch_thread):
     chance (0.25), a retrieval that ignores the text scores the pool's base rate (~1/30)."""
     res = measure.measure_all(tmp_path, measure.FAST)
     r = res["retrieval"]
-    assert r["retrieved"] >= r["prompts"] and r["precision"] >= 0.85 and r["recall"] >= 0.95, r
-    assert r["precision_without_held_out_shape"] >= 0.9, r
+    assert r["retrieved"] >= r["prompts"] and r["precision"] >= 0.95 and r["recall"] >= 0.95, r
     at = res["sdedit"][0]
     assert at["rejects"] == 0 and at["colour"] >= 0.2 and at["shape_kept"] >= 0.6, at
     t = res["t0_search"]
