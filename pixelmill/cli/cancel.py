@@ -7,7 +7,9 @@ starts with one tag of its own and watches the Prefect API for one of them enter
 command unwinds: the Ray driver ends, and with it the run's stage actors and training
 tasks (Ray ends a driver's tasks and actors with it), committed shards and checkpoints
 stay, and the command's flow runs are marked ``Cancelled`` (not ``Crashed``) with what
-stopped them, while the Prefect API is still up. A rerun resumes.
+stopped them, while the Prefect API is still up. A rerun resumes. A cancel that arrives as
+the work returns is honoured the same way (checked once more at the end), so no run is
+left ``Cancelling`` behind a command that says it succeeded.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ class _Watcher:
         self.tag, self.poll = tag, poll
         self.requested: str | None = None  # the cancelled run's name, once seen
         self._stop = threading.Event()
+        self._done = False  # the command's work has returned: no interrupt may be sent any more
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="pixelmill-cancel-watch", daemon=True)
 
-    def _watch(self) -> None:
-        from prefect.client.orchestration import get_client
+    def _cancelling(self, client) -> str | None:
+        """The name of one of this command's flow runs in ``Cancelling``, if any."""
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterState,
@@ -48,20 +52,44 @@ class _Watcher:
 
         cancelling = FlowRunFilter(tags=FlowRunFilterTags(all_=[self.tag]),
                                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])))
+        runs = client.read_flow_runs(flow_run_filter=cancelling, limit=1)
+        return runs[0].name if runs else None
+
+    def _watch(self) -> None:
+        from prefect.client.orchestration import get_client
+
         client = None
         while not self._stop.wait(self.poll):
             try:
                 if client is None:  # one client for the thread's life, not one per poll
                     client = get_client(sync_client=True).__enter__()
-                runs = client.read_flow_runs(flow_run_filter=cancelling, limit=1)
+                name = self._cancelling(client)
             except Exception:  # noqa: BLE001 - the API may be briefly away; the run itself reports a lost API
                 continue
-            if runs:
-                self.requested = runs[0].name
-                os.kill(os.getpid(), signal.SIGINT)  # the main thread unwinds as on Ctrl-C
+            if name:
+                with self._lock:
+                    self.requested = name
+                    if not self._done:
+                        os.kill(os.getpid(), signal.SIGINT)  # the main thread unwinds as on Ctrl-C
                 break
         if client is not None:
             client.__exit__(None, None, None)
+
+    def finish(self) -> str | None:
+        """The work returned: stop interrupting, and say whether a cancel came in meanwhile
+        (between the last poll and the end, the flow run is left ``Cancelling``)."""
+        from prefect.client.orchestration import get_client
+
+        with self._lock:
+            self._done = True
+        self.stop()
+        if self.requested is None:
+            try:
+                with get_client(sync_client=True) as client:
+                    self.requested = self._cancelling(client)
+            except Exception:  # noqa: BLE001 - the run itself reports a lost API
+                pass
+        return self.requested
 
     def start(self) -> None:
         self._thread.start()
@@ -101,6 +129,8 @@ def cancellable(command: str, poll: float = 2.0) -> Iterator[None]:
     try:
         with tags(tag):
             yield
+        if watcher.finish():  # cancelled as it finished: the request is honoured all the same
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         watcher.stop()
         if watcher.requested:

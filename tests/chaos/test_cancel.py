@@ -89,8 +89,10 @@ def _edit_run(cluster, tmp_path, tiny_models, seed: int):
     and the flow runs the server held before."""
     images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=seed, buckets=8)
     out = tmp_path / "out"
+    # 30 steps: shards slow enough that the cancel lands mid-run on a loaded machine (the first
+    # clone's cold start once saw the last shard commit before the cancel did)
     cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
-                        "an oil painting of {caption}", steps=12)
+                        "an oil painting of {caption}", steps=30)
     cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
     api_url = cluster["PREFECT_API_URL"]
     return ids, out, cmd, {**os.environ, **cluster}, api_url, {r.id for r in _our_runs(api_url, set())}
@@ -161,3 +163,30 @@ def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tm
     assert set(json.loads(done.stdout.strip().splitlines()[-1])["shards_skipped"]) >= first
     report = account(ids, Dataset.open(str(out)))
     assert report.ok, str(report)
+
+
+def test_a_cancel_arriving_as_the_work_returns_is_honoured_not_left_cancelling(cluster):
+    """The watcher polls; a cancel set between its last poll and the end of the work must not
+    leave the flow run ``Cancelling`` behind a command that says it succeeded."""
+    from prefect import flow
+    from prefect.context import get_run_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pixelmill.cli.cancel import RunCancelled, cancellable
+
+    api_url = cluster["PREFECT_API_URL"]
+    seen = {}
+
+    @flow(name="cancel-race")
+    def work():
+        run = get_run_context().flow_run
+        seen["id"], seen["name"] = run.id, run.name
+        _cancel(api_url, run.id)  # "Cancel" clicked while the flow is finishing
+        return 1
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with pytest.raises(RunCancelled, match="cancelled through the Prefect API"):
+            with cancellable("edit", poll=3600):  # the watcher never polls in time: the end check must see it
+                work()
+    state = {r.id: r.state for r in _our_runs(api_url, set())}[seen["id"]]
+    assert state.is_cancelled(), state
