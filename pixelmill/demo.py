@@ -395,6 +395,6 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
     print(f"Configs: {root / 'configs'}  (rerun one with: pixelmill edit {root / 'configs' / 'edit-sdedit-0.8.yaml'})")
     print(f"Browse the demo's runs in the Prefect UI:  pixelmill server --home {home}")
     print("(the edits ran on toy-world models trained by pixelmill, toy:sd and toy:clip: real edits in a 32x32 "
-          "world of coloured shapes, colour more reliably than shape; the InstructPix2Pix parts use a "
-          "random-weight test model: noise, pipeline only)")
+          "world of coloured shapes (a new shape taught in 50 steps is not learnt yet); the InstructPix2Pix "
+          "parts use a random-weight test model: noise, pipeline only)")
     return 0

@@ -7,10 +7,10 @@ ground truth with the frozen detectors (``pixelmill.toy.detect``):
 - **retrieval precision**: a pool of toy captions embedded by ``PoolEmbedder`` with the toy
   CLIP, scanned by the retrieval kernel at the paper's 0.85 caption-similarity threshold;
   a retrieved row is right when its caption names the class prompt's colour and shape.
-- **SDEdit colour change**: ``SDEditEditor`` with each row's caption, its colour swapped
-  for another ("a small red circle ..." -> "a small green circle ..."); an edit succeeds
-  on colour when the detector reads the new colour, on shape when it still reads the
-  row's shape.
+- **SDEdit colour change** (at the edit stage's default guidance, 7.5): ``SDEditEditor``
+  with each row's caption, its colour swapped for another ("a small red circle ..." ->
+  "a small green circle ..."); an edit succeeds on colour when the detector reads the new
+  colour, on shape when it still reads the row's shape.
 - **trade-off**: the same edits at several strengths: faithfulness (RGB RMSE to the input,
   SDEdit's L2) and prompt agreement (new colour detected) both rise with strength.
 - **text to image** (``samples`` > 0): held-out prompts sampled by the toy SD with and
@@ -47,8 +47,20 @@ THRESHOLD = 0.85
 BAND = 0.7
 """The t0 search is on target when ``BAND * target <= L2 <= target``."""
 FULL = {"pool_rows": 5000, "prompts": 24, "edits": 200, "strengths": (0.2, 0.4, 0.6, 0.8, 1.0), "search": 100,
-        "samples": 200}
-FAST = {"pool_rows": 600, "prompts": 8, "edits": 12, "strengths": (0.8,), "search": 6, "samples": 0}
+        "samples": 200, "low_guidance": True}
+FAST = {"pool_rows": 600, "prompts": 8, "edits": 12, "strengths": (0.8,), "search": 6, "samples": 0,
+        "low_guidance": False}
+LOW_GUIDANCE = 4.0
+"""Text to image is sampled at this guidance (the model card's); the edits run at the edit
+stage's default (``EditConfig.guidance_scale``, 7.5 as in diffusers' img2img), and the full
+measure adds the strength-0.8 colour change at this lower guidance for reference."""
+
+
+def edit_guidance() -> float:
+    """What a user's edit runs at unless told otherwise: ``EditConfig``'s default guidance scale."""
+    from pixelmill.config import EditConfig
+
+    return float(EditConfig.model_fields["guidance_scale"].default)
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -132,7 +144,7 @@ def sdedit_settings(model: str, steps: int, guidance: float, seed: int) -> dict[
             "batch_size": 50, "device": "cpu", "dtype": "float32"}
 
 
-def measure_sdedit(model: str, rows, strengths, steps: int = 20, guidance: float = 4.0,
+def measure_sdedit(model: str, rows, strengths, steps: int = 20, guidance: float = 7.5,
                    seed: int = 0) -> tuple[list[dict[str, Any]], dict[float, list[dict[str, Any]]]]:
     """The colour-change edits at each strength: one score per strength, and the output rows."""
     curve, outputs = [], {}
@@ -143,7 +155,7 @@ def measure_sdedit(model: str, rows, strengths, steps: int = 20, guidance: float
     return curve, outputs
 
 
-def measure_t0_search(model: str, rows, target: float = 0.12, steps: int = 20, guidance: float = 4.0,
+def measure_t0_search(model: str, rows, target: float = 0.12, steps: int = 20, guidance: float = 7.5,
                       seed: int = 0) -> dict[str, Any]:
     """``strength: auto``: the share of rows whose achieved L2 lies in ``[BAND * target, target]``."""
     out = run_edit_stage(rows, strength="auto", target_l2=target, **sdedit_settings(model, steps, guidance, seed))
@@ -157,7 +169,7 @@ def measure_t0_search(model: str, rows, target: float = 0.12, steps: int = 20, g
             "zero_steps": int((t0 == 0).sum())}
 
 
-def measure_generation(model: str, n: int, guidance: float = 4.0, steps: int = 25) -> dict[str, Any]:
+def measure_generation(model: str, n: int, guidance: float = LOW_GUIDANCE, steps: int = 25) -> dict[str, Any]:
     """Prompt agreement of ``n`` held-out prompts: guided, unguided, and the random tiny SD."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -276,6 +288,13 @@ def _generation_html(g: dict[str, Any] | None) -> str:
             f"<tr><td>chance</td><td>{g['chance']['color']:.3f}</td><td>{g['chance']['shape']:.3f}</td></tr></table>")
 
 
+def _low_guidance_html(c: dict[str, Any] | None) -> str:
+    if not c:
+        return ""
+    return (f"<p>At guidance {c['guidance']} (strength {c['strength']}): new colour {c['colour']:.3f}, "
+            f"shape kept {c['shape_kept']:.3f}, both {c['both']:.3f}.</p>")
+
+
 def write_report(out: Path, result: dict[str, Any], rows, outputs) -> Path:
     from html import escape
 
@@ -306,9 +325,9 @@ img{{image-rendering:pixelated}}td.p{{width:80px;font-size:11px;vertical-align:b
 <h2>Regularization retrieval at {r['threshold']}</h2>
 <p>{r['prompts']} class prompts over a pool of {r['pool_rows']} toy captions: {r['retrieved']} retrieved,
 precision <b>{r['precision']:.3f}</b> (caption names the prompt's colour and shape), recall {r['recall']:.3f}.</p>
-<h2>SDEdit colour change (model {escape(result['model'])})</h2>
+<h2>SDEdit colour change (model {escape(result['model'])}, guidance {result['edit_guidance']})</h2>
 <table><tr><th>strength</th><th>new colour</th><th>shape kept</th><th>both</th><th>L2 to input</th></tr>{rows_html}
-</table>{_curve_svg(result['sdedit'])}
+</table>{_low_guidance_html(result.get("sdedit_low_guidance"))}{_curve_svg(result['sdedit'])}
 <table>{"".join(strips)}</table>
 <h2>t0 search</h2><p>target L2 {t['target_l2']}, {t['steps']} steps: achieved L2 in
 [{BAND} x target, target] for <b>{t['in_band']:.3f}</b> of {t['rows']} images (mean L2 {(t['l2_mean'] or 0):.4f},
@@ -329,8 +348,12 @@ def measure_all(out: Path, sizes: dict[str, Any], model: str = "toy:sd", clip: s
     result: dict[str, Any] = {"model": model, "clip": clip, "sizes": {k: list(v) if isinstance(v, tuple) else v
                                                                       for k, v in sizes.items()}}
     result["retrieval"] = measure_retrieval(clip, sizes["pool_rows"], sizes["prompts"])
-    result["sdedit"], outputs = measure_sdedit(model, rows, sizes["strengths"])
-    result["t0_search"] = measure_t0_search(model, rows[:sizes["search"]], target=target_l2)
+    guidance = result["edit_guidance"] = edit_guidance()
+    result["sdedit"], outputs = measure_sdedit(model, rows, sizes["strengths"], guidance=guidance)
+    if sizes.get("low_guidance"):
+        (result["sdedit_low_guidance"],), _ = measure_sdedit(model, rows, (0.8,), guidance=LOW_GUIDANCE)
+        result["sdedit_low_guidance"]["guidance"] = LOW_GUIDANCE
+    result["t0_search"] = measure_t0_search(model, rows[:sizes["search"]], target=target_l2, guidance=guidance)
     if sizes["samples"]:
         result["generation"] = measure_generation(model, sizes["samples"])
     result["seconds"] = round(time.time() - t0, 1)
@@ -350,9 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     r, t = res["retrieval"], res["t0_search"]
     print(f"retrieval at {r['threshold']}: precision {r['precision']:.3f} over {r['retrieved']} retrieved "
           f"({r['prompts']} prompts, pool of {r['pool_rows']})")
-    for c in res["sdedit"]:
-        print(f"sdedit strength {c['strength']}: new colour {c['colour']:.3f}, shape kept {c['shape_kept']:.3f}, "
-              f"L2 {(c['l2_mean'] or 0):.4f} ({c['edits']} edits)")
+    for c in res["sdedit"] + ([res["sdedit_low_guidance"]] if "sdedit_low_guidance" in res else []):
+        print(f"sdedit strength {c['strength']} guidance {c.get('guidance', res['edit_guidance'])}: new colour "
+              f"{c['colour']:.3f}, shape kept {c['shape_kept']:.3f}, L2 {(c['l2_mean'] or 0):.4f} ({c['edits']} edits)")
     print(f"t0 search: L2 in [{BAND}x, 1x] target {t['target_l2']} for {t['in_band']:.3f} of {t['rows']}")
     if "generation" in res:
         g = res["generation"]

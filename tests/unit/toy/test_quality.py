@@ -42,7 +42,7 @@ def test_fast_quality_subset(tmp_path, one_torch_thread):
     r = res["retrieval"]
     assert r["retrieved"] >= r["prompts"] and r["precision"] >= 0.95 and r["recall"] >= 0.95, r
     at = res["sdedit"][0]
-    assert at["rejects"] == 0 and at["colour"] >= 0.2 and at["shape_kept"] >= 0.6, at
+    assert at["rejects"] == 0 and at["colour"] >= 0.5 and at["shape_kept"] >= 0.7, at
     t = res["t0_search"]
     assert t["rejects"] == 0 and t["over_target"] == 0 and t["in_band"] >= 0.9, t
     assert json.loads((tmp_path / "quality.json").read_text())["sdedit"] == res["sdedit"]
