@@ -85,26 +85,44 @@ def _wait_first_commit(proc, out, timeout=300) -> set[str]:
 
 
 def _edit_run(cluster, tmp_path, tiny_models, seed: int):
-    """A 16-file edit (one corrupt) slow enough to stop mid-run: ids, output, command, env, API URL,
-    and the flow runs the server held before."""
+    """A 16-file edit (one corrupt) held mid-run: once a shard is committed, its actor's next
+    call waits while ``hold`` exists (``tests/helpers/hang_edit.py``), so a stop always lands
+    mid-run, however loaded the machine (timing alone once let the last shard commit first).
+    Returns ids, output, command, env, API URL, the flow runs the server held before, and ``hold``
+    (remove it before the rerun: the config, and so its hash, is the same)."""
+    import yaml
+
     images, ids = sample_dataset(tmp_path, n=15, corrupt=1, seed=seed, buckets=8)
     out = tmp_path / "out"
-    # 30 steps: shards slow enough that the cancel lands mid-run on a loaded machine (the first
-    # clone's cold start once saw the last shard commit before the cancel did)
+    hold = tmp_path / "hold"
+    hold.touch()
     cfg = sdedit_config(tmp_path / "edit.yaml", images, tiny_models["img2img"], str(out),
-                        "an oil painting of {caption}", steps=30)
+                        "an oil painting of {caption}", steps=12)
+    doc = yaml.safe_load(cfg.read_text())
+    doc.update(plugins=["tests.helpers.hang_edit"], method="sdedit_hangs", placement={"workers": 1, "gpus": 0},
+               sdedit_hangs={"hang_while": str(hold)})
+    cfg.write_text(yaml.safe_dump(doc))
     cmd = [sys.executable, "-m", "pixelmill.cli", "edit", str(cfg), "--json"]
     api_url = cluster["PREFECT_API_URL"]
-    return ids, out, cmd, {**os.environ, **cluster}, api_url, {r.id for r in _our_runs(api_url, set())}
+    return ids, out, cmd, {**os.environ, **cluster}, api_url, {r.id for r in _our_runs(api_url, set())}, hold
+
+
+def _wait_held(proc, hold, timeout=300) -> None:
+    deadline = time.monotonic() + timeout
+    reached = hold.with_name(hold.name + ".reached")
+    while proc.poll() is None and not reached.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reached.exists(), f"the run never reached its hold (rc={proc.poll()})"
 
 
 def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
-    ids, out, cmd, env, api_url, before = _edit_run(cluster, tmp_path, tiny_models, seed=31)
+    ids, out, cmd, env, api_url, before, hold = _edit_run(cluster, tmp_path, tiny_models, seed=31)
 
     # "Cancel" on the flow run in the UI (the same API call the UI makes)
     proc = _start(cmd, env)
     try:
         _wait_first_commit(proc, out)
+        _wait_held(proc, hold)
         (run,) = [r for r in _our_runs(api_url, before) if r.state and r.state.is_running()]
         assert any(t.startswith("pixelmill-cli-") for t in run.tags)
         head = int(cluster["PIXELMILL_TEST_RAY_HEAD_PID"])
@@ -130,6 +148,7 @@ def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp
     assert not (claims.is_dir() and list(claims.glob("*.json"))), sorted(claims.iterdir())
 
     # a rerun resumes: committed shards skipped, every id once
+    hold.unlink()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -142,10 +161,11 @@ def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp
 
 @pytest.mark.sweep  # the same unwinding as a cancel from the UI (which interrupts the command the same way)
 def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tmp_path, tiny_models):
-    ids, out, cmd, env, api_url, before = _edit_run(cluster, tmp_path, tiny_models, seed=32)
+    ids, out, cmd, env, api_url, before, hold = _edit_run(cluster, tmp_path, tiny_models, seed=32)
     proc = _start(cmd, env)
     try:
         first = _wait_first_commit(proc, out)
+        _wait_held(proc, hold)
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -158,6 +178,7 @@ def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tm
     assert run.state.is_cancelled(), run.state
     assert not _gone_within(int(cluster["PIXELMILL_TEST_RAY_HEAD_PID"]), 30)
 
+    hold.unlink()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert set(json.loads(done.stdout.strip().splitlines()[-1])["shards_skipped"]) >= first
