@@ -71,6 +71,22 @@ def plan_shards(config: dict[str, Any], hashed: dict[str, Any]) -> ShardPlan:
     return plan
 
 
+def head_resources() -> dict[str, float]:
+    """Ray resources that place a task or actor on the head node ({} where no node is named head).
+
+    What a run cannot lose mid-stage lives there (as Ray Train pins its state actor and Ray
+    Jobs run their drivers): the task that drives a stage (it owns the stage's actors, so its
+    node's loss would take them all) and the progress counter. A cluster that loses its head is
+    lost anyway, while any other node may go mid-run. Both claim no CPU.
+    """
+    import ray
+
+    head = {"node:__internal_head__": 0.001}
+    if not any(head.keys() <= n["Resources"].keys() for n in ray.nodes() if n["Alive"]):
+        return {}  # a cluster that names no head node: anywhere
+    return head
+
+
 class Progress:
     """A row counter shared between the worker that does the work and the terminal.
 
@@ -98,12 +114,7 @@ class Progress:
             def get(self) -> int:
                 return self.n
 
-        # On the head node (as Ray Train pins its state actor): a cluster that loses its head
-        # is lost anyway, while any other node (the driver's own too) may go mid-run.
-        head = {"node:__internal_head__": 0.001}
-        if not any(head.keys() <= n["Resources"].keys() for n in ray.nodes() if n["Alive"]):
-            head = {}  # a cluster that names no head node: anywhere
-        return cls(_Counter.options(resources=head).remote())
+        return cls(_Counter.options(resources=head_resources()).remote())
 
     def add(self, k: int) -> None:
         try:

@@ -2,9 +2,10 @@
 
 ``run_stage`` plans output shards from the input's (skipping those committed with the
 same config), runs the stage over the rest as one Prefect task on a Ray worker that
-claims no CPU and drives a Ray Data pipeline (``tasks/ray_data.py``), then commits the
-output manifest. Flows call it once per stage; the stage class declares its input
-columns and output dataset name (``tasks/stage.py``), so nothing here knows any method.
+claims no CPU, on the head node (``head_resources``), and drives a Ray Data pipeline
+(``tasks/ray_data.py``), then commits the output manifest. Flows call it once per stage;
+the stage class declares its input columns and output dataset name (``tasks/stage.py``),
+so nothing here knows any method.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect_ray.context import remote_options
 
 from pixelmill.datasets import DatasetWriter
-from pixelmill.flows.common import Progress, ShardPlan, StageStats, plan_shards, wait_with_progress
+from pixelmill.flows.common import (
+    Progress,
+    ShardPlan,
+    StageStats,
+    head_resources,
+    plan_shards,
+    wait_with_progress,
+)
 
 
 @dataclass
@@ -95,7 +103,7 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
     if plan.todo:
         progress = Progress.create(total=plan.rows_todo) if show_progress else None
         submit = run_shards.with_options(name=task_name) if task_name else run_shards
-        with remote_options(num_cpus=0):
+        with remote_options(num_cpus=0, resources=head_resources()):  # its node's loss would take every actor
             future = submit.submit(stage_cls, config, resources, plan, output, workers, progress, run, timeouts)
         result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)
     if plan.todo or not plan.output_complete:

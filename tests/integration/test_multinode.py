@@ -7,7 +7,7 @@ and a small object store. The CLI runs as a user would, with ``--ray-address``, 
 to the session's one Prefect server and writing its outputs to the session's S3 server:
 
 - a bulk edit's GPU-declaring actors run on the GPU node (node ids in the run's summary),
-  the task that drives them elsewhere; its task runs and summary artifact are in the
+  the task that drives them on the head node; its task runs and summary artifact are in the
   shared Prefect server, its dataset in the bucket;
 - a fine-tuning job with ``num_workers: 2`` trains on two nodes (its attempt records them);
   ``auto`` GPUs run it on CPU and say why (one GPU, two workers), and an explicit
@@ -79,10 +79,11 @@ def test_bulk_edit_gpu_actors_land_on_the_gpu_node(nodes, s3_server, tmp_path, t
     }))
     summary = _json(run_cli(["edit", str(cfg), "--json", "--ray-address", nodes["address"]], nodes["env"]))
 
-    # The GPU-declaring actors ran on the GPU node, claiming its GPU; the task driving them elsewhere.
+    # The GPU-declaring actors ran on the GPU node, claiming its GPU; the task driving them on the
+    # head node (it owns them: its node's loss would take them all).
     assert summary["gpus"] == 1 and summary["notes"] == []
     assert set(summary["nodes"]) == {nodes["gpu"]} and sum(summary["nodes"].values()) == 6
-    assert summary["worker"]["in_ray_worker"] and summary["worker"]["node_id"] in (nodes["head"], nodes["cpu"])
+    assert summary["worker"]["in_ray_worker"] and summary["worker"]["node_id"] == nodes["head"]
     assert summary["gpu_hours"] > 0
 
     # Every row accounted for, in the bucket.
@@ -198,9 +199,9 @@ def test_the_progress_counter_lives_on_the_head_and_its_loss_never_fails_a_run(n
 
 
 def test_a_node_removed_mid_stage_loses_no_row(nodes, tmp_path, tiny_models):
-    """Runs last in this module: it adds a second GPU node and removes the one whose actor is working
-    (the node running the task that drives the stage is never the one removed: that is a lost
-    driver, which fails the run and resumes on a rerun, tested by the kill tests)."""
+    """Runs last in this module: it adds a second GPU node and removes one whose actor is working.
+    The task driving the stage (which owns the actors) runs on the head node, never on a node that
+    can be lost without losing the cluster: no worker node holds it at any moment."""
     import os
     import signal
     import subprocess
@@ -225,15 +226,16 @@ def test_a_node_removed_mid_stage_loses_no_row(nodes, tmp_path, tiny_models):
                              "--ray-address", nodes["address"]], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     gpu_nodes = {n.node_id: n for n in ray_cluster.worker_nodes if n.node_id in (nodes["gpu"], extra.node_id)}
-    removed = None
+    removed, drivers_seen = None, []
     try:
         deadline = time.monotonic() + 600
         while removed is None and proc.poll() is None and time.monotonic() < deadline:
             m = read_manifest(str(out))
+            titles = {node_id: [t for _, t in _node_processes(node)] for node_id, node in gpu_nodes.items()}
+            drivers_seen += [node_id for node_id, ts in titles.items() if any("_run_prefect_task" in t for t in ts)]
             if m and m.shards and not m.complete:
                 for node_id, node in gpu_nodes.items():
-                    titles = [t for _, t in _node_processes(node)]
-                    if any("_StageActor" in t for t in titles) and not any("_run_prefect_task" in t for t in titles):
+                    if any("_StageActor" in t for t in titles[node_id]):
                         ray_cluster.remove_node(node, allow_graceful=False)
                         removed = node_id
                         break
@@ -246,6 +248,7 @@ def test_a_node_removed_mid_stage_loses_no_row(nodes, tmp_path, tiny_models):
     assert removed, f"no node was removed mid-stage (rc={proc.returncode}); the test proves nothing"
     assert proc.returncode == 0, stderr[-5000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
+    assert drivers_seen == [] and summary["worker"]["node_id"] == nodes["head"]
     assert summary["rows_out"] + summary["rejects"] == summary["rows_in"] == len(ids)
     ds = Dataset.open(str(out))
     assert ds.complete
