@@ -114,6 +114,30 @@ def _mark_cancelled(tag: str, message: str) -> None:
         _log.warning("could not mark the run cancelled in Prefect: %s", e)
 
 
+def _own_interrupts(watcher: _Watcher):
+    """Make sure the watcher's SIGINT reaches the main thread; returns what undoes it.
+
+    Python turns SIGINT into KeyboardInterrupt only when SIGINT was not ignored at start-up,
+    and a command started in the background by a script (``cmd &`` in a non-interactive
+    shell, as CI runners and cron wrappers do) starts with it ignored: a cancel from the UI
+    would then do nothing at all. Where SIGINT is ignored, a handler is installed for the
+    command's duration that acts on the watcher's own interrupt only; any other SIGINT stays
+    ignored, as whoever started the command asked.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous not in (signal.SIG_IGN, signal.SIG_DFL, None):
+        return lambda: None  # Python's own KeyboardInterrupt (or the caller's handler) is in place
+
+    def on_sigint(signum, frame) -> None:
+        if watcher.requested:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
 @contextmanager
 def cancellable(command: str, poll: float = 2.0) -> Iterator[None]:
     """Run a command's flows so that Ctrl-C or a cancellation in the Prefect UI stops them cleanly.
@@ -125,6 +149,7 @@ def cancellable(command: str, poll: float = 2.0) -> Iterator[None]:
 
     tag = TAG_PREFIX + uuid.uuid4().hex[:12]
     watcher = _Watcher(tag, poll)
+    restore = _own_interrupts(watcher)
     watcher.start()
     try:
         with tags(tag):
@@ -141,3 +166,4 @@ def cancellable(command: str, poll: float = 2.0) -> Iterator[None]:
         raise RunCancelled(f"{command} {why}") from None
     finally:
         watcher.stop()
+        restore()

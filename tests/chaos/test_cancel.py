@@ -70,8 +70,10 @@ def _gone_within(head_pid: int, seconds: float) -> list:
 
 
 def _start(cmd, env):
+    """The command as a terminal starts it: its own process group, SIGINT at its default (a test
+    run started in the background by a script inherits SIGINT ignored)."""
     return subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_first_commit(proc, out, timeout=300) -> set[str]:
@@ -210,4 +212,48 @@ def test_a_cancel_arriving_as_the_work_returns_is_honoured_not_left_cancelling(c
             with cancellable("edit", poll=3600):  # the watcher never polls in time: the end check must see it
                 work()
     state = {r.id: r.state for r in _our_runs(api_url, set())}[seen["id"]]
+    assert state.is_cancelled(), state
+
+
+_IGNORING_SIGINT = """
+import sys, time
+from prefect import flow
+from pixelmill.cli.cancel import RunCancelled, cancellable
+
+@flow(name="cancel-while-ignoring-sigint")
+def work():
+    print("started", flush=True)
+    while True:  # a long stage: the main thread waits in Python
+        time.sleep(0.2)
+
+try:
+    with cancellable("edit", poll=0.5):
+        work()
+except RunCancelled as e:
+    print(f"stopped: {e}", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_a_cancel_reaches_a_command_started_with_sigint_ignored(cluster):
+    """A command started in the background by a script (``cmd &`` in a non-interactive shell, as
+    CI runners and cron wrappers do) starts with SIGINT ignored, where Python never turns SIGINT
+    into KeyboardInterrupt: the watcher's own interrupt must still stop it (it once did nothing,
+    and the run sat in ``Cancelling`` until the server gave up on it)."""
+    before = {r.id for r in _our_runs(cluster["PREFECT_API_URL"], set())}
+    proc = subprocess.Popen([sys.executable, "-c", _IGNORING_SIGINT], env={**os.environ, **cluster}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "started", proc.stderr.read()[-3000:] if proc.poll() else ""
+        (run,) = [r for r in _our_runs(cluster["PREFECT_API_URL"], before) if r.state and r.state.is_running()]
+        _cancel(cluster["PREFECT_API_URL"], run.id)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert f"stopped: edit cancelled through the Prefect API (flow run {run.name})" in out
+    state = {r.id: r.state for r in _our_runs(cluster["PREFECT_API_URL"], before)}[run.id]
     assert state.is_cancelled(), state
