@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(args.base).resolve()
     out = Path(args.out).resolve()
-    if not (base / "pixelmill" / "cli.py").is_file() or not (base / "tests" / "conftest.py").is_file():
+    cli = base / "pixelmill" / "cli"
+    if not (cli.is_dir() or cli.with_suffix(".py").is_file()) or not (base / "tests" / "conftest.py").is_file():
         parser.error(f"{base} is not a pixelmill checkout")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(base)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
