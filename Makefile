@@ -46,9 +46,10 @@ chaos: install
 	PIXELMILL_CHAOS_REPORT=$(CURDIR)/chaos-report.jsonl $(PY) -m pytest -m "chaos or sweep" tests/chaos $(PYTEST_ARGS)
 
 # The full toy-world quality measurement (python -m pixelmill.toy.measure at full size): asserts the
-# targets and writes quality-report/quality.json and report.html (the README "Quality" figures).
+# targets and writes quality-report/quality.json and report.html (the README "Quality" figures);
+# then every fine-tuning method on the held-out heart (quality-report/concepts.json).
 quality: install
-	$(PY) -m pytest -m quality tests/unit/toy/test_quality.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m quality tests/unit/toy/test_quality.py tests/unit/toy/test_concepts.py $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not sweep and not chaos and not quality" $(PYTEST_ARGS)

@@ -629,10 +629,27 @@ def expected() -> dict[str, Any]:
         return
     _records.clear()
     yield {}
-    doc = {"_about": "written by tests/golden/make_expected.py from the pre-restructure code; "
+    doc = {"_machine": machine(),
+           "_about": "written by tests/golden/make_expected.py from the pre-restructure code; "
                      "see tests/golden/test_golden.py for what each record holds",
            **{k: _records[k] for k in CASES if k in _records}}
     Path(target).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def machine() -> str:
+    """What float results depend on: the CPU model, torch's kernel set for it, torch's version.
+
+    Image bytes and float columns are compared bit for bit, and CPUs of another model (or
+    another SIMD capability) round differently: on another machine the expected values must
+    be written again from the reference code (``make_expected.py``), and a failure says so.
+    """
+    import platform
+
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{platform.machine()} {model} / torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
 
 
 def test_every_case_is_an_example_config():
@@ -653,7 +670,11 @@ def test_example_config_output_is_unchanged(case, golden, runs, expected):
         return
     assert case in expected, f"no expected record for {case}; regenerate with make_expected.py"
     differences = diff_paths(expected[case], record)
-    assert not differences, f"{case}: output differs from the pre-restructure code:\n  " + "\n  ".join(differences[:40])
+    where = "" if expected.get("_machine") in (None, machine()) else (
+        f"\n(expected.json was written on {expected['_machine']!r}, this is {machine()!r}: if only image and "
+        "float digests differ, write it again from the reference code here with make_expected.py)")
+    assert not differences, (f"{case}: output differs from the pre-restructure code:\n  "
+                             + "\n  ".join(differences[:40]) + where)
     if case not in KILLED:
         return
     assert kill["killed"] and kill["returncode"] == -9, f"{case}: the run ended before the kill point: {kill}"
