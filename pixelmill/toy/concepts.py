@@ -135,6 +135,21 @@ def sample(pipe, prompt: str, n: int, seed: int = SAMPLE_SEED) -> list:
     return generate(pipe, [prompt] * n, GUIDANCE, SAMPLING_STEPS, seed=seed)
 
 
+class BaseSamples:
+    """The base model's samples, drawn once per (prompt, count, seed): DreamBooth and LoRA name the
+    concept alike, and the prior comparison asks again for what the methods already drew."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self._drawn: dict[tuple[str, int, int], list] = {}
+
+    def __call__(self, prompt: str, n: int, seed: int = SAMPLE_SEED) -> list:
+        key = (prompt, n, seed)
+        if key not in self._drawn:
+            self._drawn[key] = sample(self.pipe, prompt, n, seed)
+        return self._drawn[key]
+
+
 def read(images) -> list:
     from pixelmill.toy.detect import detect
 
@@ -157,15 +172,12 @@ class ImageAlignment:
     """Mean toy-CLIP cosine between images and the instance images (as the campaign report measures it)."""
 
     def __init__(self, clip: str, instances: str) -> None:
-        import io
-
-        from PIL import Image
-
         from pixelmill.datasets import Dataset
+        from pixelmill.datasets.images import decode_image
         from pixelmill.tasks.metrics import ClipScorer
 
         self.scorer = ClipScorer(clip, device="cpu")
-        images = [Image.open(io.BytesIO(b["bytes"] if isinstance(b, dict) else b)).convert("RGB")
+        images = [decode_image(b).convert("RGB")
                   for b in Dataset.open(instances).to_table(["image"])["image"].to_pylist()]
         self.ref = self.scorer.images(images)
 
@@ -173,7 +185,7 @@ class ImageAlignment:
         return round(float((self.scorer.images(images) @ self.ref.T).mean()), 4)
 
 
-def measure_method(method: str, root: Path, instances: str, n: int, steps_scale: float, base_pipe, align,
+def measure_method(method: str, root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, align,
                    class_data: str | None = None, tag: str = "") -> dict[str, Any]:
     """Train one method, then its learning, recontextualisation and alignment figures against the base."""
     t0 = time.perf_counter()
@@ -182,7 +194,7 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     pipe = trained_pipeline(method, artifacts)
     who = subject(method)
     plain, coloured = f"a photo of {who}", f"a photo of a {NEW_COLOR} {who}"
-    base_plain, base_col = sample(base_pipe, plain, n), sample(base_pipe, coloured, n)
+    base_plain, base_col = base(plain, n), base(coloured, n)
     got_plain, got_col = sample(pipe, plain, n), sample(pipe, coloured, n)
     rb, rt, cb, ct = read(base_plain), read(got_plain), read(base_col), read(got_col)
     out = {"method": method, "prior": class_data is not None, "steps": record.get("step"),
@@ -199,20 +211,21 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     return out
 
 
-def measure_prior(root: Path, instances: str, n: int, steps_scale: float, base_pipe, class_images: int,
+def measure_prior(root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, class_images: int,
                   without: dict[str, Any] | None) -> dict[str, Any]:
     """DreamBooth without and with the prior: how far the class prompt's outputs drift from the base model's."""
     from pixelmill.samples import write_image_dataset
 
     class_prompt = f"a photo of a {CLASS_WORD}"
     class_url = str(root / "class-images")
-    write_image_dataset(class_url, sample(base_pipe, class_prompt, class_images, seed=SAMPLE_SEED + 1000),
+    write_image_dataset(class_url, base(class_prompt, class_images, seed=SAMPLE_SEED + 1000),
                         [class_prompt] * class_images)
-    with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base_pipe, None, class_url, "-prior")
-    base = read(sample(base_pipe, class_prompt, n, seed=SAMPLE_SEED + 2000))
-    plain = without or measure_method("dreambooth", root, instances, n, steps_scale, base_pipe, None)
-    tv_without = tv_distance(base, read(sample(plain["pipeline"], class_prompt, n, seed=SAMPLE_SEED + 2000)))
-    tv_with = tv_distance(base, read(sample(with_prior["pipeline"], class_prompt, n, seed=SAMPLE_SEED + 2000)))
+    with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base, None, class_url, "-prior")
+    plain = without or measure_method("dreambooth", root, instances, n, steps_scale, base, None)
+    seed = SAMPLE_SEED + 2000
+    reference = read(base(class_prompt, n, seed))
+    tv_without = tv_distance(reference, read(sample(plain["pipeline"], class_prompt, n, seed)))
+    tv_with = tv_distance(reference, read(sample(with_prior["pipeline"], class_prompt, n, seed)))
     return {"class_prompt": class_prompt, "class_images": class_images, "samples": n,
             "tv_without_prior": tv_without, "tv_with_prior": tv_with,
             "heart_with_prior": with_prior["heart"], "recontext_with_prior": with_prior["recontext"]}
@@ -228,15 +241,15 @@ def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:c
     shutil.rmtree(work, ignore_errors=True)
     instances = str(work / "instances")
     captions = write_instances(instances)
-    base_pipe = _pipeline("toy:sd")
+    base = BaseSamples(_pipeline("toy:sd"))
     align = ImageAlignment(clip, instances) if clip else None
     results = {}
     for method in sizes["methods"]:
         results[method] = measure_method(method, work, instances, sizes["samples"], sizes["steps_scale"],
-                                         base_pipe, align)
+                                         base, align)
     prior = None
     if sizes.get("prior"):
-        prior = measure_prior(work, instances, sizes["samples"], sizes["steps_scale"], base_pipe,
+        prior = measure_prior(work, instances, sizes["samples"], sizes["steps_scale"], base,
                               sizes["class_images"], results.get("dreambooth"))
     doc = {"concept": world.HELD_OUT_SHAPE, "instance_colours": list(INSTANCE_COLORS), "new_colour": NEW_COLOR,
            "instance_captions": captions, "guidance": GUIDANCE, "sampling_steps": SAMPLING_STEPS,

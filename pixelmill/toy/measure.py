@@ -138,13 +138,15 @@ def score_edits(rows: list[dict[str, Any]], out: list[dict[str, Any]]) -> dict[s
             "l2_mean": float(np.mean(l2)) if l2 else None}
 
 
-def sdedit_settings(model: str, steps: int, guidance: float, seed: int) -> dict[str, Any]:
+def sdedit_settings(model: str, steps: int, guidance: float | None, seed: int) -> dict[str, Any]:
+    """The edit stage's settings; ``guidance`` None is what a user's edit runs at (``edit_guidance``)."""
+    guidance = edit_guidance() if guidance is None else guidance
     return {"method": "sdedit", "model": model, "prompt": "{edit_prompt}", "caption_column": None,
             "resolution": world.IMAGE_SIZE, "steps": steps, "guidance_scale": guidance, "seed": seed,
             "batch_size": 50, "device": "cpu", "dtype": "float32"}
 
 
-def measure_sdedit(model: str, rows, strengths, steps: int = 20, guidance: float = 7.5,
+def measure_sdedit(model: str, rows, strengths, steps: int = 20, guidance: float | None = None,
                    seed: int = 0) -> tuple[list[dict[str, Any]], dict[float, list[dict[str, Any]]]]:
     """The colour-change edits at each strength: one score per strength, and the output rows."""
     curve, outputs = [], {}
@@ -155,7 +157,7 @@ def measure_sdedit(model: str, rows, strengths, steps: int = 20, guidance: float
     return curve, outputs
 
 
-def measure_t0_search(model: str, rows, target: float = 0.12, steps: int = 20, guidance: float = 7.5,
+def measure_t0_search(model: str, rows, target: float = 0.12, steps: int = 20, guidance: float | None = None,
                       seed: int = 0) -> dict[str, Any]:
     """``strength: auto``: the share of rows whose achieved L2 lies in ``[BAND * target, target]``."""
     out = run_edit_stage(rows, strength="auto", target_l2=target, **sdedit_settings(model, steps, guidance, seed))

@@ -76,6 +76,13 @@ def _start(cmd, env):
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _kill_group(proc) -> None:
+    """End what the test started, if it is still running (its own process group only)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _wait_first_commit(proc, out, timeout=300) -> set[str]:
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
@@ -134,9 +141,7 @@ def test_cancel_in_the_prefect_ui_stops_the_run_and_a_rerun_resumes(cluster, tmp
         _, stderr = proc.communicate(timeout=120)
         took = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     assert proc.returncode == 130, stderr[-4000:]
     assert f"pixelmill: edit cancelled through the Prefect API (flow run {run.name})" in stderr, stderr[-3000:]
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr.split("pixelmill: edit")[-1]
@@ -171,9 +176,7 @@ def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tm
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to the whole process group
         _, stderr = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     assert proc.returncode == 130, stderr[-4000:]
     assert "pixelmill: edit interrupted (Ctrl-C)" in stderr, stderr[-3000:]
     (run,) = _our_runs(api_url, before)
@@ -250,9 +253,7 @@ def test_a_cancel_reaches_a_command_started_with_sigint_ignored(cluster):
         _cancel(cluster["PREFECT_API_URL"], run.id)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     assert proc.returncode == 130, err[-3000:]
     assert f"stopped: edit cancelled through the Prefect API (flow run {run.name})" in out
     state = {r.id: r.state for r in _our_runs(cluster["PREFECT_API_URL"], before)}[run.id]
