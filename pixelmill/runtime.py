@@ -63,6 +63,19 @@ FORWARDED_ENV = (
 # command), so the watchdog finds them after the command died and they were reparented.
 RUNTIME_MARK = "PIXELMILL_RUNTIME_ID"
 
+# Prefect server services a command's own server leaves off: nothing talks to it but the
+# command (no workers to watch, no automations, no paused or late runs to expire), and each
+# would start with the server and poll its database. The scheduler, the repossessor (frees
+# the concurrency slots of crashed runs: deployments rely on both), the task-run recorder
+# and the event persister (the run's records) and cancellation clean-up stay on.
+EMBEDDED_SERVER_SERVICES = {
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_LOGGER_ENABLED": "false",
+}
+
 # The file `pixelmill server` writes in the home folder while it runs.
 SERVER_FILE = "server.json"
 
@@ -213,6 +226,11 @@ class PrefectServer:
         return f"http://{self.host}:{self.port}/api"
 
     def start(self) -> PrefectServer:
+        """Start the server and wait until it answers."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> PrefectServer:
+        """Start the server process without waiting for it (``wait_ready`` waits)."""
         self.port = self.port or free_port(self.host)
         logfile = open(self.home / "prefect-server.log", "ab") if self.home.exists() else None
         if logfile is None:
@@ -227,6 +245,11 @@ class PrefectServer:
             stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        logfile.close()  # the server has its own descriptor
+        return self
+
+    def wait_ready(self) -> PrefectServer:
+        """Block until the launched server answers its health check (else stop it and raise)."""
         try:
             wait_for_health(self.api_url, proc=self.proc)
         except Exception:
@@ -451,12 +474,32 @@ def enable_ray_token_auth_if_available() -> None:
 
 
 def node_gpus() -> list[float]:
-    """GPUs on each alive node of the Ray cluster this process is connected to (none when not connected)."""
+    """GPUs on each alive node of the Ray cluster (the active runtime's, connected now if it was not; none
+    when not connected)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ensure_ray():
         return []
     return [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+# The Runtime whose Ray ``ensure_ray`` starts (the innermost one entered in this process).
+_active: list[Runtime] = []
+
+
+def ensure_ray() -> bool:
+    """Connect Ray now if the active runtime has not yet (it connects when work first needs it).
+
+    Returns whether Ray is connected. Without an active runtime nothing is started here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return True
+    if _active:
+        _active[-1].start_ray()
+        return True
+    return False
 
 
 @dataclass
@@ -469,6 +512,11 @@ class Runtime:
             server`` running on ``home``, else embedded).
         home: folder for the embedded server's database and logs.
         num_cpus: CPUs for the local Ray (default: all of this machine's).
+        lazy_ray: connect Ray when work first needs it (``ensure_ray``: a flow's first
+            submitted task, ``node_gpus``), not on entering, so a run with nothing to do never
+            starts it; False: connect on entering. Default: lazy when the Prefect API is
+            already up (``PREFECT_API_URL``, a running ``pixelmill server``); when this runtime
+            starts its own server, Ray starts while the server does (it costs no extra wait).
 
     What it starts (the embedded server, a local Ray) ends with it: on ``close()`` after
     Prefect's logs and events are flushed, and through a watchdog if the process dies.
@@ -478,6 +526,7 @@ class Runtime:
     prefect_api_url: str | None = None
     home: Path = field(default_factory=default_home)
     num_cpus: int | None = None
+    lazy_ray: bool | None = None
     server: PrefectServer | None = None
     owns_ray: bool = False
     watchdog: Watchdog | None = None
@@ -492,7 +541,8 @@ class Runtime:
             if not self.prefect_api_url or not self.ray_address:
                 self.watchdog = Watchdog().start()
             if not self.prefect_api_url:
-                self.server = PrefectServer(self.home).start()
+                # launched now, waited for after Ray's start: the two start at once
+                self.server = PrefectServer(self.home, env=dict(EMBEDDED_SERVER_SERVICES)).launch()
                 self.prefect_api_url = self.server.api_url
             self._set_env("PREFECT_API_URL", self.prefect_api_url)
             if not named_url:
@@ -500,7 +550,11 @@ class Runtime:
             # A worker without the URL must fail loudly, not start a hidden server of its own.
             self._set_env("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")
             refresh_prefect_settings()
-            self._start_ray()
+            _active.append(self)
+            if self.lazy_ray is False or (self.lazy_ray is None and self.server is not None):
+                self.start_ray()
+            if self.server is not None:
+                self.server.wait_ready()
         except BaseException:
             self.close()
             raise
@@ -524,7 +578,8 @@ class Runtime:
         env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
         return env
 
-    def _start_ray(self) -> None:
+    def start_ray(self) -> None:
+        """Connect Ray (the cluster at ``ray_address``, else a new local one); nothing if connected."""
         import ray
 
         if ray.is_initialized():
@@ -563,7 +618,9 @@ class Runtime:
 
     def close(self) -> None:
         """Flush Prefect's logs and events, then stop Ray and the server this runtime started."""
-        if self.prefect_api_url:
+        if self in _active:
+            _active.remove(self)
+        if self.prefect_api_url and (self.server is None or self.server.proc is not None):
             flush_prefect()
         if self.owns_ray:
             import ray

@@ -32,6 +32,9 @@ from typing import Any
 from pixelmill.cli.commands import UsageError
 
 PIPELINE_KIND = "run"
+# Deployable flow kinds: the registered pipelines with an entrypoint in flows/deployed.py, and
+# "run" (a chained pipeline). Here, not there: building the CLI's parser must not import Prefect.
+KINDS = ("edit", "retrieve", "pairs", "finetune", "video", PIPELINE_KIND)
 # Keys that only a pipeline / a campaign / ... has: how a config's flow is told apart.
 _DISTINCTIVE = (("concepts", "finetune"), ("grid", "finetune"), ("jobs", "finetune"),
                 ("atlas", "video"), ("render", "video"), ("pool", "retrieve"), ("prompts", "retrieve"),
@@ -40,7 +43,6 @@ _DISTINCTIVE = (("concepts", "finetune"), ("grid", "finetune"), ("jobs", "finetu
 
 def add_parsers(sub) -> None:
     """Add ``deploy`` and ``serve`` to the ``pixelmill`` subcommands."""
-    from pixelmill.flows.deployed import KINDS
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("configs", nargs="+", metavar="CONFIG",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pixelmill.config.base import AUTO, ConfigError, GpuCount
 
 __all__ = ["AUTO", "NO_GPUS", "GpuChoice", "GpuCount", "GpuRequest", "PlacementError", "check_gpu_requests",
-           "resolve_gpus"]
+           "explicit_gpus", "resolve_gpus"]
 
 NO_GPUS = "ran on CPU: the Ray cluster has no GPUs"
 
@@ -126,3 +126,8 @@ def resolve_gpus(request: GpuRequest, node_gpus: list[float]) -> GpuChoice:
 def check_gpu_requests(requests: list[GpuRequest], node_gpus: list[float]) -> list[GpuChoice]:
     """Resolve every request (a command checks its config this way as soon as Ray is connected)."""
     return [resolve_gpus(r, node_gpus) for r in requests]
+
+
+def explicit_gpus(requests: list[GpuRequest]) -> list[GpuRequest]:
+    """The requests that name a GPU count (only those can fail on a cluster: ``auto`` and 0 never do)."""
+    return [r for r in requests if r.value != AUTO and float(r.value) > 0]

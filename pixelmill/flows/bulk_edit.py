@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow
-from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import EditConfig
+from pixelmill.config.placement import GpuChoice
+from pixelmill.flows.ray_runner import LazyRayTaskRunner
 from pixelmill.flows.stage_run import choose_gpus, run_stage
 from pixelmill.flows.summary import FlowSummary, RunFigures, gpu_hours, publish
 
@@ -54,17 +55,18 @@ def editor_class(config: dict[str, Any]) -> type:
     return registry.get("edit", config["method"]).obj.for_config(config)
 
 
-@flow(name="bulk-edit", task_runner=RayTaskRunner(), log_prints=True)
+@flow(name="bulk-edit", task_runner=LazyRayTaskRunner(), log_prints=True)
 def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSummary:
     """Edit every input id not yet processed under the same config (and claimed by no live run)."""
     from pixelmill.datasets.claims import Heartbeat, new_run_id
     from pixelmill.flows.incremental import plan_edit, release
 
     cfg = EditConfig.model_validate(config)
-    gpus = choose_gpus(cfg.placement.gpu_request())
     stage_cls = editor_class(config)
     run = new_run_id()
     plan = plan_edit(config, cfg.output_affecting(), stage_cls.dataset, run=run, retry_rejects=cfg.retry_rejects)
+    # GPUs are looked up (and Ray connected) only when there is something to edit
+    gpus = choose_gpus(cfg.placement.gpu_request()) if plan.todo else GpuChoice(0.0)
     if plan.rows_claimed:
         print(f"{plan.rows_claimed} row(s) are claimed by live run(s) {', '.join(plan.others)}: left to them")
     try:

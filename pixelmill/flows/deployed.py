@@ -28,9 +28,6 @@ from typing import Any
 
 from prefect import flow
 
-# Deployable flow kinds -> the registered pipeline they run ("run": a chained pipeline).
-KINDS = ("edit", "retrieve", "pairs", "finetune", "video", "run")
-
 
 def read_config(config: dict[str, Any] | str) -> tuple[dict[str, Any], Path | None]:
     """The config mapping and, for a local file, its folder (pipeline step files are relative to it)."""
@@ -62,7 +59,7 @@ def run_deployed(kind: str, config: dict[str, Any] | str) -> dict[str, Any]:
     """Validate, preflight and run ``config`` as ``pixelmill <kind>`` would; returns the summary."""
     from pixelmill import registry
     from pixelmill.config import RuntimeConfig, validate
-    from pixelmill.config.placement import check_gpu_requests
+    from pixelmill.config.placement import check_gpu_requests, explicit_gpus
     from pixelmill.runtime import Runtime, default_home, node_gpus
 
     data, base_dir = read_config(config)
@@ -81,7 +78,8 @@ def run_deployed(kind: str, config: dict[str, Any] | str) -> dict[str, Any]:
     # The run's own Prefect API (set by the worker or `serve`) is kept; Ray as the config says.
     with Runtime(ray_address=rc.ray_address, prefect_api_url=os.environ.get("PREFECT_API_URL"),
                  home=default_home(), num_cpus=rc.num_cpus):
-        check_gpu_requests(requests, node_gpus())
+        if explicit := explicit_gpus(requests):  # only these can fail; checking them connects Ray
+            check_gpu_requests(explicit, node_gpus())
         if kind == "run":
             from pixelmill.flows.run import pipeline_flow
 

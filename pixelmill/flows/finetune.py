@@ -17,11 +17,10 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect_ray.context import remote_options
-from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import CampaignConfig
 from pixelmill.config.campaign import job_gpu_request
+from pixelmill.flows.ray_runner import LazyRayTaskRunner, remote_options
 from pixelmill.flows.stage_run import choose_gpus, run_stage
 from pixelmill.flows.summary import FlowSummary, RunFigures, add_counts, gpu_hours, publish, reason_counts
 from pixelmill.tasks.train.plan import CampaignPlan, ClassImageRequest, plan_campaign
@@ -100,7 +99,7 @@ def _job_resources(spec: dict[str, Any]) -> dict[str, float]:
     return {"num_cpus": s["cpus_per_worker"], "num_gpus": s["num_gpus"]}
 
 
-@flow(name="finetune", task_runner=RayTaskRunner(), log_prints=True)
+@flow(name="finetune", task_runner=LazyRayTaskRunner(), log_prints=True)
 def finetune_flow(config: dict[str, Any]) -> CampaignSummary:
     """Plan → retrieval → class images → caches → jobs → results and report."""
     t0 = time.perf_counter()

@@ -15,11 +15,12 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import PairsConfig
+from pixelmill.config.placement import GpuChoice
 from pixelmill.datasets.storage import join
 from pixelmill.flows.common import plan_shards
+from pixelmill.flows.ray_runner import LazyRayTaskRunner
 from pixelmill.flows.stage_run import choose_gpus, run_stage
 from pixelmill.flows.summary import FlowSummary, RunFigures, add_counts, gpu_hours, publish
 
@@ -59,7 +60,7 @@ def find_duplicates(cfg: PairsConfig, url: str) -> None:
     find_duplicate_captions(cfg.input, cfg.caption_column, cfg.limit, url)
 
 
-@flow(name="pairs", task_runner=RayTaskRunner(), log_prints=True)
+@flow(name="pairs", task_runner=LazyRayTaskRunner(), log_prints=True)
 def pairs_flow(config: dict[str, Any]) -> PairsSummary:
     """Duplicates → text stage → commit ``text/`` → image stage → commit ``pairs/``."""
     from pixelmill.tasks.instructions import InstructionStage
@@ -67,11 +68,14 @@ def pairs_flow(config: dict[str, Any]) -> PairsSummary:
 
     t0 = time.perf_counter()
     cfg = PairsConfig.model_validate(config)
-    gpus = choose_gpus(cfg.placement.gpu_request())  # the image stage's; the text stage runs on CPU
     urls = stage_urls(config)
     duplicates = join(cfg.output, "text-duplicates.json")
-    if plan_shards({"input": cfg.input, "output": urls["text"], "limit": cfg.limit}, cfg.text_affecting()).todo:
+    text_todo = plan_shards({"input": cfg.input, "output": urls["text"], "limit": cfg.limit}, cfg.text_affecting()).todo
+    if text_todo:
         find_duplicates(cfg, duplicates)
+    # the image stage's GPUs (the text stage runs on CPU), looked up (and Ray connected) only for work to do
+    pairs_todo = text_todo or plan_shards({"input": urls["text"], "output": urls["pairs"]}, cfg.pairs_affecting()).todo
+    gpus = choose_gpus(cfg.placement.gpu_request()) if pairs_todo else GpuChoice(0.0)
     text = run_stage(InstructionStage, {**cfg.text_stage_config(), "duplicates_url": duplicates},
                      cfg.placement.resources(0), input=cfg.input, output=urls["text"], hashed=cfg.text_affecting(),
                      workers=cfg.placement.workers, limit=cfg.limit, task_name="write-instructions",

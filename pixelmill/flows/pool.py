@@ -7,15 +7,15 @@ shards commit as they complete, so a rerun resumes.
 from __future__ import annotations
 
 from prefect import flow
-from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.datasets import Dataset
+from pixelmill.flows.ray_runner import LazyRayTaskRunner
 from pixelmill.flows.stage_run import run_stage
 from pixelmill.flows.summary import RunFigures, publish_figures
 from pixelmill.tasks.stage import Resources
 
 
-@flow(name="pool-build", task_runner=RayTaskRunner(), log_prints=True)
+@flow(name="pool-build", task_runner=LazyRayTaskRunner(), log_prints=True)
 def build_pool_flow(dataset: str, out: str, clip_model: str, caption_column: str | None = "caption",
                     image_column: str | None = "image", batch_size: int = 64, overwrite: bool = False,
                     device: str = "auto", workers: int = 1, timeouts: dict | None = None) -> dict[str, int]:

@@ -15,12 +15,11 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect_ray.context import remote_options
-from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import RetrieveConfig
 from pixelmill.datasets import config_hash, read_manifest, stable_id
 from pixelmill.datasets.storage import join
+from pixelmill.flows.ray_runner import LazyRayTaskRunner, remote_options
 from pixelmill.flows.stage_run import commit_manifest
 from pixelmill.flows.summary import FlowSummary, RunFigures, publish, reason_counts
 
@@ -129,7 +128,7 @@ class RetrieveSummary(FlowSummary):
                           seconds=self.seconds, notes=list(self.notes))
 
 
-@flow(name="retrieve", task_runner=RayTaskRunner(), log_prints=True)
+@flow(name="retrieve", task_runner=LazyRayTaskRunner(), log_prints=True)
 def retrieve_flow(config: dict[str, Any]) -> RetrieveSummary:
     """Scan (prompts not yet scanned) → download per prompt → commit → export."""
     t0 = time.perf_counter()

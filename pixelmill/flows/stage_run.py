@@ -17,7 +17,6 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect_ray.context import remote_options
 
 from pixelmill.datasets import DatasetWriter
 from pixelmill.flows.common import (
@@ -28,6 +27,8 @@ from pixelmill.flows.common import (
     plan_shards,
     wait_with_progress,
 )
+from pixelmill.flows.ray_runner import remote_options
+from pixelmill.runtime import ensure_ray
 
 
 @dataclass
@@ -101,6 +102,7 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
     plan = plan or plan_shards({"input": input, "output": output, "limit": limit}, hashed)
     result = StageResult(output=output, plan=plan)
     if plan.todo:
+        ensure_ray()  # the progress counter and the driver's placement ask the cluster
         progress = Progress.create(total=plan.rows_todo) if show_progress else None
         submit = run_shards.with_options(name=task_name) if task_name else run_shards
         with remote_options(num_cpus=0, resources=head_resources()):  # its node's loss would take every actor

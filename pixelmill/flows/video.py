@@ -16,10 +16,10 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect_ray.context import remote_options
-from prefect_ray.task_runners import RayTaskRunner
 
 from pixelmill.config import VideoConfig
+from pixelmill.config.placement import GpuChoice
+from pixelmill.flows.ray_runner import LazyRayTaskRunner, remote_options
 from pixelmill.flows.stage_run import choose_gpus
 from pixelmill.flows.summary import FlowSummary, RunFigures, add_counts, gpu_hours, publish, reason_counts
 from pixelmill.tasks.video.plan import VideoPlan, plan_videos, write_output_config
@@ -65,14 +65,15 @@ def collect_video_results(output: str, specs: list[dict[str, Any]]) -> tuple[str
     return write_video_results(output, specs)
 
 
-@flow(name="video", task_runner=RayTaskRunner(), log_prints=True)
+@flow(name="video", task_runner=LazyRayTaskRunner(), log_prints=True)
 def video_flow(config: dict[str, Any]) -> VideoSummary:
     """Plan → one job per video on Ray → metrics table and report."""
     t0 = time.perf_counter()
     cfg = VideoConfig.model_validate(config)
     plan: VideoPlan = plan_videos(cfg)
     write_output_config(cfg.output, plan.config)
-    choice = choose_gpus(cfg.placement.gpu_request())
+    # GPUs looked up (and Ray connected) only when a video is to be made
+    choice = choose_gpus(cfg.placement.gpu_request()) if any(job.runs for job in plan.jobs) else GpuChoice(0.0)
     gpus = choice.gpus
     summary = VideoSummary(output=cfg.output, videos=len(plan.jobs), num_gpus=gpus, gpus=gpus)
     if choice.note and any(job.runs for job in plan.jobs):

@@ -5,30 +5,27 @@ dtypes or devices. Heavy libraries (diffusers, open_clip) are imported lazily in
 functions, so importing ``pixelmill.models`` stays cheap on the driver.
 """
 
-from pixelmill.models.device import resolve_device, resolve_dtype
-from pixelmill.models.loading import (
-    ModelNotFound,
-    is_sd_shaped,
-    load_clip,
-    load_img2img_pipeline,
-    load_instruct_pix2pix_pipeline,
-    load_text2img_pipeline,
-    looks_local,
-    model_fingerprint,
-    require_sd_shaped,
-    safety_flags,
-)
-from pixelmill.models.tiny import (
-    build_sd_unet_for_benchmark,
-    build_tiny_img2img_pipeline,
-    build_tiny_instruct_pix2pix_pipeline,
-    build_tiny_sd_components,
-    save_tiny_clip,
-    save_tiny_img2img,
-    save_tiny_instruct_pix2pix,
-    save_tiny_models,
-)
-from pixelmill.models.tokenizer import build_clip_tokenizer
+# Names resolve on first use (PEP 562): importing the package (e.g. ``pixelmill.models.loading``
+# from a config's preflight) must not import torch on the driver.
+_WHERE = {
+    "resolve_device": "device", "resolve_dtype": "device",
+    **dict.fromkeys(("ModelNotFound", "is_sd_shaped", "load_clip", "load_img2img_pipeline",
+                     "load_instruct_pix2pix_pipeline", "load_text2img_pipeline", "looks_local",
+                     "model_fingerprint", "require_sd_shaped", "safety_flags"), "loading"),
+    **dict.fromkeys(("build_sd_unet_for_benchmark", "build_tiny_img2img_pipeline",
+                     "build_tiny_instruct_pix2pix_pipeline", "build_tiny_sd_components", "save_tiny_clip",
+                     "save_tiny_img2img", "save_tiny_instruct_pix2pix", "save_tiny_models"), "tiny"),
+    "build_clip_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "ModelNotFound",

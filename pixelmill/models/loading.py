@@ -14,12 +14,12 @@ import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pixelmill.models.device import resolve_device, resolve_dtype
 from pixelmill.models.safe_weights import refuse_pickles
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded: preflight on the driver needs none of it
+    import torch
 
 MODEL_INDEX = "model_index.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -202,6 +202,8 @@ def load_img2img_pipeline(
     """
     from diffusers import AutoPipelineForImage2Image
 
+    from pixelmill.models.device import resolve_device, resolve_dtype
+
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     name, index = _read_model_index(model, revision)
@@ -236,6 +238,8 @@ def load_text2img_pipeline(
         ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
     """
     from diffusers import AutoPipelineForText2Image
+
+    from pixelmill.models.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -283,6 +287,8 @@ def load_instruct_pix2pix_pipeline(
         ValueError: The checkpoint is not an InstructPix2Pix model.
     """
     import diffusers
+
+    from pixelmill.models.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -357,7 +363,7 @@ def require_sd_shaped(pipe: Any, what: str) -> None:
         )
 
 
-_OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_OPEN_CLIP_PRECISION = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 
 def _clip_folder(model: str) -> Path:
@@ -407,8 +413,10 @@ def load_clip(
     """
     import open_clip
 
+    from pixelmill.models.device import resolve_device, resolve_dtype
+
     dev = resolve_device(device)
-    precision = _OPEN_CLIP_PRECISION[resolve_dtype(dtype, dev)]
+    precision = _OPEN_CLIP_PRECISION[str(resolve_dtype(dtype, dev))]
     model = resolve_model_name(model)
     if looks_local(model):
         folder = _clip_folder(model)
@@ -471,6 +479,8 @@ def safety_flags(pipeline_output: Any) -> list[bool]:
 
 
 def _as_list(flags: Any) -> Sequence[Any]:
+    import torch
+
     if isinstance(flags, torch.Tensor):
         return flags.flatten().tolist()
     return list(flags)
@@ -526,6 +536,7 @@ def load_training_components(model: str, revision: str | None = None) -> dict[st
         ValueError: The pipeline is not SD-shaped (no UNet/VAE/CLIP text encoder).
     """
     import diffusers
+    import torch
 
     name, index = _read_model_index(model, revision)
     class_name = str(index.get("_class_name", ""))
