@@ -106,7 +106,7 @@ def print_summary(summary, as_json: bool = False) -> None:
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(summary.images_per_second, 4),
         "worker": summary.worker,
-        **{k: getattr(summary, k) for k in ("run", "rows_skipped", "rows_claimed_elsewhere", "retried")
+        **{k: getattr(summary, k) for k in ("run", "rows_skipped", "rows_claimed_elsewhere", "retried", "timing")
            if hasattr(summary, k)},
         **summary_extras(summary),
     }

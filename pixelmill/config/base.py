@@ -115,12 +115,18 @@ class Placement(StrictModel):
             else CPU, said in the run's summary), or a number (``0``: CPU; more than the
             cluster's nodes can provide is refused with exit status 2 before work starts).
         memory: bytes of memory each worker claims (Ray's ``memory`` resource), or none.
+        rows_per_call: input rows a worker is given per call: shards are streamed through
+            workers this many rows at a time, so a worker's memory does not grow with the
+            shard size. Default: the stage's (256 for edits and pair rendering, whole shards
+            for text stages). Rows are seeded per id, not per call; only images of mixed sizes
+            can meet other batch neighbours.
     """
 
     workers: int = Field(default=1, ge=1)
     cpus: float = Field(default=1.0, gt=0)
     gpus: GpuCount = AUTO
     memory: int | None = Field(default=None, ge=1)
+    rows_per_call: int | None = Field(default=None, ge=1)
 
     def gpu_request(self, field: str = "placement.gpus"):
         """This placement's GPU count as a ``GpuRequest`` (resolved with ``config.placement.resolve_gpus``)."""

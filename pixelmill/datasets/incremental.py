@@ -180,8 +180,9 @@ def _safe_hash(url: str) -> str | None:
         return None
 
 
-def read_spec(url: str, rows: int, select: str, columns: list[str]) -> pa.Table:
-    """The input rows of one planned unit.
+def read_spec(url: str, rows: int, select: str, columns: list[str], start: int = 0,
+              stop: int | None = None) -> pa.Table:
+    """The input rows of one planned unit (or of its part ``[start, stop)``).
 
     Args:
         url: the input shard (a dataset input), or the input folder (raw files).
@@ -190,13 +191,15 @@ def read_spec(url: str, rows: int, select: str, columns: list[str]) -> pa.Table:
             first N rows) or
             ``{"files": [[url, id, name], ...]}`` (raw files; an unreadable one keeps a null image).
         columns: the columns the stage reads.
+        start, stop: only these of the unit's rows (after selection); a part of a plain
+            shard reads only the row groups that hold it.
     """
-    from pixelmill.datasets.reader import read_parquet_file
+    from pixelmill.datasets.reader import read_parquet_file, read_parquet_rows
 
     chosen = json.loads(select) if select else {}
     if "files" in chosen:
         records = []
-        for file_url, row_id, name in chosen["files"]:
+        for file_url, row_id, name in chosen["files"][start:stop]:
             try:
                 data = storage.read_bytes(file_url)
             except OSError:
@@ -208,7 +211,9 @@ def read_spec(url: str, rows: int, select: str, columns: list[str]) -> pa.Table:
             if c not in table.column_names:
                 table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
         return table.select(columns)
-    table = read_parquet_file(url, columns=columns).slice(0, int(chosen.get("head", rows)))
-    if "ids" in chosen:
-        table = table.filter(pc.is_in(table["id"].cast(pa.string()), pa.array(chosen["ids"], pa.string())))
-    return table
+    head = int(chosen.get("head", rows))
+    if "ids" not in chosen:
+        return read_parquet_rows(url, columns, start, head if stop is None else min(int(stop), head))
+    table = read_parquet_file(url, columns=columns).slice(0, head)
+    table = table.filter(pc.is_in(table["id"].cast(pa.string()), pa.array(chosen["ids"], pa.string())))
+    return table.slice(start, None if stop is None else max(0, int(stop) - start))

@@ -26,6 +26,24 @@ def read_parquet_file(url: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
+def read_parquet_rows(url: str, columns: list[str] | None, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of one Parquet file, reading only the row groups that hold them."""
+    fs, path = storage.resolve(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups, first, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        if not groups:
+            return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
+        table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, max(0, stop - start))
+
+
 def parquet_num_rows(url: str) -> int:
     """Row count of one Parquet file, from its footer."""
     fs, path = storage.resolve(url)

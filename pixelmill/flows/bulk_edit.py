@@ -37,6 +37,7 @@ class EditSummary(FlowSummary):
     rows_skipped: int = 0
     rows_claimed_elsewhere: int = 0
     retried: int = 0
+    timing: dict[str, float] = field(default_factory=dict)  # the stage's own seconds: calls, set-up
 
     @property
     def images_per_second(self) -> float:
@@ -74,7 +75,8 @@ def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSu
             r = run_stage(stage_cls, config, cfg.placement.resources(gpus.gpus), input=cfg.input,
                           output=cfg.output, hashed=cfg.output_affecting(), workers=cfg.placement.workers,
                           task_name="edit-shards", show_progress=show_progress, progress_label="editing",
-                          plan=plan, run=run, timeouts=cfg.timeouts.model_dump())
+                          plan=plan, run=run, timeouts=cfg.timeouts.model_dump(),
+                          rows_per_call=cfg.placement.rows_per_call)
     finally:
         release(plan, stage_cls.dataset)
     return publish(EditSummary(
@@ -83,6 +85,6 @@ def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSu
         shards_run=r.shards_run, shards_skipped=r.shards_skipped, seconds=r.stats.seconds, worker=r.stats.worker,
         notes=([gpus.note] if gpus.note and r.shards_run else []) + (
             [f"{plan.rows_claimed} row(s) left to live run(s) {', '.join(plan.others)}"] if plan.rows_claimed else []),
-        gpus=gpus.gpus,
+        gpus=gpus.gpus, timing=r.stats.timing(),
         gpu_hours=gpu_hours(gpus.gpus, r.stats.actors, r.stats.seconds),
         rejected_by_reason=r.stats.reject_reasons, nodes=r.stats.nodes))

@@ -12,10 +12,16 @@ import pyarrow.compute as pc
 
 from pixelmill.datasets import Dataset, DatasetWriter, config_hash, read_manifest
 from pixelmill.flows.summary import reason_key
-from pixelmill.tasks.ray_data import WORKER_COLUMN
+from pixelmill.tasks.ray_data import (
+    CALL_SECONDS_COLUMN,
+    PEAK_RSS_COLUMN,
+    SETUP_SECONDS_COLUMN,
+    TIMING_COLUMNS,
+    WORKER_COLUMN,
+)
 from pixelmill.tasks.stage import STATUS_DROPPED, STATUS_OK, STATUS_REJECT
 
-CONTROL_COLUMNS = ("status", "error", "stage", "shard", WORKER_COLUMN)
+CONTROL_COLUMNS = ("status", "error", "stage", "shard", WORKER_COLUMN, *TIMING_COLUMNS)
 
 
 @dataclass
@@ -159,6 +165,10 @@ class StageStats:
         nodes: output rows per Ray node id of the stage actors that made them.
         actors: how many stage actors made rows (each claimed the stage's GPUs).
         worker: the process that drove the stage (a Ray task claiming no CPU).
+        call_seconds: the stage calls' own time, summed over actors (what the stage computed:
+            ``rows_in / call_seconds`` is one actor's steady rate); ``calls``: how many.
+        setup_seconds: the actors' set-up (model loading), summed.
+        peak_rss_bytes: the largest peak resident memory of a stage actor's process.
     """
 
     rows_in: int = 0
@@ -170,9 +180,42 @@ class StageStats:
     reject_reasons: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
     actors: int = 0
+    call_seconds: float = 0.0
+    calls: int = 0
+    setup_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def timing(self) -> dict[str, float]:
+        """Where the run's time went (the stage's calls and set-up inside it, the driver's wall time),
+        and the largest peak memory of a stage worker process."""
+        return {"calls": self.calls, "call_seconds": round(self.call_seconds, 3),
+                "setup_seconds": round(self.setup_seconds, 3), "stage_seconds": round(self.seconds, 3),
+                "worker_peak_rss_mb": round(self.peak_rss_bytes / 2**20, 1)}
+
+
+def split_specs(specs: list[dict[str, Any]], rows_per_call: int | None) -> list[dict[str, Any]]:
+    """The planned units as stage calls of at most ``rows_per_call`` rows each (``start``/``stop``
+    within the unit's rows); None: one call per unit."""
+    calls = []
+    for spec in specs:
+        rows = int(spec["rows"])
+        step = rows_per_call or max(rows, 1)
+        calls += [{**spec, "start": start, "stop": min(rows, start + step)} for start in range(0, max(rows, 1), step)]
+    return calls
+
+
+def spec_rows(spec: dict[str, Any]) -> int:
+    """The input rows one planned call reads."""
+    return int(spec["stop"]) - int(spec["start"]) if "start" in spec else int(spec["rows"])
 
 
 def _count_where(stats: StageStats, actors: set[str], part) -> None:
+    if CALL_SECONDS_COLUMN in part.column_names:
+        calls = part[CALL_SECONDS_COLUMN]
+        stats.call_seconds += pc.sum(calls).as_py() or 0.0
+        stats.calls += pc.sum(pc.greater(calls, 0.0).cast("int64")).as_py() or 0
+        stats.setup_seconds += pc.sum(part[SETUP_SECONDS_COLUMN]).as_py() or 0.0
+        stats.peak_rss_bytes = max(stats.peak_rss_bytes, int(pc.max(part[PEAK_RSS_COLUMN]).as_py() or 0))
     if WORKER_COLUMN not in part.column_names:
         return
     for where in part[WORKER_COLUMN].to_pylist():
@@ -207,6 +250,7 @@ def run_stage_into_writer(
     drop_columns: tuple[str, ...] = (),
     execute: Callable | None = None,
     timeouts: dict[str, Any] | None = None,
+    rows_per_call: int | None = None,
 ) -> StageStats:
     """Stream the planned input shards through a stage; commit each output shard when whole.
 
@@ -222,7 +266,10 @@ def run_stage_into_writer(
     bounds the calls a shard gets (``tasks/call_guard.py``; attempt records under the
     output's staging folder; None: neither); a shard out of attempts comes back as rejects only, without
     the stage's data columns: such a shard gets no data file (readers take the schema from
-    the other shards), never a data file with a schema of ``id`` alone.
+    the other shards), never a data file with a schema of ``id`` alone. ``rows_per_call``
+    streams each shard through the stage in calls of at most that many rows (the stage's
+    memory stays flat however large the shard); the output shard is written as its parts
+    come back and committed when the last one did.
     """
     import time
 
@@ -235,12 +282,15 @@ def run_stage_into_writer(
     t0 = time.perf_counter()
     writer.open()
     guard = None if timeouts is None else CallGuard.from_timeouts(timeouts, storage.join(writer.staging, ATTEMPTS_DIR))
-    expected = {s["shard"]: s["rows"] for s in plan.specs}
+    calls = split_specs(plan.specs, rows_per_call)
+    expected: dict[str, int] = {}
+    for spec in calls:
+        expected[spec["shard"]] = expected.get(spec["shard"], 0) + spec_rows(spec)
     seen: dict[str, set[str]] = {name: set() for name in expected}
     shard_writers = {}
     stats = StageStats(rows_in=sum(expected.values()), worker=_worker_info())
     actors: set[str] = set()
-    for out in execute(plan.specs, columns, builder, workers=workers, **({"guard": guard} if guard else {})):
+    for out in execute(calls, columns, builder, workers=workers, **({"guard": guard} if guard else {})):
         _count_where(stats, actors, out)
         key = "parent_id" if "parent_id" in out.column_names else "id"
         for name in pc.unique(out["shard"]).to_pylist():

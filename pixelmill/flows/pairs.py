@@ -82,7 +82,8 @@ def pairs_flow(config: dict[str, Any]) -> PairsSummary:
                      timeouts=cfg.timeouts.model_dump())
     pairs = run_stage(PairRenderStage, cfg.image_stage_config(), cfg.placement.resources(gpus.gpus),
                       input=urls["text"], output=urls["pairs"], hashed=cfg.pairs_affecting(),
-                      workers=cfg.placement.workers, task_name="render-pairs", timeouts=cfg.timeouts.model_dump())
+                      workers=cfg.placement.workers, task_name="render-pairs", timeouts=cfg.timeouts.model_dump(),
+                      rows_per_call=cfg.placement.rows_per_call)
     rejected = add_counts({}, text.stats.reject_reasons, "text: ")
     return publish(PairsSummary(
         output=cfg.output, captions=text.stats.rows_in, instructions=text.stats.rows_out,

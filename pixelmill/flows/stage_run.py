@@ -52,7 +52,7 @@ class StageResult:
 @task(name="run-stage", cache_policy=NO_CACHE)
 def run_shards(stage_cls: type, config: dict[str, Any], resources: Any, plan: ShardPlan, output: str,
                workers: int, progress: Progress | None = None, run: str | None = None,
-               timeouts: dict[str, Any] | None = None) -> StageStats:
+               timeouts: dict[str, Any] | None = None, rows_per_call: int | None = None) -> StageStats:
     """Run ``stage_cls`` over the planned shards and commit each output shard as it completes."""
     from pixelmill.flows.common import run_stage_into_writer
 
@@ -65,6 +65,7 @@ def run_shards(stage_cls: type, config: dict[str, Any], resources: Any, plan: Sh
         progress=progress,
         drop_columns=stage_cls.dropped_columns(config),
         timeouts=timeouts,
+        rows_per_call=rows_per_call or stage_cls.rows_per_call,
     )
 
 
@@ -77,7 +78,8 @@ def commit_manifest(output: str, dataset: tuple[str, int], hashed: dict[str, Any
 def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input: str, output: str,
               hashed: dict[str, Any], workers: int = 1, limit: int | None = None, task_name: str | None = None,
               show_progress: bool = False, progress_label: str = "rows", plan: ShardPlan | None = None,
-              run: str | None = None, timeouts: dict[str, Any] | None = None) -> StageResult:
+              run: str | None = None, timeouts: dict[str, Any] | None = None,
+              rows_per_call: int | None = None) -> StageResult:
     """Plan → run the uncommitted shards on Ray → commit the manifest. Call from inside a flow.
 
     Args:
@@ -97,6 +99,8 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
             each stage call is timed and a shard gets at most ``attempts`` calls, then its
             rows are rejects naming why (``tasks/call_guard.py``). None: calls are neither
             timed nor counted (Ray Data retries a shard whose worker died without limit).
+        rows_per_call: input rows per stage call (a config's ``placement.rows_per_call``);
+            None: the stage's own ``rows_per_call``.
     """
     t0 = time.perf_counter()
     plan = plan or plan_shards({"input": input, "output": output, "limit": limit}, hashed)
@@ -106,7 +110,8 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
         progress = Progress.create(total=plan.rows_todo) if show_progress else None
         submit = run_shards.with_options(name=task_name) if task_name else run_shards
         with remote_options(num_cpus=0, resources=head_resources()):  # its node's loss would take every actor
-            future = submit.submit(stage_cls, config, resources, plan, output, workers, progress, run, timeouts)
+            future = submit.submit(stage_cls, config, resources, plan, output, workers, progress, run, timeouts,
+                                   rows_per_call)
         result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)
     if plan.todo or not plan.output_complete:
         commit_manifest(output, stage_cls.dataset, plan.config, run)

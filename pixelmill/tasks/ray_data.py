@@ -6,6 +6,7 @@ in Ray 2.51); keeping them here means stages never see them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,13 +17,35 @@ from pixelmill.tasks.stage import Stage, set_torch_threads
 
 WORKER_COLUMN = "_worker"
 """Control column each output batch carries: ``<node id>/<actor id>`` of the actor that made it."""
+CALL_SECONDS_COLUMN = "_call_s"
+"""Control column: the stage call's seconds on the first row of its output (0 on the others)."""
+SETUP_SECONDS_COLUMN = "_setup_s"
+"""Control column: the actor's set-up seconds (model loading) on the first row of its first output, else 0."""
+PEAK_RSS_COLUMN = "_peak_rss"
+"""Control column: the actor process's peak resident memory (bytes) after the call, on the first row."""
+TIMING_COLUMNS = (CALL_SECONDS_COLUMN, SETUP_SECONDS_COLUMN, PEAK_RSS_COLUMN)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kibibytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _first_row(value: float, rows: int) -> pa.Array:
+    return pa.array([value] + [0.0] * (rows - 1), pa.float64())
 
 
 class _StageActor:
     """Ray Data actor: builds the stage from its builder on the worker, sets it up once.
 
     Tags its output rows with where they were made (``WORKER_COLUMN``), so a run can say
-    which nodes and how many actors did the work (and so its GPU-hours). With a ``guard``,
+    which nodes and how many actors did the work (and so its GPU-hours), and with how long
+    the call and the actor's set-up took (``TIMING_COLUMNS``: a run's steady state and fixed
+    costs are measured inside it, not by difference of whole runs). With a ``guard``,
     each call is timed and counted (``tasks/call_guard.py``): a hung call ends this actor's
     process, Ray Data restarts the actor and calls it again with the shard, and a shard out
     of attempts comes back as rejects without calling the stage.
@@ -31,6 +54,7 @@ class _StageActor:
     def __init__(self, builder: Callable[[], Stage], guard: CallGuard | None = None) -> None:
         import ray
 
+        started = time.perf_counter()
         ctx = ray.get_runtime_context()
         self.where = f"{ctx.get_node_id()}/{ctx.get_actor_id()}"
         self.guard = guard
@@ -40,10 +64,19 @@ class _StageActor:
             self.stage.setup()
         else:
             guard.setup(self.stage)
+        self.setup_seconds = time.perf_counter() - started  # reported with the first output row
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         out = self.stage(batch) if self.guard is None else self.guard.run(self.stage, batch)
-        return out.append_column(WORKER_COLUMN, pa.array([self.where] * out.num_rows, pa.string()))
+        seconds = time.perf_counter() - started
+        out = out.append_column(WORKER_COLUMN, pa.array([self.where] * out.num_rows, pa.string()))
+        if not out.num_rows:
+            return out
+        out = out.append_column(CALL_SECONDS_COLUMN, _first_row(seconds, out.num_rows))
+        setup, self.setup_seconds = self.setup_seconds, 0.0
+        out = out.append_column(SETUP_SECONDS_COLUMN, _first_row(setup, out.num_rows))
+        return out.append_column(PEAK_RSS_COLUMN, _first_row(float(peak_rss_bytes()), out.num_rows))
 
 
 def quiet_data_context() -> None:
@@ -76,9 +109,13 @@ def _read_spec_batch(batch: dict, columns: list[str]) -> pa.Table:
     from pixelmill.datasets.incremental import read_spec
 
     tables = []
-    selects = batch["select"] if "select" in batch else [""] * len(batch["url"])
-    for url, shard, rows, select in zip(batch["url"], batch["shard"], batch["rows"], selects):
-        t = read_spec(str(url), int(rows), str(select or ""), columns)
+    n = len(batch["url"])
+    selects = batch["select"] if "select" in batch else [""] * n
+    starts, stops = batch.get("start", [0] * n), batch.get("stop", [None] * n)
+    for url, shard, rows, select, start, stop in zip(batch["url"], batch["shard"], batch["rows"], selects, starts,
+                                                      stops):
+        t = read_spec(str(url), int(rows), str(select or ""), columns, start=int(start or 0),
+                      stop=None if stop is None else int(stop))
         tables.append(t.append_column("shard", pa.array([str(shard)] * t.num_rows, pa.string())))
     return pa.concat_tables(tables)
 
@@ -99,9 +136,10 @@ def run_stage(
     identical runs.
 
     Args:
-        specs: one dict per input shard: ``url``, ``shard`` (name) and ``rows`` (how many
+        specs: one dict per stage call: ``url``, ``shard`` (name) and ``rows`` (how many
             of its first rows to read), optionally ``select`` (planned ids or raw files,
-            ``datasets.incremental.read_spec``).
+            ``datasets.incremental.read_spec``) and ``start``/``stop`` (this call's part of
+            those rows: ``flows.common.split_specs``).
         columns: input columns to read.
         builder: a picklable zero-argument callable that builds the stage on the worker
             (builders, not objects, cross process boundaries).

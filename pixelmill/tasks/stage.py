@@ -44,6 +44,10 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     dataset: ClassVar[tuple[str, int]] = ("stage", 1)
+    # Input rows per call: a shard is streamed through a worker this many rows at a time, so the
+    # worker's memory does not grow with the shard (None: whole shards; a config's
+    # ``placement.rows_per_call`` overrides it). Rows are seeded per id, never per call.
+    rows_per_call: ClassVar[int | None] = None
     _heartbeat: Callable[[str], None] | None = None  # set by the call's guard (tasks/call_guard.py)
 
     @classmethod
@@ -105,7 +109,8 @@ def run_stage_inline(specs: list[dict[str, Any]], columns: list[str], builder, w
     set_torch_threads(stage.resources.cpus)
     stage.setup()
     for spec in specs:
-        table = read_spec(str(spec["url"]), int(spec["rows"]), spec.get("select") or "", columns)
+        table = read_spec(str(spec["url"]), int(spec["rows"]), spec.get("select") or "", columns,
+                          start=int(spec.get("start") or 0), stop=spec.get("stop"))
         table = table.append_column("shard", pa.array([str(spec["shard"])] * table.num_rows, pa.string()))
         out = stage(table)
         if out.num_rows:

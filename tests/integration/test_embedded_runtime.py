@@ -14,9 +14,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -428,10 +430,24 @@ def test_a_command_reuses_the_server_the_user_started_and_leaves_it_running(user
                                        prompt="a painting", strength=0.5, steps=2, resolution=64)))
     api_url = user_server["url"] + "/api"
     before = {r["id"] for r in runs_at(api_url)}
-    out = run_user(["edit", str(cfg), "--json", "--limit", "2"], user_server["home"], tmp_path)
-    assert json.loads(last_line(out))["rows_out"] == 2
+    # where each command's Ray would keep its session (a short path: Ray's socket paths have a length limit)
+    ray_dirs = [Path(tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")) for _ in range(2)]
+    try:
+        out = run_user(["edit", str(cfg), "--json", "--limit", "2"], user_server["home"], tmp_path,
+                       env={"RAY_TMPDIR": str(ray_dirs[0])})
+        assert json.loads(last_line(out))["rows_out"] == 2
+        assert list(ray_dirs[0].glob("ray/session_*")), "the probe: a run with work starts Ray under RAY_TMPDIR"
+        # the rerun finds nothing to do: recorded all the same, and Ray is never started
+        out = run_user(["edit", str(cfg), "--json", "--limit", "2"], user_server["home"], tmp_path,
+                       env={"RAY_TMPDIR": str(ray_dirs[1])})
+        rerun = json.loads(last_line(out))
+        assert rerun["shards_run"] == [] and rerun["rows_skipped"] == 2
+        assert not list(ray_dirs[1].glob("ray/session_*")), "a run with nothing to do started Ray"
+    finally:
+        for d in ray_dirs:
+            shutil.rmtree(d, ignore_errors=True)
     new = [r for r in runs_at(api_url) if r["id"] not in before]  # recorded live, by the user's server
-    assert [(r["flow"], r["state"]) for r in new] == [("bulk-edit", "COMPLETED")]
+    assert [(r["flow"], r["state"]) for r in new] == [("bulk-edit", "COMPLETED")] * 2
     assert not (user_server["home"] / "prefect-server.log").exists(), "the command started a server of its own"
     assert user_server["proc"].poll() is None and user_server["server"].is_running()
     assert api(api_url, "/health") is True

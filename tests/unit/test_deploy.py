@@ -32,9 +32,12 @@ def test_prefect_yaml_is_valid_for_prefect_and_every_flow():
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.flows import load_flow_from_entrypoint
 
+    from pixelmill.cli.deploy import KINDS
     from pixelmill.config.base import DeploymentSettings
     from pixelmill.config.pipeline import PipelineConfig
-    from pixelmill.flows.deployed import FLOWS, KINDS
+    from pixelmill.flows.deployed import FLOWS
+
+    assert set(KINDS) == set(FLOWS), "the CLI's deployable kinds are the deployment entrypoints"
 
     deployments = _prefect_yaml_deployments()
     kinds = set()

@@ -107,6 +107,7 @@ class BulkEditor(Stage):
 
     name = "edit"
     dataset = ("edits", 1)
+    rows_per_call = 256  # a shard streams through the actor 256 images at a time
 
     @classmethod
     def input_columns(cls, config: dict[str, Any]) -> list[str]:

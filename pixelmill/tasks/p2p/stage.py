@@ -146,6 +146,7 @@ class PairRenderStage(Stage):
 
     name = "pairs"
     dataset = ("pairs", 1)
+    rows_per_call = 256  # captions per call: a shard streams through the actor, its memory stays flat
 
     @classmethod
     def input_columns(cls, config: dict[str, Any]) -> list[str]:

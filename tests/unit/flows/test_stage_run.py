@@ -146,7 +146,7 @@ def out(tmp_path) -> str:
 
 
 def run(stage_cls: type, src: str, out: str, hashed: dict[str, Any] = HASHED, *, limit: int | None = None,
-        execute=run_stage_inline, finish: bool = True):
+        execute=run_stage_inline, finish: bool = True, rows_per_call: int | None = None):
     """What ``flows/stage_run.run_stage`` does, minus Prefect and Ray: plan → run → finish."""
     config: dict[str, Any] = {}
     plan = plan_shards({"input": src, "output": out, "limit": limit}, hashed)
@@ -159,6 +159,7 @@ def run(stage_cls: type, src: str, out: str, hashed: dict[str, Any] = HASHED, *,
         workers=1,
         drop_columns=stage_cls.dropped_columns(config),
         execute=execute,
+        rows_per_call=rows_per_call,
     )
     if finish:
         writer.finish()
@@ -194,6 +195,67 @@ def test_outputs_are_the_stages_rows_without_control_or_dropped_columns(src, out
     assert all(t == t.upper() for t in data["text"].to_pylist())
     two = sorted(i for i, p in zip(data["id"].to_pylist(), data["parent_id"].to_pylist()) if p == "r02")
     assert two == ["r02-0", "r02-1"]
+
+
+class CountingStage(UpperStage):
+    """Records the input rows of each call it gets."""
+
+    calls: list[list[str]] = []
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        CountingStage.calls.append(batch["id"].to_pylist())
+        return super().__call__(batch)
+
+
+def test_a_shard_streams_through_the_stage_in_calls_of_rows_per_call_and_commits_whole(src, out, tmp_path):
+    CountingStage.calls = []
+    plan, stats, _ = run(CountingStage, src, out, rows_per_call=3)
+    # each 4-row shard in two calls (3 + 1), in row order; never two shards in one call
+    assert CountingStage.calls == [["r00", "r01", "r02"], ["r03"], ["r04", "r05", "r06"], ["r07"],
+                                   ["r08", "r09", "r10"], ["r11"]]
+    assert read_manifest(out).complete and Dataset.open(out).shard_names() == ["00000", "00001", "00002"]
+    whole = str(tmp_path / "whole")
+    CountingStage.calls = []
+    run(CountingStage, src, whole)
+    assert [len(c) for c in CountingStage.calls] == [4, 4, 4]
+    # the same rows, shard for shard, as one call per shard
+    for name in ("00000", "00001", "00002"):
+        a, b = Dataset.open(out).read_shard(name), Dataset.open(whole).read_shard(name)
+        assert a.sort_by("id").equals(b.sort_by("id"))
+    assert Dataset.open(out).rejects().sort_by("id").equals(Dataset.open(whole).rejects().sort_by("id"))
+    assert (stats.rows_in, stats.rows_out, stats.rejects) == (12, 12, 3)
+
+
+def test_split_specs_covers_every_row_once():
+    from pixelmill.flows.common import spec_rows, split_specs
+
+    specs = [{"url": "u", "shard": "a", "rows": 7}, {"url": "u", "shard": "b", "rows": 2},
+             {"url": "u", "shard": "c", "rows": 0}]
+    calls = split_specs(specs, 3)
+    assert [(c["shard"], c["start"], c["stop"]) for c in calls] == [
+        ("a", 0, 3), ("a", 3, 6), ("a", 6, 7), ("b", 0, 2), ("c", 0, 0)]
+    assert [spec_rows(c) for c in calls] == [3, 3, 1, 2, 0]
+    assert [(c["start"], c["stop"]) for c in split_specs(specs, None)] == [(0, 7), (0, 2), (0, 0)]
+
+
+def test_read_spec_parts_read_the_same_rows_as_the_whole(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pixelmill.datasets.incremental import read_spec
+
+    url = str(tmp_path / "part.parquet")
+    table = pa.table({"id": [f"r{i:02d}" for i in range(10)], "text": [str(i) for i in range(10)]})
+    pq.write_table(table, url, row_group_size=3)  # row groups 0-2, 3-5, 6-8, 9
+    whole = read_spec(url, 8, "", ["id"])
+    parts = [read_spec(url, 8, "", ["id"], start=a, stop=b) for a, b in ((0, 2), (2, 7), (7, 8))]
+    assert pa.concat_tables(parts).equals(whole) and whole.num_rows == 8
+    assert read_spec(url, 8, "", ["id"], start=4, stop=5)["id"].to_pylist() == ["r04"]
+    chosen = json.dumps({"ids": ["r01", "r03", "r06", "r09"], "head": 8})  # r09 is past the head
+    assert read_spec(url, 3, chosen, ["id"], start=1, stop=3)["id"].to_pylist() == ["r03", "r06"]
+    files = json.dumps({"files": [[str(tmp_path / f"f{i}"), f"f{i}", f"f{i}.png"] for i in range(4)]})
+    assert read_spec(str(tmp_path), 4, files, ["id", "image"], start=2, stop=4)["id"].to_pylist() == ["f2", "f3"]
 
 
 # (b) rejects ----------------------------------------------------------------------------------
