@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Every package version comes from here (cluster/Dockerfile installs with it too).
 LOCK := cluster/constraints.txt
 
-.PHONY: install demo test test-fast sweep chaos quality lint bench lock clean
+.PHONY: install demo test test-fast sweep chaos quality lint bench gpu-wheels lock clean
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ bench: install
 	$(PY) benchmarks/retrieval_scan.py
 	$(PY) benchmarks/pairs.py
 	$(PY) benchmarks/finetune.py
+
+# The wheels benchmarks/gpu.sh needs on a GPU machine without diffusers or pydantic (CPython 3.12,
+# x86-64 Linux, versions from the lock) into .whl/; carry .whl/ there with the source.
+gpu-wheels: install
+	PYTHON=$(PY) bash benchmarks/gpu.sh --fetch-wheels
 
 clean:
 	rm -rf pixelmill-demo .pixelmill .pytest_cache

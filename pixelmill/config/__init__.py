@@ -34,16 +34,23 @@ from pixelmill.config.campaign import (
     method_settings,
     train_method,
 )
-from pixelmill.config.edit import AdapterSpec, EditConfig, EditSettings, VideoEditSettings, adapters_affecting
+from pixelmill.config.edit import (
+    AdapterSpec,
+    EditConfig,
+    EditSettings,
+    EditSpeed,
+    VideoEditSettings,
+    adapters_affecting,
+)
 from pixelmill.config.pairs import InstructionSettings, PairRenderSettings, PairsConfig
 from pixelmill.config.retrieve import DownloadSettings, RetrievalFilters, RetrieveConfig
 from pixelmill.config.video import NEURAL_PLACEMENT_SETTINGS, NeuralAtlasConfig, VideoAtlasSettings, VideoConfig
 
 __all__ = [
     "PLACEMENT_SETTINGS", "NEURAL_PLACEMENT_SETTINGS", "AdapterSpec", "CampaignConfig", "Concept", "ConfigError",
-    "DownloadSettings", "EditConfig", "EditSettings", "EvalSettings", "ExpandedJob", "FlowConfig", "GridConfig",
-    "InstructionSettings", "JobConfig", "NeuralAtlasConfig", "PairRenderSettings", "PairsConfig", "Placement",
-    "RetrievalFilters", "RetrieveConfig", "RuntimeConfig", "StageTimeouts", "StallTimeouts", "StrictModel",
+    "DownloadSettings", "EditConfig", "EditSettings", "EditSpeed", "EvalSettings", "ExpandedJob", "FlowConfig",
+    "GridConfig", "InstructionSettings", "JobConfig", "NeuralAtlasConfig", "PairRenderSettings", "PairsConfig",
+    "Placement", "RetrievalFilters", "RetrieveConfig", "RuntimeConfig", "StageTimeouts", "StallTimeouts", "StrictModel",
     "TrainSettings", "VideoAtlasSettings",
     "VideoConfig", "VideoEditSettings", "adapters_affecting", "apply_overrides", "format_validation_error",
     "load_config", "method_settings", "parse_override", "read_yaml", "train_method", "validate",

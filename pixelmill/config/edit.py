@@ -10,7 +10,7 @@ touches this file.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -28,6 +28,34 @@ class AdapterSpec(StrictModel):
     path: str
     kind: Literal["auto", "textual_inversion", "lora", "custom_diffusion"] = "auto"
     scale: float = 1.0
+
+
+class EditSpeed(StrictModel):
+    """How an edit stage uses its device: speed only, so never part of an output's hash.
+
+    Every default leaves the stage as it was (the pipeline as loaded, driven from the
+    stage's own thread), so outputs do not move. On a GPU ``dtype: auto`` already gives
+    bf16, and diffusers' attention is PyTorch's fused SDPA; these add the rest.
+
+    Args:
+        channels_last: the UNet's and VAE's weights (and so their activations) in
+            channels-last (NHWC) layout, the one tensor-core convolutions run fastest in.
+        compile: ``torch.compile`` (inductor, default mode, no CUDA graphs) once per
+            worker: ``unet``, ``unet+vae`` (also the VAE's encoder and decoder) or ``off``.
+            Each new batch shape compiles once (a minute or more for an SD 1.5 UNet), so it
+            pays on long runs; the first recompile makes the batch dimension dynamic.
+        overlap_decode: decode each batch (VAE decoder, safety checker, metrics, PNG
+            encoding) on a worker thread, on CUDA on a second stream, while the next batch
+            denoises. Applies to methods that are one diffusers call (SDEdit at a fixed
+            strength, InstructPix2Pix) on SD-shaped pipelines; the others run as before.
+        io_threads: threads that decode input images and encode output PNGs (0: the
+            stage's own thread).
+    """
+
+    channels_last: bool = False
+    compile: Literal["off", "unet", "unet+vae"] = "off"
+    overlap_decode: bool = False
+    io_threads: int = Field(default=0, ge=0, le=64)
 
 
 def adapters_affecting(adapters: list[AdapterSpec]) -> list[dict[str, Any]]:
@@ -160,7 +188,11 @@ class EditConfig(FlowConfig, EditSettings):
             per-row column.
         instruction / instruction_column: the same for instruction-following methods.
         resolution, max_pixels: the size images are edited at; larger inputs are rejects.
-        batch_size: rows per forward pass (speed only: every row has its own generator).
+        batch_size: rows per forward pass (speed only: every row has its own generator), or
+            ``auto``: on CUDA the largest batch, at most 32, whose memory (measured once per
+            worker on the loaded model) fits in 80% of the free GPU memory; 4 elsewhere.
+        speed: how the stage uses its device (:class:`EditSpeed`: channels-last, torch.compile,
+            decoding overlapped with denoising, image I/O threads); all off by default.
         mask_column: masked SDEdit: an image column whose nonzero (white) pixels mark
             the region to edit; transparent pixels of a mask with alpha count as zero.
         stroke_column: masked SDEdit from strokes: an image column holding the input
@@ -187,7 +219,7 @@ class EditConfig(FlowConfig, EditSettings):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     LEGACY_PLACEMENT: ClassVar[dict[str, str]] = {
         "workers": "workers", "num_gpus_per_worker": "gpus", "num_cpus_per_worker": "cpus"}
-    UNHASHED: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "input_glob", "retry_rejects"})
+    UNHASHED: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "speed", "input_glob", "retry_rejects"})
     TEXT_SOURCES: ClassVar[dict[str, tuple[str, ...]]] = {
         "prompt": ("prompt", "prompt_column"), "instruction": ("instruction", "instruction_column")}
 
@@ -201,7 +233,8 @@ class EditConfig(FlowConfig, EditSettings):
     instruction_column: str | None = None
     resolution: int = Field(default=512, ge=8, le=4096)
     max_pixels: int = Field(default=50_000_000, ge=64)
-    batch_size: int = Field(default=4, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 4
+    speed: EditSpeed = Field(default_factory=EditSpeed)
     mask_column: str | None = None
     stroke_column: str | None = None
     stroke_threshold: int = Field(default=10, ge=0, le=254)
@@ -232,7 +265,7 @@ class EditConfig(FlowConfig, EditSettings):
     def output_affecting(self) -> dict[str, Any]:
         """The keys whose change changes the output rows (hashed into the manifest).
 
-        Placement, runtime, plugins, device and batch size are left out: they change where
+        Placement, runtime, plugins, device, batch size and speed settings are left out: they change where
         and how fast rows are made, not what they are (batching changes pixels only within
         float tolerance, since every row has its own generator).
         """

@@ -3,13 +3,19 @@
 ``BulkEditor`` reads and normalises rows, rejects the bad ones with their reason,
 groups the rest by size, edits them in batches (one generator per row, seeded by the
 row id and the config seed, so a row's noise never depends on its batch), isolates
-failures row by row and scores the results; subclasses implement ``edit``.
+failures row by row and scores the results; subclasses implement ``edit``, or
+``pipe_call`` when an edit is one call of the diffusers pipeline. The ``speed`` settings
+(layout, compile, ``batch_size: auto``, decoding overlapped with the next batch's
+denoising, image I/O threads) are applied here, once per worker, for every method.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -121,6 +127,10 @@ class BulkEditor(Stage):
         super().__init__(config, resources)
         self.pipe = None
         self.clip: ClipScorer | None = None
+        self.batch_size: int | None = None  # config["batch_size"], with ``auto`` resolved by setup()
+        self.tuning: list[str] = []  # what the speed settings did to the pipeline
+        self._io: ThreadPoolExecutor | None = None
+        self._decoder = None  # overlap.LatentDecoder, with speed.overlap_decode
 
     def setup(self) -> None:
         from pixelmill.models.device import resolve_device, resolve_dtype
@@ -137,6 +147,42 @@ class BulkEditor(Stage):
             self.model_hash += "+" + "+".join(adapter_fingerprint(a["path"]) for a in self.config["adapters"])
         if self.config.get("clip_model"):
             self.clip = ClipScorer(self.config["clip_model"], device=str(self.device))
+        self.apply_speed()
+
+    def apply_speed(self) -> None:
+        """Apply the ``speed`` settings to the loaded pipeline and resolve ``batch_size: auto``.
+
+        Called by ``setup`` after the model and its adapters are loaded; the batch size is
+        measured before compiling, on the eager model.
+        """
+        from pixelmill.models.speed import auto_batch_size, tune_pipeline
+        from pixelmill.tasks.edit.overlap import LatentDecoder, supports_overlap
+
+        speed = self.config.get("speed") or {}
+        overlap = bool(speed.get("overlap_decode")) and supports_overlap(self.pipe)
+        self.tuning = tune_pipeline(self.pipe, channels_last=bool(speed.get("channels_last")))
+        if self.config["batch_size"] == "auto":
+            self.batch_size = auto_batch_size(self.pipe, self.config["resolution"], self.unet_rows_per_image(),
+                                              self.device, overlap_decode=overlap)
+        else:
+            self.batch_size = int(self.config["batch_size"])
+        self.tuning += tune_pipeline(self.pipe, compile=speed.get("compile") or "off")
+        if overlap:
+            self._decoder = LatentDecoder(self.device)
+            self.tuning.append("decode overlapped with the next batch")
+        if speed.get("io_threads"):
+            self._io = ThreadPoolExecutor(int(speed["io_threads"]), thread_name_prefix="pixelmill-io")
+
+    def unet_rows_per_image(self) -> int:
+        """Denoiser rows per image in one step: 2 with classifier-free guidance, else 1."""
+        return 2 if self.config["guidance_scale"] > 1 else 1
+
+    def _batch_size(self) -> int:
+        """Rows per chunk: as set up, or (a stage whose setup is its own, as Text2Live's) the config's."""
+        from pixelmill.models.speed import AUTO_BATCH_FALLBACK
+
+        size = self.batch_size or self.config["batch_size"]
+        return AUTO_BATCH_FALLBACK if size == "auto" else int(size)
 
     @classmethod
     def for_config(cls, config: dict[str, Any]) -> type[BulkEditor]:
@@ -169,9 +215,23 @@ class BulkEditor(Stage):
     def load_pipeline(self):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def pipe_call(self, images: list[Image.Image], texts: list[str], seeds: list[int]
+                  ) -> tuple[dict[str, Any], list[dict]] | None:
+        """The one pipeline call that edits these rows: ``(keyword arguments, method fields per row)``.
+
+        None (the default) for a method that edits otherwise (its own loop): it implements
+        ``edit`` instead. A method that is one call gets ``edit`` from here, and can have its
+        decoding overlapped with the next batch (``speed.overlap_decode``).
+        """
+        return None
+
     def edit(self, images: list[Image.Image], texts: list[str], seeds: list[int]) -> list[dict]:
         """Edit same-size images; one dict per row with ``image`` and method fields, or ``reject``."""
-        raise NotImplementedError  # pragma: no cover
+        call = self.pipe_call(images, texts, seeds)
+        if call is None:  # pragma: no cover - interface
+            raise NotImplementedError
+        kwargs, extras = call
+        return _with_safety(self.pipe(**kwargs), extras)
 
     @property
     def output_schema(self) -> pa.Schema:
@@ -213,44 +273,106 @@ class BulkEditor(Stage):
         except TextError as e:
             raise RowError(str(e)) from None
 
+    def _read_row(self, row: dict) -> tuple[Image.Image, str, dict] | RowError:
+        """The row's normalised image, text and extra inputs, or the ``RowError`` that rejects it."""
+        c = self.config
+        notes: list[str] = []
+        try:
+            raw = row.get(c["image_column"])
+            if raw is None:
+                raise RowError(f"missing image in column {c['image_column']!r}")
+            data = raw["bytes"] if isinstance(raw, dict) else raw
+            try:
+                image = normalize_image(data or b"", c["resolution"], c["max_pixels"], notes=notes)
+            except ImageError as e:
+                raise RowError(str(e)) from None
+            text = self._row_text(row, notes)
+            extra = self.row_inputs(row, image)
+        except RowError as e:
+            return e
+        row["__notes"] = notes
+        return image, text, extra
+
+    def _map_io(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``fn`` over ``items`` in order: on the I/O threads (``speed.io_threads``), else here."""
+        if self._io is None:
+            return [fn(x) for x in items]
+        return list(self._io.map(fn, items))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         c = self.config
         rows = table_rows(batch)
         out: list[dict] = [None] * len(rows)  # type: ignore[list-item]
         groups: dict[tuple[int, int], list[tuple[int, Image.Image, str, int, dict]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            notes: list[str] = []
-            try:
-                raw = row.get(c["image_column"])
-                if raw is None:
-                    raise RowError(f"missing image in column {c['image_column']!r}")
-                data = raw["bytes"] if isinstance(raw, dict) else raw
-                try:
-                    image = normalize_image(data or b"", c["resolution"], c["max_pixels"], notes=notes)
-                except ImageError as e:
-                    raise RowError(str(e)) from None
-                text = self._row_text(row, notes)
-                extra = self.row_inputs(row, image)
-            except RowError as e:
-                out[i] = self._reject(row, e.reason)
+        for i, (row, read) in enumerate(zip(rows, self._map_io(self._read_row, rows))):
+            if isinstance(read, RowError):
+                out[i] = self._reject(row, read.reason)
                 continue
-            row["__notes"] = notes
+            image, text, extra = read
             groups[image.size].append((i, image, text, row_seed(c["seed"], str(row["id"])), extra))
 
-        total, done = sum(len(items) for items in groups.values()), 0
-        for items in groups.values():
-            for start in range(0, len(items), c["batch_size"]):
-                chunk = items[start : start + c["batch_size"]]
-                results = self._edit_isolating_failures(chunk)
-                self._score(rows, chunk, results)
-                for (i, image, text, seed, _), res in zip(chunk, results):
-                    if res.get("reject"):
-                        out[i] = self._reject(rows[i], res["reject"])
-                    else:
-                        out[i] = self._ok(rows[i], image, text, seed, res)
-                done += len(chunk)
-                self.beat(f"{done} of {total} rows edited")
+        size = self._batch_size()
+        chunks = [items[start : start + size] for items in groups.values() for start in range(0, len(items), size)]
+        total, done = sum(len(chunk) for chunk in chunks), 0
+        for chunk, finished in self._edited(rows, chunks):
+            for i, row_out in finished:
+                out[i] = row_out
+            done += len(chunk)
+            self.beat(f"{done} of {total} rows edited")
         return pa.Table.from_pylist(out, schema=self.output_schema)
+
+    def _finish(self, rows, chunk, results) -> list[tuple[int, dict]]:
+        """Score a chunk's results and turn them into output rows ``(row index, row)``."""
+        self._score(rows, chunk, results)
+
+        def output_row(pair) -> tuple[int, dict]:
+            (i, image, text, seed, _), res = pair
+            if res.get("reject"):
+                return i, self._reject(rows[i], res["reject"])
+            return i, self._ok(rows[i], image, text, seed, res)
+
+        return self._map_io(output_row, list(zip(chunk, results)))
+
+    def _edited(self, rows, chunks) -> Iterator[tuple[list, list[tuple[int, dict]]]]:
+        """Each chunk with its output rows, in order; with ``speed.overlap_decode`` a chunk is
+        decoded and finished on the decoder's thread while the next one denoises."""
+        if self._decoder is None:
+            for chunk in chunks:
+                yield chunk, self._finish(rows, chunk, self._edit_isolating_failures(chunk))
+            return
+        pending = None
+        for chunk in chunks:
+            future = results = call = None
+            try:
+                call = self.pipe_call([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk])
+                if call is not None:
+                    latents = self.pipe(**call[0], output_type="latent").images
+            except Exception:  # noqa: BLE001 - the batch failed: row by row, as _edit_isolating_failures does
+                results = [self._edit_isolating_failures([x])[0] for x in chunk]
+            else:
+                if call is None:  # not one pipeline call: edited here and now
+                    results = self._edit_isolating_failures(chunk)
+                else:
+                    future = self._decoder.submit(latents, partial(self._decode_and_finish, rows, chunk, call[1]))
+            if pending is not None:
+                yield pending[0], self._collect(rows, *pending)
+            pending = (chunk, future, results)
+        if pending is not None:
+            yield pending[0], self._collect(rows, *pending)
+
+    def _decode_and_finish(self, rows, chunk, extras, latents) -> list[tuple[int, dict]]:
+        from pixelmill.tasks.edit.overlap import decode_latents
+
+        return self._finish(rows, chunk, _with_safety(decode_latents(self.pipe, latents), extras))
+
+    def _collect(self, rows, chunk, future, results) -> list[tuple[int, dict]]:
+        """A pending chunk's output rows: its decoder's, or made here (edited here, or its decoding failed)."""
+        if future is not None:
+            try:
+                return future.result()
+            except Exception:  # noqa: BLE001 - decoding failed: edit again here, isolating failures
+                results = self._edit_isolating_failures(chunk)
+        return self._finish(rows, chunk, results)
 
     def _edit_isolating_failures(self, chunk) -> list[dict]:
         """Edit a chunk; if it fails, retry row by row so one bad row cannot sink the batch.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pixelmill.registry import register
-from pixelmill.tasks.edit.base import BulkEditor, _with_safety
+from pixelmill.tasks.edit.base import BulkEditor
 
 
 @register("edit", "instruct_pix2pix", text="instruction", needs_model=True, adapters=True)
@@ -18,10 +18,15 @@ class InstructPix2PixEditor(BulkEditor):
 
         return load_instruct_pix2pix_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
 
-    def edit(self, images, texts, seeds):
+    def unet_rows_per_image(self) -> int:
+        """3 with guidance (unconditional, image-only, text and image), as the pipeline batches them; else 1."""
+        c = self.config
+        return 3 if c["guidance_scale"] > 1 and c["image_guidance_scale"] >= 1 else 1
+
+    def pipe_call(self, images, texts, seeds):
         c = self.config
         negative = [c["negative_prompt"]] * len(texts) if c.get("negative_prompt") else None
-        result = self.pipe(
+        kwargs = dict(
             prompt=texts,
             image=images,
             num_inference_steps=c["steps"],
@@ -30,4 +35,4 @@ class InstructPix2PixEditor(BulkEditor):
             negative_prompt=negative,
             generator=self.generators(seeds),
         )
-        return _with_safety(result, [{"image_guidance_scale": c["image_guidance_scale"]} for _ in images])
+        return kwargs, [{"image_guidance_scale": c["image_guidance_scale"]} for _ in images]

@@ -86,6 +86,10 @@ class MaskedSDEditEditor(SDEditEditor):
         mask = dilate_mask(resize_mask(region, image.size), c["mask_dilation"])
         return {"guide": guide, "mask": mask, "mask_fraction": float(mask.mean())}
 
+    def pipe_call(self, images, texts, seeds):
+        """None: masked SDEdit is its own loop (``sdedit_steps``), never one img2img call."""
+        return None
+
     def edit_chunk(self, chunk: list[tuple]) -> list[dict]:
         c = self.config
         images, texts, seeds = [x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk]

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pixelmill.registry import register
-from pixelmill.tasks.edit.base import BulkEditor, _with_safety
+from pixelmill.tasks.edit.base import BulkEditor
 from pixelmill.tasks.metrics import rgb_rmse
 
 
@@ -65,12 +65,13 @@ class SDEditEditor(BulkEditor):
             require_sd_shaped(pipe, "SDEdit t0 search")
         return pipe
 
-    def edit(self, images, texts, seeds):
+    def pipe_call(self, images, texts, seeds):
+        """The img2img call at a fixed strength; None for ``strength: auto`` (the t0 search is its own loop)."""
         c = self.config
         if c["strength"] == "auto":
-            return self._search(images, texts, seeds)
+            return None
         negative = [c["negative_prompt"]] * len(texts) if c.get("negative_prompt") else None
-        result = self.pipe(
+        kwargs = dict(
             prompt=texts,
             image=images,
             strength=c["strength"],
@@ -80,7 +81,12 @@ class SDEditEditor(BulkEditor):
             generator=self.generators(seeds),
         )
         k = min(int(c["steps"] * c["strength"]), c["steps"])
-        return _with_safety(result, [{"strength": k / c["steps"], "t0_steps": k} for _ in images])
+        return kwargs, [{"strength": k / c["steps"], "t0_steps": k} for _ in images]
+
+    def edit(self, images, texts, seeds):
+        if self.config["strength"] == "auto":
+            return self._search(images, texts, seeds)
+        return super().edit(images, texts, seeds)
 
     def _search(self, images, texts, seeds, masks=None, originals=None) -> list[dict]:
         """Binary-search t0 per row; ``masks``/``originals`` make it masked SDEdit (see ``sdedit_steps``).

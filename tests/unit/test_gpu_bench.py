@@ -1,0 +1,68 @@
+"""``benchmarks/gpu.sh --dry-run``: the GPU benchmark's code, run on the CPU with tiny models.
+
+It is what the GPU machine runs, end to end, only smaller; the figures themselves mean
+nothing here (no timing is asserted), but they must all be there, and the stage and the
+bare loop must have made the same number of same-size images from the same work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_edit", ROOT / "benchmarks" / "gpu_edit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_by_device_name():
+    bench = _load_bench()
+    assert bench.dense_bf16_peak("NVIDIA H200") == 989.0
+    assert bench.dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    for unknown in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA L4", "Tesla T4"):
+        assert bench.dense_bf16_peak(unknown) is None
+
+
+def test_dry_run_writes_every_figure_and_both_loops_make_the_same_images(tmp_path):
+    out = tmp_path / "gpu-bench.json"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "unused")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stage / bare" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["dry_run"] is True and report["peak_bf16_dense_tflops"] is None
+    settings = report["settings"]
+    steps, strength = settings["steps"], settings["strength"]
+    assert set(report["workloads"]) == {"sdedit", "ip2p"}
+    for kind, w in report["workloads"].items():
+        images = w["images"]
+        assert images == w["batch_size"] * settings["batches"] > 0
+        assert set(w["tflop_per_row"]) == {"unet", "vae_encode", "vae_decode"}
+        assert all(v > 0 for v in w["tflop_per_row"].values())
+        # the UNet rows the pipelines really ran: steps run x guidance rows x images
+        steps_run, rows_per_image = (int(steps * strength), 2) if kind == "sdedit" else (steps, 3)
+        for name in ("stage", "bare"):
+            r = w[name]
+            assert r["rows"] == r["ok"] == images, (kind, name, r)
+            assert r["sizes"] == [[settings["resolution"]] * 2]
+            assert r["forwards"] == {"unet": images * steps_run * rows_per_image,
+                                     "vae_encode": images, "vae_decode": images}
+            for key in ("images_per_s", "tflops_unet", "tflops_unet_vae", "tflop_unet", "tflop_unet_vae"):
+                assert r[key] > 0, (kind, name, key)
+            assert r["tflops_unet_vae"] > r["tflops_unet"]
+            assert r["peak_share_unet"] is None and r["peak_share_unet_vae"] is None  # no peak for a CPU
+        assert w["stage_over_bare"] > 0
+        assert "decode overlapped with the next batch" in w["tuning"]
+        assert w["attention"] == ["AttnProcessor2_0"]  # PyTorch SDPA
