@@ -58,7 +58,9 @@ lint: install
 	$(VENV)/bin/ruff check pixelmill tests benchmarks
 
 bench: install
+	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/bulk_edit.py
+	$(PY) benchmarks/edit_memory.py --sizes 100,1000,10000
 	$(PY) benchmarks/retrieval_scan.py
 	$(PY) benchmarks/pairs.py
 	$(PY) benchmarks/finetune.py
