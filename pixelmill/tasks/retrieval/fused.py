@@ -7,9 +7,11 @@ squares into one loop that converts fp16 in registers and reads each row once.
 Measured on the 2-core AMD EPYC (AVX2) build machine, 512 dims, one thread, CPU time
 per row of a whole scan step (scores, norms, threshold): 107 ns compiled against 198
 eager at 1 query, 205 against 311 at 2, 288 against 323 at 4, but 464 against 325 at
-8, where the eager kernel's BLAS product wins; a plain fp32 matrix-vector product,
-which reads twice the bytes, costs about 140. So queries up to ``FUSED_MAX_QUERIES``
-use it.
+8, where the eager kernel's BLAS product wins (eager figures with ``np.vecdot`` norms;
+torch's norm, which the eager kernel uses so as to reproduce the earlier scan's
+similarities bit for bit, adds about 20 ns). A plain fp32 matrix-vector product, which
+reads twice the bytes, costs about 140. So queries up to ``FUSED_MAX_QUERIES`` use it;
+its similarities differ from the eager kernel's by fp32 rounding (a few 1e-7).
 
 Compiling needs inductor's C++ toolchain and takes seconds (about 11 s for the first
 kernel in a process with a cold inductor cache, 2 s for the next; inductor's on-disk

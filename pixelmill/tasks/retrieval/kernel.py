@@ -25,9 +25,9 @@ import numpy as np
 
 from pixelmill.tasks.retrieval.fused import FUSED_MIN_ROWS, FUSED_TASK_ROWS, fused_kernel, kernel_failed
 
-SUB_ROWS = 2048
+SUB_ROWS = 4096
 # Sub-blocks per worker task: fewer hand-offs between threads, still several tasks per block.
-TASK_SUB_BLOCKS = 4
+TASK_SUB_BLOCKS = 2
 
 
 _TORCH: Any = None
@@ -269,6 +269,7 @@ class _Block:
     sub_rows: int
     fused: Any  # the compiled kernel (see fused.py), or None for the eager one
     numpy_blas: bool  # the eager product runs in numpy's (single-threaded) OpenBLAS, else torch's
+    queries_tc: np.ndarray  # the (d, P) transpose of the queries, C-contiguous
     # A sub-block has no hit when its largest dot is at most this × its smallest norm:
     # the threshold less a margin (1e-6, relative) that covers the rounding of fp32
     # division, so skipping never drops a row the comparison would keep. None for
@@ -291,7 +292,8 @@ class _Block:
         # the workers only slice this view, which never warns.
         return cls(emb, torch.from_numpy(emb) if use_torch else None, q,
                    torch.from_numpy(q) if use_torch else None, thr, skip_mask, sub_rows, fused,
-                   numpy_blas or not use_torch, float(thr) * (1 - 1e-6) if thr > 0 else None)
+                   numpy_blas or not use_torch, np.ascontiguousarray(q.T),
+                   float(thr) * (1 - 1e-6) if thr > 0 else None)
 
 
 _Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -352,11 +354,19 @@ def _eager_scores(block: _Block, s: int, e: int) -> tuple[np.ndarray, np.ndarray
         np.copyto(x, emb[s:e], casting="unsafe")
     if x_t is not None:
         x = x_t.numpy()
-    if block.numpy_blas:
-        np.matmul(x, block.queries.T, out=dots)
+    # The same operations as the scan before the compiled kernel, so its similarities are
+    # reproduced bit for bit (the golden tests compare them so): a per-row dot for one
+    # query, numpy's product for several, torch's norm.
+    if len(block.queries) == 1:
+        dots[:, 0] = np.vecdot(x, block.queries[0])
+    elif block.numpy_blas:
+        np.matmul(x, block.queries_tc, out=dots)
     else:
         torch_module().mm(x_t, block.queries_t.T, out=dbuf_t[:m])
-    return dots, np.vecdot(x, x)
+    if x_t is None:
+        return dots, np.vecdot(x, x)
+    squares = torch_module().linalg.vector_norm(x_t, dim=1).numpy()
+    return dots, np.square(squares, out=squares)
 
 
 def _collect(sims: np.ndarray, squares: np.ndarray, s: int, block: _Block, out: tuple[list, ...]) -> None:
@@ -413,7 +423,9 @@ def scan_block_hits(
         threshold: keep similarities strictly above this (compared in fp32).
         skip_mask: ``(n,)`` booleans; True rows are never hits.
         sub_rows: rows upcast and scored at a time by the eager kernel; their fp32 copy
-            (4 MB at 2048 × 512) stays in cache between the upcast, the product and the norms.
+            (8 MB at 4096 × 512) stays in cache between the upcast, the product and the
+            norms. BLAS rounds a row's dots differently at other sub-block sizes, so the
+            default keeps the earlier scan's similarities bit for bit.
         threads: threads to spread the block over (default: torch's thread count, which
             follows ``OMP_NUM_THREADS``, so one in a one-CPU Ray task).
         compiled: use the compiled kernel of :mod:`~pixelmill.tasks.retrieval.fused` (up
