@@ -2,13 +2,15 @@
 
 Custom Diffusion keeps pool rows whose caption's CLIP text embedding has cosine
 similarity above 0.85 to the class prompt. The exact scan here reads every vector once
-for all prompts together (``block @ queries.T``), upcasting fp16 storage to fp32 in
-cache-sized sub-blocks: numpy's own fp16 arithmetic is ~50× slower than fp32 BLAS, and
-a whole-block fp32 copy would double the memory traffic. torch does the upcast (its
-copy is vectorised, numpy's cast is not), single-threaded per caller; one-prompt scans
-spread sub-blocks over a few Python threads (see ``_scores_torch``). Similarities are computed in
-fp32 as ``dot / ‖row‖`` (queries are unit vectors) and compared strictly with the
-threshold rounded to fp32, so a row exactly at the threshold is never a candidate.
+for all prompts together, on as many Python threads as torch has, each single-threaded
+in torch and BLAS. For up to 4 prompts a compiled kernel (``fused.py``, torch.compile)
+converts fp16 rows in registers and takes the dots and squared norms in one read; for
+more prompts, or where it cannot compile, fp16 rows are upcast to fp32 in cache-sized
+sub-blocks for a BLAS product (numpy's own fp16 arithmetic is ~50× slower than fp32
+BLAS, and a whole-block fp32 copy would double the memory traffic). Similarities
+are computed in fp32 as ``dot / ‖row‖`` (queries are unit vectors) and compared strictly
+with the threshold rounded to fp32, so a row exactly at the threshold is never a
+candidate.
 
 Rows that can never be scored (NaN/Inf values, all-zero or null vectors) are never
 matched, and the scan reports them as rejects; rows a :class:`ValidationReport` lists

@@ -1,13 +1,18 @@
 """Similarity kernels: torch-backed fp16→fp32 upcasting, row norms, and the exact block scan.
 
-The exact scan reads every vector once for all prompts together (``block @ queries.T``),
-upcasting fp16 storage to fp32 in cache-sized sub-blocks; similarities are ``dot / ‖row‖``
-in fp32 (queries are unit vectors), compared strictly with the threshold rounded to fp32.
-torch is imported lazily, on first use (see :func:`torch_module`).
+The exact scan reads every vector once for all prompts together. For up to
+``FUSED_MAX_QUERIES`` prompts a compiled kernel (:mod:`~pixelmill.tasks.retrieval.fused`)
+takes each row's dots and squared norm in one read of its fp16 values; otherwise (or
+where it cannot compile) fp16 rows are upcast to fp32 in cache-sized sub-blocks for a
+BLAS product (numpy's OpenBLAS where it can be held to one thread, else torch's) and
+``np.vecdot`` norms. Similarities are ``dot / ‖row‖`` in fp32 (queries
+are unit vectors), compared strictly with the threshold rounded to fp32. torch is
+imported lazily, on first use (see :func:`torch_module`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from collections.abc import Iterator
@@ -18,7 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from pixelmill.tasks.retrieval.fused import FUSED_MIN_ROWS, FUSED_TASK_ROWS, fused_kernel, kernel_failed
+
 SUB_ROWS = 4096
+# Sub-blocks per worker task: fewer hand-offs between threads, still several tasks per block.
+TASK_SUB_BLOCKS = 2
 
 
 _TORCH: Any = None
@@ -55,6 +64,70 @@ def torch_single_thread() -> Iterator[None]:
     finally:
         if previous != 1:
             torch.set_num_threads(previous)
+
+
+_OPENBLAS: Any = None
+_OPENBLAS_NAMES = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                   ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                   ("openblas_get_num_threads", "openblas_set_num_threads"))
+
+
+def _numpy_openblas() -> Any:
+    """``(get, set)`` thread-count functions of the OpenBLAS numpy was built with, or False.
+
+    Found among the libraries this process has loaded from numpy's own folders (numpy's
+    wheels bundle it in ``numpy.libs``); another BLAS, or none found, gives False.
+    """
+    global _OPENBLAS
+    if _OPENBLAS is None:
+        _OPENBLAS = False
+        try:
+            blas = str(np.show_config(mode="dicts")["Build Dependencies"]["blas"].get("name", ""))
+            with open("/proc/self/maps") as f:  # Linux; elsewhere the eager product stays in torch
+                paths = sorted({line.split()[-1] for line in f if "/" in line})
+        except (OSError, KeyError, TypeError, ValueError):
+            return _OPENBLAS
+        paths = [p for p in paths if "openblas" in p.lower() and "numpy" in p.lower() and ".so" in p]
+        if "openblas" not in blas.lower():
+            return _OPENBLAS
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for get, put in _OPENBLAS_NAMES:
+                if hasattr(lib, get) and hasattr(lib, put):
+                    getter, setter = getattr(lib, get), getattr(lib, put)
+                    getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                    _OPENBLAS = (getter, setter)
+                    return _OPENBLAS
+    return _OPENBLAS
+
+
+@contextmanager
+def blas_single_thread() -> Iterator[bool]:
+    """Run numpy's OpenBLAS single-threaded, restoring its thread count after.
+
+    OpenBLAS's pool spins at barriers like torch's (see :func:`torch_single_thread`),
+    and its thread count is process-wide. With it at one, the scan's own threads each
+    run numpy's BLAS, which on the 2-core AMD EPYC here multiplies a 2048 × 512 fp32
+    sub-block by 64 queries in 716 ns a row against 925 for torch's MKL (33 against 45
+    for one query). Yields False, changing nothing, where numpy's BLAS is not an
+    OpenBLAS this can find.
+    """
+    fns = _numpy_openblas()
+    if not fns:
+        yield False
+        return
+    get, put = fns
+    previous = int(get())
+    if previous != 1:
+        put(1)
+    try:
+        yield True
+    finally:
+        if previous != 1:
+            put(previous)
 
 
 def upcast_into(src: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -143,13 +216,14 @@ def normalize_queries(queries: np.ndarray) -> np.ndarray:
 _local = threading.local()
 
 
-def _torch_buffers(rows: int, dim: int) -> tuple[Any, Any]:
-    """Per-thread fp32 scratch (rows × dim) and norms (rows), reused across calls."""
-    torch = torch_module()
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None or bufs[0].shape[1] != dim or bufs[0].shape[0] < rows:
-        bufs = _local.bufs = (torch.empty((rows, dim), dtype=torch.float32),
-                              torch.empty(rows, dtype=torch.float32))
+def _scratch(rows: int, dim: int, cols: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+    """This thread's fp32 scratch, reused across calls: ``(rows, dim)`` rows and ``(rows, cols)`` dots,
+    as numpy arrays and (with torch) torch views of them."""
+    bufs = getattr(_local, "scan_bufs", None)
+    if bufs is None or bufs[0].shape[1] != dim or bufs[0].shape[0] < rows or bufs[1].shape[1] != cols:
+        x, d = np.empty((rows, dim), np.float32), np.empty((rows, cols), np.float32)
+        torch = torch_module()
+        bufs = _local.scan_bufs = (x, d, *((torch.from_numpy(x), torch.from_numpy(d)) if torch else (None, None)))
     return bufs
 
 
@@ -182,75 +256,146 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _upcast(src: np.ndarray, buf: Any) -> Any:
-    """The fp32 torch view of ``src``: zero-copy for C-contiguous fp32, else copied into ``buf``."""
-    torch = torch_module()
-    if src.dtype == np.float32 and src.flags.c_contiguous:
-        return torch.from_numpy(src)
-    x = buf[: len(src)]
-    if not src.dtype.isnative:
-        src = src.astype(src.dtype.newbyteorder("="))
-    x.copy_(torch.from_numpy(np.ascontiguousarray(src)))
-    return x
+@dataclass
+class _Block:
+    """One block as every worker thread reads it: native byte order, C order, and its torch view."""
+
+    emb: np.ndarray
+    emb_t: Any
+    queries: np.ndarray
+    queries_t: Any  # the (P, d) queries as a torch tensor
+    threshold: np.float32
+    skip_mask: np.ndarray | None
+    sub_rows: int
+    fused: Any  # the compiled kernel (see fused.py), or None for the eager one
+    numpy_blas: bool  # the eager product runs in numpy's (single-threaded) OpenBLAS, else torch's
+    queries_tc: np.ndarray  # the (d, P) transpose of the queries, C-contiguous
+    # A sub-block has no hit when its largest dot is at most this × its smallest norm:
+    # the threshold less a margin (1e-6, relative) that covers the rounding of fp32
+    # division, so skipping never drops a row the comparison would keep. None for
+    # thresholds <= 0, where negative dots can pass.
+    no_hit_below: float | None = None
+
+    @classmethod
+    def of(cls, emb: np.ndarray, q: np.ndarray, thr: np.float32, skip_mask: np.ndarray | None,
+           sub_rows: int, compiled: bool | None, numpy_blas: bool) -> _Block:
+        if not emb.dtype.isnative:
+            emb = emb.astype(emb.dtype.newbyteorder("="))
+        emb = np.ascontiguousarray(emb)  # a no-op for row slices of a pool
+        torch = torch_module()
+        use_torch = bool(torch) and emb.dtype in (np.float16, np.float32)
+        fused = None
+        if use_torch and compiled is not False:
+            # Auto: compile for a large block; once compiled, every block of that shape uses it.
+            fused = fused_kernel(emb.shape[1], len(q), emb.dtype, build=bool(compiled) or len(emb) >= FUSED_MIN_ROWS)
+        # torch.from_numpy warns once here for a read-only memory map (the caller filters it);
+        # the workers only slice this view, which never warns.
+        return cls(emb, torch.from_numpy(emb) if use_torch else None, q,
+                   torch.from_numpy(q) if use_torch else None, thr, skip_mask, sub_rows, fused,
+                   numpy_blas or not use_torch, np.ascontiguousarray(q.T),
+                   float(thr) * (1 - 1e-6) if thr > 0 else None)
 
 
-def _single_query_scores(src: np.ndarray, q0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dots and norms of one sub-block against one query, on the calling thread only.
+_Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-    Runs inside the caller's ``torch_single_thread()``: torch's thread count is
-    process-wide, so the workers' torch calls are single-threaded too.
+
+def _score_rows(block: _Block, start: int, stop: int) -> _Piece:
+    """Hits and unscorable rows among rows ``start:stop`` of a block, on the calling thread only.
+
+    With the compiled kernel, one call reads the rows once for their dots and squared
+    norms. Otherwise each ``sub_rows`` slice is upcast into this thread's fp32 scratch,
+    which stays in cache for the dots with every query (a BLAS product on this thread:
+    the caller holds ``torch_single_thread()`` and ``blas_single_thread()``) and the
+    squared norms (``np.vecdot`` of each row with itself). Only hits and bad rows leave
+    the thread.
+
+    Returns:
+        ``(query, row, similarity, nonfinite, zero)``, rows counted from the block's start.
     """
-    torch = torch_module()
-    buf, _ = _torch_buffers(len(src), src.shape[1])
-    with torch.inference_mode():
-        x = _upcast(src, buf)
-        norms = torch.linalg.vector_norm(x, dim=1).numpy()
-        return np.vecdot(x.numpy(), q0), norms
-
-
-def _scores_torch(emb: np.ndarray, q: np.ndarray, sub_rows: int,
-                  workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(offset, dots, norms)`` per sub-block.
-
-    torch does the upcast and the norms (numpy's fp16 cast is scalar code), always on
-    one thread per caller: torch's OpenMP workers spin at barriers, and when another
-    process or numpy's OpenBLAS pool holds a core they stall (measured on 2 cores: 14 M
-    vectors/s quiet, 1.4 M beside one busy process). Instead:
-
-    - one query (memory-bound): sub-blocks go to ``workers`` Python threads, each doing
-      upcast, norms and ``np.vecdot`` (a per-row dot that never wakes the BLAS pool)
-      single-threaded: 15.5 M vectors/s quiet, 7-9 M beside one busy process;
-    - several queries (compute-bound): OpenBLAS's threaded gemm does the product,
-      degrading under load no worse than bare BLAS.
-    """
-    n, dim = emb.shape
-    if len(q) == 1:
-        chunks = (emb[s:s + sub_rows] for s in range(0, n, sub_rows))
-        if workers > 1 and n > sub_rows:
-            results = _executor(workers).map(_single_query_scores, chunks, [q[0]] * ((n + sub_rows - 1) // sub_rows))
+    out: tuple[list, ...] = ([], [], [], [], [])
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # thread-local: set here
+        scores = _fused_scores(block, start, stop) if block.fused is not None and stop - start >= 2 else None
+        if scores is not None:
+            _collect(*scores, start, block, out)
         else:
-            results = (_single_query_scores(c, q[0]) for c in chunks)
-        for i, (dots, norms) in enumerate(results):
-            yield i * sub_rows, dots, norms
-        return
+            for s in range(start, stop, block.sub_rows):
+                _collect(*_eager_scores(block, s, min(s + block.sub_rows, stop)), s, block, out)
+    return tuple(_cat(parts, dt) for parts, dt in zip(out, _PIECE_DTYPES))  # type: ignore[return-value]
+
+
+_PIECE_DTYPES = (np.int64, np.int64, np.float32, np.int64, np.int64)
+
+
+def _fused_scores(block: _Block, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Dots ``(stop - start, P)`` and squared norms from the compiled kernel; None if it fails (then eager)."""
     torch = torch_module()
-    buf, nbuf = _torch_buffers(min(sub_rows, n), dim)
-    qt = np.ascontiguousarray(q.T)
-    with torch.inference_mode():
-        for s in range(0, n, sub_rows):
-            x = _upcast(emb[s:s + sub_rows], buf)
-            norms = nbuf[: len(x)]
-            torch.linalg.vector_norm(x, dim=1, out=norms)
-            yield s, x.numpy() @ qt, norms.numpy()
+    try:
+        with torch.inference_mode():
+            dots, squares = block.fused(block.emb_t[start:stop], block.queries_t)
+    except Exception as exc:  # noqa: BLE001 - e.g. dynamo's recompile limit: the eager kernel takes over
+        kernel_failed(exc)
+        return None
+    return dots.numpy(), squares.numpy()
 
 
-def _scores_numpy(emb: np.ndarray, q: np.ndarray,
-                  sub_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """The same as :func:`_scores_torch` without torch (numpy's fp16 cast is ~20× slower)."""
-    qv = q[0] if len(q) == 1 else np.ascontiguousarray(q.T)
-    for s in range(0, len(emb), sub_rows):
-        x = np.asarray(emb[s:s + sub_rows], dtype=np.float32)
-        yield s, x @ qv, np.sqrt(np.einsum("ij,ij->i", x, x))
+def _eager_scores(block: _Block, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dots ``(e - s, P)`` (in this thread's scratch) and squared norms of rows ``s:e``."""
+    emb, emb_t = block.emb, block.emb_t
+    m = e - s
+    buf, dbuf, buf_t, dbuf_t = _scratch(block.sub_rows, emb.shape[1], len(block.queries))
+    dots = dbuf[:m]
+    if emb.dtype == np.float32:
+        x_t, x = (emb_t[s:e], None) if emb_t is not None else (None, emb[s:e])
+    elif emb_t is not None:
+        x_t = buf_t[:m]
+        x_t.copy_(emb_t[s:e])  # torch's vectorised upcast (numpy's is scalar code)
+    else:
+        x_t, x = None, buf[:m]
+        np.copyto(x, emb[s:e], casting="unsafe")
+    if x_t is not None:
+        x = x_t.numpy()
+    # The same operations as the scan before the compiled kernel, so its similarities are
+    # reproduced bit for bit (the golden tests compare them so): a per-row dot for one
+    # query, numpy's product for several, torch's norm.
+    if len(block.queries) == 1:
+        dots[:, 0] = np.vecdot(x, block.queries[0])
+    elif block.numpy_blas:
+        np.matmul(x, block.queries_tc, out=dots)
+    else:
+        torch_module().mm(x_t, block.queries_t.T, out=dbuf_t[:m])
+    if x_t is None:
+        return dots, np.vecdot(x, x)
+    squares = torch_module().linalg.vector_norm(x_t, dim=1).numpy()
+    return dots, np.square(squares, out=squares)
+
+
+def _collect(sims: np.ndarray, squares: np.ndarray, s: int, block: _Block, out: tuple[list, ...]) -> None:
+    """Turn C-contiguous dots into cosines in place; append the hits and bad rows of rows ``s:`` to ``out``."""
+    qs, rs, ss, nonfinite, zero = out
+    norms = np.sqrt(squares, out=squares)
+    lo, hi = norms.min(), norms.max()
+    scorable = lo > 0 and hi < np.inf
+    if scorable and block.no_hit_below is not None and float(sims.max()) <= block.no_hit_below * float(lo):
+        return  # even the largest dot over the smallest norm stays under the threshold
+    sims /= norms[:, None]
+    if not scorable:
+        nonfinite.append(np.nonzero(~np.isfinite(norms))[0] + s)
+        zero.append(np.nonzero(norms == 0)[0] + s)
+        sims[~(np.isfinite(norms) & (norms > 0))] = -np.inf
+    if block.skip_mask is not None:
+        skipped = block.skip_mask[s:s + len(norms)]
+        if skipped.any():
+            sims[skipped] = -np.inf
+    flat = np.flatnonzero(sims > block.threshold)  # far faster than a 2-D nonzero; same row-major order
+    if len(flat):
+        r, qi = np.divmod(flat, sims.shape[1])
+        qs.append(qi)
+        rs.append(r + s)
+        ss.append(sims.reshape(-1)[flat])
+
+
+def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
 def scan_block_hits(
@@ -260,18 +405,34 @@ def scan_block_hits(
     skip_mask: np.ndarray | None = None,
     sub_rows: int = SUB_ROWS,
     threads: int | None = None,
+    compiled: bool | None = None,
 ) -> BlockHits:
     """Array form of :func:`scan_block`, also naming the rows that could not be scored.
+
+    The block is cut into runs of ``sub_rows * TASK_SUB_BLOCKS`` rows (``FUSED_TASK_ROWS``
+    for the compiled kernel, whose every call costs ~60-80 µs) that ``threads`` Python
+    threads take in turn (:func:`_score_rows`), each single-threaded in torch
+    and BLAS: torch's OpenMP workers and OpenBLAS's pool spin at barriers, and when
+    another process holds a core they stall (measured on 2 cores: 14 M vectors/s quiet,
+    1.4 M beside one busy process), while plain threads degrade with the share of CPU
+    they get. Results do not depend on the number of threads.
 
     Args:
         emb_block: ``(n, d)`` fp16 or fp32 rows, not necessarily normalised.
         queries: ``(P, d)`` unit fp32 queries (see :func:`normalize_queries`).
         threshold: keep similarities strictly above this (compared in fp32).
         skip_mask: ``(n,)`` booleans; True rows are never hits.
-        sub_rows: rows upcast and multiplied at a time; 4096 × 512 fp32 is 8 MB, which
-            stays in the last-level cache between the upcast and the product.
-        threads: threads for a one-query scan (default: torch's thread count, which
+        sub_rows: rows upcast and scored at a time by the eager kernel; their fp32 copy
+            (8 MB at 4096 × 512) stays in cache between the upcast, the product and the
+            norms. BLAS rounds a row's dots differently at other sub-block sizes, so the
+            default keeps the earlier scan's similarities bit for bit.
+        threads: threads to spread the block over (default: torch's thread count, which
             follows ``OMP_NUM_THREADS``, so one in a one-CPU Ray task).
+        compiled: use the compiled kernel of :mod:`~pixelmill.tasks.retrieval.fused` (up
+            to ``FUSED_MAX_QUERIES`` queries) where it is available: None compiles it for a
+            block of at least ``FUSED_MIN_ROWS`` rows and then uses it for every block of
+            that shape, True compiles it for any block, False never uses it. Hits agree
+            with the eager kernel's to fp32 rounding.
     """
     n = len(emb_block)
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -279,43 +440,21 @@ def scan_block_hits(
         raise ValueError(f"queries of shape {q.shape} do not match embeddings of shape {emb_block.shape}")
     if skip_mask is not None and len(skip_mask) != n:
         raise ValueError(f"skip_mask has {len(skip_mask)} entries for {n} rows")
-    thr = np.float32(threshold)
-    qs, rs, ss, nonfinite, zero = [], [], [], [], []
+    sub_rows = max(1, int(sub_rows))
     torch = torch_module()
-    if torch:
-        workers = max(1, threads if threads is not None else torch.get_num_threads())
-        scores = _scores_torch(emb_block, q, sub_rows, workers) if n else iter(())
-    else:
-        scores = _scores_numpy(emb_block, q, sub_rows)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"), torch_single_thread(), \
-            warnings.catch_warnings():
+    workers = max(1, threads if threads is not None else (torch.get_num_threads() if torch else 1))
+    with torch_single_thread(), blas_single_thread() as numpy_blas, warnings.catch_warnings():
         # torch warns that read-only memory maps are not writable; they are never written.
-        # Filters are process-wide, so this covers the worker threads too (they only run
-        # while this block is active).
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        for s, dots, norms in scores:
-            sims = dots.reshape(len(norms), -1)
-            sims /= norms[:, None]
-            lo, hi = norms.min(), norms.max()
-            if not (lo > 0 and hi < np.inf):
-                nonfinite.append(np.nonzero(~np.isfinite(norms))[0] + s)
-                zero.append(np.nonzero(norms == 0)[0] + s)
-                sims[~(np.isfinite(norms) & (norms > 0))] = -np.inf
-            if skip_mask is not None:
-                skipped = skip_mask[s:s + len(norms)]
-                if skipped.any():
-                    sims[skipped] = -np.inf
-            r, qi = np.nonzero(sims > thr)
-            if len(r):
-                qs.append(qi)
-                rs.append(r + s)
-                ss.append(sims[r, qi])
-
-    def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
-        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-
-    return BlockHits(cat(qs, np.int64), cat(rs, np.int64), cat(ss, np.float32),
-                     cat(nonfinite, np.int64), cat(zero, np.int64))
+        block = _Block.of(emb_block, q, np.float32(threshold), skip_mask, sub_rows, compiled, numpy_blas) \
+            if n else None
+        step = FUSED_TASK_ROWS if block is not None and block.fused is not None else sub_rows * TASK_SUB_BLOCKS
+        starts = list(range(0, n, step))
+        if workers > 1 and len(starts) > 1:
+            pieces = list(_executor(workers).map(lambda s: _score_rows(block, s, min(s + step, n)), starts))
+        else:
+            pieces = [_score_rows(block, s, min(s + step, n)) for s in starts]
+    return BlockHits(*(_cat([p[i] for p in pieces], dt) for i, dt in enumerate(_PIECE_DTYPES)))
 
 
 def scan_block(
@@ -325,6 +464,7 @@ def scan_block(
     skip_mask: np.ndarray | None = None,
     sub_rows: int = SUB_ROWS,
     threads: int | None = None,
+    compiled: bool | None = None,
 ) -> list[tuple[int, int, float]]:
     """Rows of a block whose cosine similarity to a query is strictly above ``threshold``.
 
@@ -338,11 +478,12 @@ def scan_block(
         threshold: the similarity a hit must exceed (strictly, in fp32).
         skip_mask: ``(n,)`` booleans; True rows are never hits.
         sub_rows: rows upcast at a time.
-        threads: threads for a one-query scan (default: torch's thread count).
+        threads: threads to spread the block over (default: torch's thread count).
+        compiled: use the compiled kernel (None: for large blocks; see :func:`scan_block_hits`).
 
     Returns:
         ``(query_idx, row_idx_in_block, similarity)`` for every hit, ordered by row then
         query.
     """
-    h = scan_block_hits(emb_block, queries, threshold, skip_mask, sub_rows, threads)
+    h = scan_block_hits(emb_block, queries, threshold, skip_mask, sub_rows, threads, compiled)
     return list(zip(h.query.tolist(), h.row.tolist(), h.similarity.astype(np.float64).tolist()))
