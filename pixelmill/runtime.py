@@ -360,6 +360,18 @@ def node_gpus() -> list[float]:
     return [float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
+def check_cluster_gpus(requests: list) -> None:
+    """Refuse (``PlacementError``, exit 2) an explicit GPU count the cluster's nodes cannot provide.
+
+    Only explicit counts can fail, so only they connect Ray to look (``auto`` is resolved
+    when work starts, and a run with nothing to do never connects it).
+    """
+    from pixelmill.config.placement import check_gpu_requests, explicit_gpus
+
+    if explicit := explicit_gpus(requests):
+        check_gpu_requests(explicit, node_gpus())
+
+
 # The Runtime whose Ray ``ensure_ray`` starts (the innermost one entered in this process).
 _active: list[Runtime] = []
 

@@ -62,13 +62,10 @@ def connected(args, cfg, requests=None):
     ``PlacementError`` (exit status 2) here, before any flow run, shard or job starts.
     """
     from pixelmill.cli.cancel import cancellable
-    from pixelmill.config.placement import check_gpu_requests, explicit_gpus
-    from pixelmill.runtime import node_gpus
+    from pixelmill.runtime import check_cluster_gpus
 
     with flow_runtime(args, cfg.runtime) as runtime:
-        # only an explicit count can fail; checking it connects Ray (auto is resolved when work starts)
-        if explicit := explicit_gpus(cfg.gpu_requests() if requests is None else requests):
-            check_gpu_requests(explicit, node_gpus())
+        check_cluster_gpus(cfg.gpu_requests() if requests is None else requests)
         with cancellable(args.command):  # Ctrl-C or a cancel in the Prefect UI stops the run cleanly
             yield runtime
 

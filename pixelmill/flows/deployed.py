@@ -59,8 +59,7 @@ def run_deployed(kind: str, config: dict[str, Any] | str) -> dict[str, Any]:
     """Validate, preflight and run ``config`` as ``pixelmill <kind>`` would; returns the summary."""
     from pixelmill import registry
     from pixelmill.config import RuntimeConfig, validate
-    from pixelmill.config.placement import check_gpu_requests, explicit_gpus
-    from pixelmill.runtime import Runtime, default_home, node_gpus
+    from pixelmill.runtime import Runtime, check_cluster_gpus, default_home
 
     data, base_dir = read_config(config)
     where = config if isinstance(config, str) else None
@@ -78,8 +77,7 @@ def run_deployed(kind: str, config: dict[str, Any] | str) -> dict[str, Any]:
     # The run's own Prefect API (set by the worker or `serve`) is kept; Ray as the config says.
     with Runtime(ray_address=rc.ray_address, prefect_api_url=os.environ.get("PREFECT_API_URL"),
                  home=default_home(), num_cpus=rc.num_cpus):
-        if explicit := explicit_gpus(requests):  # only these can fail; checking them connects Ray
-            check_gpu_requests(explicit, node_gpus())
+        check_cluster_gpus(requests)
         if kind == "run":
             from pixelmill.flows.run import pipeline_flow
 
