@@ -180,6 +180,15 @@ def _safe_hash(url: str) -> str | None:
         return None
 
 
+def read_planned(spec: dict, columns: list[str]) -> pa.Table:
+    """The input rows of one planned stage call (``url``, ``shard``, ``rows``, optional ``select``,
+    ``start``, ``stop``: see ``flows.common.split_specs``), tagged with their ``shard``."""
+    stop = spec.get("stop")
+    table = read_spec(str(spec["url"]), int(spec["rows"]), str(spec.get("select") or ""), columns,
+                      start=int(spec.get("start") or 0), stop=None if stop is None else int(stop))
+    return table.append_column("shard", pa.array([str(spec["shard"])] * table.num_rows, pa.string()))
+
+
 def read_spec(url: str, rows: int, select: str, columns: list[str], start: int = 0,
               stop: int | None = None) -> pa.Table:
     """The input rows of one planned unit (or of its part ``[start, stop)``).

@@ -106,17 +106,9 @@ def ray_remote_args(stage: Stage) -> dict[str, Any]:
 
 def _read_spec_batch(batch: dict, columns: list[str]) -> pa.Table:
     """Read the input shard(s) named in a batch of specs; tag rows with their shard."""
-    from pixelmill.datasets.incremental import read_spec
+    from pixelmill.datasets.incremental import read_planned
 
-    tables = []
-    n = len(batch["url"])
-    selects = batch["select"] if "select" in batch else [""] * n
-    starts, stops = batch.get("start", [0] * n), batch.get("stop", [None] * n)
-    for url, shard, rows, select, start, stop in zip(batch["url"], batch["shard"], batch["rows"], selects, starts,
-                                                      stops):
-        t = read_spec(str(url), int(rows), str(select or ""), columns, start=int(start or 0),
-                      stop=None if stop is None else int(stop))
-        tables.append(t.append_column("shard", pa.array([str(shard)] * t.num_rows, pa.string())))
+    tables = [read_planned(dict(zip(batch, values)), columns) for values in zip(*batch.values())]
     return pa.concat_tables(tables)
 
 

@@ -103,15 +103,12 @@ def run_stage_inline(specs: list[dict[str, Any]], columns: list[str], builder, w
     For tests and debugging (one worker; ``workers`` and ``guard`` are ignored: a timed-out
     call would end this process).
     """
-    from pixelmill.datasets.incremental import read_spec
+    from pixelmill.datasets.incremental import read_planned
 
     stage = builder()
     set_torch_threads(stage.resources.cpus)
     stage.setup()
     for spec in specs:
-        table = read_spec(str(spec["url"]), int(spec["rows"]), spec.get("select") or "", columns,
-                          start=int(spec.get("start") or 0), stop=spec.get("stop"))
-        table = table.append_column("shard", pa.array([str(spec["shard"])] * table.num_rows, pa.string()))
-        out = stage(table)
+        out = stage(read_planned(spec, columns))
         if out.num_rows:
             yield out
