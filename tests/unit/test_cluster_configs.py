@@ -93,9 +93,15 @@ def test_lock_pins_every_requirement_of_pyproject_within_its_range():
 
 def test_this_suite_runs_on_the_locked_versions():
     """The lock comes from the tested environment: every locked package installed here has its pinned version."""
+    import sysconfig
+
     pins = lock_pins()
     wrong = []
-    for dist in metadata.distributions():
+    # the environment's own site-packages: a package that vendors others (setuptools puts its
+    # _vendor folder, with older platformdirs, zipp, ... on sys.path once torch.compile imports
+    # it) installs nothing
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in metadata.distributions(path=site):
         name = canonicalize_name(dist.metadata["Name"])
         if name in pins and Version(Version(dist.version).public) != pins[name]:
             wrong.append(f"{name}: installed {dist.version}, locked {pins[name]}")
