@@ -355,7 +355,9 @@ def cmd_server(args) -> int:
     import subprocess
 
     from pixelmill.runtime import (
+        Watchdog,
         die_with_parent,
+        host_ray,
         prefect_server_command,
         prefect_server_env,
         public_bind_problem,
@@ -375,10 +377,16 @@ def cmd_server(args) -> int:
                             env=prefect_server_env(home, ui=True, host=args.host, port=args.port))
     local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host, args.host)
     local = f"[{local}]" if ":" in local and not local.startswith("[") else local
+    watchdog = ray_address = None
     try:
+        if getattr(args, "ray", False):
+            watchdog = Watchdog().start()  # Ray's processes end with this command, however it ends
+            ray_address = host_ray(args.ray_cpus)  # starts while the server does
+            print(f"Ray for this home's commands at {ray_address}; its workers see this command's environment",
+                  flush=True)
         wait_for_health(f"http://{local}:{args.port}/api", proc=proc)
-        # commands run with this home record their runs here instead of starting a server
-        write_server_file(home, proc.pid, f"http://{local}:{args.port}/api")
+        # commands run with this home record their runs here instead of starting a server (and join its Ray)
+        write_server_file(home, proc.pid, f"http://{local}:{args.port}/api", ray_address)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -388,6 +396,12 @@ def cmd_server(args) -> int:
         raise
     finally:
         remove_server_file(home, proc.pid)
+        if ray_address:
+            import ray
+
+            ray.shutdown()
+        if watchdog is not None:
+            watchdog.stop()
         if proc.poll() is None:
             proc.terminate()
             try:

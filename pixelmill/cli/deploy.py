@@ -76,6 +76,10 @@ def add_parsers(sub) -> None:
                                    "a `pixelmill server` on --home, or an embedded server.")
     common(p)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N runs at once in this process")
+    p.add_argument("--no-ray", dest="ray", action="store_false",
+                   help="each run starts a local Ray of its own (default: the runs join one Ray hosted by this "
+                        "process, unless RAY_ADDRESS, a config's runtime.ray_address or a `pixelmill server "
+                        "--ray` on --home names one)")
     p.add_argument("--home", default=None,
                    help="folder for the embedded Prefect database (default: $PIXELMILL_HOME or ./.pixelmill)")
     p.set_defaults(func=cmd_serve)
@@ -354,20 +358,29 @@ def cmd_serve(args) -> int:
         PrefectServer,
         Watchdog,
         default_home,
-        user_server_url,
+        host_ray,
+        user_server,
     )
 
     items = _prepare_all(args)
     home = Path(args.home).resolve() if args.home else default_home()
     url = os.environ.get("PREFECT_API_URL")
-    server = watchdog = None
+    server = watchdog = ray_address = None
     try:
+        found = None if url else user_server(home)
+        if args.ray and not os.environ.get("RAY_ADDRESS") and not (found or {}).get("ray_address"):
+            # the runs (this process's children) join one Ray hosted here instead of each starting one
+            watchdog = Watchdog().start()  # Ray (and an embedded server) end with this command, however it ends
+            ray_address = os.environ["RAY_ADDRESS"] = host_ray()
+            print(f"Ray for the scheduled runs at {ray_address}")
+        elif args.ray and not os.environ.get("RAY_ADDRESS") and found:
+            os.environ["RAY_ADDRESS"] = found["ray_address"]  # the runs join the server's Ray
         if url:
             url = check_server(url)
         else:
-            url = user_server_url(home)
+            url = (found or {}).get("api_url")
             if url is None:
-                watchdog = Watchdog().start()  # the server ends with this command, however it ends
+                watchdog = watchdog or Watchdog().start()  # the server ends with this command, however it ends
                 server = PrefectServer(home).start()
                 url = server.api_url
                 print(f"embedded Prefect server at {url} (database in {home}); "
@@ -386,6 +399,11 @@ def cmd_serve(args) -> int:
     finally:
         if server is not None:
             server.stop()
+        if ray_address:
+            import ray
+
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
         if watchdog is not None:
             watchdog.stop()
     return 0

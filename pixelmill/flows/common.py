@@ -93,20 +93,32 @@ def head_resources() -> dict[str, float]:
     return head
 
 
+def driver_on_head() -> bool:
+    """Whether this process is on the Ray cluster's head node (or the cluster names no head):
+    then it drives a stage itself instead of through a Ray task placed there."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    heads = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
+    return not heads or me in heads
+
+
 class Progress:
     """A row counter shared between the worker that does the work and the terminal.
 
     The counter actor lives on the head node, so a worker node that is lost mid-run cannot take
     it down; if it is lost anyway, the bar stops moving and the run goes on: progress is never
-    a reason to fail.
+    a reason to fail. A stage driven in this process counts in this process (``local``).
     """
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle=None) -> None:
         self.handle = handle
         self.last = 0
 
     @classmethod
-    def create(cls, total: int) -> Progress:
+    def create(cls, total: int, local: bool = False) -> Progress:
+        if local:
+            return cls(None)
         import ray
 
         @ray.remote(num_cpus=0)
@@ -123,12 +135,17 @@ class Progress:
         return cls(_Counter.options(resources=head_resources()).remote())
 
     def add(self, k: int) -> None:
+        if self.handle is None:
+            self.last += k  # one thread adds (the stage's driver), the terminal's thread reads
+            return
         try:
             self.handle.add.remote(k)
         except Exception:  # noqa: BLE001 - a lost counter only freezes the bar
             pass
 
     def get(self) -> int:
+        if self.handle is None:
+            return self.last
         import ray
 
         try:

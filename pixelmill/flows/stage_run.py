@@ -1,9 +1,11 @@
 """The one run-and-commit path: any stage over any dataset, resumable per shard.
 
 ``run_stage`` plans output shards from the input's (skipping those committed with the
-same config), runs the stage over the rest as one Prefect task on a Ray worker that
-claims no CPU, on the head node (``head_resources``), and drives a Ray Data pipeline
-(``tasks/ray_data.py``), then commits the output manifest. Flows call it once per stage;
+same config), runs the stage over the rest as one Prefect task on the head node, which
+drives a Ray Data pipeline (``tasks/ray_data.py``), then commits the output manifest. The
+task runs in this process when it is on the head node (a local Ray, a command run on the
+head: no Ray worker to start and import Prefect in, about 3 s), else on a Ray worker there
+that claims no CPU (``head_resources``). Flows call it once per stage;
 the stage class declares its input columns and output dataset name (``tasks/stage.py``),
 so nothing here knows any method.
 """
@@ -23,11 +25,12 @@ from pixelmill.flows.common import (
     Progress,
     ShardPlan,
     StageStats,
+    driver_on_head,
     head_resources,
     plan_shards,
     wait_with_progress,
 )
-from pixelmill.flows.ray_runner import remote_options
+from pixelmill.flows.ray_runner import in_process, remote_options
 from pixelmill.runtime import ensure_ray
 
 
@@ -107,9 +110,12 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
     result = StageResult(output=output, plan=plan)
     if plan.todo:
         ensure_ray()  # the progress counter and the driver's placement ask the cluster
-        progress = Progress.create(total=plan.rows_todo) if show_progress else None
+        here = driver_on_head()
+        progress = Progress.create(total=plan.rows_todo, local=here) if show_progress else None
         submit = run_shards.with_options(name=task_name) if task_name else run_shards
-        with remote_options(num_cpus=0, resources=head_resources()):  # its node's loss would take every actor
+        # on the head node: its loss would take every actor the task owns. This process, when it is
+        # there already (a local Ray, a command run on the head), else a Ray task claiming no CPU.
+        with in_process() if here else remote_options(num_cpus=0, resources=head_resources()):
             future = submit.submit(stage_cls, config, resources, plan, output, workers, progress, run, timeouts,
                                    rows_per_call)
         result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)

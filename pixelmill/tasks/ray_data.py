@@ -91,6 +91,8 @@ def quiet_data_context() -> None:
     ctx.verbose_stats_logs = False
     for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it warns that progress bars are off, which is what we asked for
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def ray_remote_args(stage: Stage) -> dict[str, Any]:

@@ -263,7 +263,7 @@ def test_run_records_the_pipeline_and_its_steps_and_writes_its_api_key_nowhere(t
             used = [r.headers.get("authorization") for r in server.requests]
         summaries = json.loads(last_line(out))
         assert summaries["pairs"]["captions"] == 2 and summaries["pairs"]["text_rejects"] == 0
-        assert summaries["ip2p"]["rows_out"] == 2 and summaries["ip2p"]["worker"]["in_ray_worker"] is True
+        assert summaries["ip2p"]["rows_out"] == 2 and summaries["ip2p"]["worker"]["node_id"]
         assert Dataset.open(str(tmp_path / "edited")).num_rows == 2
         assert used and set(used) == {f"Bearer {key}"}  # the key was really read and sent
         roots = {"outputs": tmp_path / "pairs", "pixelmill home": home, "Ray session": ray_tmp}
@@ -451,3 +451,48 @@ def test_a_command_reuses_the_server_the_user_started_and_leaves_it_running(user
     assert not (user_server["home"] / "prefect-server.log").exists(), "the command started a server of its own"
     assert user_server["proc"].poll() is None and user_server["server"].is_running()
     assert api(api_url, "/health") is True
+
+
+def test_a_server_with_ray_hosts_the_ray_its_homes_commands_join_and_ends_it(tmp_path, images, tiny_models):
+    """`pixelmill server --ray`: a command of its home joins the server's Ray (no Ray of its own is
+    started: nothing under the command's RAY_TMPDIR), and Ctrl-C ends the server's Ray with it."""
+    home, port = tmp_path / "home", free_port()
+    dirs = [Path(tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp")) for _ in range(2)]  # server's, command's
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "server", "--ray", "--ray-cpus", "2",
+                             "--home", str(home), "--port", str(port)],
+                            env=user_env(RAY_TMPDIR=str(dirs[0])), cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while "ray_address" not in ((home / "server.json").read_text() if (home / "server.json").exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        cfg = tmp_path / "edit.yaml"
+        cfg.write_text(yaml.safe_dump(dict(input=images, output=str(tmp_path / "out"), model=tiny_models["img2img"],
+                                           prompt="a painting", strength=0.5, steps=2, resolution=64)))
+        out = run_user(["edit", str(cfg), "--json", "--limit", "2"], home, tmp_path, env={"RAY_TMPDIR": str(dirs[1])})
+        summary = json.loads(last_line(out))
+        assert summary["rows_out"] == 2 and summary["worker"]["node_id"] in summary["nodes"]
+        assert list(dirs[0].glob("ray/session_*")), "the server started no Ray under its RAY_TMPDIR"
+        assert not list(dirs[1].glob("ray/session_*")), "the command started a Ray of its own"
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in tree), _describe(tree)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=60)
+        left = _wait_gone(tree, 30)
+        assert not left, f"the server's Ray outlived it: {_describe(left)}"
+        assert not (home / "server.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in tree:  # only what this test's server started
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        log.close()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

@@ -83,7 +83,7 @@ def test_bulk_edit_gpu_actors_land_on_the_gpu_node(nodes, s3_server, tmp_path, t
     # head node (it owns them: its node's loss would take them all).
     assert summary["gpus"] == 1 and summary["notes"] == []
     assert set(summary["nodes"]) == {nodes["gpu"]} and sum(summary["nodes"].values()) == 6
-    assert summary["worker"]["in_ray_worker"] and summary["worker"]["node_id"] == nodes["head"]
+    assert summary["worker"]["node_id"] == nodes["head"]  # a Ray task there, or the command itself when it is
     assert summary["gpu_hours"] > 0
 
     # Every row accounted for, in the bucket.
