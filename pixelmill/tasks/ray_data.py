@@ -51,13 +51,15 @@ class _StageActor:
     of attempts comes back as rejects without calling the stage.
     """
 
-    def __init__(self, builder: Callable[[], Stage], guard: CallGuard | None = None) -> None:
+    def __init__(self, builder: Callable[[], Stage], guard: CallGuard | None = None,
+                 columns: list[str] | None = None) -> None:
         import ray
 
         started = time.perf_counter()
         ctx = ray.get_runtime_context()
         self.where = f"{ctx.get_node_id()}/{ctx.get_actor_id()}"
         self.guard = guard
+        self.columns = columns
         self.stage = builder()
         set_torch_threads(self.stage.resources.cpus)
         if guard is None:
@@ -66,7 +68,9 @@ class _StageActor:
             guard.setup(self.stage)
         self.setup_seconds = time.perf_counter() - started  # reported with the first output row
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch) -> pa.Table:
+        if self.columns is not None:  # a batch of planned calls: read their rows here
+            batch = _read_spec_batch(batch, self.columns)
         started = time.perf_counter()
         out = self.stage(batch) if self.guard is None else self.guard.run(self.stage, batch)
         seconds = time.perf_counter() - started
@@ -123,8 +127,8 @@ def run_stage(
 ) -> Iterator[pa.Table]:
     """Stream input shards through the stage on a pool of ``workers`` actors.
 
-    Shards are read on workers (one read task per shard), so the driver never holds the
-    input. Each stage call gets one whole shard and batches it itself (its config's
+    Each actor reads the rows of the call it is given (the driver never holds the input).
+    Each stage call gets one planned call's rows and batches them itself (its config's
     ``batch_size``): Ray Data coalesces blocks in arrival order, so letting it form the
     batches would make a row's batch, and so its floating-point result, vary between
     identical runs.
@@ -150,12 +154,12 @@ def run_stage(
 
     quiet_data_context()
     probe = builder()
+    # One block per planned call. The actor reads its call's rows itself: a read task per call
+    # would cost a Ray task, a hop through the object store and, claiming no CPU (so that a
+    # stage claiming every CPU cannot starve it), a worker process per read in flight (over
+    # 1,000 shards, Ray started dozens); the read is small beside the stage's call.
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
-    # Reads claim no CPU: they are light I/O, and a stage actor that claims every CPU of a
-    # node must not starve the reads that feed it.
-    ds = ds.map_batches(_read_spec_batch, fn_kwargs={"columns": columns}, batch_size=1,
-                        batch_format="numpy", num_cpus=0)
-    # One call per shard (batch_size=None: whole blocks) also with GPUs: the public
+    # One call per planned call (batch_size=None: whole blocks) also with GPUs: the public
     # ``map_batches`` refuses that combination, ``map_batches_internal`` (Ray's DeveloperAPI,
     # what ``map_groups`` uses for the same reason) does not validate it.
     remote = ray_remote_args(probe)
@@ -163,10 +167,9 @@ def run_stage(
         else ds.map_batches
     ds = map_batches(
         _StageActor,
-        fn_constructor_kwargs={"builder": builder, "guard": guard},
+        fn_constructor_kwargs={"builder": builder, "guard": guard, "columns": columns},
         batch_size=None,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
+        batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=workers),
         **remote,
     )

@@ -414,7 +414,7 @@ _RAY_READER = textwrap.dedent(
     """
     import json, sys
     import ray
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     ds = ray.data.read_parquet(sys.argv[1])
     rows = ds.take_all()
     print(json.dumps({"ids": sorted(r["id"] for r in rows), "sizes": [len(r["image"]["bytes"]) for r in rows]}))
