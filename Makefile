@@ -60,6 +60,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/bulk_edit.py
+	$(PY) benchmarks/orchestration.py
 	$(PY) benchmarks/edit_memory.py --sizes 100,1000,10000
 	$(PY) benchmarks/retrieval_scan.py
 	$(PY) benchmarks/pairs.py

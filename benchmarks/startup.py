@@ -14,6 +14,8 @@ kept: a user's first command is a cold one too):
 - small edit, warm: ``pixelmill edit`` of 2 new images with a warm server: the command's wall
   time, and what is left of it beyond the stage's model load and calls (its ``--json``
   ``timing``): interpreter and imports, Ray start, Prefect flow and task runs, plan, commit.
+- the same with ``pixelmill server --ray``: the command joins the server's Ray instead of
+  starting one.
 
 Targets (issue #17): runtime ready ≤ 8 s cold and ≤ 3 s warm; a no-op rerun ≤ 3 s warm; a
 flow run's fixed cost beyond loading the model ≤ 3 s (``benchmarks/bulk_edit.py`` measures
@@ -84,17 +86,19 @@ def cli(args: list[str], home: Path, cwd: Path) -> tuple[float, dict]:
     return wall, json.loads(out.strip().splitlines()[-1])
 
 
-def start_server(home: Path, cwd: Path) -> subprocess.Popen:
+def start_server(home: Path, cwd: Path, ray: bool = False) -> subprocess.Popen:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([PY, "-m", "pixelmill.cli", "server", "--home", str(home), "--port", str(port)],
+    proc = subprocess.Popen([PY, "-m", "pixelmill.cli", "server", "--home", str(home), "--port", str(port),
+                             *(["--ray"] if ray else [])],
                             cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 180
-    while not (home / "server.json").exists() or not _healthy(port):
+    while not (home / "server.json").exists() or not _healthy(port) or \
+            (ray and "ray_address" not in (home / "server.json").read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("pixelmill server did not start")
         time.sleep(0.5)
@@ -148,6 +152,16 @@ def main() -> None:
     def med(xs: list[float]) -> float:
         return statistics.median(xs)
 
+    def small_edits(prefix: str) -> tuple[list[float], list[float]]:
+        """``--reps`` edits of 2 new images: command wall, and wall less the stage's set-up and calls."""
+        walls, rest = [], []
+        for i in range(args.reps):
+            wall, summary = cli(["edit", str(edit_config(f"out-{prefix}-{i}", 2))], home, root)
+            t = summary["timing"]
+            walls.append(wall)
+            rest.append(wall - t["setup_seconds"] - t["call_seconds"])
+        return walls, rest
+
     help_s = [timed([PY, "-m", "pixelmill.cli", "--help"], root)[0] for _ in range(args.reps)]
     rows.append(("pixelmill --help", med(help_s), ""))
 
@@ -177,15 +191,20 @@ def main() -> None:
             assert not summary["shards_run"], summary
             noop.append(wall)
         rows.append(("no-op rerun, warm server", med(noop), f"cold server: {med(cold_noop):.1f} s; target <= 3 s"))
-        walls, rest = [], []
-        for i in range(args.reps):
-            wall, summary = cli(["edit", str(edit_config(f"out-small-{i}", 2))], home, root)
-            t = summary["timing"]
-            walls.append(wall)
-            rest.append(wall - t["setup_seconds"] - t["call_seconds"])
+        walls, rest = small_edits("small")
         rows.append(("2-image edit, warm server: command wall", med(walls),
                      f"beyond model load and stage calls: {med(rest):.1f} s (interpreter, imports, Ray start, "
                      f"Prefect runs, plan, commit)"))
+    finally:
+        stop(server)
+    server = start_server(home, root, ray=True)  # the same home, its server hosting a Ray
+    try:
+        warm_ray = [inner("runtime", home, root, "eager") for _ in range(args.reps)]
+        rows.append(("runtime ready, warm (pixelmill server --ray)", med(warm_ray),
+                     "Ray joined, not started; target <= 3 s"))
+        walls, rest = small_edits("small-ray")
+        rows.append(("2-image edit, warm server --ray: command wall", med(walls),
+                     f"beyond model load and stage calls: {med(rest):.1f} s; target <= 3 s"))
     finally:
         stop(server)
     print(f"start-up ({args.reps} reps each, medians; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
