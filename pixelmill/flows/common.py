@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,14 +156,18 @@ class Progress:
         return self.last
 
 
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("PIXELMILL_PROGRESS") != "1")
+
+
 def wait_with_progress(future, progress: Progress | None, total: int, desc: str):
     """Wait for a submitted task, showing a progress bar fed by ``progress``."""
     if progress is None:
         return future.result()
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
-              disable=not sys.stderr.isatty() and os.environ.get("PIXELMILL_PROGRESS") != "1") as bar:
+    with _bar(total, desc) as bar:
         while True:
             future.wait(timeout=0.5)
             done = future.state.is_final()
@@ -171,6 +176,30 @@ def wait_with_progress(future, progress: Progress | None, total: int, desc: str)
             if done:
                 break
     return future.result()
+
+
+@contextmanager
+def progress_bar(progress: Progress | None, total: int, desc: str):
+    """A progress bar fed by ``progress``, drawn by a daemon thread while the work runs in this one."""
+    if progress is None:
+        yield
+        return
+    import threading
+
+    stop = threading.Event()
+    with _bar(total, desc) as bar:
+        def draw() -> None:
+            while not stop.wait(0.5):
+                bar.update(progress.get() - bar.n)
+
+        thread = threading.Thread(target=draw, name="pixelmill-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=2)
+            bar.update(progress.get() - bar.n)
 
 
 @dataclass

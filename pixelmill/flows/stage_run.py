@@ -28,9 +28,10 @@ from pixelmill.flows.common import (
     driver_on_head,
     head_resources,
     plan_shards,
+    progress_bar,
     wait_with_progress,
 )
-from pixelmill.flows.ray_runner import in_process, remote_options
+from pixelmill.flows.ray_runner import remote_options
 from pixelmill.runtime import ensure_ray
 
 
@@ -112,13 +113,19 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
         ensure_ray()  # the progress counter and the driver's placement ask the cluster
         here = driver_on_head()
         progress = Progress.create(total=plan.rows_todo, local=here) if show_progress else None
-        submit = run_shards.with_options(name=task_name) if task_name else run_shards
-        # on the head node: its loss would take every actor the task owns. This process, when it is
-        # there already (a local Ray, a command run on the head), else a Ray task claiming no CPU.
-        with in_process() if here else remote_options(num_cpus=0, resources=head_resources()):
-            future = submit.submit(stage_cls, config, resources, plan, output, workers, progress, run, timeouts,
-                                   rows_per_call)
-        result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)
+        task = run_shards.with_options(name=task_name) if task_name else run_shards
+        args = (stage_cls, config, resources, plan, output, workers, progress, run, timeouts, rows_per_call)
+        # On the head node: its loss would take every actor the task owns. This process, when it is
+        # there already (a local Ray, a command run on the head): the task runs in this thread (a
+        # Ctrl-C or a cancel interrupts it here), the bar is drawn by another. Else a Ray task there,
+        # claiming no CPU.
+        if here:
+            with progress_bar(progress, plan.rows_todo, progress_label):
+                result.stats = task(*args)
+        else:
+            with remote_options(num_cpus=0, resources=head_resources()):
+                future = task.submit(*args)
+            result.stats = wait_with_progress(future, progress, plan.rows_todo, progress_label)
     if plan.todo or not plan.output_complete:
         commit_manifest(output, stage_cls.dataset, plan.config, run)
     result.seconds = time.perf_counter() - t0
