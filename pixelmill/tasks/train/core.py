@@ -209,7 +209,9 @@ class Trainer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             all_reduce_bucketed([p.grad for p in grads])  # ~25 MB flat buckets, one all-reduce each
-            dist.all_reduce(sums)
+            sums_on_device = sums.to(self.device)  # NCCL reduces device tensors only (a no-op copy on the CPU)
+            dist.all_reduce(sums_on_device)
+            sums = sums_on_device.cpu()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(grads, s["max_grad_norm"])
