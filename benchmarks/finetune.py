@@ -43,6 +43,23 @@ first step, "train peak" its RSS sampled every 5 ms over the steps (the target c
 this), "process max" its ``ru_maxrss`` (imports, model load and cache build included).
 "model load" is timed after the imports.
 
+``--example-script PATH`` (LoRA): also runs diffusers' own
+``examples/dreambooth/train_dreambooth_lora.py``, unchanged, as a subprocess on the same saved
+model, the same eight images (written as PNG files into a folder, as the script reads them),
+resolution, batch, rank and fp32 (``--center_crop``, ``--report_to all`` = no tracker installed,
+no validation prompt). Its steps/s is (N2 - N1) / (T2 - T1) over two runs of N1 = ``--warmup``
+and N2 = ``--warmup + --steps`` steps (T: the run's wall time), so its start-up, model load,
+LoRA save and final pipeline reload cancel; the rate its own tqdm bar prints (start-up excluded,
+first steps included) is shown beside it. pixelmill's LoRA steps/s (from the speed worker) is
+divided by it. Not paired: the runs are sequential, so load from elsewhere on the machine moves
+the ratio; the plain loop's steps/s against the script's is printed as a check.
+
+``--scaling``: data-parallel scaling efficiency with 2 workers. The cached-latents job with a
+global batch of ``2 x --batch`` runs on 1 worker, then on 2 workers (each ``--batch`` samples),
+each worker ``--dp-threads`` torch threads, in processes joined by a gloo process group on
+127.0.0.1: the loop Ray Train's workers run (``_setup``, ``load_or_build_caches``,
+``trainer.step``) without Ray's start-up. Efficiency = steps/s(2 workers) / (2 x steps/s(1)).
+
 ``--vae sd-share`` (default, blocks 32/64/128/128) makes the VAE encoder ~30% of a
 full-UNet training step's FLOPs, as SD 1.5's VAE encoder is of an SD 1.5 training step at
 512 px (~32%): the proportion caching latents acts on in real jobs. ``--vae light`` is
@@ -50,7 +67,8 @@ bulk_edit.py's VAE (blocks 16/32/64/64), ~10% of a step; caching latents can onl
 encoder's share, so that model caps the gain near 1.1x.
 
     python benchmarks/finetune.py [--resolution 256 --batch 2 --warmup 2 --steps 12 --mem-steps 2
-                                   --threads 2 --methods lora,dreambooth --vae sd-share]
+                                   --threads 2 --methods lora,dreambooth --vae sd-share
+                                   --example-script /tmp/train_dreambooth_lora.py --scaling --dp-threads 1]
 """
 
 from __future__ import annotations
@@ -426,10 +444,110 @@ def worker_main(args) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    out = worker_memory(args) if args.worker == "memory" else worker_speed(args)
+    out = {"memory": worker_memory, "speed": worker_speed, "dp": worker_dp}[args.worker](args)
     out = {"result": out, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB
            "threads": torch.get_num_threads()}
     print(RESULT_TAG + json.dumps(out), flush=True)
+
+
+def worker_dp(args) -> dict[str, Any]:
+    """One data-parallel rank: gloo group on 127.0.0.1, ``_setup`` + caches, warm-up, timed steps."""
+    import torch
+    import torch.distributed as dist
+
+    from pixelmill.tasks.train.job import _setup, load_or_build_caches
+
+    spec = json.loads(Path(args.spec[0]).read_text())
+    if args.world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                                world_size=args.world)
+    method, data, trainer = _setup(spec, torch.device("cpu"), args.rank, args.world)
+    trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
+    for i in range(args.warmup):
+        trainer.step(i)
+    if args.world > 1:
+        dist.barrier()
+    times = []
+    for i in range(args.warmup, args.warmup + args.steps):
+        t0 = time.perf_counter()
+        trainer.step(i)
+        times.append(time.perf_counter() - t0)
+    if args.world > 1:
+        dist.destroy_process_group()
+    return {"step_seconds": times}
+
+
+def measure_scaling(args, model: str, data: str, root: Path, method: str) -> dict[str, Any]:
+    """Steps/s of the cached job (global batch 2 x --batch) on 1 and on 2 gloo workers."""
+    import socket
+
+    big = argparse.Namespace(**{**vars(args), "batch": 2 * args.batch})
+    spec = pixelmill_spec(root, f"{method}-dp", model, data, method, True, big)
+    spec_path = root / f"spec-{method}-dp.json"
+    Path(spec_path).write_text(json.dumps(spec))
+    out = {}
+    for world in (1, 2):
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.dp_threads), "MKL_NUM_THREADS": str(args.dp_threads),
+               "PYTHONWARNINGS": "ignore"}
+        procs = [subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", "dp", "--method", method, "--model", model,
+             "--data", data, "--resolution", str(args.resolution), "--batch", str(big.batch), "--warmup",
+             str(args.warmup), "--steps", str(args.steps), "--threads", str(args.dp_threads), "--spec",
+             str(spec_path), "--rank", str(r), "--world", str(world), "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
+        outs = [p.communicate() for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"data-parallel worker failed: {[o[1][-3000:] for o in outs]}")
+        line = [ln for ln in outs[0][0].splitlines() if ln.startswith(RESULT_TAG)][-1]
+        out[world] = json.loads(line[len(RESULT_TAG):])["result"]["step_seconds"]
+    return out
+
+
+def example_images(root: Path, resolution: int) -> Path:
+    """The benchmark's instance images as PNG files in a folder (what the example script reads)."""
+    from pixelmill.samples import draw_concept_images
+
+    folder = root / "instance-images"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, im in enumerate(draw_concept_images(N_IMAGES, seed=0, size=image_size(resolution))):
+        im.save(folder / f"{i:02d}.png")
+    return folder
+
+
+def run_example_script(args, model: str, root: Path) -> dict[str, Any]:
+    """diffusers' train_dreambooth_lora.py, unchanged, at N1 and N2 steps: (N2 - N1) / (T2 - T1) steps/s."""
+    import re
+
+    images = example_images(root, args.resolution)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    runs = {}
+    for n in (args.warmup, args.warmup + args.steps):
+        out_dir = root / f"example-out-{n}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        cmd = [sys.executable, args.example_script, "--pretrained_model_name_or_path", model,
+               "--instance_data_dir", str(images), "--instance_prompt", INSTANCE_PROMPT,
+               "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+               "--max_train_steps", str(n), "--learning_rate", str(LR["lora"]), "--rank", str(LORA_RANK),
+               "--center_crop", "--seed", "0", "--mixed_precision", "no", "--report_to", "all",
+               "--checkpointing_steps", str(10**6), "--output_dir", str(out_dir)]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"example script failed (rc {p.returncode}):\n{p.stderr[-5000:]}")
+        bars = re.findall(r"Steps: 100%.*?\[[^,]*, *([0-9.]+)(s/it|it/s)", p.stderr)
+        tqdm_rate = None
+        if bars:
+            value, unit = float(bars[-1][0]), bars[-1][1]
+            tqdm_rate = value if unit == "it/s" else 1 / value
+        runs[n] = {"wall": wall, "tqdm_steps_per_s": tqdm_rate}
+    n1, n2 = sorted(runs)
+    return {"runs": runs, "steps_per_s": (n2 - n1) / (runs[n2]["wall"] - runs[n1]["wall"])}
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -504,12 +622,43 @@ def report(method: str, speed: dict[str, Any], memory: dict[str, Any]) -> dict[s
     for v in VARIANTS:
         print(f"  {LABELS[v]:<34}" + "".join(f"{speed[v]['parts'][p]:>11.3f}" for p in PARTS))
     ratio = paired("pixelmill")
+    steps_per_s = {v: (1 / statistics.median(speed[v]["step_seconds"]),
+                       len(speed[v]["step_seconds"]) / sum(speed[v]["step_seconds"])) for v in VARIANTS}
     mem = memory["pixelmill"]["train_peak_bytes"] / base_m["train_peak_bytes"]
     met = ratio >= 1.2 and mem <= 1.0
     print(f"  {method}: target >= 1.2x steps/s (pixelmill cached vs baseline) at no more memory: "
           f"{'MET' if met else 'NOT MET'}  (steps/s {ratio:.2f}x, train peak RSS {mem:.2f}x = "
           f"{(memory['pixelmill']['train_peak_bytes'] - base_m['train_peak_bytes']) / mb:+.0f} MB)")
-    return {"speed": ratio, "memory": mem}
+    return {"speed": ratio, "memory": mem, "steps_per_s": steps_per_s}
+
+
+def example_report(args, model: str, root: Path, steps_per_s: dict[str, float]) -> None:
+    ex = run_example_script(args, model, root)
+    rate = ex["steps_per_s"]
+    n1, n2 = sorted(ex["runs"])
+    walls = ", ".join(f"{n} steps {r['wall']:.1f} s" for n, r in ex["runs"].items())
+    tq = ex["runs"][n2]["tqdm_steps_per_s"]
+    print(f"\ndiffusers' train_dreambooth_lora.py ({args.example_script}), unchanged, LoRA rank {LORA_RANK}, "
+          f"batch {args.batch}, {args.resolution} px, fp32, {args.threads} torch threads")
+    print(f"  runs: {walls}; steps/s = ({n2} - {n1}) / wall difference = {rate:.3f}"
+          + (f"  (its tqdm bar at {n2} steps: {tq:.3f})" if tq else ""))
+    print("  (the script's rate is a mean over its steps: compare the mean column; the median one resists outliers)")
+    for v in VARIANTS:
+        median, mean = steps_per_s[v]
+        print(f"  {LABELS[v]:<34} median {median:.3f} steps/s = {median / rate:.2f}x the script, "
+              f"mean {mean:.3f} steps/s = {mean / rate:.2f}x")
+
+
+def scaling_report(args, model: str, data: str, root: Path, method: str) -> None:
+    t = measure_scaling(args, model, data, root, method)
+    rate = {w: 1 / statistics.median(v) for w, v in t.items()}
+    print(f"\ndata-parallel scaling, {method}, cached latents + text, global batch {2 * args.batch}, "
+          f"{args.dp_threads} torch thread(s) per worker, gloo on 127.0.0.1 (Ray Train's per-step path, "
+          f"not its start-up)")
+    for w, r in rate.items():
+        print(f"  {w} worker{'s' if w > 1 else ' '}: {r:.3f} steps/s (median of {len(t[w])} steps; "
+              f"{r * 2 * args.batch:.2f} samples/s)")
+    print(f"  efficiency with 2 workers: {rate[2] / (2 * rate[1]):.2f} (speed-up {rate[2] / rate[1]:.2f}x of 2x)")
 
 
 def main() -> None:
@@ -523,13 +672,21 @@ def main() -> None:
     p.add_argument("--methods", default="lora,dreambooth")
     p.add_argument("--vae", choices=sorted(VAES), default="sd-share")
     p.add_argument("--workdir", default=None, help="keep the model, data and caches here (default: a temp dir)")
+    p.add_argument("--example-script", default=None,
+                   help="path of diffusers' examples/dreambooth/train_dreambooth_lora.py: compare LoRA steps/s")
+    p.add_argument("--scaling", action="store_true", help="data-parallel scaling efficiency with 2 gloo workers")
+    p.add_argument("--dp-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="torch threads per data-parallel worker (--scaling)")
     # worker mode (internal)
-    p.add_argument("--worker", choices=("memory", "speed"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("memory", "speed", "dp"), help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--spec", action="append", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker_main(args)
@@ -559,7 +716,9 @@ def main() -> None:
           f"({args.warmup} + {args.mem_steps} steps)")
     print(f"machine: {machine()}; torch {torch.__version__}; load average at start {load()}")
 
-    threads = set()
+    if args.example_script and "lora" not in methods:
+        p.error("--example-script compares LoRA: include lora in --methods")
+    threads, found = set(), {}
     for method in methods:
         specs = {}
         for v in VARIANTS[1:]:
@@ -574,7 +733,11 @@ def main() -> None:
             threads.add(out["threads"])
         out = run_worker("speed", method, args, model, data, None, [specs[v] for v in VARIANTS[1:]])
         threads.add(out["threads"])
-        report(method, out["result"], memory)
+        found[method] = report(method, out["result"], memory)
+    if args.example_script:
+        example_report(args, model, root, found["lora"]["steps_per_s"])
+    if args.scaling:
+        scaling_report(args, model, data, root, methods[0])
     print(f"\nload average at end {load()}; total {time.perf_counter() - t_start:.0f} s; "
           f"torch threads in workers: {sorted(threads)}")
 

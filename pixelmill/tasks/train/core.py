@@ -31,11 +31,13 @@ from pixelmill.tasks.train.data import (
     bucket_sizes,
     generator,
     nearest_bucket,
+    per_sample,
     prepare,
     prompt_key,
     shard,
 )
 from pixelmill.tasks.train.methods import Method
+from pixelmill.tasks.train.optim import all_reduce_bucketed, make_adamw
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -137,7 +139,7 @@ class Trainer:
         self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
         self.params = self.method.trainable()
         self.names = sorted(self.params)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = make_adamw(  # fused on CUDA, foreach elsewhere (optim.adamw_kernel)
             [self.params[k] for k in self.names], lr=s["learning_rate"], betas=(s["adam_beta1"], s["adam_beta2"]),
             weight_decay=s["adam_weight_decay"], eps=s["adam_epsilon"],
         )
@@ -206,8 +208,10 @@ class Trainer:
             for p in grads:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            dist.all_reduce(sums)
+            all_reduce_bucketed([p.grad for p in grads])  # ~25 MB flat buckets, one all-reduce each
+            sums_on_device = sums.to(self.device)  # NCCL reduces device tensors only (a no-op copy on the CPU)
+            dist.all_reduce(sums_on_device)
+            sums = sums_on_device.cpu()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(grads, s["max_grad_norm"])
@@ -243,12 +247,10 @@ class Trainer:
         seed = self.settings["seed"]
         prepared = [self._prepare(x, size, seed, step) for x in samples]
         prompts = [p.prompt for p in prepared]
-        latents = torch.cat([self.latents(x, p, seed, step) for x, p in zip(samples, prepared)])
-        noise = torch.cat([torch.randn(latents.shape[1:], generator=generator(seed, step, x.id, "noise"))[None]
-                           for x in samples]).to(self.device)
-        T = self.noise_scheduler.config.num_train_timesteps
-        t = torch.tensor([int(torch.randint(0, T, (), generator=generator(seed, step, x.id, "t"))) for x in samples],
-                         device=self.device)
+        latents = self.latents(samples, prepared, seed, step)
+        ids = [x.id for x in samples]
+        noise = per_sample(ids, seed, step, "noise", self.device, tuple(latents.shape[1:]))
+        t = per_sample(ids, seed, step, "t", self.device, high=self.noise_scheduler.config.num_train_timesteps)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         batch: dict[str, Any] = {}
         text = self.encode_text(prompts)
@@ -290,21 +292,52 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def latents(self, sample: Sample, prepared: Prepared, seed: int, step: int) -> torch.Tensor:
-        """The scaled VAE latent of a sample: posterior mean + std · ε(sample, step)."""
-        key = (sample.id, prepared.flip)
-        if self.latent_cache is not None and key in self.latent_cache and prepared.mask is None:
-            mean, std = (x.to(self.device) for x in self.latent_cache[key])
-        else:
-            mean, std = self.posterior(prepared.pixels)
-        eps = torch.randn(mean.shape, generator=generator(seed, step, sample.id, "vae")).to(self.device)
-        return ((mean + std * eps) * self.vae.config.scaling_factor)[None]
+    def latents(self, samples: list[Sample], prepared: list[Prepared], seed: int, step: int) -> torch.Tensor:
+        """The scaled VAE latents of a batch: posterior mean + std · ε(sample, step), one row per sample.
+
+        Cached posteriors are read; the other images are encoded together (``posteriors``).
+        """
+        post: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+        todo = []
+        for i, (x, p) in enumerate(zip(samples, prepared)):
+            key = (x.id, p.flip)
+            if self.latent_cache is not None and key in self.latent_cache and p.mask is None:
+                post[i] = tuple(t.to(self.device) for t in self.latent_cache[key])
+            else:
+                todo.append(i)
+        for i, mean_std in zip(todo, self.posteriors([prepared[i].pixels for i in todo])):
+            post[i] = mean_std
+        mean = torch.stack([m for m, _ in post])
+        std = torch.stack([s for _, s in post])
+        eps = per_sample([x.id for x in samples], seed, step, "vae", self.device, tuple(mean.shape[1:]))
+        return (mean + std * eps) * self.vae.config.scaling_factor
 
     @torch.no_grad()
+    def posteriors(self, pixels: list[torch.Tensor], chunk: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """VAE posterior (mean, std) of each image; images of one size are encoded in one call.
+
+        fp32 (an fp16 VAE gives NaNs). ``chunk`` caps the images per call (0: no cap). On
+        the CPU a batched encode is not always bitwise the per-image one (the convolution
+        kernels may sum in another order for another batch size): within float rounding.
+        """
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pixels)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, px in enumerate(pixels):
+            by_size.setdefault(tuple(px.shape), []).append(i)
+        for idx in by_size.values():
+            n = chunk or len(idx)
+            for j in range(0, len(idx), n):
+                part = idx[j:j + n]
+                batch = torch.stack([pixels[i] for i in part]).to(self.device, torch.float32)
+                dist = self.vae.encode(batch).latent_dist
+                mean, std = dist.mean, dist.std
+                for k, i in enumerate(part):
+                    out[i] = (mean[k], std[k])
+        return out  # type: ignore[return-value]
+
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior mean and std of one image (fp32: an fp16 VAE gives NaNs)."""
-        dist = self.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
-        return dist.mean[0], dist.std[0]
+        """VAE posterior mean and std of one image."""
+        return self.posteriors([pixels])[0]
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         keys = [prompt_key(p) for p in prompts] if self.text_cache is not None else []
@@ -320,9 +353,8 @@ class Trainer:
 
     def _pair_conditioning(self, samples, prepared, text, seed, step):
         """Source-image latents (posterior mode) and the paper's conditioning dropout."""
-        with torch.no_grad():
-            src = torch.stack([self.vae.encode(p.source[None].to(self.device)).latent_dist.mode()[0]
-                               for p in prepared])
+        # the posterior's mode is its mean; the sources are encoded together
+        src = torch.stack([mean for mean, _ in self.posteriors([p.source for p in prepared])])
         prob = self.settings["conditioning_dropout_prob"]
         if prob > 0:
             drop_text, drop_image = conditioning_dropout([x.id for x in samples], seed, step, prob)

@@ -47,9 +47,27 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def generator(*parts: Any) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` (see ``derived_seed``)."""
-    return torch.Generator("cpu").manual_seed(derived_seed(*parts))
+def generator(*parts: Any, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` (the CPU by default) seeded from ``parts`` (see ``derived_seed``)."""
+    return torch.Generator(device).manual_seed(derived_seed(*parts))
+
+
+def per_sample(ids: list[str], seed: int, step: int, what: str, device: torch.device, shape: tuple[int, ...] = (),
+               high: int | None = None) -> torch.Tensor:
+    """One draw per sample, stacked: ``randn(shape)``, or ``randint(0, high, shape)`` when ``high`` is given.
+
+    Each sample's draw comes from its own ``(seed, step, id, what)`` generator, made on
+    ``device`` so the numbers are drawn where they are used (no host-to-device copy). On
+    the CPU they are the numbers a CPU generator gives; on an accelerator they are that
+    device's generator's (different, but as deterministic). A sample's draw never depends
+    on which other samples share its batch.
+    """
+    out = []
+    for i in ids:
+        g = generator(seed, step, i, what, device=device)
+        out.append(torch.randn(shape, generator=g, device=device) if high is None
+                   else torch.randint(0, high, shape, generator=g, device=device))
+    return torch.stack(out) if out else torch.empty((0, *shape), device=device)
 
 
 @dataclass

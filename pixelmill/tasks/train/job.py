@@ -39,6 +39,7 @@ from pixelmill.tasks.train.data import (
     prompt_key,
     read_image_rows,
 )
+from pixelmill.tasks.train.optim import set_adamw_kernel
 from pixelmill.tasks.watchdog import Watchdog
 
 _log = logging.getLogger("pixelmill.train")
@@ -166,18 +167,20 @@ def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) 
 
     latents = None
     if allowed["latents"]:
-        latents = {}
-        for x in data.instance + data.klass:
-            bucket = trainer.buckets[0] if not trainer.settings["aspect_buckets"] else None
-            if bucket is None:
-                from pixelmill.tasks.train.data import nearest_bucket
+        from pixelmill.tasks.train.data import nearest_bucket
 
-                bucket = trainer.buckets[nearest_bucket(x.size, trainer.buckets)]
-            img, _ = _cover_crop(_open(x.image), None, bucket, True, None)
-            for flip in (False, True):
-                im = img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
-                mean, std = trainer.posterior(pixel_tensor(im))
-                latents[(x.id, flip)] = (mean.cpu(), std.cpu())
+        latents, items, n = {}, data.instance + data.klass, max(1, trainer.settings["train_batch_size"])
+        for j in range(0, len(items), n):  # n samples (2n images: both flips) per VAE call of one size
+            keys, pixels = [], []
+            for x in items[j:j + n]:
+                bucket = (trainer.buckets[nearest_bucket(x.size, trainer.buckets)]
+                          if trainer.settings["aspect_buckets"] else trainer.buckets[0])
+                img, _ = _cover_crop(_open(x.image), None, bucket, True, None)
+                for flip in (False, True):
+                    keys.append((x.id, flip))
+                    pixels.append(pixel_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img))
+            for key, (mean, std) in zip(keys, trainer.posteriors(pixels)):  # own copies: no shared storage
+                latents[key] = (mean.to("cpu", copy=True), std.to("cpu", copy=True))
     text = None
     if allowed["text"]:
         prompts = sorted({x.prompt for x in data.instance + data.klass} | {""})
@@ -411,6 +414,7 @@ def restore_checkpoint(store: JobStore, method, trainer, device: torch.device) -
     ckpt = store.load_checkpoint(steps[-1])
     method.load_state(ckpt["model"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    set_adamw_kernel(trainer.optimizer)  # this machine's kernel, not the saving run's
     if trainer.ema is not None and ckpt["ema"] is not None:
         trainer.ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
         trainer.ema.updates = ckpt["state"].get("ema_updates", steps[-1])
