@@ -2,7 +2,7 @@
 
 Reading the flow function shows the DAG: look the method up in the registry, plan and
 claim the ids not yet processed (``flows/incremental.py``), then one stage run (edit them
-as one Ray Data pipeline driven by one Prefect task on a Ray worker, commit new shards
+as one Ray Data pipeline driven by one Prefect task on the head node, commit new shards
 and the manifest) while a heartbeat keeps the claim alive, then release the claim.
 """
 

@@ -210,7 +210,8 @@ class StageStats:
         reject_reasons: rejects counted by reason (``reason_key`` of their ``error``).
         nodes: output rows per Ray node id of the stage actors that made them.
         actors: how many stage actors made rows (each claimed the stage's GPUs).
-        worker: the process that drove the stage (a Ray task claiming no CPU).
+        worker: the process that drove the stage (the command itself on the head node, else a Ray task
+            there claiming no CPU).
         call_seconds: the stage calls' own time, summed over actors (what the stage computed:
             ``rows_in / call_seconds`` is one actor's steady rate); ``calls``: how many.
         setup_seconds: the actors' set-up (model loading), summed.
