@@ -305,6 +305,18 @@ def _describe(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
+def _kill_started(proc: subprocess.Popen, tree: list[psutil.Process]) -> None:
+    """End what a test started, if still running: its command and that command's processes (only those)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def _listening(p: psutil.Process) -> list:
     try:
         return [c for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
@@ -362,14 +374,7 @@ def test_sigkill_ends_the_embedded_server_and_the_local_ray(tmp_path, tiny_model
         left = _wait_gone(tree, 20)
         assert not left, f"processes the command started outlived it: {_describe(left)}"
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
-        for p in tree:  # only what this test's command started
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        _kill_started(cli, tree)
         log.close()
 
 
@@ -485,14 +490,7 @@ def test_a_server_with_ray_hosts_the_ray_its_homes_commands_join_and_ends_it(tmp
         assert not left, f"the server's Ray outlived it: {_describe(left)}"
         assert not (home / "server.json").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for p in tree:  # only what this test's server started
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        _kill_started(proc, tree)
         log.close()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
