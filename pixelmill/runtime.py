@@ -322,6 +322,8 @@ def host_ray(num_cpus: int | None = None) -> str:
     import ray
 
     apply_quiet_defaults()
+    # its processes stop at once when the host ends (no drain: nothing here serves traffic)
+    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     start_local_ray(num_cpus, logging_level=logging.WARNING, log_to_driver=False)
     enable_ray_token_auth_if_available()  # so the processes it starts join with its token
     return ray.get_runtime_context().gcs_address

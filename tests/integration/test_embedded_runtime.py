@@ -485,7 +485,11 @@ def test_a_server_with_ray_hosts_the_ray_its_homes_commands_join_and_ends_it(tmp
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in tree), _describe(tree)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            log_tail = (tmp_path / "server.log").read_text()[-3000:]
+            raise AssertionError(f"Ctrl-C did not end the server:\n{log_tail}") from None
         left = _wait_gone(tree, 30)
         assert not left, f"the server's Ray outlived it: {_describe(left)}"
         assert not (home / "server.json").exists()
