@@ -467,7 +467,10 @@ def test_a_server_with_ray_hosts_the_ray_its_homes_commands_join_and_ends_it(tmp
     proc = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "server", "--ray", "--ray-cpus", "2",
                              "--home", str(home), "--port", str(port)],
                             env=user_env(RAY_TMPDIR=str(dirs[0])), cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            # as a terminal starts it: a suite started in the background by a script (CI)
+                            # hands its children SIGINT ignored, and Python then never raises Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
