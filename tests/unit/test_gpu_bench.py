@@ -17,12 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench():
-    import importlib.util
+    from tests.helpers.benchmarks import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("gpu_edit", ROOT / "benchmarks" / "gpu_edit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_edit")
 
 
 def test_peak_by_device_name():

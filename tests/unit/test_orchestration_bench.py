@@ -5,7 +5,6 @@ The figures mean nothing at this size (no timing is asserted); the full run is `
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -18,10 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("orchestration", ROOT / "benchmarks" / "orchestration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.helpers.benchmarks import load_benchmark
+
+    return load_benchmark("orchestration")
 
 
 def test_buckets_leave_about_the_asked_shards_non_empty():
