@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,12 +283,6 @@ def user_server(home: Path) -> dict | None:
         return None
 
 
-def user_server_url(home: Path) -> str | None:
-    """The API URL of a ``pixelmill server`` running on ``home``'s database, if one answers."""
-    info = user_server(home)
-    return str(info["api_url"]) if info else None
-
-
 def write_server_file(home: Path, pid: int, api_url: str, ray_address: str | None = None) -> Path:
     """Record a user-started server (``pixelmill server``) so that commands reuse it (and its Ray, if any)."""
     path = home / SERVER_FILE
@@ -309,24 +304,29 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
 
 
-def host_ray(num_cpus: int | None = None) -> str:
-    """Start a local Ray in this long-lived process (``pixelmill server --ray``, ``pixelmill serve``)
-    for other processes to join; returns the address they join at.
+@contextmanager
+def host_ray(num_cpus: int | None = None):
+    """A local Ray hosted by this long-lived process (``pixelmill server --ray``, ``pixelmill serve``)
+    for other processes to join; yields the address they join at, and ends it on exit.
 
     A command that joins an existing Ray connects in a fraction of a second instead of
     starting one (about 4 s here). Its Ray workers are this process's children, so they see
     this process's environment (plus the allow-listed ``Runtime.worker_env``), as a cluster
-    node's workers see that node's. The caller ends it with ``ray.shutdown()`` (and a
-    ``Watchdog`` if it may be killed).
+    node's workers see that node's. A watchdog ends its processes if this one is killed.
     """
     import ray
 
-    apply_quiet_defaults()
-    # its processes stop at once when the host ends (no drain: nothing here serves traffic)
-    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    start_local_ray(num_cpus, logging_level=logging.WARNING, log_to_driver=False)
-    enable_ray_token_auth_if_available()  # so the processes it starts join with its token
-    return ray.get_runtime_context().gcs_address
+    watchdog = Watchdog().start()
+    try:
+        apply_quiet_defaults()
+        # its processes stop at once when the host ends (no drain: nothing here serves traffic)
+        os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        start_local_ray(num_cpus, logging_level=logging.WARNING, log_to_driver=False)
+        enable_ray_token_auth_if_available()  # so the processes it starts join with its token
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        watchdog.stop()
 
 
 def remove_server_file(home: Path, pid: int) -> None:

@@ -353,9 +353,9 @@ def print_video_summary(summary, as_json: bool = False) -> None:
 
 def cmd_server(args) -> int:
     import subprocess
+    from contextlib import ExitStack
 
     from pixelmill.runtime import (
-        Watchdog,
         die_with_parent,
         host_ray,
         prefect_server_command,
@@ -377,11 +377,10 @@ def cmd_server(args) -> int:
                             env=prefect_server_env(home, ui=True, host=args.host, port=args.port))
     local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host, args.host)
     local = f"[{local}]" if ":" in local and not local.startswith("[") else local
-    watchdog = ray_address = None
+    hosted, ray_address = ExitStack(), None
     try:
-        if getattr(args, "ray", False):
-            watchdog = Watchdog().start()  # Ray's processes end with this command, however it ends
-            ray_address = host_ray(args.ray_cpus)  # starts while the server does
+        if args.ray:
+            ray_address = hosted.enter_context(host_ray(args.ray_cpus))  # starts while the server does
             print(f"Ray for this home's commands at {ray_address}; its workers see this command's environment",
                   flush=True)
         wait_for_health(f"http://{local}:{args.port}/api", proc=proc)
@@ -396,12 +395,7 @@ def cmd_server(args) -> int:
         raise
     finally:
         remove_server_file(home, proc.pid)
-        if ray_address:
-            import ray
-
-            ray.shutdown()
-        if watchdog is not None:
-            watchdog.stop()
+        hosted.close()
         if proc.poll() is None:
             proc.terminate()
             try:

@@ -26,6 +26,7 @@ import os
 import sys
 import urllib.parse
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -365,22 +366,22 @@ def cmd_serve(args) -> int:
     items = _prepare_all(args)
     home = Path(args.home).resolve() if args.home else default_home()
     url = os.environ.get("PREFECT_API_URL")
-    server = watchdog = ray_address = None
+    server = watchdog = None
+    hosted, joined = ExitStack(), False
     try:
-        found = None if url else user_server(home)
-        if args.ray and not os.environ.get("RAY_ADDRESS") and not (found or {}).get("ray_address"):
-            # the runs (this process's children) join one Ray hosted here instead of each starting one
-            watchdog = Watchdog().start()  # Ray (and an embedded server) end with this command, however it ends
-            ray_address = os.environ["RAY_ADDRESS"] = host_ray()
-            print(f"Ray for the scheduled runs at {ray_address}")
-        elif args.ray and not os.environ.get("RAY_ADDRESS") and found:
-            os.environ["RAY_ADDRESS"] = found["ray_address"]  # the runs join the server's Ray
+        found = (None if url else user_server(home)) or {}
+        if args.ray and not os.environ.get("RAY_ADDRESS"):
+            # the runs (this process's children) join one Ray: the home's server's, else one hosted here
+            if not found.get("ray_address"):
+                found["ray_address"] = hosted.enter_context(host_ray())
+                print(f"Ray for the scheduled runs at {found['ray_address']}")
+            os.environ["RAY_ADDRESS"], joined = found["ray_address"], True
         if url:
             url = check_server(url)
         else:
-            url = (found or {}).get("api_url")
+            url = found.get("api_url")
             if url is None:
-                watchdog = watchdog or Watchdog().start()  # the server ends with this command, however it ends
+                watchdog = Watchdog().start()  # the server ends with this command, however it ends
                 server = PrefectServer(home).start()
                 url = server.api_url
                 print(f"embedded Prefect server at {url} (database in {home}); "
@@ -399,10 +400,8 @@ def cmd_serve(args) -> int:
     finally:
         if server is not None:
             server.stop()
-        if ray_address:
-            import ray
-
-            ray.shutdown()
+        hosted.close()
+        if joined:
             os.environ.pop("RAY_ADDRESS", None)
         if watchdog is not None:
             watchdog.stop()

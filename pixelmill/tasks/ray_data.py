@@ -51,8 +51,7 @@ class _StageActor:
     of attempts comes back as rejects without calling the stage.
     """
 
-    def __init__(self, builder: Callable[[], Stage], guard: CallGuard | None = None,
-                 columns: list[str] | None = None) -> None:
+    def __init__(self, builder: Callable[[], Stage], columns: list[str], guard: CallGuard | None = None) -> None:
         import ray
 
         started = time.perf_counter()
@@ -68,9 +67,8 @@ class _StageActor:
             guard.setup(self.stage)
         self.setup_seconds = time.perf_counter() - started  # reported with the first output row
 
-    def __call__(self, batch) -> pa.Table:
-        if self.columns is not None:  # a batch of planned calls: read their rows here
-            batch = _read_spec_batch(batch, self.columns)
+    def __call__(self, specs: dict) -> pa.Table:
+        batch = _read_spec_batch(specs, self.columns)  # the planned call's rows
         started = time.perf_counter()
         out = self.stage(batch) if self.guard is None else self.guard.run(self.stage, batch)
         seconds = time.perf_counter() - started

@@ -335,10 +335,6 @@ class Trainer:
                     out[i] = (mean[k], std[k])
         return out  # type: ignore[return-value]
 
-    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior mean and std of one image."""
-        return self.posteriors([pixels])[0]
-
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         keys = [prompt_key(p) for p in prompts] if self.text_cache is not None else []
         if keys and self.method.text_is_fixed() and all(k in self.text_cache for k in keys):
