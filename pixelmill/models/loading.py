@@ -97,6 +97,11 @@ def looks_local(model: str) -> bool:
     return not _HUB_ID.match(model)
 
 
+def is_single_file(model: str) -> bool:
+    """Whether a model name is one single-file checkpoint (``path/to/model.safetensors``) rather than a folder."""
+    return model.lower().endswith(".safetensors") and not model.startswith((HF_HUB_PREFIX, TOY_PREFIX))
+
+
 def _local_path(model: str) -> Path:
     return Path(model.removeprefix(LOCAL_DIR_PREFIX)).expanduser().absolute()
 
