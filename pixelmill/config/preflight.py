@@ -35,6 +35,23 @@ def check_model_path(field: str, value: str | None, kind: str) -> None:
         raise PreflightError(f"{field}: {e}") from None
 
 
+def check_model_family(field: str, value: str | None, families, what: str) -> None:
+    """Exit 2 (``PreflightError``) unless ``value``'s family is one of ``families`` (``models/family.py``).
+
+    Reads the checkpoint's configs (a hub id through the hub cache, downloading configs
+    only when online), so a hub id that does not resolve fails here too, naming it.
+    """
+    from pixelmill.models.family import UnsupportedFamily, describe_model, require_family
+    from pixelmill.models.loading import ModelNotFound
+
+    if value is None or not families:
+        return
+    try:
+        require_family(describe_model(value), families, what, value)
+    except (ModelNotFound, UnsupportedFamily) as e:
+        raise PreflightError(f"{field}: {e}") from None
+
+
 def local_url(value: str) -> str:
     return value if "://" in value else str(Path(value).expanduser().resolve())
 
@@ -211,6 +228,7 @@ def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) 
         cfg = check_input_columns(cfg, schema.names)
         check_input(cfg.input, edit_input_columns(cfg))
     check_model_path("model", cfg.model, "pipeline")
+    check_model_family("model", cfg.model, _edit_families(cfg.method), f"edit method {cfg.method!r}")
     check_model_path("clip_model", cfg.clip_model, "clip")
     t2l = getattr(cfg, "text2live", None)
     if t2l is not None:
@@ -218,6 +236,12 @@ def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) 
         check_model_path("text2live.structure_weights", t2l.structure_weights, "folder")
     check_output_config(cfg.output, cfg.output_affecting(), overwrite, dry_run)
     return cfg
+
+
+def _edit_families(method: str):
+    from pixelmill import registry
+
+    return registry.get("edit", method).meta.get("families")
 
 
 def check_retrieve(cfg, overwrite: bool = False, dry_run: bool = False):
@@ -311,6 +335,9 @@ def check_pairs(cfg, overwrite: bool = False, dry_run: bool = False):
                          f"(columns: {', '.join(names)})")
     check_input(cfg.input, {cfg.caption_column: ("text", "caption_column")})
     check_model_path("images.model", cfg.images.model, "pipeline")
+    from pixelmill.tasks.p2p.sampling import P2P_FAMILIES
+
+    check_model_family("images.model", cfg.images.model, P2P_FAMILIES, "Prompt-to-Prompt pair rendering")
     check_model_path("images.clip_model", cfg.images.clip_model, "clip")
     if cfg.text.writer == "transformers":
         check_model_path("text.options.model", options.get("model"), "folder")
@@ -346,6 +373,7 @@ def check_video(cfg, overwrite: bool = False, dry_run: bool = False):
     output = local_url(cfg.output.removeprefix("file://"))
     cfg = cfg.model_copy(update={"input": local_url(cfg.input), "output": output, "edit": edit})
     check_model_path("edit.model", edit.model, "pipeline")
+    check_model_family("edit.model", edit.model, _edit_families(edit.method), f"edit method {edit.method!r}")
     check_model_path("edit.clip_model", edit.clip_model, "clip")
     if t2l is not None:
         check_model_path("edit.text2live.structure_model", t2l.structure_model, "folder")

@@ -139,6 +139,7 @@ class BulkEditor(Stage):
         self.device = resolve_device(self.config["device"])
         self.dtype = resolve_dtype(self.config["dtype"], self.device)
         self.pipe = self.load_pipeline()
+        self.model_info = self.check_family(self.pipe)
         self.model_hash = model_fingerprint(self.config["model"])
         if self.config.get("adapters"):
             from pixelmill.models.adapters import adapter_fingerprint, apply_adapters
@@ -211,6 +212,20 @@ class BulkEditor(Stage):
                                         "clip_direction", "seed")}
         info["resolution"] = [row["width"], row["height"]]
         return rgba, info
+
+    def check_family(self, pipe):
+        """The loaded pipeline's ``ModelInfo``; an error unless the method's declared families include it.
+
+        Preflight checked the model name already; this covers what loads on the worker.
+        """
+        from pixelmill import registry
+        from pixelmill.models.family import family_of_pipeline, require_family
+
+        info = family_of_pipeline(pipe)
+        families = registry.get("edit", self.method).meta.get("families")
+        if families:
+            require_family(info, families, f"edit method {self.method!r}", self.config.get("model") or "")
+        return info
 
     def load_pipeline(self):  # pragma: no cover - interface
         raise NotImplementedError

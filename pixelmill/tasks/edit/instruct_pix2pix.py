@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pixelmill.models.family import ALL_FAMILIES
 from pixelmill.registry import register
 from pixelmill.tasks.edit.base import BulkEditor
 
 
-@register("edit", "instruct_pix2pix", text="instruction", needs_model=True, adapters=True)
+@register("edit", "instruct_pix2pix", text="instruction", needs_model=True, adapters=True, families=ALL_FAMILIES)
 class InstructPix2PixEditor(BulkEditor):
-    """InstructPix2Pix: edit each image by a written instruction (text and image guidance)."""
+    """InstructPix2Pix: edit each image by a written instruction (text and image guidance).
+
+    SD 1.x/2.x checkpoints load as ``StableDiffusionInstructPix2PixPipeline``, SDXL ones as
+    ``StableDiffusionXLInstructPix2PixPipeline`` (named by the checkpoint; diffusers' Auto
+    pipelines reach neither).
+    """
 
     method = "instruct_pix2pix"
     text_key = "instruction"

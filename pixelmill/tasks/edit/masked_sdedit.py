@@ -44,18 +44,11 @@ class MaskedSDEditEditor(SDEditEditor):
     ``strength`` may be fixed or ``auto`` (the t0 search, measured against the guide).
     ``l2`` is the RMSE to the guide (SDEdit's faithfulness; with ``mask_column`` the guide
     is the input). ``mask_fraction`` is the fraction of output pixels allowed to change.
-    Needs an SD-shaped pipeline. Rows with a missing, undecodable, empty or wrong-size
+    Every family (SD 1.x, 2.x, SDXL). Rows with a missing, undecodable, empty or wrong-size
     mask (or stroke image) are rejects naming the problem.
     """
 
     extra_fields = (pa.field("mask_fraction", pa.float64()),)
-
-    def load_pipeline(self):
-        from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped
-
-        pipe = load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
-        require_sd_shaped(pipe, "masked SDEdit")
-        return pipe
 
     def row_inputs(self, row: dict, image: Image.Image) -> dict:
         c = self.config

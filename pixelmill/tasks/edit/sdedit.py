@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pixelmill.models.family import ALL_FAMILIES
 from pixelmill.registry import register
 from pixelmill.tasks.edit.base import BulkEditor
 from pixelmill.tasks.metrics import rgb_rmse
@@ -35,14 +36,16 @@ def check_sdedit(settings) -> None:
                          f"least {math.ceil(1 / settings.strength)} or `strength`")
 
 
-@register("edit", "sdedit", text="prompt", needs_model=True, adapters=True, masks=True, check=check_sdedit)
+@register("edit", "sdedit", text="prompt", needs_model=True, adapters=True, masks=True, check=check_sdedit,
+          families=ALL_FAMILIES)
 class SDEditEditor(BulkEditor):
     """SDEdit: noise the image to t0 and denoise with the prompt.
 
-    ``strength`` in (0, 1] runs the diffusers image-to-image pipeline (any family the
-    Auto pipeline loads). ``strength: auto`` searches, per image, the largest whole
+    ``strength`` in (0, 1] runs the diffusers image-to-image pipeline of the checkpoint's
+    family (SD 1.x, 2.x, SDXL). ``strength: auto`` searches, per image, the largest whole
     number of noised steps whose output stays within ``target_l2`` of the input, by
-    binary search batched across rows; that needs an SD-shaped pipeline.
+    binary search batched across rows, with the same sampler (``sdedit_steps``), so the
+    chosen t0 is the strength a fixed run would need.
     """
 
     method = "sdedit"
@@ -58,12 +61,9 @@ class SDEditEditor(BulkEditor):
         return cls
 
     def load_pipeline(self):
-        from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped
+        from pixelmill.models.loading import load_img2img_pipeline
 
-        pipe = load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
-        if self.config["strength"] == "auto":
-            require_sd_shaped(pipe, "SDEdit t0 search")
-        return pipe
+        return load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
 
     def pipe_call(self, images, texts, seeds):
         """The img2img call at a fixed strength; None for ``strength: auto`` (the t0 search is its own loop)."""
@@ -136,26 +136,31 @@ class SDEditEditor(BulkEditor):
 
 
 def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds, masks=None, originals=None):
-    """SDEdit with a different number of noised steps ``k`` per row, in one batch.
+    """SDEdit with a different number of noised steps ``k`` per row, in one batch, with the pipeline's sampler.
 
-    Each row is noised to the timestep ``steps - k`` places from the start of a
-    ``steps``-step DDIM schedule (as diffusers' img2img does for strength ``k/steps``)
-    and denoised from there; rows join the batch when their start step comes. ``k = 0``
-    returns the input unchanged.
+    Each row runs exactly what the pipeline's own img2img call runs at strength
+    ``k/steps``: its scheduler (class, config, prediction type: epsilon or v) set to
+    ``steps`` steps, started ``steps - k`` steps in, the image encoded and noised with
+    the row's generator in the pipeline's order. So the t0 search and fixed-strength
+    SDEdit are the same sampler, and a row's output at its chosen ``k`` is what a
+    fixed-strength run with that strength gives. Rows with the same ``k`` share a copy
+    of the scheduler (samplers keep state); every active row goes through one UNet call
+    per step, joining when its start step comes. ``k = 0`` returns the input unchanged.
+    Works for every family (``models/conditioning.py``: SDXL's pooled text and time ids).
 
     With ``masks`` this is masked SDEdit (the SDEdit paper's editing and compositing):
     outside each row's mask, max-pooled to latent resolution, the latent is replaced
     after the initial noising and after every step by the original's latent noised to
-    that step with the row's noise (the clean latent after the last step); after
-    decoding, the original's pixels are pasted back outside the pixel mask, so they
-    come back bit for bit.
+    the next step with the row's noise (the clean latent after the last step), as
+    diffusers' inpainting pipelines do; after decoding, the original's pixels are pasted
+    back outside the pixel mask, so they come back bit for bit.
 
     Args:
-        pipe: an SD-shaped pipeline (see ``require_sd_shaped``).
+        pipe: an SD 1.x/2.x or SDXL pipeline (see ``models/family.py``).
         images: same-size RGB images, SDEdit's guides.
         texts: one prompt per row.
         ks: noised steps per row, 0 to ``steps``.
-        steps: DDIM steps of the full schedule.
+        steps: steps of the full schedule (the pipeline's ``num_inference_steps``).
         guidance: classifier-free guidance scale (off at 1 or below).
         negative: negative prompt for every row, or None.
         seeds: one generator seed per row.
@@ -167,26 +172,31 @@ def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds, mask
     Returns:
         (images, nsfw flags)
     """
+    import copy
+    import inspect
+
     import torch
-    from diffusers import DDIMScheduler
+
+    from pixelmill.models.conditioning import encode_text
 
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     n = len(images)
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps, device=device)
-    timesteps = sched.timesteps
+    base = copy.deepcopy(pipe.scheduler)  # never the pipeline's own: fixed-strength calls share it
+    base.set_timesteps(steps, device=device)
+    order = getattr(base, "order", 1)
+    timesteps = base.timesteps
+    takes_generator = "generator" in inspect.signature(base.step).parameters
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    cfg = guidance > 1.0
+    guided = guidance > 1.0
+    vae = pipe.vae
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(
-            texts, device, 1, cfg, negative_prompt=[negative] * n if negative else None
-        )
-        sf = pipe.vae.config.scaling_factor
+        text = encode_text(pipe, texts, negative, guided, device, size=(images[0].height, images[0].width))
+        sf = vae.config.scaling_factor
 
         def encode(ims, rows):
-            x = pipe.image_processor.preprocess(ims).to(device=device, dtype=dtype)
-            return [pipe.vae.encode(x[j : j + 1]).latent_dist.sample(gens[i]) * sf for j, i in enumerate(rows)]
+            x = pipe.image_processor.preprocess(ims).to(device=device, dtype=vae.dtype)
+            return [vae.encode(x[j : j + 1]).latent_dist.sample(gens[i]).to(dtype) * sf for j, i in enumerate(rows)]
 
         lat0 = torch.cat(encode(images, range(n)))
         keep0 = lmask = None
@@ -202,53 +212,61 @@ def sdedit_steps(pipe, images, texts, ks, steps, guidance, negative, seeds, mask
                 for m in masks
             ]).to(device=device, dtype=dtype)
         noise = torch.cat(
-            [torch.randn(lat0[i : i + 1].shape, generator=gens[i], dtype=torch.float32) for i in range(n)]
-        ).to(device=device, dtype=dtype)
-
-        def keep_outside(rows, t):
-            """Outside the latent masks, the original latent noised to ``t`` (clean for t < 0)."""
-            kept = keep0[rows] if t < 0 else sched.add_noise(keep0[rows], noise[rows], t.reshape(1))
-            return lmask[rows] * lat[rows] + (1 - lmask[rows]) * kept
-
+            [torch.randn((1, *lat0.shape[1:]), generator=gens[i], dtype=dtype) for i in range(n)]
+        ).to(device)
         lat = lat0.clone()
-        alphas = sched.alphas_cumprod.to(device)
-        final_alpha = sched.final_alpha_cumprod.to(device)
-        stride = sched.config.num_train_timesteps // steps
-        for i, k in enumerate(ks):
-            if k > 0:
-                t = timesteps[steps - k]
-                lat[i : i + 1] = sched.add_noise(lat0[i : i + 1], noise[i : i + 1], t.reshape(1))
-                if lmask is not None:
-                    lat[i : i + 1] = keep_outside([i], t)
-        for j, t in enumerate(timesteps):
-            act = [i for i, k in enumerate(ks) if k > 0 and j >= steps - k]
-            if not act:
-                continue
-            xa = lat[act]
-            ca = cond[act]
-            if cfg:
-                eps = pipe.unet(torch.cat([xa, xa]), t, encoder_hidden_states=torch.cat([uncond[act], ca])).sample
-                eu, ec = eps.chunk(2)
-                eps = eu + guidance * (ec - eu)
-            else:
-                eps = pipe.unet(xa, t, encoder_hidden_states=ca).sample
-            a_t = alphas[t]
-            prev = t - stride
-            a_prev = alphas[prev] if prev >= 0 else final_alpha
-            x0 = (xa - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            lat[act] = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(dtype)
+        groups: dict[int, tuple[list[int], Any, int]] = {}
+        for k in sorted({k for k in ks if k > 0}):
+            rows = [i for i, kk in enumerate(ks) if kk == k]
+            sched = copy.deepcopy(base)
+            start = (steps - k) * order
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            groups[k] = (rows, sched, start)
+            t0 = timesteps[start : start + 1].repeat(len(rows))
+            lat[rows] = sched.add_noise(lat0[rows], noise[rows], t0)
             if lmask is not None:
-                lat[act] = keep_outside(act, prev).to(dtype)
-        decoded = pipe.vae.decode(lat / sf).sample
+                lat[rows] = _keep_outside(lat[rows], lmask[rows], sched.add_noise(keep0[rows], noise[rows], t0))
+        for j, t in enumerate(timesteps):
+            active = [g for g in groups.values() if j >= g[2]]
+            if not active:
+                continue
+            rows = [i for g in active for i in g[0]]
+            x = torch.cat([g[1].scale_model_input(lat[g[0]], t) for g in active])
+            if guided:
+                out = pipe.unet(torch.cat([x, x]), t, **text.unet_kwargs(rows, guided=True)).sample
+                eu, ec = out.chunk(2)
+                out = eu + guidance * (ec - eu)
+            else:
+                out = pipe.unet(x, t, **text.unet_kwargs(rows)).sample
+            at = 0
+            for group_rows, sched, _ in active:
+                part = out[at : at + len(group_rows)]
+                at += len(group_rows)
+                extra = {"generator": [gens[i] for i in group_rows]} if takes_generator else {}
+                stepped = sched.step(part, t, lat[group_rows], **extra, return_dict=False)[0].to(dtype)
+                if lmask is not None:
+                    kept = keep0[group_rows]
+                    if j + 1 < len(timesteps):
+                        t_next = timesteps[j + 1 : j + 2].repeat(len(group_rows))
+                        kept = sched.add_noise(kept, noise[group_rows], t_next)
+                    stepped = _keep_outside(stepped, lmask[group_rows], kept)
+                lat[group_rows] = stepped
+        decoded = vae.decode(lat.to(vae.dtype) / sf).sample
         flags = [False] * n
         if getattr(pipe, "safety_checker", None) is not None:
-            decoded, nsfw = pipe.run_safety_checker(decoded, device, cond.dtype)
+            decoded, nsfw = pipe.run_safety_checker(decoded, device, text.dtype)
             flags = [bool(f) for f in nsfw] if nsfw is not None else flags
         out = pipe.image_processor.postprocess(decoded, output_type="pil")
     results = [im.copy() if k == 0 else o for im, o, k in zip(images, out, ks)]
     if masks is not None:
         results = [paste_outside_mask(r, o, m) for r, o, m in zip(results, originals, masks)]
     return results, flags
+
+
+def _keep_outside(lat, mask, kept):
+    """``lat`` inside the latent ``mask``, ``kept`` (the original, noised to the same step) outside it."""
+    return (mask * lat + (1 - mask) * kept).to(lat.dtype)
 
 
 def unedited_output(guide: Image.Image, mask: Any = None, original: Image.Image | None = None) -> Image.Image:

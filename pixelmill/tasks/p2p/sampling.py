@@ -10,24 +10,35 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pixelmill.models.conditioning import TextConditioning, encode_text
 from pixelmill.tasks.p2p.attention import AttentionController, P2PController, attention_control, token_alignment
 
 RECORD_MAX_TOKENS = 1024
 
 
+P2P_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
 def require_p2p_pipeline(pipe: Any) -> None:
-    """Refuse pipelines Prompt-to-Prompt cannot drive: it needs an SD 1.x/2.x text-to-image layout.
+    """Refuse pipelines Prompt-to-Prompt cannot drive: it needs a text-to-image UNet of a known family.
 
     Args:
         pipe: A loaded diffusers pipeline.
 
     Raises:
-        ValueError: Not SD-shaped (SDXL, transformer families, …), or a UNet whose input
-            is not 4 latent channels (InstructPix2Pix, inpainting).
+        ValueError: Not a supported family (``models/family.py``: SD 1.x, 2.x, SDXL; not
+            transformer families), or a UNet whose input is not 4 latent channels
+            (InstructPix2Pix, inpainting).
     """
-    from pixelmill.models.loading import require_sd_shaped
+    from pixelmill.models.family import UnsupportedFamily, family_of_pipeline, require_family
 
-    require_sd_shaped(pipe, "Prompt-to-Prompt pair rendering")
+    what = "Prompt-to-Prompt pair rendering"
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise ValueError(f"{what} needs a UNet and a VAE; got {type(pipe).__name__}")
+    try:
+        require_family(family_of_pipeline(pipe), P2P_FAMILIES, what)
+    except UnsupportedFamily as e:
+        raise ValueError(f"{e} (pipeline {type(pipe).__name__})") from None
     if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
         raise ValueError(
             "Prompt-to-Prompt pair rendering needs a text-to-image UNet "
@@ -84,8 +95,7 @@ def initial_latents(pipe: Any, seeds: Sequence[int], height: int, width: int, dt
 def ddim_denoise(
     pipe: Any,
     latents: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    text: TextConditioning,
     guidance: Sequence[float],
     steps: int,
     controller: AttentionController,
@@ -93,13 +103,15 @@ def ddim_denoise(
     """DDIM (eta=0) from pure noise with per-sample classifier-free guidance.
 
     Each UNet call sees ``[uncond (B), cond (B)]``; ``controller`` runs the attention
-    of every layer and is told the step index before each call.
+    of every layer and is told the step index before each call. The DDIM scheduler is
+    built from the pipeline's scheduler config, so its prediction type (epsilon or v)
+    is the checkpoint's.
 
     Args:
-        pipe: An SD-shaped pipeline (its UNet and scheduler config are used).
+        pipe: A pipeline of a P2P family (its UNet and scheduler config are used).
         latents: Initial latents (B, C, h, w), already scaled by ``init_noise_sigma``.
-        cond: Text embeddings (B, 77, D).
-        uncond: Unconditional embeddings (B, 77, D).
+        text: The batch's text conditioning (``models/conditioning.py``; SDXL's pooled
+            text and time ids included), guided.
         guidance: Per-sample guidance scale (B values).
         steps: Number of DDIM steps.
         controller: The attention controller.
@@ -109,12 +121,12 @@ def ddim_denoise(
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps, device=latents.device)
     g = torch.tensor([float(x) for x in guidance], device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
-    text = torch.cat([uncond, cond])
+    kwargs = text.unet_kwargs(guided=True)
     with attention_control(pipe.unet, controller):
         for j, t in enumerate(sched.timesteps):
             controller.begin_step(j)
             x = sched.scale_model_input(torch.cat([latents, latents]), t)
-            eps = pipe.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+            eps = pipe.unet(x, t, **kwargs, return_dict=False)[0]
             eu, ec = eps.chunk(2)
             latents = sched.step(eu + g * (ec - eu), t, latents, eta=0.0, return_dict=False)[0]
     return latents
@@ -167,7 +179,7 @@ def render_pairs(
     result does not depend on the other pairs in the batch (up to float rounding).
 
     Args:
-        pipe: SD 1.x/2.x text-to-image pipeline (others are refused).
+        pipe: SD 1.x/2.x or SDXL text-to-image pipeline (others are refused).
         source_prompts: Source captions.
         edited_prompts: Edited captions, one per source.
         seeds: Per-pair seeds.
@@ -183,7 +195,7 @@ def render_pairs(
         ``RenderedPairs``: iterate it for ``(source, edited)`` PIL pairs; ``.nsfw`` flags.
 
     Raises:
-        ValueError: Non-SD pipeline, mismatched lengths, p outside [0, 1], bad size, or
+        ValueError: Unsupported family, mismatched lengths, p outside [0, 1], bad size, or
             ``record`` at a size whose maps would be too large to keep.
     """
     require_p2p_pipeline(pipe)
@@ -206,10 +218,10 @@ def render_pairs(
     controller = P2PController(p_values, steps, cross_maps=cross, record=record)
     device = pipe.unet.device
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(list(source_prompts) + list(edited_prompts), device, 1, True)
-        x = initial_latents(pipe, seeds, height, width, cond.dtype)
+        text = encode_text(pipe, list(source_prompts) + list(edited_prompts), None, True, device, (height, width))
+        x = initial_latents(pipe, seeds, height, width, text.dtype)
         x = x * DDIMScheduler.from_config(pipe.scheduler.config).init_noise_sigma
-        lat = ddim_denoise(pipe, torch.cat([x, x]), cond, uncond, list(cfg_values) * 2, steps, controller)
+        lat = ddim_denoise(pipe, torch.cat([x, x]), text, list(cfg_values) * 2, steps, controller)
         images, flags = decode_latents(pipe, lat)
     return RenderedPairs(
         pairs=[(images[i], images[n + i]) for i in range(n)],
