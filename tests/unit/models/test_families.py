@@ -164,3 +164,23 @@ def test_sdxl_instruct_pix2pix_loads_by_its_own_class(family_models):
     pipe = load_instruct_pix2pix_pipeline(family_models["sdxl-ip2p"], device="cpu", dtype="float32")
     assert type(pipe).__name__ == "StableDiffusionXLInstructPix2PixPipeline"
     assert family_of_pipeline(pipe).family == "sdxl"
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                       "DPMSolverMultistepScheduler"])
+def test_sdedit_steps_follows_any_scheduler_the_checkpoint_ships(pipes, scheduler):
+    """Stateful (PNDM, multistep), stochastic (ancestral), second-order (Heun) samplers: the pipeline's result."""
+    import copy
+
+    import diffusers
+
+    from pixelmill.tasks.edit.sdedit import sdedit_steps
+
+    pipe = copy.copy(pipes["sd1"])
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    images, prompts, ks, seeds = _images(2), ["a cat", "red"], [3, STEPS], [1, 2]
+    outs, _ = sdedit_steps(pipe, images, prompts, ks, STEPS, 3.0, None, seeds)
+    for i in range(2):
+        ref = pipe(prompt=[prompts[i]], image=[images[i]], strength=ks[i] / STEPS, num_inference_steps=STEPS,
+                   guidance_scale=3.0, generator=[torch.Generator().manual_seed(seeds[i])]).images[0]
+        assert _diff(ref, outs[i]) <= 1, (scheduler, i)
