@@ -38,6 +38,7 @@ class EditSummary(FlowSummary):
     rows_claimed_elsewhere: int = 0
     retried: int = 0
     timing: dict[str, float] = field(default_factory=dict)  # the stage's own seconds: calls, set-up
+    model_family: dict[str, Any] = field(default_factory=dict)  # models/family.py ModelInfo of `model`
 
     @property
     def images_per_second(self) -> float:
@@ -87,4 +88,11 @@ def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSu
             [f"{plan.rows_claimed} row(s) left to live run(s) {', '.join(plan.others)}"] if plan.rows_claimed else []),
         gpus=gpus.gpus, timing=r.stats.timing(),
         gpu_hours=gpu_hours(gpus.gpus, r.stats.actors, r.stats.seconds),
-        rejected_by_reason=r.stats.reject_reasons, nodes=r.stats.nodes))
+        rejected_by_reason=r.stats.reject_reasons, nodes=r.stats.nodes, model_family=_model_family(cfg.model)))
+
+
+def _model_family(model: str | None) -> dict[str, Any]:
+    """The edited model's family, prediction type and pipeline class (preflight read them already)."""
+    from pixelmill.models.family import describe_model
+
+    return describe_model(model).as_dict() if model else {}

@@ -51,6 +51,7 @@ def test_sdxl_t0_search_and_instruct_pix2pix_run_end_to_end(cluster, tmp_path, i
     assert s["rows_out"] == 5 and s["rejects"] == 1  # the corrupt file
     rows = out.to_table(["t0_steps", "l2"]).to_pylist()
     assert all(0 <= r["t0_steps"] <= 4 and r["l2"] <= 0.2 for r in rows)
+    assert s["model_family"]["family"] == "sdxl" and s["model_family"]["vae_force_upcast"]
 
     ip2p = save_tiny_sdxl_instruct_pix2pix(tmp_path / "sdxl-ip2p")
     cfg = _config(tmp_path / "ip2p.yaml", input=images, output=str(tmp_path / "ip2p"), model=ip2p,
