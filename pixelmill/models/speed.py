@@ -77,6 +77,22 @@ def _peak_bytes(run: Callable[[], Any], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def dummy_unet_inputs(unet: Any, rows: int, side: int, tokens: int, device: Any) -> dict[str, Any]:
+    """Zero inputs of a UNet forward of ``rows`` latents ``side`` × ``side`` (SDXL's added conditioning too)."""
+    dtype = unet.dtype
+    config = unet.config
+    out: dict[str, Any] = {
+        "sample": torch.zeros(rows, config.in_channels, side, side, device=device, dtype=dtype),
+        "timestep": torch.tensor(999, device=device),
+        "encoder_hidden_states": torch.zeros(rows, tokens, config.cross_attention_dim, device=device, dtype=dtype),
+    }
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        out["added_cond_kwargs"] = {"text_embeds": torch.zeros(rows, pooled, device=device, dtype=dtype),
+                                    "time_ids": torch.zeros(rows, 6, device=device, dtype=dtype)}
+    return out
+
+
 def auto_batch_size(pipe: Any, resolution: int, rows_per_image: int, device: torch.device,
                     overlap_decode: bool = False) -> int:
     """The largest batch (at most ``AUTO_BATCH_MAX``) whose memory fits the free GPU memory.
@@ -86,7 +102,8 @@ def auto_batch_size(pipe: Any, resolution: int, rows_per_image: int, device: tor
     ``resolution`` × ``resolution`` give each part's memory per image and its fixed part;
     the batch is the largest whose worst part (with ``overlap_decode``, the denoiser and the
     decoder together: they run at once) fits in ``AUTO_BATCH_MEMORY_FRACTION`` of the free
-    memory. Off CUDA, or for a pipeline that is not SD-shaped, ``AUTO_BATCH_FALLBACK``.
+    memory. Off CUDA, or for a pipeline of no supported family (``models/family.py``),
+    ``AUTO_BATCH_FALLBACK``.
 
     Args:
         pipe: the loaded pipeline, on ``device``.
@@ -96,21 +113,22 @@ def auto_batch_size(pipe: Any, resolution: int, rows_per_image: int, device: tor
         device: the pipeline's device.
         overlap_decode: whether decoding runs beside the next batch's denoising.
     """
-    from pixelmill.models.loading import is_sd_shaped
+    from pixelmill.models.family import UnsupportedFamily, family_of_pipeline
 
-    if device.type != "cuda" or not is_sd_shaped(pipe):
+    if device.type != "cuda":
+        return AUTO_BATCH_FALLBACK
+    try:
+        family_of_pipeline(pipe)
+    except UnsupportedFamily:
         return AUTO_BATCH_FALLBACK
     unet, vae = pipe.unet, pipe.vae
     scale = getattr(pipe, "vae_scale_factor", 8)
     side = max(1, resolution // scale)
-    dtype = unet.dtype
     tokens = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
 
     def unet_run(b: int) -> Callable[[], Any]:
-        x = torch.zeros(b * rows_per_image, unet.config.in_channels, side, side, device=device, dtype=dtype)
-        text = torch.zeros(b * rows_per_image, tokens, unet.config.cross_attention_dim, device=device, dtype=dtype)
-        t = torch.tensor(999, device=device)
-        return lambda: unet.forward(x, t, encoder_hidden_states=text, return_dict=False)
+        kwargs = dummy_unet_inputs(unet, b * rows_per_image, side, tokens, device)
+        return lambda: unet.forward(**kwargs, return_dict=False)
 
     def decode_run(b: int) -> Callable[[], Any]:
         z = torch.zeros(b, vae.config.latent_channels, side, side, device=device, dtype=vae.dtype)

@@ -184,3 +184,12 @@ def test_sdedit_steps_follows_any_scheduler_the_checkpoint_ships(pipes, schedule
         ref = pipe(prompt=[prompts[i]], image=[images[i]], strength=ks[i] / STEPS, num_inference_steps=STEPS,
                    guidance_scale=3.0, generator=[torch.Generator().manual_seed(seeds[i])]).images[0]
         assert _diff(ref, outs[i]) <= 1, (scheduler, i)
+
+
+def test_auto_batch_measures_every_family_with_inputs_its_unet_takes(pipes):
+    """``batch_size: auto``'s memory probe builds inputs each family's UNet accepts (SDXL: pooled text, time ids)."""
+    from pixelmill.models.speed import dummy_unet_inputs
+
+    for family, pipe in pipes.items():
+        out = pipe.unet(**dummy_unet_inputs(pipe.unet, 3, 8, 77, torch.device("cpu")), return_dict=False)[0]
+        assert out.shape == (3, 4, 8, 8), family
