@@ -103,7 +103,8 @@ def print_summary(summary, as_json: bool = False) -> None:
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(summary.images_per_second, 4),
         "worker": summary.worker,
-        **{k: getattr(summary, k) for k in ("run", "rows_skipped", "rows_claimed_elsewhere", "retried", "timing")
+        **{k: getattr(summary, k) for k in ("run", "rows_skipped", "rows_claimed_elsewhere", "retried", "timing",
+                                                   "model_family")
            if hasattr(summary, k)},
         **summary_extras(summary),
     }
@@ -120,6 +121,9 @@ def print_summary(summary, as_json: bool = False) -> None:
           f"({len(summary.shards_run)} shard(s) run, {len(summary.shards_skipped)} skipped) "
           f"in {summary.seconds:.1f}s, {summary.images_per_second:.2f} images/s")
     print_notes(summary)
+    if family := getattr(summary, "model_family", None):
+        print(f"model: {family['family']} ({family['pipeline_class'] or 'pipeline'}, "
+              f"{family['prediction_type']} prediction)")
     print(f"output: {summary.output}")
 
 

@@ -71,3 +71,26 @@ def test_a_checkpoint_of_no_supported_family_exits_2_before_anything_starts(tmp_
     assert proc.returncode == 2, proc.stderr
     assert "model:" in proc.stderr and "FluxPipeline" in proc.stderr and "no UNet" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sd2_v_prediction_pairs_run_end_to_end(cluster, tmp_path, tiny_models):
+    """Prompt-to-Prompt pairs from an SD 2.x v-prediction checkpoint, through the CLI."""
+    import pyarrow as pa
+
+    from pixelmill.datasets import DatasetWriter
+    from pixelmill.models.tiny_families import save_tiny_sd2v
+
+    captions = ["a red car parked on a street", "a cat sleeping on a wooden chair"]
+    w = DatasetWriter(str(tmp_path / "captions"), "captions", 1, {"test": 1}).open()
+    shard = w.shard("00000")
+    shard.write(pa.table({"id": ["c0", "c1"], "caption": captions}))
+    shard.commit()
+    w.finish()
+    cfg = _config(tmp_path / "pairs.yaml", input=str(tmp_path / "captions"), output=str(tmp_path / "out"), seed=4,
+                  images=dict(model=save_tiny_sd2v(tmp_path / "sd2v"), clip_model=tiny_models["clip"],
+                              samples_per_caption=2, steps=3, height=64, width=64, max_per_caption=2,
+                              min_direction=-1.0, min_image_caption=-1.0, min_image_similarity=-1.0))
+    s = _summary(run_cli(["pairs", str(cfg), "--json"], cluster))
+    assert s["captions"] == 2 and s["pairs"] == 4
+    text_ids = _ids(str(tmp_path / "out" / "text"))
+    assert account(text_ids, str(tmp_path / "out" / "pairs")).ok
