@@ -169,10 +169,12 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
         return fp_cache[url]
 
     model_fps: dict[str, str] = {}
+    families: dict[str, str | None] = {}
     requests: dict[str, ClassImageRequest] = {}
     for job in cfg.expand():
         if job.model not in model_fps:
             model_fps[job.model] = fingerprint(job.model)
+            families[job.model] = _family_of(job.model)
         concepts, data_hashes = [], {}
         for name in job.concepts:
             c = cfg.concepts[name]
@@ -201,6 +203,7 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
         job_id = _hash(job.weight_affecting(cfg.concepts, model_fps[job.model], data_hashes))[:12]
         spec = {
             "id": job_id, "name": job.name, "method": job.method, "model": job.model,
+            "family": families[job.model],
             "model_hash": model_fps[job.model], "data_hashes": data_hashes,
             "settings": job.settings.model_dump(), "concepts": concepts,
             "dir": storage.join(jobs_root(cfg.output), job_id),
@@ -288,6 +291,17 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
                                     "choose a new placeholder such as '<my-dog>'")
     if problems:
         raise ValueError("the campaign cannot start:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+def _family_of(model: str) -> str | None:
+    """The model's family (``models/family.py``) for the results table; None when its configs cannot tell."""
+    from pixelmill.models.family import UnsupportedFamily, describe_model
+    from pixelmill.models.loading import ModelNotFound
+
+    try:
+        return describe_model(model).family
+    except (UnsupportedFamily, ModelNotFound, OSError, ValueError):
+        return None
 
 
 def _family_problem(job: ExpandedJob, infos: dict[str, Any]) -> str | None:

@@ -140,6 +140,16 @@ def test_sdxl_lora_with_prior_loads_in_a_fresh_sdxl_pipeline_and_reproduces_the_
     assert np.abs(loaded - plain).max() > 2  # the LoRA changed the output
     assert_same_image(generate(pipe, entry["prompt"], entry["seed"], cross_attention_kwargs={"scale": 0.0}), plain)
 
+    # the results table and report say which family each job trained
+    import pyarrow.parquet as pq
+
+    from pixelmill.tasks.train.results import write_results
+
+    table_url, report_url = write_results(str(tmp_path / "out"), [spec])
+    (row,) = pq.read_table(table_url).to_pylist()
+    assert (row["method"], row["family"]) == ("lora", "sdxl")
+    assert '<td>lora<br><span class="muted">sdxl</span></td>' in Path(report_url).read_text()
+
 
 def test_lora_prior_is_opt_in_and_its_settings_leave_the_id_alone_when_off(family_models, data, tmp_path):
     off = spec_for(family_models["sdxl"], data, tmp_path, "lora")
