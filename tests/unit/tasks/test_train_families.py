@@ -160,6 +160,22 @@ def test_lora_prior_is_opt_in_and_its_settings_leave_the_id_alone_when_off(famil
     assert on["concepts"][0]["class_sources"] == [{"url": data["class"]}]
 
 
+def test_sdxl_cached_latents_and_text_give_the_same_weights(family_models, data, tmp_path):
+    """The text cache holds SDXL's pooled embeddings too; cached latents keep the crop's time ids."""
+    from safetensors.torch import load_file
+
+    plain = spec_for(family_models["sdxl"], data, tmp_path / "a", "lora", center_crop=True, max_steps=2)
+    cached = spec_for(family_models["sdxl"], data, tmp_path / "b", "lora", center_crop=True, max_steps=2,
+                      cache_latents=True, cache_text_embeddings=True)
+    train_worker(plain)
+    train_worker(cached)
+    text = load_file(cached["cache"]["text"])
+    assert any(k.endswith("|pooled") for k in text) and Path(cached["cache"]["latents"]).exists()
+    a, b = (load_file(str(Path(s["dir"]) / "artifacts" / "pytorch_lora_weights.safetensors")) for s in (plain, cached))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
 def test_sdxl_textual_inversion_trains_both_encoders_and_loads_with_diffusers_sdxl_pattern(family_models, data,
                                                                                           tmp_path):
     from safetensors.torch import load_file
@@ -266,6 +282,14 @@ def test_unsupported_method_family_is_an_exit_2_preflight_error_naming_both(fami
     assert "it supports sd1 (Stable Diffusion 1.x), sd2 (Stable Diffusion 2.x)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+    # a job spec run directly (no preflight) is refused by the job itself, before training
+    from pixelmill.models.family import UnsupportedFamily
+
+    spec = spec_for(family_models["sdxl"], data, tmp_path, "dreambooth")
+    with pytest.raises(UnsupportedFamily, match="training method 'dreambooth' does not support sdxl"):
+        train_worker(spec)
+    assert not (Path(spec["dir"]) / "checkpoints").exists()
 
 
 def test_methods_declare_their_families():
