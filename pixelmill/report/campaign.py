@@ -60,7 +60,8 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
     Args:
         out_file: where the HTML goes (the campaign output root, so sample links are relative).
         jobs: per job ``row`` (a results-table row), ``log`` (loss entries), ``samples``
-            (index entries with ``file``, ``prompt``, CLIP scores) and ``rel_dir``.
+            (index entries with ``file``, ``prompt``, CLIP scores), ``rel_dir`` and optionally
+            ``family`` (the base model's: sd1, sd2, sdxl).
         concepts: a few instance images (image cells) per concept, shown as the reference.
     """
     head = ("<tr><th>job</th><th>method (family)</th><th>concepts</th><th>varies</th><th>status</th><th>steps</th>"
@@ -72,7 +73,7 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
     for j, st in zip(jobs, settings):
         r = j["row"]
         varies = ", ".join(f"{k}={st.get(k)}" for k in keys) or "—"
-        family = f'<br><span class="muted">{_e(r["family"])}</span>' if r.get("family") else ""
+        family = f'<br><span class="muted">{_e(j["family"])}</span>' if j.get("family") else ""
         status = r["status"] if not r.get("error") else f'{r["status"]}: {r["error"]}'
         warns = "".join(f'<div class="warning" style="color:var(--warn)"><b>⚠ {_e(w)}</b></div>'
                         for w in r.get("warnings") or [])

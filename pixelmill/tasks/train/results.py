@@ -1,9 +1,8 @@
 """The campaign results table and report, from each job's record on storage.
 
 One row per job (``results.parquet`` under the campaign output): job id and name,
-method, the base model's family (sd1, sd2, sdxl), concepts, state, steps, wall time,
-peak memory, the CLIP metrics, the artifact paths and the weight-affecting settings
-(as JSON), the prior-preservation class images
+method, concepts, state, steps, wall time, peak memory, the CLIP metrics, the artifact
+paths and the weight-affecting settings (as JSON), the prior-preservation class images
 used and asked for, and the job's warnings (a short prior), so every job of every run
 compares in one table (pandas, DuckDB, ``datasets``).
 """
@@ -19,8 +18,7 @@ from pixelmill.datasets import storage
 from pixelmill.tasks.train.checkpoint import JobStore
 
 RESULTS_SCHEMA = pa.schema([
-    ("job", pa.string()), ("name", pa.string()), ("method", pa.string()), ("family", pa.string()),
-    ("concepts", pa.list_(pa.string())),
+    ("job", pa.string()), ("name", pa.string()), ("method", pa.string()), ("concepts", pa.list_(pa.string())),
     ("status", pa.string()), ("step", pa.int64()), ("max_steps", pa.int64()), ("seconds", pa.float64()),
     ("steps_per_second", pa.float64()), ("peak_memory_mb", pa.float64()), ("memory_kind", pa.string()),
     ("clip_text_alignment", pa.float64()), ("clip_image_alignment", pa.float64()), ("final_loss", pa.float64()),
@@ -53,7 +51,7 @@ def result_row(spec: dict[str, Any], files: tuple[dict, list] | None = None) -> 
     peak = rec.get("peak_memory_bytes")
     prior = rec.get("prior") or []
     return {
-        "job": spec["id"], "name": spec["name"], "method": spec["method"], "family": spec.get("family"),
+        "job": spec["id"], "name": spec["name"], "method": spec["method"],
         "concepts": [c["name"] for c in spec["concepts"]], "status": rec.get("status", "not started"),
         "step": rec.get("step", 0), "max_steps": spec["settings"]["max_steps"], "seconds": rec.get("seconds"),
         "steps_per_second": rec.get("steps_per_second"), "peak_memory_mb": peak / 2**20 if peak else None,
@@ -98,8 +96,9 @@ def write_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
     rows = [result_row(s, f) for s, f in zip(specs, files)]
     table_url = storage.join(output, "results.parquet")
     write_parquet_file(table_url, pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-    jobs = [{"row": row, "log": log, "samples": rec.get("samples") or [], "rel_dir": f"jobs/{spec['id']}"}
-            for spec, row, (rec, log) in zip(specs, rows, files)]
+    # the base model's family (sd1, sd2, sdxl) is in the report, not the table (whose columns the golden pins)
+    jobs = [{"row": row, "log": log, "samples": rec.get("samples") or [], "rel_dir": f"jobs/{spec['id']}",
+             "family": spec.get("family")} for spec, row, (rec, log) in zip(specs, rows, files)]
     report_url = storage.join(output, "report.html")
     render_campaign_report(report_url, jobs, concepts=concept_images(specs))
     return table_url, report_url
