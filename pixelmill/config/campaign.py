@@ -41,6 +41,29 @@ def train_method(name: str):
         raise ValueError(str(e)) from None
 
 
+PRIOR_SETTINGS = ("with_prior_preservation", "prior_loss_weight", "num_class_images")
+
+
+def prior_in_use(declared: bool | str | None, with_prior_preservation: bool | None) -> bool:
+    """Whether a job trains with prior preservation, from its method's ``prior=`` and its setting.
+
+    Methods registered with ``prior=True`` (DreamBooth, Custom Diffusion) use it unless
+    ``with_prior_preservation: false``; ``prior="opt_in"`` (LoRA, as diffusers'
+    DreamBooth-LoRA scripts) only with ``with_prior_preservation: true``.
+    """
+    if declared == "opt_in":
+        return with_prior_preservation is True
+    return bool(declared) and with_prior_preservation is not False
+
+
+def method_families(name: str) -> tuple[str, ...]:
+    """The model families (``models/family.py``) training method ``name`` declares; SD 1.x/2.x when it
+    declares none (a plugin written before SDXL support)."""
+    from pixelmill.models.family import SD_FAMILIES
+
+    return tuple(train_method(name).meta.get("families", SD_FAMILIES))
+
+
 def method_settings(name: str) -> set[str]:
     """Settings only ``name`` (and perhaps other methods) reads; a job's id ignores the ones its method does not."""
     return set(train_method(name).meta.get("settings", ()))
@@ -341,6 +364,9 @@ class ExpandedJob(BaseModel):
     def weight_affecting(self, concepts: dict[str, Concept], model_hash: str, data_hashes: dict[str, str]) -> dict:
         """What the job id hashes: method, model, data and the settings that change weights."""
         own = method_settings(self.method)
+        prior = train_method(self.method).meta.get("prior")
+        if prior == "opt_in" and not prior_in_use(prior, self.settings.with_prior_preservation):
+            own -= set(PRIOR_SETTINGS)  # off: the prior settings change nothing (ids as before LoRA took them)
         other_methods = set().union(*(set(e.meta.get("settings", ())) for e in _train_entries()))
         s = self.settings.model_dump(exclude=set(PLACEMENT_SETTINGS) | (other_methods - own))
         return {

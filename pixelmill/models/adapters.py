@@ -3,7 +3,8 @@
 A bulk-edit or pairs config names adapters by folder: a fine-tuning job's
 ``artifacts/`` folder (or the job folder itself). The kind is read from the files:
 ``learned_embeds.safetensors`` (Textual Inversion), ``pytorch_lora_weights.safetensors``
-(LoRA, with a ``scale``), ``pytorch_custom_diffusion_weights.safetensors`` plus one
+(LoRA, with a ``scale``; an SDXL one holds ``clip_l`` and ``clip_g``, one embedding per text
+encoder, and its token is in ``tokens.json``), ``pytorch_custom_diffusion_weights.safetensors`` plus one
 ``<token>.safetensors`` per modifier token (Custom Diffusion). Several Textual
 Inversion and LoRA adapters compose ("a photo of <A> in the style of <B>"); Custom
 Diffusion replaces the cross-attention processors, so one such adapter per pipeline
@@ -87,7 +88,7 @@ def apply_adapters(pipe: Any, adapters: list[dict[str, Any]]) -> list[str]:
     for i, a in enumerate(adapters):
         path, kind = str(adapter_folder(a["path"])), adapter_kind(a["path"], a.get("kind", "auto"))
         if kind == "textual_inversion":
-            pipe.load_textual_inversion(path, weight_name=TI_FILE)
+            _load_textual_inversion(pipe, Path(path))
         elif kind == "lora":
             name = f"adapter{i}"
             pipe.load_lora_weights(path, weight_name=LORA_FILE, adapter_name=name)
@@ -102,6 +103,29 @@ def apply_adapters(pipe: Any, adapters: list[dict[str, Any]]) -> list[str]:
     if loras:
         pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
     return described
+
+
+def _load_textual_inversion(pipe: Any, folder: Path) -> None:
+    """One embedding file; an SDXL one (``clip_l``/``clip_g``) as diffusers documents: once per text encoder."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / TI_FILE), "pt") as f:
+        keys = set(f.keys())
+    if keys != {"clip_l", "clip_g"}:
+        pipe.load_textual_inversion(str(folder), weight_name=TI_FILE)
+        return
+    from safetensors.torch import load_file
+
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise AdapterError(f"adapter {folder}: an SDXL Textual Inversion (clip_l, clip_g) needs an SDXL pipeline")
+    tokens_file = folder / "tokens.json"
+    if not tokens_file.exists():
+        raise AdapterError(f"adapter {folder}: an SDXL Textual Inversion needs tokens.json naming its token")
+    (token,) = json.loads(tokens_file.read_text())
+    state = load_file(str(folder / TI_FILE))
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
 
 
 def _load_custom_diffusion(pipe: Any, folder: Path) -> None:

@@ -526,7 +526,7 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
 
 
 def load_training_components(model: str, revision: str | None = None) -> dict[str, Any]:
-    """Load the parts of an SD-shaped pipeline a trainer needs, in fp32 on the CPU.
+    """Load the parts of a Stable Diffusion pipeline (sd1, sd2, sdxl) a trainer needs, in fp32 on the CPU.
 
     Training keeps every weight in fp32 (mixed precision is autocast, never fp16
     weights: an fp16 VAE gives NaN losses and fp16 trainable weights break the grad
@@ -534,11 +534,13 @@ def load_training_components(model: str, revision: str | None = None) -> dict[st
     device. An InstructPix2Pix checkpoint loads with its 8-channel UNet.
 
     Returns:
-        ``{"tokenizer", "text_encoder", "vae", "unet", "scheduler", "pipeline_class"}``.
+        ``{"tokenizer", "text_encoder", "vae", "unet", "scheduler", "pipeline_class", "info"}`` (``info``:
+        its ``family.ModelInfo``); SDXL adds ``tokenizer_2``, ``text_encoder_2`` and its pipeline's
+        ``force_zeros_for_empty_prompt``.
 
     Raises:
         ModelNotFound: The folder is missing or not a pipeline.
-        ValueError: The pipeline is not SD-shaped (no UNet/VAE/CLIP text encoder).
+        UnsupportedFamily: Not one of the families (``models/family.py``; a ValueError naming what it is).
     """
     import diffusers
     import torch
@@ -549,9 +551,17 @@ def load_training_components(model: str, revision: str | None = None) -> dict[st
     if cls is None or not issubclass(cls, diffusers.DiffusionPipeline):
         cls = diffusers.DiffusionPipeline
     pipe = _from_pretrained(cls.from_pretrained, name, model, torch.float32, revision)
-    require_sd_shaped(pipe, "fine-tuning")
-    parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler")}
+    from pixelmill.models.family import family_of_pipeline
+
+    info = family_of_pipeline(pipe)
+    names = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+    if info.family == "sdxl":
+        names += ("tokenizer_2", "text_encoder_2")
+    parts = {k: getattr(pipe, k) for k in names}
     parts["pipeline_class"] = type(pipe).__name__
+    parts["info"] = info
+    if info.family == "sdxl":
+        parts["force_zeros_for_empty_prompt"] = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True))
     return parts
 
 

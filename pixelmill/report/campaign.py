@@ -60,10 +60,11 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
     Args:
         out_file: where the HTML goes (the campaign output root, so sample links are relative).
         jobs: per job ``row`` (a results-table row), ``log`` (loss entries), ``samples``
-            (index entries with ``file``, ``prompt``, CLIP scores) and ``rel_dir``.
+            (index entries with ``file``, ``prompt``, CLIP scores), ``rel_dir`` and optionally
+            ``family`` (the base model's: sd1, sd2, sdxl).
         concepts: a few instance images (image cells) per concept, shown as the reference.
     """
-    head = ("<tr><th>job</th><th>method</th><th>concepts</th><th>varies</th><th>status</th><th>steps</th>"
+    head = ("<tr><th>job</th><th>method (family)</th><th>concepts</th><th>varies</th><th>status</th><th>steps</th>"
             "<th>time (s)</th><th>peak MB</th><th>CLIP text</th><th>CLIP image</th><th>final loss</th></tr>")
     settings = [json.loads(j["row"]["settings"]) for j in jobs]
     keys = sorted(k for k in (settings[0] if settings else {})
@@ -72,12 +73,13 @@ def render_campaign_report(out_file: str, jobs: list[dict[str, Any]],
     for j, st in zip(jobs, settings):
         r = j["row"]
         varies = ", ".join(f"{k}={st.get(k)}" for k in keys) or "—"
+        family = f'<br><span class="muted">{_e(j["family"])}</span>' if j.get("family") else ""
         status = r["status"] if not r.get("error") else f'{r["status"]}: {r["error"]}'
         warns = "".join(f'<div class="warning" style="color:var(--warn)"><b>⚠ {_e(w)}</b></div>'
                         for w in r.get("warnings") or [])
         body_rows.append(
             f'<tr><td><a href="#job-{_e(r["job"])}">{_e(r["name"])}</a><br><span class="mono muted">{_e(r["job"])}'
-            f'</span></td><td>{_e(r["method"])}</td><td>{_e(", ".join(r["concepts"]))}</td>'
+            f'</span></td><td>{_e(r["method"])}{family}</td><td>{_e(", ".join(r["concepts"]))}</td>'
             f'<td class="mono">{_e(varies)}</td><td>{_e(status)}{warns}</td><td>{r["step"]}/{r["max_steps"]}</td>'
             f'<td>{_fmt(r["seconds"], 1)}</td>'
             f'<td>{_fmt(r["peak_memory_mb"], 0)}</td><td>{_fmt(r["clip_text_alignment"])}</td>'

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from pixelmill.config.campaign import prior_in_use
+from pixelmill.tasks.train.conditioning import TextCond, encode_prompts, is_sdxl, null_conditioning, unet_kwargs
 from pixelmill.tasks.train.data import (
     Augment,
     BatchSchedule,
@@ -29,6 +32,7 @@ from pixelmill.tasks.train.data import (
     Sample,
     TrainingData,
     bucket_sizes,
+    center_crop_offset,
     generator,
     nearest_bucket,
     per_sample,
@@ -114,7 +118,8 @@ class Trainer:
         rank / world: this worker's place in a data-parallel group (torch.distributed
             must be initialised when ``world > 1``).
         latent_cache: optional ``{(sample id, flip): (mean, std)}`` VAE posteriors.
-        text_cache: optional ``{prompt_key(prompt): embedding}`` for methods with fixed text.
+        text_cache: optional ``{prompt_key(prompt): embedding}`` (and ``{key|pooled: …}`` on SDXL) for
+            methods with fixed text (``conditioning.TextCond.cache_entries``).
         vae_multiple: pixel sizes must be multiples of this (bucket sizes).
     """
 
@@ -134,6 +139,8 @@ class Trainer:
             raise ValueError(f"train_batch_size {s['train_batch_size']} is not divisible by {self.world} workers")
         parts = self.method.parts
         self.unet, self.vae, self.te, self.tok = parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"]
+        self.sdxl = is_sdxl(parts)
+        self.text_encoders = [m for m in (self.te, parts.get("text_encoder_2")) if m is not None]
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
@@ -145,8 +152,7 @@ class Trainer:
         )
         use_ema = s["use_ema"] if s["use_ema"] is not None else self.method.use_ema_default
         self.ema = EMA(self.params, s["ema_decay"]) if use_ema else None
-        self.prior = bool(self.method.prior and self.data.klass and
-                          (s["with_prior_preservation"] is None or s["with_prior_preservation"]))
+        self.prior = bool(self.data.klass and prior_in_use(self.method.prior, s["with_prior_preservation"]))
         self.aug = Augment(center_crop=s["center_crop"], random_flip=s["random_flip"], rescale=s["rescale"])
         res = s["resolution"]
         self.buckets = bucket_sizes(res, self.vae_multiple) if s["aspect_buckets"] else [(res, res)]
@@ -161,16 +167,22 @@ class Trainer:
         self.scaler = (torch.amp.GradScaler(self.device.type) if s["mixed_precision"] == "fp16" else None)
         if s["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
-            if self.method.trains_text:
+            for te in self.text_encoders if self.method.trains_text else ():
                 # transformers 5 renamed it; the old name warns and will go in v6
-                enable = getattr(self.te, "activation_checkpointing_enable", None) or \
-                    getattr(self.te, "gradient_checkpointing_enable", None)
+                enable = getattr(te, "activation_checkpointing_enable", None) or \
+                    getattr(te, "gradient_checkpointing_enable", None)
                 if enable is not None:
                     enable()
         self.unet.train()
-        self.te.train(self.method.trains_text)
+        for te in self.text_encoders:
+            te.train(self.method.trains_text)
         self.vae.eval()
-        self._null_text: torch.Tensor | None = None
+        self._null_text: TextCond | None = None
+
+    def eval_mode(self) -> None:
+        """The UNet and text encoders in eval mode (saving and sampling)."""
+        for module in (self.unet, *self.text_encoders):
+            module.eval()
 
     # -- one step -------------------------------------------------------------------------
     def step(self, step: int) -> StepLog:
@@ -256,8 +268,9 @@ class Trainer:
         text = self.encode_text(prompts)
         if samples and samples[0].source is not None:
             text, batch["source_latents"] = self._pair_conditioning(samples, prepared, text, seed, step)
+        cond = unet_kwargs(text, [x.size for x in samples], [p.crop for p in prepared], size, self.device)
         with self._autocast():
-            pred = self.unet(self.method.unet_input(noisy, batch), t, text).sample
+            pred = self.unet(self.method.unet_input(noisy, batch), t, **cond).sample
         pred = pred.float()
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
@@ -284,7 +297,7 @@ class Trainer:
             flip = bool(self.aug.random_flip and
                         torch.rand((), generator=generator(seed, step, sample.id, "augment")).item() < 0.5)
             if (sample.id, flip) in self.latent_cache:
-                return Prepared(None, prompt, None, flip)
+                return Prepared(None, prompt, None, flip, crop=center_crop_offset(sample.size, size))
         return prepare(sample, size, self.aug, seed, step, prompt)
 
     def _autocast(self):
@@ -335,17 +348,14 @@ class Trainer:
                     out[i] = (mean[k], std[k])
         return out  # type: ignore[return-value]
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        keys = [prompt_key(p) for p in prompts] if self.text_cache is not None else []
-        if keys and self.method.text_is_fixed() and all(k in self.text_cache for k in keys):
-            return torch.stack([self.text_cache[k] for k in keys]).to(self.device)
-        ids = self.tok(prompts, padding="max_length", max_length=self.tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(self.device)
-        if self.method.trains_text:
-            with self._autocast():
-                return self.te(ids)[0].float()
-        with torch.no_grad(), self._autocast():
-            return self.te(ids)[0].float()
+    def encode_text(self, prompts: list[str]) -> TextCond:
+        """The prompts' conditioning (``conditioning.encode_prompts``), from the text cache when it has them."""
+        if self.text_cache is not None and self.method.text_is_fixed():
+            cached = TextCond.from_cache(self.text_cache, [prompt_key(p) for p in prompts], self.device, self.sdxl)
+            if cached is not None:
+                return cached
+        with (nullcontext() if self.method.trains_text else torch.no_grad()), self._autocast():
+            return encode_prompts(self.method.parts, prompts, self.device)
 
     def _pair_conditioning(self, samples, prepared, text, seed, step):
         """Source-image latents (posterior mode) and the paper's conditioning dropout."""
@@ -354,13 +364,15 @@ class Trainer:
         prob = self.settings["conditioning_dropout_prob"]
         if prob > 0:
             drop_text, drop_image = conditioning_dropout([x.id for x in samples], seed, step, prob)
-            text = torch.where(drop_text.to(self.device)[:, None, None], self.null_text().expand_as(text), text)
+            text = text.where(drop_text, self.null_text())
             src = src * (~drop_image).float().to(self.device)[:, None, None, None]
         return text, src
 
-    def null_text(self) -> torch.Tensor:
+    def null_text(self) -> TextCond:
+        """The unconditional text (``conditioning.null_conditioning``) that conditioning dropout trains with."""
         if self._null_text is None:
-            self._null_text = self.encode_text([""]).detach()
+            with self._autocast():
+                self._null_text = null_conditioning(self.method.parts, self.device)
         return self._null_text
 
     # -- fixed-triple evaluation loss (for tests and reports) ------------------------------

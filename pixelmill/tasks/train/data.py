@@ -198,6 +198,7 @@ class Prepared:
     mask: torch.Tensor | None
     flip: bool
     source: torch.Tensor | None = None
+    crop: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image (SDXL's time ids)
 
 
 def prepare(sample: Sample, size: tuple[int, int], aug: Augment, seed: int, step: int, prompt: str) -> Prepared:
@@ -215,7 +216,7 @@ def prepare(sample: Sample, size: tuple[int, int], aug: Augment, seed: int, step
     scale = 1.0
     if aug.rescale and sample.kind == "instance":
         scale = 0.4 + 1.0 * torch.rand((), generator=g).item()
-    img, src = _cover_crop(img, src, (w, h), aug.center_crop, g)
+    img, src, crop = _cover_crop(img, src, (w, h), aug.center_crop, g)
     if scale < 0.95:
         sw, sh = max(1, int(w * scale)), max(1, int(h * scale))
         ox = int(torch.randint(0, w - sw + 1, (), generator=g))
@@ -237,13 +238,26 @@ def prepare(sample: Sample, size: tuple[int, int], aug: Augment, seed: int, step
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
         src = src.transpose(Image.FLIP_LEFT_RIGHT) if src is not None else None
         mask = mask.flip(-1) if mask is not None else None
-    return Prepared(pixel_tensor(img), prompt, mask, flip, pixel_tensor(src) if src is not None else None)
+    return Prepared(pixel_tensor(img), prompt, mask, flip, pixel_tensor(src) if src is not None else None, crop)
+
+
+def cover_size(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """``(w, h)`` an image of ``image_size`` is resized to so that it covers ``size`` (both ``(w, h)``)."""
+    w, h = size
+    s = max(w / image_size[0], h / image_size[1])
+    return max(w, math.ceil(image_size[0] * s)), max(h, math.ceil(image_size[1] * s))
+
+
+def center_crop_offset(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """``(top, left)`` of a center crop of ``size`` from the covering resize of ``image_size``."""
+    rw, rh = cover_size(image_size, size)
+    return (rh - size[1]) // 2, (rw - size[0]) // 2
 
 
 def _cover_crop(img, src, size, center: bool, g):
+    """Resize to cover ``size`` and crop it; returns the image, the source and the crop's (top, left)."""
     w, h = size
-    s = max(w / img.width, h / img.height)
-    rw, rh = max(w, math.ceil(img.width * s)), max(h, math.ceil(img.height * s))
+    rw, rh = cover_size(img.size, size)
     if (rw, rh) != img.size:
         img = img.resize((rw, rh), Image.BICUBIC)
         src = src.resize((rw, rh), Image.BICUBIC) if src is not None else None
@@ -255,7 +269,7 @@ def _cover_crop(img, src, size, center: bool, g):
     box = (ox, oy, ox + w, oy + h)
     if src is not None and src.size != img.size:
         src = src.resize(img.size, Image.BICUBIC)
-    return img.crop(box), (src.crop(box) if src is not None else None)
+    return img.crop(box), (src.crop(box) if src is not None else None), (oy, ox)
 
 
 def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:

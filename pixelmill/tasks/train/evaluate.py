@@ -45,12 +45,14 @@ def render_samples(method, data: TrainingData, concepts: list[dict[str, Any]], p
     rows = []
     if method.name == "instruct_pix2pix":
         sources = [x for x in data.instance[: max(1, n)]]
+        # SDXL's pipeline takes its size from the UNet's default unless told (SD's from the image)
+        sized = {"height": size, "width": size} if getattr(method, "sdxl", False) else {}
         for p in prompts:
             for k, src in enumerate(sources):
                 g = torch.Generator("cpu").manual_seed(seed + k)
                 img = _open(src.source).resize((size, size))
                 out = pipe(prompt=p, image=img, num_inference_steps=steps, guidance_scale=guidance,
-                           image_guidance_scale=image_guidance, generator=g).images[0]
+                           image_guidance_scale=image_guidance, generator=g, **sized).images[0]
                 rows.append({"prompt": p, "score_prompt": p, "seed": seed + k, "image": out, "source": img})
         return rows
     for p, plain in sample_prompts(prompts, method, concepts):

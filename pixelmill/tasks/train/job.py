@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pixelmill.config.campaign import prior_in_use
 from pixelmill.datasets import storage
 from pixelmill.tasks.train.checkpoint import JobStore
 from pixelmill.tasks.train.data import (
@@ -77,7 +78,7 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
             data.instance += [Sample(f"c{ci}:{r['id']}", "instance", c["instance_prompt_text"], r["_bytes"],
                                      concept=ci, size=r["_size"]) for r in rows]
         data.skipped += skipped
-        uses_prior = declared.get("prior", False) and s.get("with_prior_preservation") is not False
+        uses_prior = prior_in_use(declared.get("prior"), s.get("with_prior_preservation"))
         if uses_prior and c.get("class_sources"):
             wanted = s["num_class_images"]
             for src in c["class_sources"]:
@@ -175,7 +176,7 @@ def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) 
             for x in items[j:j + n]:
                 bucket = (trainer.buckets[nearest_bucket(x.size, trainer.buckets)]
                           if trainer.settings["aspect_buckets"] else trainer.buckets[0])
-                img, _ = _cover_crop(_open(x.image), None, bucket, True, None)
+                img, _, _ = _cover_crop(_open(x.image), None, bucket, True, None)
                 for flip in (False, True):
                     keys.append((x.id, flip))
                     pixels.append(pixel_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img))
@@ -190,8 +191,7 @@ def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) 
         text = {}
         for i in range(0, len(prompts), 16):
             chunk = prompts[i:i + 16]
-            emb = trainer.encode_text(chunk).detach().cpu()
-            text.update(zip((prompt_key(p) for p in chunk), emb))
+            text.update(trainer.encode_text(chunk).cache_entries([prompt_key(p) for p in chunk]))
     return latents, text
 
 
@@ -278,8 +278,9 @@ def _setup(spec: dict[str, Any], device: torch.device, rank: int = 0, world: int
         torch.manual_seed(derived_seed(spec["settings"]["seed"], "init"))
         method.setup()
     data = load_training_data(spec)
-    for k in ("unet", "text_encoder", "vae"):
-        parts[k].to(device)
+    for k in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        if parts.get(k) is not None:
+            parts[k].to(device)
     vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     multiple = vae_scale * 2 ** (len(parts["unet"].config.block_out_channels) - 1)
     trainer = Trainer(method, data, spec["settings"], device=device, rank=rank, world=world, vae_multiple=multiple)
@@ -465,8 +466,7 @@ def _finish(spec, method, trainer, data, device) -> dict[str, Any]:
     from pixelmill.tasks.train.evaluate import clip_metrics, render_samples, write_samples
 
     s, e = spec["settings"], spec["eval"]
-    trainer.unet.eval()
-    trainer.te.eval()
+    trainer.eval_mode()
     local = storage.local_path(spec["dir"])
     tmp = Path(tempfile.mkdtemp(prefix="pixelmill-artifacts-", dir=local if local else None))
     try:

@@ -4,6 +4,12 @@ A method says which parameters train, what text a sample trains with, what the U
 sees (InstructPix2Pix adds the source image), what has to be restored after a step,
 what a checkpoint holds, and what it saves. Everything else (data, noise, loss, the
 optimiser, precision, checkpoints, data parallelism) is the core's (``core.py``).
+
+Each registration declares the model families it supports (``families=``, see
+``models/family.py``); campaign preflight refuses any other combination before a job
+starts, naming both. On SDXL the conditioning is the core's (``conditioning.py``), and
+LoRA, Textual Inversion (one embedding per text encoder) and InstructPix2Pix train;
+full DreamBooth, Custom Diffusion and text-to-image are SD 1.x/2.x only.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from typing import Any
 
 import torch
 
+from pixelmill.models.family import ALL_FAMILIES, SD_FAMILIES
 from pixelmill.registry import register
+from pixelmill.tasks.train.conditioning import is_sdxl, text_encoders
 from pixelmill.tasks.train.data import Sample, TrainingDataError, generator, ti_prompt
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
@@ -63,7 +71,8 @@ class Method:
 
     name = ""
     pipeline_class = "StableDiffusionPipeline"
-    prior = False
+    sdxl_pipeline_class = "StableDiffusionXLPipeline"
+    prior: bool | str = False
     trains_text = False
     use_ema_default = False
 
@@ -71,8 +80,10 @@ class Method:
         self.parts = parts
         self.s = settings
         self.concepts = concepts
-        for module in (parts["unet"], parts["text_encoder"], parts["vae"]):
-            module.requires_grad_(False)
+        self.sdxl = is_sdxl(parts)
+        for module in (parts["unet"], parts["text_encoder"], parts.get("text_encoder_2"), parts["vae"]):
+            if module is not None:
+                module.requires_grad_(False)
 
     # -- what trains -------------------------------------------------------------------
     def setup(self) -> None:
@@ -81,7 +92,8 @@ class Method:
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """The parameters the optimiser updates, by a stable name."""
         out = {}
-        for prefix, module in (("unet", self.parts["unet"]), ("text_encoder", self.parts["text_encoder"])):
+        modules = [("unet", self.parts["unet"])] + [(name, te) for name, _, te in text_encoders(self.parts)]
+        for prefix, module in modules:
             for name, p in module.named_parameters():
                 if p.requires_grad:
                     out[f"{prefix}.{name}"] = p
@@ -125,6 +137,13 @@ class Method:
         from diffusers import DDIMScheduler
 
         p = self.parts
+        if self.sdxl:
+            return getattr(diffusers, self.sdxl_pipeline_class)(
+                vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"],
+                tokenizer=p["tokenizer"], tokenizer_2=p["tokenizer_2"], unet=p["unet"],
+                scheduler=scheduler or DDIMScheduler.from_config(p["scheduler"].config),
+                force_zeros_for_empty_prompt=p.get("force_zeros_for_empty_prompt", True), add_watermarker=False,
+            )
         return getattr(diffusers, self.pipeline_class)(
             vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], unet=p["unet"],
             scheduler=scheduler or DDIMScheduler.from_config(p["scheduler"].config), safety_checker=None,
@@ -137,63 +156,81 @@ class Method:
 
 
 class _TokenRows:
-    """Mixin: new token rows in the text embedding train; every other row is restored after each step."""
+    """Mixin: new token rows in text embeddings train; every other row is restored after each step.
 
-    def _train_rows(self, ids: list[int]) -> None:
-        te = self.parts["text_encoder"]
-        emb = te.get_input_embeddings().weight
-        emb.requires_grad_(True)
-        self.row_ids = ids
-        self.orig_embeddings = emb.detach().clone()
-        self.keep = torch.ones(emb.shape[0], dtype=torch.bool)
-        self.keep[ids] = False
+    ``_train_rows`` takes the new rows of each text encoder (``text_encoder``, and
+    ``text_encoder_2`` on SDXL); the other helpers name the encoder (default the first).
+    """
+
+    def _train_rows(self, ids: dict[str, list[int]]) -> None:
+        self.row_ids, self.orig_embeddings, self.keep = {}, {}, {}
+        for name, rows in ids.items():
+            emb = self.parts[name].get_input_embeddings().weight
+            emb.requires_grad_(True)
+            self.row_ids[name] = rows
+            self.orig_embeddings[name] = emb.detach().clone()
+            self.keep[name] = torch.ones(emb.shape[0], dtype=torch.bool)
+            self.keep[name][rows] = False
 
     def _restore_rows(self) -> None:
-        emb = self.parts["text_encoder"].get_input_embeddings().weight
-        with torch.no_grad():
-            emb[self.keep] = self.orig_embeddings[self.keep].to(emb.device, emb.dtype)
+        for name, keep in self.keep.items():
+            emb = self.parts[name].get_input_embeddings().weight
+            with torch.no_grad():
+                emb[keep] = self.orig_embeddings[name][keep].to(emb.device, emb.dtype)
 
-    def _rows(self) -> torch.Tensor:
-        return self.parts["text_encoder"].get_input_embeddings().weight.detach()[self.row_ids].cpu().clone()
+    def _rows(self, name: str = "text_encoder") -> torch.Tensor:
+        return self.parts[name].get_input_embeddings().weight.detach()[self.row_ids[name]].cpu().clone()
 
-    def _set_rows(self, rows: torch.Tensor) -> None:
-        emb = self.parts["text_encoder"].get_input_embeddings().weight
+    def _set_rows(self, rows: torch.Tensor, name: str = "text_encoder") -> None:
+        emb = self.parts[name].get_input_embeddings().weight
         with torch.no_grad():
-            emb[self.row_ids] = rows.to(emb.device, emb.dtype)
+            emb[self.row_ids[name]] = rows.to(emb.device, emb.dtype)
+
+
+# SDXL Textual Inversion file keys, diffusers' documented pattern: one embedding per text encoder
+SDXL_TI_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 @register("train", "textual_inversion", settings=("num_vectors",), token_only=True, new_tokens=True,
-          initializer="class_word")
+          initializer="class_word", families=ALL_FAMILIES)
 class TextualInversion(_TokenRows, Method):
-    """Learn new token embeddings for one concept; nothing else changes."""
+    """Learn new token embeddings for one concept; nothing else changes.
+
+    On SDXL both tokenizers get the tokens and both text encoders' rows train; the file
+    holds ``clip_l`` (``text_encoder``) and ``clip_g`` (``text_encoder_2``), loaded with
+    ``load_textual_inversion(file["clip_l"], token=…, text_encoder=pipe.text_encoder,
+    tokenizer=pipe.tokenizer)`` and again with ``clip_g`` and the second pair.
+    """
 
     name = "textual_inversion"
     trains_text = True
 
     def setup(self) -> None:
         c = self.concepts[0]
-        tok, te = self.parts["tokenizer"], self.parts["text_encoder"]
         init_text = c.get("initializer_token") or c["class_word"]
         if not init_text:
             raise TrainingDataError(f"textual_inversion needs `initializer_token` or `class_word` for {c['token']!r}")
-        init = single_token_id(tok, init_text, "initializer_token")
         n = self.s["num_vectors"]
         self.tokens = [c["token"]] + [f"{c['token']}_{i}" for i in range(1, n)]
-        ids = add_new_tokens(tok, te, self.tokens, [init] * n)
+        ids = {}
+        for name, tok, te in text_encoders(self.parts):
+            init = single_token_id(tok, init_text, "initializer_token")
+            ids[name] = add_new_tokens(tok, te, self.tokens, [init] * n)
         self._train_rows(ids)
         self.placeholder = " ".join(self.tokens)
 
     def trainable(self):
-        return {"text_encoder.embeddings": self.parts["text_encoder"].get_input_embeddings().weight}
+        return {f"{name}.embeddings": te.get_input_embeddings().weight for name, _, te in text_encoders(self.parts)}
 
     def after_step(self) -> None:
         self._restore_rows()
 
     def state(self):
-        return {"rows": self._rows()}
+        return {"rows" if name == "text_encoder" else f"rows:{name}": self._rows(name) for name in self.row_ids}
 
     def load_state(self, state):
-        self._set_rows(state["rows"])
+        for name in self.row_ids:
+            self._set_rows(state["rows" if name == "text_encoder" else f"rows:{name}"], name)
 
     def prompt(self, sample, seed, step):
         if sample.kind != "instance":
@@ -204,14 +241,19 @@ class TextualInversion(_TokenRows, Method):
     def save(self, out_dir):
         from safetensors.torch import save_file
 
-        save_file({self.concepts[0]["token"]: self._rows()}, str(out_dir / LEARNED_EMBEDS))
+        if self.sdxl:
+            save_file({SDXL_TI_KEYS[name]: self._rows(name).contiguous() for name in self.row_ids},
+                      str(out_dir / LEARNED_EMBEDS))
+            (out_dir / "tokens.json").write_text(json.dumps([self.concepts[0]["token"]]))
+        else:
+            save_file({self.concepts[0]["token"]: self._rows()}, str(out_dir / LEARNED_EMBEDS))
         return [LEARNED_EMBEDS]
 
     def subject(self, concept):
         return concept["token"]
 
 
-@register("train", "dreambooth", prior=True,
+@register("train", "dreambooth", prior=True, families=SD_FAMILIES,
           settings=("with_prior_preservation", "prior_loss_weight", "num_class_images", "train_text_encoder"))
 class DreamBooth(Method):
     """Fine-tune the whole UNet (and optionally the text encoder) on a few instance images."""
@@ -230,11 +272,19 @@ class DreamBooth(Method):
         return ["model_index.json"]
 
 
-@register("train", "lora", settings=("rank", "alpha", "target_modules"))
+@register("train", "lora", prior="opt_in", families=ALL_FAMILIES,
+          settings=("rank", "alpha", "target_modules", "with_prior_preservation", "prior_loss_weight",
+                    "num_class_images"))
 class LoRA(Method):
-    """PEFT LoRA adapters on the UNet's attention projections; base weights stay as they are."""
+    """PEFT LoRA adapters on the UNet's attention projections; base weights stay as they are.
+
+    Prior preservation only when asked (``with_prior_preservation: true``), as diffusers'
+    DreamBooth-LoRA (SD and SDXL) scripts do. On SDXL the file is what
+    ``StableDiffusionXLPipeline.load_lora_weights`` reads.
+    """
 
     name = "lora"
+    prior = "opt_in"
 
     def setup(self) -> None:
         from peft import LoraConfig
@@ -248,12 +298,13 @@ class LoRA(Method):
             raise TrainingDataError(f"lora target_modules {s['target_modules']}: {e}") from None
 
     def save(self, out_dir):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.parts["unet"]))
-        StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+        cls = StableDiffusionXLPipeline if self.sdxl else StableDiffusionPipeline
+        cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
         return [LORA_WEIGHTS]
 
 
@@ -267,7 +318,7 @@ def _attn_hidden_size(unet, name: str) -> int:
 
 
 @register("train", "custom_diffusion", prior=True, multi_concept=True, new_tokens=True, initializer="rare",
-          settings=("train", "with_prior_preservation", "prior_loss_weight", "num_class_images"))
+          families=SD_FAMILIES, settings=("train", "with_prior_preservation", "prior_loss_weight", "num_class_images"))
 class CustomDiffusion(_TokenRows, Method):
     """Cross-attention K/V (or K/V/Q/out) plus modifier-token rows, one or several concepts jointly."""
 
@@ -284,7 +335,7 @@ class CustomDiffusion(_TokenRows, Method):
         for i, c in enumerate(self.concepts):
             text = c.get("initializer_token") or RARE_TOKENS[i % len(RARE_TOKENS)]
             init_ids.append(single_token_id(tok, text, "initializer_token"))
-        self._train_rows(add_new_tokens(tok, te, self.tokens, init_ids))
+        self._train_rows({"text_encoder": add_new_tokens(tok, te, self.tokens, init_ids)})
         train_q_out = self.s["train"] == "crossattn"
         state = unet.state_dict()
         procs = {}
@@ -366,7 +417,7 @@ class CustomDiffusion(_TokenRows, Method):
         return names
 
 
-@register("train", "instruct_pix2pix", data="pairs",
+@register("train", "instruct_pix2pix", data="pairs", families=ALL_FAMILIES,
           settings=("conditioning_dropout_prob", "input_column", "edited_column", "instruction_column"))
 class InstructPix2Pix(Method):
     """Edit training from (input, instruction, edited) pairs: UNet widened to 8 channels.
@@ -379,6 +430,7 @@ class InstructPix2Pix(Method):
 
     name = "instruct_pix2pix"
     pipeline_class = "StableDiffusionInstructPix2PixPipeline"
+    sdxl_pipeline_class = "StableDiffusionXLInstructPix2PixPipeline"
     use_ema_default = True
 
     def setup(self) -> None:
@@ -404,7 +456,7 @@ class InstructPix2Pix(Method):
         return ["model_index.json"]
 
 
-@register("train", "text_to_image", settings=("conditioning_dropout_prob",))
+@register("train", "text_to_image", settings=("conditioning_dropout_prob",), families=SD_FAMILIES)
 class TextToImage(Method):
     """Train the whole UNet from (image, caption) rows: text-to-image training from scratch or fine-tuning.
 
@@ -431,7 +483,17 @@ class TextToImage(Method):
 
 
 def make_method(name: str, parts, settings, concepts) -> Method:
-    """The registered training method ``name``, built on the loaded parts (a ValueError names the known ones)."""
-    from pixelmill import registry
+    """The registered training method ``name``, built on the loaded parts (a ValueError names the known ones).
 
-    return registry.get("train", name).obj(parts, settings, concepts)
+    Raises:
+        UnsupportedFamily: the model's family is not one the method declares (preflight refuses it
+            first; this guards a job spec run directly).
+    """
+    from pixelmill import registry
+    from pixelmill.config.campaign import method_families
+    from pixelmill.models.family import require_family
+
+    entry = registry.get("train", name)
+    if parts.get("info") is not None:
+        require_family(parts["info"], method_families(name), f"training method {name!r}")
+    return entry.obj(parts, settings, concepts)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixelmill.config import CampaignConfig, ExpandedJob, train_method
+from pixelmill.config.campaign import method_families, prior_in_use
 from pixelmill.datasets import storage
 
 RETRIEVAL_DIR = "retrieval"
@@ -144,8 +145,8 @@ def _complete(url: str) -> bool:
 
 
 def uses_prior(job: ExpandedJob) -> bool:
-    """Methods that declare a prior (DreamBooth, Custom Diffusion) use it unless it is turned off."""
-    return bool(train_method(job.method).meta.get("prior")) and job.settings.with_prior_preservation is not False
+    """Methods that declare a prior use it unless it is turned off (LoRA: only when turned on; ``prior_in_use``)."""
+    return prior_in_use(train_method(job.method).meta.get("prior"), job.settings.with_prior_preservation)
 
 
 def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
@@ -168,10 +169,12 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
         return fp_cache[url]
 
     model_fps: dict[str, str] = {}
+    families: dict[str, str | None] = {}
     requests: dict[str, ClassImageRequest] = {}
     for job in cfg.expand():
         if job.model not in model_fps:
             model_fps[job.model] = fingerprint(job.model)
+            families[job.model] = _family_of(job.model)
         concepts, data_hashes = [], {}
         for name in job.concepts:
             c = cfg.concepts[name]
@@ -200,6 +203,7 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
         job_id = _hash(job.weight_affecting(cfg.concepts, model_fps[job.model], data_hashes))[:12]
         spec = {
             "id": job_id, "name": job.name, "method": job.method, "model": job.model,
+            "family": families[job.model],
             "model_hash": model_fps[job.model], "data_hashes": data_hashes,
             "settings": job.settings.model_dump(), "concepts": concepts,
             "dir": storage.join(jobs_root(cfg.output), job_id),
@@ -226,9 +230,10 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
 def check_campaign_inputs(cfg: CampaignConfig) -> None:
     """Errors a campaign would hit only once training starts, found now (``ValueError`` naming them).
 
-    Checks every concept's datasets (present, with rows and the columns its jobs read),
-    and the tokens each job adds (a Textual Inversion or Custom Diffusion initializer must
-    be one token; new tokens must not exist yet).
+    Checks each job's method supports its model's family (``models/family.py``: the model's
+    configs are read, no weights), every concept's datasets (present, with rows and the
+    columns its jobs read), and the tokens each job adds (a Textual Inversion or Custom
+    Diffusion initializer must be one token; new tokens must not exist yet).
     """
     from pixelmill.datasets import Dataset
     from pixelmill.tasks.train.methods import RARE_TOKENS
@@ -236,7 +241,11 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
     problems: list[str] = []
     checked: set[tuple[str, tuple[str, ...]]] = set()
     tokenizers: dict[str, Any] = {}
+    infos: dict[str, Any] = {}
     for job in cfg.expand():
+        family_problem = _family_problem(job, infos)
+        if family_problem:
+            problems.append(family_problem)
         for i, name in enumerate(job.concepts):
             c = cfg.concepts[name]
             s = job.settings
@@ -282,6 +291,38 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
                                     "choose a new placeholder such as '<my-dog>'")
     if problems:
         raise ValueError("the campaign cannot start:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+def _family_of(model: str) -> str | None:
+    """The model's family (``models/family.py``) for the results table; None when its configs cannot tell."""
+    from pixelmill.models.family import UnsupportedFamily, describe_model
+    from pixelmill.models.loading import ModelNotFound
+
+    try:
+        return describe_model(model).family
+    except (UnsupportedFamily, ModelNotFound, OSError, ValueError):
+        return None
+
+
+def _family_problem(job: ExpandedJob, infos: dict[str, Any]) -> str | None:
+    """Why ``job``'s method cannot train its model's family (None when it can); ``infos`` caches per model."""
+    from pixelmill.models.family import UnsupportedFamily, describe_model, require_family
+    from pixelmill.models.loading import ModelNotFound
+
+    if job.model not in infos:
+        try:
+            infos[job.model] = describe_model(job.model)
+        except (UnsupportedFamily, ModelNotFound) as e:
+            infos[job.model] = e
+    info = infos[job.model]
+    if isinstance(info, Exception):
+        return f"job {job.name!r}: model: {info}"
+    try:
+        require_family(info, method_families(job.method), f"job {job.name!r}: training method {job.method!r}",
+                       job.model)
+    except UnsupportedFamily as e:
+        return str(e)
+    return None
 
 
 def _tokenizer(model: str):

@@ -96,8 +96,9 @@ def write_results(output: str, specs: list[dict[str, Any]]) -> tuple[str, str]:
     rows = [result_row(s, f) for s, f in zip(specs, files)]
     table_url = storage.join(output, "results.parquet")
     write_parquet_file(table_url, pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA))
-    jobs = [{"row": row, "log": log, "samples": rec.get("samples") or [], "rel_dir": f"jobs/{spec['id']}"}
-            for spec, row, (rec, log) in zip(specs, rows, files)]
+    # the base model's family (sd1, sd2, sdxl) is in the report, not the table (whose columns the golden pins)
+    jobs = [{"row": row, "log": log, "samples": rec.get("samples") or [], "rel_dir": f"jobs/{spec['id']}",
+             "family": spec.get("family")} for spec, row, (rec, log) in zip(specs, rows, files)]
     report_url = storage.join(output, "report.html")
     render_campaign_report(report_url, jobs, concepts=concept_images(specs))
     return table_url, report_url

@@ -491,7 +491,7 @@ def test_instruct_pix2pix_dropout_replaces_text_by_the_empty_prompt_and_zeroes_t
     text = trainer.encode_text([p.prompt for p in prepared]).detach()
     with torch.no_grad():
         out_text, src = trainer._pair_conditioning(samples, prepared, text, seed, step)
-    null = trainer.null_text()[0]
+    text, out_text, null = text.embeds, out_text.embeds, trainer.null_text().embeds[0]
     for i in range(len(samples)):
         assert torch.equal(out_text[i], null if drop_text[i] else text[i]), i
         assert bool((src[i] == 0).all()) == bool(drop_image[i]), i
