@@ -120,8 +120,10 @@ def infer_unet_config(shapes: Shapes, family: str, carried: dict[str, Any] | Non
     cfg.update({
         "in_channels": in_ch, "out_channels": s["out.2.weight"][0], "block_out_channels": out,
         "layers_per_block": lpb, "down_block_types": down_types, "up_block_types": up_types,
-        "cross_attention_dim": to_k[1], "use_linear_projection": len(proj_in) == 2,
+        "cross_attention_dim": to_k[1],
     })
+    if len(proj_in) == 2 or "use_linear_projection" in ref:
+        cfg["use_linear_projection"] = len(proj_in) == 2
     if out[0] != ch0:
         raise ValueError(f"UNet conv_in has {ch0} channels but its first level {out[0]}")
     if "transformer_layers_per_block" in ref or set(depths) != {1}:
