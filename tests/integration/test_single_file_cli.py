@@ -1,4 +1,4 @@
-"""``model: file.safetensors`` through the real CLI: a single-file checkpoint edits like its folder; a pickle exits 2."""
+"""``model: file.safetensors`` through the real CLI: edits like its folder; a pickled file exits 2."""
 
 from __future__ import annotations
 

@@ -254,3 +254,19 @@ def test_half_precision_file_loads_in_the_asked_dtype(tiny, tmp_path):
     half = write_single_file(tiny["sd1"][0], tmp_path / "half.safetensors", dtype=torch.float16)
     pipe = load_img2img_pipeline(half, device="cpu", dtype="float32")
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+
+
+def test_single_file_on_object_storage(tiny, s3_server):
+    """On S3 the driver reads the header only (a ranged read); the worker loads its local copy."""
+    from pixelmill.datasets import storage
+
+    folder, file = tiny["sd1"]
+    url = s3_server.url("unit", "models", "tiny-sd1.safetensors")
+    with open(file, "rb") as fh:
+        storage.write_bytes(url, fh.read())
+    check_model_reference(url)
+    assert describe_model(url).family == "sd1"
+    with pytest.raises(ModelNotFound):
+        check_model_reference(s3_server.url("unit", "models", "absent.safetensors"))
+    pipe = load_img2img_pipeline(url, device="cpu", dtype="float32")
+    _state_dicts_equal(load_img2img_pipeline(folder, device="cpu", dtype="float32"), pipe)
