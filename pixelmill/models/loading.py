@@ -3,7 +3,8 @@
 This module is the one place that knows where weights come from. Diffusion pipelines
 load through diffusers' Auto pipelines, so SDXL and newer families work without new
 code; CLIP loads through open_clip. Weights are read from safetensors only and remote
-code is never trusted. Names that look local but point nowhere fail early with
+code is never trusted. A single ``.safetensors`` file (original checkpoint layout) loads
+through ``single_file.py``. Names that look local but point nowhere fail early with
 ``ModelNotFound`` naming the path, before any hub lookup can muddy the error.
 """
 
@@ -16,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pixelmill.models.safe_weights import refuse_pickles
+from pixelmill.models.safe_weights import PICKLE_SUFFIXES, WHY, refuse_pickles
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded: preflight on the driver needs none of it
     import torch
@@ -89,7 +90,7 @@ def looks_local(model: str) -> bool:
         return True
     if model.startswith((HF_HUB_PREFIX, TOY_PREFIX)):
         return False
-    if model.startswith(("/", ".", "~")) or "\\" in model:
+    if model.startswith(("/", ".", "~")) or "\\" in model or (is_single_file(model) and "://" not in model):
         return True
     path = Path(model)
     if path.exists() or (len(path.parts) > 1 and Path(path.parts[0]).exists()):
@@ -143,6 +144,13 @@ def _read_model_index(model: str, revision: str | None) -> tuple[str, dict[str, 
             f"{'@' + revision if revision else ''}: {exc}{_offline_hint()}"
         ) from exc
     return model, dict(config)
+
+
+def _single_file(model: str, kind: str, dtype: torch.dtype) -> Any:
+    """A single-file checkpoint as a pipeline of ``kind`` (see ``single_file.load_single_file_pipeline``)."""
+    from pixelmill.models.single_file import load_single_file_pipeline
+
+    return load_single_file_pipeline(resolve_model_name(model), kind, dtype)
 
 
 def _finish(pipe: Any, device: torch.device) -> Any:
@@ -211,6 +219,8 @@ def load_img2img_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if is_single_file(model):
+        return _finish(_single_file(model, "img2img", torch_dtype), dev)
     name, index = _read_model_index(model, revision)
     class_name = str(index.get("_class_name", ""))
     if _is_instruct_pix2pix(class_name):
@@ -248,6 +258,8 @@ def load_text2img_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if is_single_file(model):
+        return _finish(_single_file(model, "text2img", torch_dtype), dev)
     name, index = _read_model_index(model, revision)
     if _is_instruct_pix2pix(str(index.get("_class_name", ""))):
         raise ValueError(f"{model!r} is an InstructPix2Pix model; it has no text-to-image pipeline")
@@ -297,6 +309,8 @@ def load_instruct_pix2pix_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if is_single_file(model):
+        return _finish(_single_file(model, "instruct_pix2pix", torch_dtype), dev)
     name, index = _read_model_index(model, revision)
     class_name = str(index.get("_class_name", ""))
     if _is_instruct_pix2pix(class_name) and hasattr(diffusers, class_name):
@@ -504,16 +518,23 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
     Raises:
         ModelNotFound: naming the path and what is missing.
     """
+    if kind == "pipeline" and Path(model).suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelNotFound(f"{model} is a pickled checkpoint ({Path(model).suffix}); {WHY}")
     if _is_remote(model):  # checked where it lies, without downloading it
         from pixelmill.datasets import storage
 
-        wanted = storage.join(model, MODEL_INDEX) if kind == "pipeline" else model
+        wanted = storage.join(model, MODEL_INDEX) if kind == "pipeline" and not is_single_file(model) else model
         if not storage.exists(wanted):
             raise ModelNotFound(f"model not found: {wanted}" if kind != "pipeline" else
                                 f"{model} is not a diffusers pipeline folder: it has no {MODEL_INDEX}")
         return
     model = resolve_model_name(model)
     if not looks_local(model):
+        return
+    if kind == "pipeline" and is_single_file(model):
+        from pixelmill.models.single_file import check_single_file
+
+        check_single_file(_local_path(model))
         return
     if kind == "pipeline":
         _pipeline_folder(model)
@@ -545,12 +566,15 @@ def load_training_components(model: str, revision: str | None = None) -> dict[st
     import diffusers
     import torch
 
-    name, index = _read_model_index(model, revision)
-    class_name = str(index.get("_class_name", ""))
-    cls = getattr(diffusers, class_name, None) if class_name else None
-    if cls is None or not issubclass(cls, diffusers.DiffusionPipeline):
-        cls = diffusers.DiffusionPipeline
-    pipe = _from_pretrained(cls.from_pretrained, name, model, torch.float32, revision)
+    if is_single_file(model):
+        pipe = _single_file(model, "training", torch.float32)
+    else:
+        name, index = _read_model_index(model, revision)
+        class_name = str(index.get("_class_name", ""))
+        cls = getattr(diffusers, class_name, None) if class_name else None
+        if cls is None or not issubclass(cls, diffusers.DiffusionPipeline):
+            cls = diffusers.DiffusionPipeline
+        pipe = _from_pretrained(cls.from_pretrained, name, model, torch.float32, revision)
     from pixelmill.models.family import family_of_pipeline
 
     info = family_of_pipeline(pipe)
