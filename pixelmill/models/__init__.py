@@ -9,13 +9,15 @@ functions, so importing ``pixelmill.models`` stays cheap on the driver.
 # from a config's preflight) must not import torch on the driver.
 _WHERE = {
     "resolve_device": "device", "resolve_dtype": "device",
-    **dict.fromkeys(("ModelNotFound", "is_sd_shaped", "load_clip", "load_img2img_pipeline",
+    **dict.fromkeys(("ModelNotFound", "load_clip", "load_img2img_pipeline",
                      "load_instruct_pix2pix_pipeline", "load_text2img_pipeline", "looks_local",
-                     "model_fingerprint", "require_sd_shaped", "safety_flags"), "loading"),
+                     "model_fingerprint", "safety_flags"), "loading"),
     **dict.fromkeys(("build_sd_unet_for_benchmark", "build_tiny_img2img_pipeline",
                      "build_tiny_instruct_pix2pix_pipeline", "build_tiny_sd_components", "save_tiny_clip",
                      "save_tiny_img2img", "save_tiny_instruct_pix2pix", "save_tiny_models"), "tiny"),
     "build_clip_tokenizer": "tokenizer",
+    **dict.fromkeys(("ModelInfo", "UnsupportedFamily", "describe_model", "family_of_pipeline", "require_family"),
+                    "family"),
 }
 
 
@@ -28,20 +30,23 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ModelInfo",
     "ModelNotFound",
+    "UnsupportedFamily",
     "build_clip_tokenizer",
     "build_sd_unet_for_benchmark",
     "build_tiny_img2img_pipeline",
     "build_tiny_instruct_pix2pix_pipeline",
     "build_tiny_sd_components",
-    "is_sd_shaped",
+    "describe_model",
+    "family_of_pipeline",
     "load_clip",
     "load_img2img_pipeline",
     "load_instruct_pix2pix_pipeline",
     "load_text2img_pipeline",
     "looks_local",
     "model_fingerprint",
-    "require_sd_shaped",
+    "require_family",
     "resolve_device",
     "resolve_dtype",
     "safety_flags",

@@ -223,12 +223,11 @@ def family_of_pipeline(pipe: Any) -> ModelInfo:
     for name in ("text_encoder", "text_encoder_2", "safety_checker"):
         component = getattr(pipe, name, None)
         index[name] = [None, None] if component is None else ["loaded", type(component).__name__]
-    unet = getattr(pipe, "unet", None)
-    vae = getattr(pipe, "vae", None)
-    scheduler = getattr(pipe, "scheduler", None)
-    return family_from_configs(index, dict(unet.config) if unet is not None else None,
-                               dict(scheduler.config) if scheduler is not None else None,
-                               dict(vae.config) if vae is not None else None, name=type(pipe).__name__)
+    def config(name: str) -> dict[str, Any] | None:
+        value = getattr(getattr(pipe, name, None), "config", None)
+        return dict(value) if value is not None else None
+
+    return family_from_configs(index, config("unet"), config("scheduler"), config("vae"), name=type(pipe).__name__)
 
 
 def require_family(info: ModelInfo, families: tuple[str, ...] | list[str], what: str, model: str = "") -> None:

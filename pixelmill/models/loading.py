@@ -333,55 +333,6 @@ def load_instruct_pix2pix_pipeline(
     return _finish(pipe, dev)
 
 
-def is_sd_shaped(pipe: Any) -> bool:
-    """Whether a pipeline is Stable Diffusion 1.x/2.x-shaped.
-
-    Stages with their own denoising loops (SDEdit t0 search, masked SDEdit,
-    Prompt-to-Prompt) drive the UNet, VAE and CLIP text encoder directly, so they need
-    exactly this layout: one ``UNet2DConditionModel`` with plain text cross-attention,
-    a VAE, one text encoder and tokenizer, and a scheduler. SDXL (second text encoder,
-    added time embeddings), transformer-based families and cascades are not.
-
-    Args:
-        pipe: A loaded diffusers pipeline.
-    """
-    from diffusers import UNet2DConditionModel
-
-    for attr in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if getattr(pipe, attr, None) is None:
-            return False
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return False
-    unet = pipe.unet
-    if not isinstance(unet, UNet2DConditionModel):
-        return False
-    config = unet.config
-    if not isinstance(getattr(config, "cross_attention_dim", None), int):
-        return False
-    if getattr(config, "sample_size", None) is None:
-        return False
-    return getattr(config, "addition_embed_type", None) is None and getattr(
-        config, "encoder_hid_dim_type", None
-    ) is None
-
-
-def require_sd_shaped(pipe: Any, what: str) -> None:
-    """Raise a clear error unless ``pipe`` is SD 1.x/2.x-shaped (see ``is_sd_shaped``).
-
-    Args:
-        pipe: A loaded diffusers pipeline.
-        what: The method or stage asking, named in the error (``"SDEdit t0 search"``).
-
-    Raises:
-        ValueError: Naming ``what`` and the pipeline class.
-    """
-    if not is_sd_shaped(pipe):
-        raise ValueError(
-            f"{what} supports Stable Diffusion 1.x/2.x-shaped pipelines only (one UNet2DConditionModel "
-            f"with text cross-attention, a VAE, one CLIP text encoder); got {type(pipe).__name__}"
-        )
-
-
 _OPEN_CLIP_PRECISION = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 

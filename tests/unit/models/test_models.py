@@ -19,13 +19,11 @@ from pixelmill.models import (
     build_clip_tokenizer,
     build_sd_unet_for_benchmark,
     build_tiny_sd_components,
-    is_sd_shaped,
     load_clip,
     load_img2img_pipeline,
     load_instruct_pix2pix_pipeline,
     looks_local,
     model_fingerprint,
-    require_sd_shaped,
     resolve_device,
     resolve_dtype,
     safety_flags,
@@ -321,29 +319,19 @@ def test_model_fingerprint(tiny_models: dict[str, str], tmp_path: Path) -> None:
     assert model_fingerprint("org/model", revision=commit) == f"org/model@{commit}"
 
 
-def test_is_sd_shaped(img2img_pipe, ip2p_pipe) -> None:
-    assert is_sd_shaped(img2img_pipe)
-    assert is_sd_shaped(ip2p_pipe)
-    require_sd_shaped(img2img_pipe, "SDEdit")
+def test_family_of_loaded_pipelines(img2img_pipe, ip2p_pipe) -> None:
+    from pixelmill.models.family import UnsupportedFamily, family_of_pipeline
+
+    assert family_of_pipeline(img2img_pipe).family == "sd1"
+    assert family_of_pipeline(ip2p_pipe).unet_in_channels == 8
 
     class FluxLikePipeline:
         transformer = object()
         vae = object()
         scheduler = object()
 
-    assert not is_sd_shaped(FluxLikePipeline())
-    with pytest.raises(ValueError, match="SDEdit t0 search.*FluxLikePipeline"):
-        require_sd_shaped(FluxLikePipeline(), "SDEdit t0 search")
-
-    class SDXLLikePipeline:
-        unet = img2img_pipe.unet
-        vae = img2img_pipe.vae
-        text_encoder = img2img_pipe.text_encoder
-        text_encoder_2 = img2img_pipe.text_encoder
-        tokenizer = img2img_pipe.tokenizer
-        scheduler = img2img_pipe.scheduler
-
-    assert not is_sd_shaped(SDXLLikePipeline())
+    with pytest.raises(UnsupportedFamily, match="FluxLikePipeline.*no UNet"):
+        family_of_pipeline(FluxLikePipeline())
 
 
 def test_safety_flags() -> None:
