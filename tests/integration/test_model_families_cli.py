@@ -10,19 +10,14 @@ import yaml
 
 from pixelmill.datasets import Dataset, account
 from tests.conftest import run_cli
+from tests.helpers.edit_inputs import sample_dataset
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> str:
-    from pixelmill.datasets.importer import import_folder
-    from pixelmill.samples import draw_sample_images
-
-    root = tmp_path_factory.mktemp("inputs")
-    draw_sample_images(str(root / "files"), n=5, corrupt=1, seed=2)
-    import_folder(str(root / "files"), str(root / "images"))
-    return str(root / "images")
+    return sample_dataset(tmp_path_factory.mktemp("inputs"), n=5, corrupt=1, seed=2, buckets=16)[0]
 
 
 def _config(path: Path, **values) -> Path:

@@ -11,19 +11,14 @@ import yaml
 from pixelmill.datasets import Dataset
 from pixelmill.datasets.images import decode_image
 from tests.conftest import run_cli
+from tests.helpers.edit_inputs import sample_dataset
 
 NOWHERE = {"RAY_ADDRESS": "127.0.0.1:1", "PREFECT_API_URL": "http://127.0.0.1:1/api"}  # nothing listens
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> str:
-    from pixelmill.datasets.importer import import_folder
-    from pixelmill.samples import draw_sample_images
-
-    root = tmp_path_factory.mktemp("inputs")
-    draw_sample_images(str(root / "files"), n=4, corrupt=0, seed=2)
-    import_folder(str(root / "files"), str(root / "images"))
-    return str(root / "images")
+    return sample_dataset(tmp_path_factory.mktemp("inputs"), n=4, corrupt=0, seed=2, buckets=16)[0]
 
 
 def _config(path, **values):

@@ -23,6 +23,7 @@ from pixelmill.samples import draw_concept_images, write_image_dataset, write_ta
 from pixelmill.tasks.train.data import TrainingDataError
 from pixelmill.tasks.train.job import run_job, train_worker
 from pixelmill.tasks.train.plan import check_campaign_inputs, plan_campaign
+from tests.helpers.train_data import ip2p_pairs_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,16 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("train-data")
-    from pixelmill.datasets.images import IMAGE_TYPE, encode_image
-
-    src = draw_concept_images(4, seed=3, color=(30, 30, 220))
-    dst = draw_concept_images(4, seed=3, color=(230, 200, 20))
-    pairs = pa.table({
-        "id": [f"p{i}" for i in range(4)],
-        "input_image": pa.array([encode_image(im) for im in src], IMAGE_TYPE),
-        "edited_image": pa.array([encode_image(im) for im in dst], IMAGE_TYPE),
-        "edit_prompt": ["make the disk yellow"] * 4,
-    })
+    pairs = ip2p_pairs_table()
     return {
         "dog": write_image_dataset(str(root / "dog"), draw_concept_images(4, seed=0)),
         "cat": write_image_dataset(str(root / "cat"), draw_concept_images(4, seed=1, color=(40, 200, 40),

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -23,6 +22,7 @@ from pixelmill.samples import draw_concept_images, write_image_dataset, write_ta
 from pixelmill.tasks.train.job import run_job, train_worker
 from pixelmill.tasks.train.plan import plan_campaign
 from tests.conftest import run_cli
+from tests.helpers.train_data import ip2p_pairs_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,22 +40,12 @@ def family_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from pixelmill.datasets.images import IMAGE_TYPE, encode_image
-
     root = tmp_path_factory.mktemp("family-data")
-    src = draw_concept_images(4, seed=3, color=(30, 30, 220))
-    dst = draw_concept_images(4, seed=3, color=(230, 200, 20))
-    pairs = pa.table({
-        "id": [f"p{i}" for i in range(4)],
-        "input_image": pa.array([encode_image(im) for im in src], IMAGE_TYPE),
-        "edited_image": pa.array([encode_image(im) for im in dst], IMAGE_TYPE),
-        "edit_prompt": ["make the disk yellow"] * 4,
-    })
+    pairs = ip2p_pairs_table()
     return {
         "dog": write_image_dataset(str(root / "dog"), draw_concept_images(4, seed=0)),
         "class": write_image_dataset(str(root / "class"), draw_concept_images(4, seed=2, color=(120, 120, 120))),
         "pairs": write_table_dataset(str(root / "pairs"), pairs, "pairs", {"t": 1}),
-        "sources": src,
     }
 
 
