@@ -53,7 +53,7 @@ class MaskedSDEditEditor(SDEditEditor):
     def load_pipeline(self):
         from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped
 
-        pipe = load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+        pipe = load_img2img_pipeline(self.config["model"], **self.load_options())
         require_sd_shaped(pipe, "masked SDEdit")
         return pipe
 

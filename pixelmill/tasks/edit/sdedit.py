@@ -60,7 +60,7 @@ class SDEditEditor(BulkEditor):
     def load_pipeline(self):
         from pixelmill.models.loading import load_img2img_pipeline, require_sd_shaped
 
-        pipe = load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+        pipe = load_img2img_pipeline(self.config["model"], **self.load_options())
         if self.config["strength"] == "auto":
             require_sd_shaped(pipe, "SDEdit t0 search")
         return pipe
