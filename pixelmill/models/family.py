@@ -137,8 +137,12 @@ def family_from_configs(
 
 
 def _read_json(read: Any, relpath: str) -> dict[str, Any] | None:
+    from pixelmill.models.loading import ModelNotFound
+
     try:
         text = read(relpath)
+    except ModelNotFound:  # a FileNotFoundError too, but the model's, not an optional file's
+        raise
     except FileNotFoundError:
         return None
     return json.loads(text) if text is not None else None
@@ -195,11 +199,13 @@ def _hub_reader(repo_id: str, revision: str | None):
     def read(rel: str) -> str:
         try:
             path = hf_hub_download(repo_id, rel, revision=revision)
-        except EntryNotFoundError:
-            raise FileNotFoundError(rel) from None
-        except LocalEntryNotFoundError as exc:
+        except LocalEntryNotFoundError as exc:  # (an EntryNotFoundError too: caught first)
+            if rel != "model_index.json":  # the model resolved (its index did): an optional file it lacks
+                raise FileNotFoundError(rel) from None
             raise ModelNotFound(f"hub model {repo_id!r}{'@' + revision if revision else ''} is not in the "
                                 f"local hub cache and could not be downloaded{_offline_hint()}: {exc}") from None
+        except EntryNotFoundError:
+            raise FileNotFoundError(rel) from None
         except Exception as exc:  # noqa: BLE001 - unknown repo, no access, no network: all name the id
             if rel != "model_index.json" and "404" in str(exc):
                 raise FileNotFoundError(rel) from None
