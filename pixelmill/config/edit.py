@@ -82,10 +82,11 @@ class EditSettings(StrictModel):
         adapters: campaign adapters loaded into the pipeline (methods that declare support).
         revision: hub branch, tag or commit of a hub ``model`` (default: ``main``); every
             node fetches it once before the stage starts, and all workers load that commit.
-        safety_checker: ``on`` (default): a checkpoint's own safety checker, where it ships
-            one, turns flagged outputs into ``nsfw`` rejects (a checkpoint without one is
-            edited unchecked, and the run's summary says so); ``off``: the pipeline is loaded
-            without it.
+        safety_checker: ``on`` (the default, when left out): a checkpoint's own safety
+            checker, where it ships one, turns flagged outputs into ``nsfw`` rejects; set to
+            ``on`` for a checkpoint that ships none, the run goes unchecked and its summary
+            says so. ``off``: the pipeline is loaded without it (nothing to do for a
+            checkpoint without one).
         <method>: the method's own settings block, for methods that declare one.
     """
 
@@ -106,7 +107,7 @@ class EditSettings(StrictModel):
     clip_model: str | None = None
     adapters: list[AdapterSpec] = Field(default_factory=list)
     revision: str | None = None
-    safety_checker: Literal["on", "off"] = "on"
+    safety_checker: Literal["on", "off"] | None = None  # None: on (left out of the config)
 
     @field_validator("safety_checker", mode="before")
     @classmethod
@@ -177,7 +178,8 @@ class EditSettings(StrictModel):
 
     def _affecting(self, exclude: set[str]) -> dict[str, Any]:
         # a default that changes nothing leaves the hash of outputs written before the key existed
-        unset = {k for k, default in (("revision", None), ("safety_checker", "on")) if getattr(self, k) == default}
+        unset = {k for k, default in (("revision", None), ("safety_checker", None), ("safety_checker", "on"))
+                 if getattr(self, k) == default}
         out = self.model_dump(exclude=exclude | {"adapters"} | unset)
         if self.adapters:  # outputs written before adapters existed keep their hashes
             out["adapters"] = adapters_affecting(self.adapters)

@@ -79,8 +79,8 @@ def load_kwargs(name: str, index: dict[str, Any], dtype: torch.dtype, revision: 
     return kwargs
 
 
-def safety_note(model: str, setting: str, revision: str | None = None) -> str | None:
-    """A summary note when ``safety_checker: on`` meets a checkpoint that ships none (nothing is checked)."""
+def safety_note(model: str, setting: str | None, revision: str | None = None) -> str | None:
+    """A summary note when ``safety_checker: on``, set in the config, meets a checkpoint that ships none."""
     if setting != "on":
         return None
     from pixelmill.models.family import UnsupportedFamily, describe_model

@@ -216,7 +216,7 @@ class BulkEditor(Stage):
     def load_options(self) -> dict[str, Any]:
         """The loader keywords every method passes: device, dtype, hub revision, safety checker."""
         return {"device": str(self.device), "dtype": self.dtype, "revision": self.config.get("revision"),
-                "safety_checker": self.config.get("safety_checker", "on") != "off"}
+                "safety_checker": self.config.get("safety_checker") != "off"}
 
     def load_pipeline(self):  # pragma: no cover - interface
         raise NotImplementedError

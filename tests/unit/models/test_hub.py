@@ -131,7 +131,9 @@ def test_safety_checker_setting_parses_yaml_booleans_and_keeps_old_hashes(tiny_m
     for text, want in (("on", "on"), ("off", "off"), ("'off'", "off")):
         assert EditConfig(**base, **yaml.safe_load(f"safety_checker: {text}")).safety_checker == want
     default = EditConfig(**base).output_affecting()
+    assert EditConfig(**base).safety_checker is None  # left out: on
     assert "safety_checker" not in default and "revision" not in default  # hashes of existing outputs unchanged
+    assert EditConfig(**base, safety_checker="on").output_affecting() == default  # the same outputs
     assert EditConfig(**base, safety_checker="off").output_affecting()["safety_checker"] == "off"
     with pytest.raises(ValueError):
         EditConfig(**base, safety_checker="maybe")
