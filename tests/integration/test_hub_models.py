@@ -58,14 +58,14 @@ def hf_home(tmp_path_factory, tiny_models) -> dict:
 def images(tmp_path_factory) -> str:
     from tests.helpers.edit_inputs import sample_dataset
 
-    images, _ = sample_dataset(tmp_path_factory.mktemp("inputs"), n=6, corrupt=0, seed=5, buckets=2)
+    images, _ = sample_dataset(tmp_path_factory.mktemp("inputs"), n=12, corrupt=0, seed=5, buckets=3)
     return images
 
 
 def _config(path: Path, images: str, model: str, **kw) -> Path:
-    path.write_text(yaml.safe_dump(dict(input=images, output=str(path.parent / "out"), model=model,
-                                        prompt="a sketch", strength=0.5, steps=2, resolution=64, batch_size=2,
-                                        **kw)))
+    path.write_text(yaml.safe_dump({**dict(input=images, output=str(path.parent / "out"), model=model,
+                                           prompt="a sketch", strength=0.5, steps=2, resolution=64, batch_size=2),
+                                    **kw}))
     return path
 
 
@@ -75,15 +75,17 @@ def _summary(proc) -> dict:
 
 
 def test_a_hub_id_runs_on_two_nodes_from_the_cache(two_nodes, hf_home, images, tmp_path):
-    cfg = _config(tmp_path / "edit.yaml", images, "tiny-org/tiny-sd", safety_checker="on",
-                  placement={"workers": 2, "cpus": 2, "gpus": 0})  # 2 CPUs per actor: one actor per node
+    # 2 CPUs per actor: one actor per node; calls of 2 rows keep both busy
+    cfg = _config(tmp_path / "edit.yaml", images, "tiny-org/tiny-sd", safety_checker="on", steps=4,
+                  placement={"workers": 2, "cpus": 2, "gpus": 0, "rows_per_call": 2})
     proc = run_cli(["edit", str(cfg), "--json", "--ray-address", two_nodes["address"]],
                    {**two_nodes["env"], **hf_home["env"]})
     summary = _summary(proc)
-    assert summary["rows_out"] == 6 and summary["rejects"] == 0
-    assert set(summary["nodes"]) == two_nodes["nodes"]  # an actor on each node loaded the id
+    assert summary["rows_out"] == 12 and summary["rejects"] == 0
+    # fetched on both nodes before the actors started; the actors (Ray Data starts one or two) loaded it
     commit = hf_home["commit"]
     assert f"hub model tiny-org/tiny-sd@{commit}: in the hub cache of 2 node(s)" in " ".join(summary["notes"])
+    assert set(summary["nodes"]) <= two_nodes["nodes"] and sum(summary["nodes"].values()) == 12
     # `on` set for a checkpoint that ships no safety checker: not an error, and the summary says so
     assert any("ships no safety checker" in n for n in summary["notes"])
     table = Dataset.open(str(tmp_path / "out")).to_table(["model", "model_hash"]).to_pylist()
@@ -95,6 +97,45 @@ def test_a_hub_id_runs_on_two_nodes_from_the_cache(two_nodes, hf_home, images, t
               and p.stat().st_size < 64 << 20 and TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked
     assert not any(TOKEN in p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.json"))
+
+
+_LOAD_PROBE = """
+import json, os, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from pixelmill.runtime import Runtime
+
+def load(commit):
+    from pixelmill.models.loading import load_img2img_pipeline
+    pipe = load_img2img_pipeline("tiny-org/tiny-sd", device="cpu", dtype="float32", revision=commit)
+    return {"node": ray.get_runtime_context().get_node_id(), "path": str(pipe.name_or_path),
+            "hf_home": os.environ.get("HF_HOME"), "token": "HF_TOKEN" in os.environ}
+
+with Runtime(ray_address=sys.argv[1], lazy_ray=False):
+    f = ray.remote(num_cpus=0)(load)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    got = ray.get([f.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(sys.argv[2])
+                   for n in nodes])
+print(json.dumps(got))
+"""
+
+
+def test_a_worker_on_every_node_loads_the_id_from_the_forwarded_cache(two_nodes, hf_home):
+    """What a stage's actors do, on each node in turn: the HF settings of the driver's environment
+    reach them through pixelmill's runtime (the nodes were started without them), the token does not,
+    and the commit loads from the node's cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **two_nodes["env"], **hf_home["env"]}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_PROBE, two_nodes["address"], hf_home["commit"]], env=env,
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {g["node"] for g in got} == two_nodes["nodes"]
+    assert all(g["hf_home"] == hf_home["env"]["HF_HOME"] and not g["token"] for g in got)
+    assert all(g["path"].endswith(f"snapshots/{hf_home['commit']}") for g in got), got
 
 
 def test_a_missing_hub_id_fails_before_any_work(hf_home, images, tmp_path):
@@ -112,13 +153,13 @@ def test_safety_checker_on_rejects_flagged_rows_counted_by_reason_and_off_loads_
     (tmp_path / "on").mkdir()
     on = _config(tmp_path / "on" / "edit.yaml", images, model)
     summary = _summary(run_cli(["edit", str(on), "--json"], cluster))
-    assert (summary["rows_out"], summary["rejects"]) == (0, 6)
-    assert summary["rejected_by_reason"] == {"nsfw": 6}
+    assert (summary["rows_out"], summary["rejects"]) == (0, 12)
+    assert summary["rejected_by_reason"] == {"nsfw": 12}
     report = tmp_path / "report.html"
     assert run_cli(["report", str(tmp_path / "on" / "out"), "--out", str(report)]).returncode == 0
-    assert "By reason: nsfw: 6" in report.read_text()
+    assert "By reason: nsfw: 12" in report.read_text()
 
     (tmp_path / "off").mkdir()
     off = _config(tmp_path / "off" / "edit.yaml", images, model, safety_checker="off")
     summary = _summary(run_cli(["edit", str(off), "--json"], cluster))
-    assert (summary["rows_out"], summary["rejects"], summary["rejected_by_reason"]) == (6, 0, {})
+    assert (summary["rows_out"], summary["rejects"], summary["rejected_by_reason"]) == (12, 0, {})
