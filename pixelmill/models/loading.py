@@ -513,7 +513,7 @@ def _as_list(flags: Any) -> Sequence[Any]:
     return list(flags)
 
 
-def check_model_reference(model: str, kind: str = "pipeline") -> None:
+def check_model_reference(model: str, kind: str = "pipeline", revision: str | None = None) -> None:
     """Fail early, on the driver, when a local model name points at nothing loadable.
 
     A hub id (a ``pipeline``) must resolve: in the local hub cache, or on the hub when
@@ -524,6 +524,7 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
         model: the model name as the user wrote it.
         kind: ``pipeline`` (a diffusers folder with ``model_index.json``), or anything
             else for a model that only has to exist (``clip``, ``folder``).
+        revision: a hub id's branch, tag or commit (default: main).
 
     Raises:
         ModelNotFound: naming the path and what is missing.
@@ -541,7 +542,7 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
         if kind == "pipeline" and not is_single_file(model):
             from pixelmill.models.hub import check_hub_model
 
-            check_hub_model(model)
+            check_hub_model(model, revision)
         return
     if kind == "pipeline":
         _pipeline_folder(model)

@@ -42,6 +42,9 @@ def test_preflight_resolves_a_cached_hub_id_and_names_a_missing_one(hub_cache):
         check_model_reference("tiny-org/not-there")
     with pytest.raises(PreflightError, match="^model: .*'tiny-org/not-there'"):
         check_model_path("model", "tiny-org/not-there", "pipeline")
+    check_model_reference("tiny-org/tiny-sd", revision=hub_cache["commit"])
+    with pytest.raises(ModelNotFound, match="tiny-org/tiny-sd'@v9"):  # a revision the cache does not have
+        check_model_reference("tiny-org/tiny-sd", revision="v9")
 
 
 def test_snapshot_download_finds_the_cache_offline(hub_cache):
