@@ -53,10 +53,14 @@ QUIET_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
-# Passed on to Ray workers when set in the driver's environment.
+# Passed on to Ray workers when set in the driver's environment. Never a credential (Ray logs
+# and shows runtime environments): HF_TOKEN reaches the tasks that download hub models as an
+# argument (models/hub.py), and the actors load from the cache those tasks filled.
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
     "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_ENDPOINT",
     "HF_DATASETS_CACHE",
     "PIXELMILL_ALLOW_NETWORK",
     "PREFECT_LOGGING_LEVEL",

@@ -80,6 +80,13 @@ class EditSettings(StrictModel):
         clip_model: open_clip model for CLIP metrics (optional), and for methods whose
             losses use CLIP (Text2Live, required there).
         adapters: campaign adapters loaded into the pipeline (methods that declare support).
+        revision: hub branch, tag or commit of a hub ``model`` (default: ``main``); every
+            node fetches it once before the stage starts, and all workers load that commit.
+        safety_checker: ``on`` (the default, when left out): a checkpoint's own safety
+            checker, where it ships one, turns flagged outputs into ``nsfw`` rejects; set to
+            ``on`` for a checkpoint that ships none, the run goes unchecked and its summary
+            says so. ``off``: the pipeline is loaded without it (nothing to do for a
+            checkpoint without one).
         <method>: the method's own settings block, for methods that declare one.
     """
 
@@ -99,6 +106,13 @@ class EditSettings(StrictModel):
     seed: int = 0
     clip_model: str | None = None
     adapters: list[AdapterSpec] = Field(default_factory=list)
+    revision: str | None = None
+    safety_checker: Literal["on", "off"] | None = None  # None: on (left out of the config)
+
+    @field_validator("safety_checker", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML: on → True
 
     @field_validator("strength")
     @classmethod
@@ -163,7 +177,10 @@ class EditSettings(StrictModel):
         return (self.__pydantic_extra__ or {}).get(self.method) or model()
 
     def _affecting(self, exclude: set[str]) -> dict[str, Any]:
-        out = self.model_dump(exclude=exclude | {"adapters"})
+        # a default that changes nothing leaves the hash of outputs written before the key existed
+        unset = {k for k, default in (("revision", None), ("safety_checker", None), ("safety_checker", "on"))
+                 if getattr(self, k) == default}
+        out = self.model_dump(exclude=exclude | {"adapters"} | unset)
         if self.adapters:  # outputs written before adapters existed keep their hashes
             out["adapters"] = adapters_affecting(self.adapters)
         return out

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pixelmill.config.base import FlowConfig, StageTimeouts, StrictModel
 from pixelmill.config.edit import AdapterSpec, adapters_affecting
@@ -36,7 +36,11 @@ class InstructionSettings(StrictModel):
 
 
 class PairRenderSettings(StrictModel):
-    """The image stage: Prompt-to-Prompt rendering and the CLIP filter (InstructPix2Pix defaults)."""
+    """The image stage: Prompt-to-Prompt rendering and the CLIP filter (InstructPix2Pix defaults).
+
+    ``safety_checker``: as the edit config's (left out: on where the checkpoint ships one, a
+    flagged pair is an ``nsfw`` reject; ``off``: loaded without it).
+    """
 
     model: str
     clip_model: str
@@ -55,6 +59,12 @@ class PairRenderSettings(StrictModel):
     adapters: list[AdapterSpec] = Field(default_factory=list)
     device: str = "auto"
     dtype: str = "auto"
+    safety_checker: Literal["on", "off"] | None = None
+
+    @field_validator("safety_checker", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML: on → True
 
 
 class PairsConfig(FlowConfig):
@@ -108,6 +118,8 @@ class PairsConfig(FlowConfig):
         cfg = self.image_stage_config()
         for k in ("batch_size", "device"):
             cfg.pop(k)
+        if cfg.get("safety_checker") in (None, "on"):  # the default: hashes of earlier outputs unchanged
+            cfg.pop("safety_checker")
         adapters = cfg.pop("adapters")
         if adapters:
             cfg["adapters"] = adapters_affecting(self.images.adapters)

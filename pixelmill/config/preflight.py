@@ -24,18 +24,18 @@ class PreflightError(ConfigError):
     """A config that validates but cannot run as it stands (missing input, model, column...)."""
 
 
-def check_model_path(field: str, value: str | None, kind: str) -> None:
+def check_model_path(field: str, value: str | None, kind: str, revision: str | None = None) -> None:
     from pixelmill.models.loading import ModelNotFound, check_model_reference
 
     if value is None:
         return
     try:
-        check_model_reference(value, kind)
+        check_model_reference(value, kind, revision)
     except ModelNotFound as e:
         raise PreflightError(f"{field}: {e}") from None
 
 
-def check_model_family(field: str, value: str | None, families, what: str) -> None:
+def check_model_family(field: str, value: str | None, families, what: str, revision: str | None = None) -> None:
     """Exit 2 (``PreflightError``) unless ``value``'s family is one of ``families`` (``models/family.py``).
 
     Reads the checkpoint's configs (a hub id through the hub cache, downloading configs
@@ -47,7 +47,7 @@ def check_model_family(field: str, value: str | None, families, what: str) -> No
     if value is None or not families:
         return
     try:
-        require_family(describe_model(value), families, what, value)
+        require_family(describe_model(value, revision), families, what, value)
     except (ModelNotFound, UnsupportedFamily) as e:
         raise PreflightError(f"{field}: {e}") from None
 
@@ -227,8 +227,9 @@ def check_edit(cfg: EditConfig, overwrite: bool = False, dry_run: bool = False) 
             raise PreflightError(f"input: {e}") from None
         cfg = check_input_columns(cfg, schema.names)
         check_input(cfg.input, edit_input_columns(cfg))
-    check_model_path("model", cfg.model, "pipeline")
-    check_model_family("model", cfg.model, _edit_families(cfg.method), f"edit method {cfg.method!r}")
+    check_model_path("model", cfg.model, "pipeline", cfg.revision)
+    check_model_family("model", cfg.model, _edit_families(cfg.method), f"edit method {cfg.method!r}",
+                       cfg.revision)
     check_model_path("clip_model", cfg.clip_model, "clip")
     t2l = getattr(cfg, "text2live", None)
     if t2l is not None:
@@ -372,8 +373,9 @@ def check_video(cfg, overwrite: bool = False, dry_run: bool = False):
         **({"text2live": t2l} if t2l is not None else {})})
     output = local_url(cfg.output.removeprefix("file://"))
     cfg = cfg.model_copy(update={"input": local_url(cfg.input), "output": output, "edit": edit})
-    check_model_path("edit.model", edit.model, "pipeline")
-    check_model_family("edit.model", edit.model, _edit_families(edit.method), f"edit method {edit.method!r}")
+    check_model_path("edit.model", edit.model, "pipeline", edit.revision)
+    check_model_family("edit.model", edit.model, _edit_families(edit.method), f"edit method {edit.method!r}",
+                       edit.revision)
     check_model_path("edit.clip_model", edit.clip_model, "clip")
     if t2l is not None:
         check_model_path("edit.text2live.structure_model", t2l.structure_model, "folder")

@@ -80,13 +80,17 @@ def bulk_edit_flow(config: dict[str, Any], show_progress: bool = True) -> EditSu
                           rows_per_call=cfg.placement.rows_per_call)
     finally:
         release(plan, stage_cls.dataset)
+    notes = ([gpus.note] if gpus.note and r.shards_run else []) + (
+        [f"{plan.rows_claimed} row(s) left to live run(s) {', '.join(plan.others)}"] if plan.rows_claimed else [])
+    if r.shards_run and cfg.model:
+        from pixelmill.models.components import safety_note
+
+        notes += r.notes + [n for n in [safety_note(cfg.model, cfg.safety_checker, cfg.revision)] if n]
     return publish(EditSummary(
         run=run, rows_skipped=plan.rows_done, rows_claimed_elsewhere=plan.rows_claimed, retried=len(plan.retried),
         output=cfg.output, rows_in=r.stats.rows_in, rows_out=r.stats.rows_out, rejects=r.stats.rejects,
         shards_run=r.shards_run, shards_skipped=r.shards_skipped, seconds=r.stats.seconds, worker=r.stats.worker,
-        notes=([gpus.note] if gpus.note and r.shards_run else []) + (
-            [f"{plan.rows_claimed} row(s) left to live run(s) {', '.join(plan.others)}"] if plan.rows_claimed else []),
-        gpus=gpus.gpus, timing=r.stats.timing(),
+        notes=notes, gpus=gpus.gpus, timing=r.stats.timing(),
         gpu_hours=gpu_hours(gpus.gpus, r.stats.actors, r.stats.seconds),
         rejected_by_reason=r.stats.reject_reasons, nodes=r.stats.nodes, model_family=_model_family(cfg.model)))
 

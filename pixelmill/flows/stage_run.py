@@ -43,6 +43,7 @@ class StageResult:
     plan: ShardPlan
     stats: StageStats = field(default_factory=StageStats)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def shards_run(self) -> list[str]:
@@ -111,6 +112,11 @@ def run_stage(stage_cls: type, config: dict[str, Any], resources: Any, *, input:
     result = StageResult(output=output, plan=plan)
     if plan.todo:
         ensure_ray()  # the progress counter and the driver's placement ask the cluster
+        if stage_cls.hub_model:  # a hub model: fetched once per node now, every actor pinned to its commit
+            from pixelmill.models.hub import prefetch_stage_model
+
+            config, note = prefetch_stage_model(config)
+            result.notes += [note] if note else []
         here = driver_on_head()
         progress = Progress.create(total=plan.rows_todo, local=here) if show_progress else None
         task = run_shards.with_options(name=task_name) if task_name else run_shards

@@ -21,6 +21,36 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def auto_dtype_name(device_kind: str, bf16_supported: bool) -> str:
+    """What ``dtype: auto`` means on a device: a pure function of the device's kind and capability.
+
+    ============================  ==========
+    device                        dtype
+    ============================  ==========
+    CUDA GPU with bf16 support    bfloat16
+    any other GPU (older CUDA,    float16
+    MPS, XPU, ...)
+    CPU                           float32
+    ============================  ==========
+
+    Args:
+        device_kind: ``torch.device.type`` (``"cuda"``, ``"cpu"``, ``"mps"``, ...).
+        bf16_supported: whether the device runs bfloat16 natively (``torch.cuda.is_bf16_supported()``
+            on CUDA; ignored elsewhere).
+    """
+    if device_kind == "cpu":
+        return "float32"
+    if device_kind == "cuda" and bf16_supported:
+        return "bfloat16"
+    return "float16"
+
+
+def vae_dtype_name(dtype_name: str, vae_force_upcast: bool) -> str:
+    """The VAE's dtype when the rest of a pipeline runs in ``dtype_name``: float32 when the family's
+    VAE overflows in half precision (SDXL's: ``ModelInfo.vae_force_upcast``), else the same."""
+    return "float32" if vae_force_upcast else dtype_name
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn a device name into a ``torch.device``.
 
@@ -50,8 +80,8 @@ def resolve_dtype(
 ) -> torch.dtype:
     """Pick the weight/compute dtype for a device.
 
-    ``"auto"`` gives bfloat16 on a CUDA device that supports it, float16 on older CUDA
-    devices and float32 on CPU. Explicit names are honoured, except float16 on CPU,
+    ``"auto"`` gives bfloat16 on a CUDA device that supports it, float16 on other GPUs
+    and float32 on CPU (``auto_dtype_name``). Explicit names are honoured, except float16 on CPU,
     which many CPU kernels lack or run very slowly, so it is refused.
 
     Args:
@@ -66,9 +96,8 @@ def resolve_dtype(
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype in ("auto", "", None):
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return _DTYPES[auto_dtype_name(dev.type, bf16)]
     else:
         key = str(dtype).lower().removeprefix("torch.")
         if key not in _DTYPES:

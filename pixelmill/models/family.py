@@ -141,7 +141,7 @@ def _read_json(read: Any, relpath: str) -> dict[str, Any] | None:
 
     try:
         text = read(relpath)
-    except ModelNotFound:
+    except ModelNotFound:  # a FileNotFoundError too, but the model's, not an optional file's
         raise
     except FileNotFoundError:
         return None

@@ -128,12 +128,22 @@ def _pipeline_folder(model: str) -> Path:
     return path
 
 
-def _read_model_index(model: str, revision: str | None) -> tuple[str, dict[str, Any]]:
-    """Return (name to pass to diffusers, model_index.json content)."""
+def _read_model_index(model: str, revision: str | None) -> tuple[str, dict[str, Any], str | None]:
+    """Return (name to pass to diffusers, model_index.json content, revision to pass with it).
+
+    A hub id pinned to a commit (as ``models.hub`` pins a stage's actors) that is in this
+    machine's hub cache loads from its snapshot folder: no hub request, no token.
+    """
     model = resolve_model_name(model)
     if looks_local(model):
         path = _pipeline_folder(model)
-        return str(path), json.loads((path / MODEL_INDEX).read_text())
+        return str(path), json.loads((path / MODEL_INDEX).read_text()), None
+    from pixelmill.models.hub import cached_snapshot, hub_repo, is_commit
+
+    repo = hub_repo(model)
+    if repo and is_commit(revision) and (snapshot := cached_snapshot(repo, revision)) is not None:
+        if (snapshot / MODEL_INDEX).is_file():
+            return str(snapshot), json.loads((snapshot / MODEL_INDEX).read_text()), None
     from diffusers import DiffusionPipeline
 
     try:
@@ -143,14 +153,21 @@ def _read_model_index(model: str, revision: str | None) -> tuple[str, dict[str, 
             f"could not read {MODEL_INDEX} of hub model {model!r}"
             f"{'@' + revision if revision else ''}: {exc}{_offline_hint()}"
         ) from exc
-    return model, dict(config)
+    return model, dict(config), revision
 
 
 def _single_file(model: str, kind: str, dtype: torch.dtype) -> Any:
     """A single-file checkpoint as a pipeline of ``kind`` (see ``single_file.load_single_file_pipeline``)."""
-    from pixelmill.models.single_file import load_single_file_pipeline
+    import torch
 
-    return load_single_file_pipeline(resolve_model_name(model), kind, dtype)
+    from pixelmill.models.single_file import describe_single_file, load_single_file_pipeline
+
+    pipe = load_single_file_pipeline(resolve_model_name(model), kind, dtype)
+    if dtype != torch.float32 and describe_single_file(model).vae_force_upcast:
+        from pixelmill.models.components import keep_vae_fp32
+
+        keep_vae_fp32(pipe.vae.to(torch.float32))  # as for folders (models/components.py)
+    return pipe
 
 
 def _finish(pipe: Any, device: torch.device) -> Any:
@@ -170,14 +187,18 @@ def _dtype_kwarg() -> str:
 
 
 def _from_pretrained(
-    loader: Callable[..., Any], name: str, model: str, dtype: torch.dtype, revision: str | None
+    loader: Callable[..., Any], name: str, model: str, dtype: torch.dtype, revision: str | None,
+    index: dict[str, Any] | None = None, safety_checker: bool = True,
 ) -> Any:
     from diffusers.utils import logging as diffusers_logging
 
+    from pixelmill.models.components import load_kwargs
+
     diffusers_logging.disable_progress_bar()
     try:
+        extra = load_kwargs(name, index, dtype, revision, safety_checker) if index is not None else {}
         return loader(
-            name, **{_dtype_kwarg(): dtype}, use_safetensors=True, revision=revision
+            name, **{_dtype_kwarg(): dtype}, use_safetensors=True, revision=revision, **extra
         )
     except OSError as exc:
         raise ModelNotFound(
@@ -195,18 +216,22 @@ def load_img2img_pipeline(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
+    safety_checker: bool = True,
 ) -> Any:
     """Load an image-to-image diffusion pipeline (SD 1.x/2.x, SDXL, …) from a folder or hub id.
 
     Loads through ``diffusers.AutoPipelineForImage2Image`` so any family diffusers maps
     to an img2img pipeline works; a text-to-image checkpoint yields its img2img variant.
-    The pipeline's own safety checker, if it has one, is kept.
+    The pipeline's own safety checker, if it has one, is kept unless ``safety_checker`` is
+    False (then it is not loaded at all). In half precision a family whose VAE needs fp32
+    (SDXL) gets its VAE in fp32 (``models.components``).
 
     Args:
         model: A local diffusers folder (with ``model_index.json``) or a hub id.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, … (see ``resolve_device``).
         dtype: ``"auto"``, ``"float32"``, ``"float16"``, ``"bfloat16"`` (see ``resolve_dtype``).
         revision: Hub branch, tag or commit; ignored for local folders.
+        safety_checker: False: load without the checkpoint's safety checker.
 
     Raises:
         ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
@@ -221,7 +246,7 @@ def load_img2img_pipeline(
     torch_dtype = resolve_dtype(dtype, dev)
     if is_single_file(model):
         return _finish(_single_file(model, "img2img", torch_dtype), dev)
-    name, index = _read_model_index(model, revision)
+    name, index, revision = _read_model_index(model, revision)
     class_name = str(index.get("_class_name", ""))
     if _is_instruct_pix2pix(class_name):
         raise ValueError(
@@ -229,7 +254,7 @@ def load_img2img_pipeline(
             "load it with load_instruct_pix2pix_pipeline"
         )
     pipe = _from_pretrained(
-        AutoPipelineForImage2Image.from_pretrained, name, model, torch_dtype, revision
+        AutoPipelineForImage2Image.from_pretrained, name, model, torch_dtype, revision, index, safety_checker
     )
     return _finish(pipe, dev)
 
@@ -239,6 +264,7 @@ def load_text2img_pipeline(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
+    safety_checker: bool = True,
 ) -> Any:
     """Load a text-to-image pipeline through ``diffusers.AutoPipelineForText2Image``.
 
@@ -248,6 +274,7 @@ def load_text2img_pipeline(
         device: See ``resolve_device``.
         dtype: See ``resolve_dtype``.
         revision: Hub branch, tag or commit; ignored for local folders.
+        safety_checker: False: load without the checkpoint's safety checker.
 
     Raises:
         ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
@@ -260,11 +287,11 @@ def load_text2img_pipeline(
     torch_dtype = resolve_dtype(dtype, dev)
     if is_single_file(model):
         return _finish(_single_file(model, "text2img", torch_dtype), dev)
-    name, index = _read_model_index(model, revision)
+    name, index, revision = _read_model_index(model, revision)
     if _is_instruct_pix2pix(str(index.get("_class_name", ""))):
         raise ValueError(f"{model!r} is an InstructPix2Pix model; it has no text-to-image pipeline")
     pipe = _from_pretrained(
-        AutoPipelineForText2Image.from_pretrained, name, model, torch_dtype, revision
+        AutoPipelineForText2Image.from_pretrained, name, model, torch_dtype, revision, index, safety_checker
     )
     return _finish(pipe, dev)
 
@@ -284,6 +311,7 @@ def load_instruct_pix2pix_pipeline(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     revision: str | None = None,
+    safety_checker: bool = True,
 ) -> Any:
     """Load an InstructPix2Pix pipeline (SD or SDXL based) from a folder or hub id.
 
@@ -298,6 +326,7 @@ def load_instruct_pix2pix_pipeline(
         device: See ``resolve_device``.
         dtype: See ``resolve_dtype``.
         revision: Hub branch, tag or commit; ignored for local folders.
+        safety_checker: False: load without the checkpoint's safety checker.
 
     Raises:
         ModelNotFound: The folder is missing or not a pipeline, or the hub id cannot load.
@@ -311,7 +340,7 @@ def load_instruct_pix2pix_pipeline(
     torch_dtype = resolve_dtype(dtype, dev)
     if is_single_file(model):
         return _finish(_single_file(model, "instruct_pix2pix", torch_dtype), dev)
-    name, index = _read_model_index(model, revision)
+    name, index, revision = _read_model_index(model, revision)
     class_name = str(index.get("_class_name", ""))
     if _is_instruct_pix2pix(class_name) and hasattr(diffusers, class_name):
         pipe_cls = getattr(diffusers, class_name)
@@ -323,7 +352,7 @@ def load_instruct_pix2pix_pipeline(
                 f"and its UNet takes {in_channels} input channels (InstructPix2Pix needs 8)"
             )
         pipe_cls = diffusers.StableDiffusionInstructPix2PixPipeline
-    pipe = _from_pretrained(pipe_cls.from_pretrained, name, model, torch_dtype, revision)
+    pipe = _from_pretrained(pipe_cls.from_pretrained, name, model, torch_dtype, revision, index, safety_checker)
     unet = getattr(pipe, "unet", None)
     if unet is not None and unet.config.in_channels != 8:
         raise ValueError(
@@ -456,15 +485,18 @@ def _as_list(flags: Any) -> Sequence[Any]:
     return list(flags)
 
 
-def check_model_reference(model: str, kind: str = "pipeline") -> None:
+def check_model_reference(model: str, kind: str = "pipeline", revision: str | None = None) -> None:
     """Fail early, on the driver, when a local model name points at nothing loadable.
 
-    Hub ids are left to the worker that loads them (the driver may have no cache).
+    A hub id (a ``pipeline``) must resolve: in the local hub cache, or on the hub when
+    online (its configs are read: ``family.describe_model``); its weights are left to the
+    workers (``models.hub`` fetches them once per node before a stage starts).
 
     Args:
         model: the model name as the user wrote it.
         kind: ``pipeline`` (a diffusers folder with ``model_index.json``), or anything
             else for a model that only has to exist (``clip``, ``folder``).
+        revision: a hub id's branch, tag or commit (default: main).
 
     Raises:
         ModelNotFound: naming the path and what is missing.
@@ -481,6 +513,10 @@ def check_model_reference(model: str, kind: str = "pipeline") -> None:
         return
     model = resolve_model_name(model)
     if not looks_local(model):
+        if kind == "pipeline" and not is_single_file(model):
+            from pixelmill.models.hub import check_hub_model
+
+            check_hub_model(model, revision)
         return
     if kind == "pipeline" and is_single_file(model):
         from pixelmill.models.single_file import check_single_file
@@ -520,7 +556,7 @@ def load_training_components(model: str, revision: str | None = None) -> dict[st
     if is_single_file(model):
         pipe = _single_file(model, "training", torch.float32)
     else:
-        name, index = _read_model_index(model, revision)
+        name, index, revision = _read_model_index(model, revision)
         class_name = str(index.get("_class_name", ""))
         cls = getattr(diffusers, class_name, None) if class_name else None
         if cls is None or not issubclass(cls, diffusers.DiffusionPipeline):

@@ -283,6 +283,10 @@ def _rejects_html(view: _DatasetView) -> str:
     for stage in view.rejects.column("stage").to_pylist() if "stage" in view.rejects.column_names else []:
         by_stage[str(stage)] = by_stage.get(str(stage), 0) + 1
     stages = ", ".join(f"{_e(s)}: {n}" for s, n in sorted(by_stage.items()))
+    from pixelmill.flows.summary import reason_counts
+
+    counts = reason_counts(view.rejects.column("error").to_pylist()) if "error" in view.rejects.column_names else {}
+    reasons = ", ".join(f"{_e(r)}: {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     body = "".join(
         f'<tr><td class="mono">{_e(r.get("id"))}</td><td>{_e(r.get("stage") or "")}</td>'
         f'<td class="err">{_e(r.get("error") or "")}</td></tr>'
@@ -291,6 +295,7 @@ def _rejects_html(view: _DatasetView) -> str:
     more = f'<p class="muted">… and {total - len(shown)} more.</p>' if total > len(shown) else ""
     return (
         f'<h3>Rejects <span class="count">{total}</span></h3>'
+        + (f'<p class="muted reasons">By reason: {reasons}</p>' if reasons else "")
         + (f'<p class="muted">By stage: {stages}</p>' if stages else "")
         + f'<table class="rejects"><thead><tr><th>id</th><th>stage</th><th>error</th></tr></thead>'
         f"<tbody>{body}</tbody></table>{more}"

@@ -48,6 +48,9 @@ class Stage:
     # worker's memory does not grow with the shard (None: whole shards; a config's
     # ``placement.rows_per_call`` overrides it). Rows are seeded per id, never per call.
     rows_per_call: ClassVar[int | None] = None
+    # Whether ``config["model"]`` names a model every worker loads: a hub id is then fetched once per
+    # node before the actors start, and the actors are pinned to its commit (``models/hub.py``).
+    hub_model: ClassVar[bool] = False
     _heartbeat: Callable[[str], None] | None = None  # set by the call's guard (tasks/call_guard.py)
 
     @classmethod

@@ -113,6 +113,7 @@ class BulkEditor(Stage):
 
     name = "edit"
     dataset = ("edits", 1)
+    hub_model = True  # a hub ``model`` is fetched once per node before the actors start (models/hub.py)
     rows_per_call = 256  # a shard streams through the actor 256 images at a time
 
     @classmethod
@@ -140,7 +141,7 @@ class BulkEditor(Stage):
         self.dtype = resolve_dtype(self.config["dtype"], self.device)
         self.pipe = self.load_pipeline()
         self.model_info = self.check_family(self.pipe)
-        self.model_hash = model_fingerprint(self.config["model"])
+        self.model_hash = model_fingerprint(self.config["model"], self.config.get("revision"))
         if self.config.get("adapters"):
             from pixelmill.models.adapters import adapter_fingerprint, apply_adapters
 
@@ -226,6 +227,11 @@ class BulkEditor(Stage):
         if families:
             require_family(info, families, f"edit method {self.method!r}", self.config.get("model") or "")
         return info
+
+    def load_options(self) -> dict[str, Any]:
+        """The loader keywords every method passes: device, dtype, hub revision, safety checker."""
+        return {"device": str(self.device), "dtype": self.dtype, "revision": self.config.get("revision"),
+                "safety_checker": self.config.get("safety_checker") != "off"}
 
     def load_pipeline(self):  # pragma: no cover - interface
         raise NotImplementedError

@@ -22,7 +22,7 @@ class InstructPix2PixEditor(BulkEditor):
     def load_pipeline(self):
         from pixelmill.models.loading import load_instruct_pix2pix_pipeline
 
-        return load_instruct_pix2pix_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+        return load_instruct_pix2pix_pipeline(self.config["model"], **self.load_options())
 
     def unet_rows_per_image(self) -> int:
         """3 with guidance (unconditional, image-only, text and image), as the pipeline batches them; else 1."""

@@ -63,7 +63,7 @@ class SDEditEditor(BulkEditor):
     def load_pipeline(self):
         from pixelmill.models.loading import load_img2img_pipeline
 
-        return load_img2img_pipeline(self.config["model"], device=str(self.device), dtype=self.dtype)
+        return load_img2img_pipeline(self.config["model"], **self.load_options())
 
     def pipe_call(self, images, texts, seeds):
         """The img2img call at a fixed strength; None for ``strength: auto`` (the t0 search is its own loop)."""

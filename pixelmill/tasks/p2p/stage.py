@@ -146,6 +146,7 @@ class PairRenderStage(Stage):
 
     name = "pairs"
     dataset = ("pairs", 1)
+    hub_model = True  # a hub ``model``: fetched once per node before the actors start (models/hub.py)
     rows_per_call = 256  # captions per call: a shard streams through the actor, its memory stays flat
 
     @classmethod
@@ -183,14 +184,15 @@ class PairRenderStage(Stage):
         c = self.config
         self.device = resolve_device(c["device"])
         self.dtype = resolve_dtype(c["dtype"], self.device)
-        self.pipe = load_text2img_pipeline(c["model"], device=str(self.device), dtype=self.dtype)
+        self.pipe = load_text2img_pipeline(c["model"], device=str(self.device), dtype=self.dtype,
+                                           revision=c.get("revision"), safety_checker=c.get("safety_checker") != "off")
         require_p2p_pipeline(self.pipe)
         if c.get("adapters"):
             from pixelmill.models.adapters import apply_adapters
 
             apply_adapters(self.pipe, c["adapters"])
         _check_size(self.pipe, int(c["height"]), int(c["width"]))
-        self.model_hash = model_fingerprint(c["model"])
+        self.model_hash = model_fingerprint(c["model"], c.get("revision"))
         self.filter = ClipPairFilter(ClipScorer(c["clip_model"], device=str(self.device)), self.thresholds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -155,6 +155,17 @@ def test_flagged_outputs_are_nsfw_rejects_not_black_images(tmp_path, tiny_models
         assert all(r["edited_image"] is None for r in out)
 
 
+def test_safety_checker_off_loads_no_checker_and_rejects_nothing(tmp_path, tiny_models):
+    from pixelmill.models.tiny import save_tiny_img2img
+
+    path = save_tiny_img2img(tmp_path / "flagging", flagging_safety_checker=True)
+    stage = SDEditEditor(_config(tiny_models, model=path, safety_checker="off"))
+    stage.setup()
+    assert stage.pipe.safety_checker is None  # not loaded at all, not removed after
+    out = stage(_batch(2)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok"] and all(r["edited_image"] for r in out)
+
+
 def test_row_seed_is_stable_and_distinct():
     assert row_seed(0, "a") == row_seed(0, "a")
     assert len({row_seed(0, "a"), row_seed(1, "a"), row_seed(0, "b")}) == 3

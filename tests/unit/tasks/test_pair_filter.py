@@ -209,6 +209,23 @@ def test_all_flagged_samples_make_an_nsfw_reject(tiny_models, tmp_path):
         ("keep", "reject", "nsfw"), ("keep-000", "dropped", "nsfw"), ("keep-001", "dropped", "nsfw")]
 
 
+def test_safety_checker_off_renders_pairs_the_checker_would_flag(tiny_models, tmp_path):
+    from pixelmill.config.pairs import PairRenderSettings
+    from pixelmill.models.tiny import save_tiny_img2img
+    from pixelmill.tasks.p2p import PairRenderStage
+
+    assert PairRenderSettings(model="m", clip_model="c", safety_checker=False).safety_checker == "off"  # YAML off
+    model = save_tiny_img2img(tmp_path / "flagging", flagging_safety_checker=True)
+    stage = PairRenderStage(dict(model=model, clip_model=tiny_models["clip"], device="cpu", samples_per_caption=2,
+                                 steps=1, height=32, width=32, safety_checker="off", min_image_similarity=-1,
+                                 min_direction=-1, min_image_caption=-1))
+    stage.setup()
+    assert stage.pipe.safety_checker is None
+    out = stage(pa.Table.from_pylist(ROWS[:1])).to_pylist()
+    assert "nsfw" not in {r["error"] or r["drop_reason"] for r in out}
+    assert [r["id"] for r in out if r["status"] == "ok"] == ["keep-000", "keep-001"]
+
+
 def test_a_failing_render_is_isolated_to_its_caption(tiny_models, monkeypatch):
     import pixelmill.tasks.p2p as p2p
 
