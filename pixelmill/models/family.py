@@ -41,10 +41,6 @@ FAMILIES: dict[str, str] = {
 ALL_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 SD_FAMILIES: tuple[str, ...] = ("sd1", "sd2")
 
-# Native resolution of each family (the long side its checkpoints were trained at), and
-# whether its VAE is safe in fp16 (SDXL's overflows: diffusers marks it ``force_upcast``).
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-
 
 class UnsupportedFamily(ValueError):
     """A checkpoint whose family a method does not support, or whose family cannot be told."""
