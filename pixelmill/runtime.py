@@ -90,9 +90,20 @@ CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"
 
 
 def apply_quiet_defaults() -> None:
-    """Turn telemetry and usage stats off unless the user set them explicitly."""
+    """Turn telemetry and usage stats off unless the user set them explicitly, and drop Ray's
+    notice that token auth is on by default (pixelmill's local Rays always use it: nothing to do)."""
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if _TOKEN_NOTICE not in auth_log.filters:
+        auth_log.addFilter(_TOKEN_NOTICE)
+
+
+def _token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE = _token_notice
 
 
 def default_home() -> Path:
