@@ -22,7 +22,8 @@ W, H = 64, 48
 
 # On a random tiny CLIP the CLIP losses favour an opaque layer; a weak sparsity prior
 # keeps it so, which makes the compositing checks non-trivial.
-SETTINGS = dict(iterations=40, lr=0.01, views=3, width=16, sparsity_weight=0.02, structure_weight=0.5)
+SETTINGS = dict(iterations=40, lr=0.01, views=3, width=16, sparsity_weight=0.02, sparsity_l1=2.0, sparsity_l0=1.0,
+                structure_weight=0.5)
 
 
 def _picture(color=(200, 40, 40)) -> Image.Image:

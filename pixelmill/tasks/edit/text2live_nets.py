@@ -1,0 +1,206 @@
+"""Text2Live's pieces: the U-Net layer generator, the internal dataset, ViT keys, relevancy maps.
+
+- ``LayerUNet``: a small U-Net (the paper's generator is a U-Net-like "skip" net) from an
+  RGB image to a straight-alpha RGBA layer of the same size.
+- ``internal_views``: the image's internal dataset: random crops (at least ``min_crop``
+  of the side), horizontal flips and colour jitter of the input, resized back to the
+  image's size; the mask and the bootstrap target ride along with the same geometry.
+- ``KeyExtractor``: the cosine self-similarity of the last transformer layer's attention
+  **keys** (the paper's structure descriptor, DINO there) from a timm ViT or from an
+  open_clip vision tower (the CLIP model's own when no ViT is given).
+- ``relevancy_map``: where CLIP sees a text in an image: the SmoothGrad input-gradient
+  saliency of the image-text similarity, blurred and scaled to [0, 1] (a simpler stand-in
+  for Chefer et al.'s gradient×attention relevancy the paper bootstraps alpha with).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _block(cin: int, cout: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.GroupNorm(1, cout),
+                               torch.nn.SiLU(), torch.nn.Conv2d(cout, cout, 3, padding=1), torch.nn.SiLU())
+
+
+class LayerUNet(torch.nn.Module):
+    """A U-Net RGB → RGBA: ``depth`` 2× down-samplings (width doubling), skip connections.
+
+    Any input size works: the input is reflect-padded to a multiple of ``2 ** depth`` and
+    the output cropped back. Alpha starts near ``alpha_init`` everywhere (zero-ish last
+    layer, bias at its logit).
+    """
+
+    def __init__(self, width: int = 32, depth: int = 3, alpha_init: float = 0.1) -> None:
+        super().__init__()
+        widths = [width * 2 ** min(i, 3) for i in range(depth + 1)]
+        self.depth = depth
+        self.inp = _block(3, widths[0])
+        self.down = torch.nn.ModuleList(_block(widths[i], widths[i + 1]) for i in range(depth))
+        self.up = torch.nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in range(depth))
+        self.out = torch.nn.Conv2d(widths[0], 4, 1)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)
+            self.out.bias.zero_()
+            self.out.bias[3] = float(np.log(alpha_init / (1 - alpha_init)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: (N, 3, H, W) in [0, 1] → (rgb (N, 3, H, W), alpha (N, 1, H, W)), both in [0, 1]."""
+        h, w = x.shape[-2:]
+        m = 2 ** self.depth
+        ph, pw = (-h) % m, (-w) % m
+        y = x * 2 - 1
+        if ph or pw:
+            y = F.pad(y, (0, pw, 0, ph), mode="replicate")
+        skips = [self.inp(y)]
+        for down in self.down:
+            skips.append(down(F.avg_pool2d(skips[-1], 2)))
+        z = skips.pop()
+        for up in reversed(self.up):
+            skip = skips.pop()
+            z = up(torch.cat([F.interpolate(z, size=skip.shape[-2:], mode="nearest"), skip], 1))
+        o = self.out(z)[..., :h, :w]
+        return torch.sigmoid(o[:, :3]), torch.sigmoid(o[:, 3:4])
+
+
+def _jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation (×[1-s, 1+s]) and a hue rotation (±s/2 turn) of (1, 3, H, W)."""
+    def u() -> float:
+        return float(torch.rand((), generator=g)) * 2 - 1
+
+    x = x * (1 + strength * u())
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (1 + strength * u()) + mean
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = (x - grey) * (1 + strength * u()) + grey
+    theta = np.pi * strength * u()
+    c, s = np.cos(theta), np.sin(theta)
+    k = 1 / 3
+    sq = np.sqrt(k)
+    rot = torch.tensor([[c + (1 - c) * k, k * (1 - c) - sq * s, k * (1 - c) + sq * s],
+                        [k * (1 - c) + sq * s, c + k * (1 - c), k * (1 - c) - sq * s],
+                        [k * (1 - c) - sq * s, k * (1 - c) + sq * s, c + k * (1 - c)]], dtype=x.dtype, device=x.device)
+    x = torch.einsum("ij,njhw->nihw", rot, x)
+    return x.clamp(0, 1)
+
+
+def view_boxes(h: int, w: int, n: int, min_crop: float, flip_p: float, jitter_p: float,
+               g: torch.Generator) -> list[tuple[int, int, int, int, bool, bool]]:
+    """``n`` random ``(top, left, height, width, flip, jitter)`` crops, keeping the aspect ratio."""
+    out = []
+    for _ in range(n):
+        frac = min_crop + (1 - min_crop) * float(torch.rand((), generator=g))
+        ch, cw = max(1, min(h, round(frac * h))), max(1, min(w, round(frac * w)))
+        top = int(torch.randint(0, h - ch + 1, (), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (), generator=g))
+        flip = bool(torch.rand((), generator=g) < flip_p)
+        jit = bool(torch.rand((), generator=g) < jitter_p)
+        out.append((top, left, ch, cw, flip, jit))
+    return out
+
+
+def internal_views(x: torch.Tensor, extras: list[torch.Tensor | None], boxes, jitter: float,
+                   g: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The crops of ``x`` (1, C, H, W) in ``boxes`` resized to (H, W), flipped and jittered as
+    drawn; each of ``extras`` (1, c, H, W) (mask, bootstrap target) gets the same geometry."""
+    h, w = x.shape[-2:]
+
+    def crop(t: torch.Tensor, box) -> torch.Tensor:
+        top, left, ch, cw, flip, _ = box
+        c = t[:, :, top:top + ch, left:left + cw]
+        if (ch, cw) != (h, w):
+            c = F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
+        return c.flip(-1) if flip else c
+
+    views = []
+    for box in boxes:
+        v = crop(x, box)
+        views.append(_jitter(v, jitter, g) if box[5] and jitter > 0 else v)
+    return torch.cat(views), [None if e is None else torch.cat([crop(e, b) for b in boxes]) for e in extras]
+
+
+class KeyExtractor:
+    """Self-similarity of the last layer's attention keys of a ViT (timm) or an open_clip vision tower.
+
+    Args:
+        model: a timm ``VisionTransformer`` (``blocks[-1].attn.qkv``) or an open_clip
+            ``VisionTransformer`` (``transformer.resblocks[-1]``); frozen.
+        preprocess: a callable (N, 3, H, W) in [0, 1] → the model's input (resize + normalise).
+    """
+
+    def __init__(self, model: torch.nn.Module, preprocess: Any) -> None:
+        self.model, self.preprocess = model, preprocess
+        self._captured: torch.Tensor | None = None
+        if hasattr(model, "blocks") and hasattr(model.blocks[-1], "attn") and hasattr(model.blocks[-1].attn, "qkv"):
+            self.kind = "timm"
+            self.prefix = int(getattr(model, "num_prefix_tokens", 1))
+            self.tap = model.blocks[-1].attn.qkv
+        elif hasattr(model, "transformer") and hasattr(model.transformer, "resblocks"):
+            self.kind = "open_clip"
+            self.prefix = 1 if getattr(model, "class_embedding", None) is not None else 0
+            self.block = model.transformer.resblocks[-1]
+            if not isinstance(getattr(self.block, "attn", None), torch.nn.MultiheadAttention):
+                raise ValueError("open_clip vision tower without nn.MultiheadAttention: no keys to read")
+            self.tap = self.block.ln_1
+            self.batch_first = bool(getattr(model.transformer, "batch_first", True))
+        else:
+            raise ValueError(f"{type(model).__name__} is not a ViT whose attention keys can be read")
+
+    def _hook(self, module, inputs, output) -> None:
+        self._captured = output
+
+    def keys(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, patches, dim) attention keys of the last layer (all heads concatenated)."""
+        x = self.preprocess(images)
+        handle = self.tap.register_forward_hook(self._hook)  # only while this call runs: the model may be shared
+        try:
+            if self.kind == "timm":
+                self.model.forward_features(x)
+            else:
+                self.model(x)
+        finally:
+            handle.remove()
+        captured, self._captured = self._captured, None
+        if self.kind == "timm":
+            qkv = captured
+            d = qkv.shape[-1] // 3
+            return qkv[..., d:2 * d][:, self.prefix:]
+        h = captured if self.batch_first else captured.transpose(0, 1)
+        attn = self.block.attn
+        d = attn.embed_dim
+        k = F.linear(h, attn.in_proj_weight[d:2 * d], None if attn.in_proj_bias is None else attn.in_proj_bias[d:2 * d])
+        return k[:, self.prefix:]
+
+    def self_similarity(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, P, P) cosine self-similarity of the keys."""
+        k = self.keys(images).float()
+        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return k @ k.transpose(1, 2)
+
+
+def relevancy_map(encode: Any, image: torch.Tensor, text_e: torch.Tensor, samples: int = 8,
+                  sigma: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """Where ``text_e`` is in ``image`` by CLIP: (1, 1, H, W) in [0, 1] (max 1 unless all zero).
+
+    SmoothGrad: the absolute input gradient of the cosine similarity between the image's
+    embedding (``encode``: (N, 3, H, W) in [0, 1] → (N, D)) and the text embedding, summed
+    over colour channels and averaged over ``samples`` noisy copies, then blurred (3×3) and
+    divided by its maximum.
+    """
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    total = torch.zeros_like(image[:, :1])
+    for i in range(samples):
+        noise = torch.randn(image.shape, generator=g).to(image) * (sigma if i else 0.0)
+        x = (image + noise).clamp(0, 1).detach().requires_grad_(True)
+        with torch.enable_grad():
+            e = encode(x).float()
+            sim = (e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12) @ text_e.T).sum()
+            (grad,) = torch.autograd.grad(sim, x)
+        total = total + grad.abs().sum(1, keepdim=True)
+    total = F.avg_pool2d(F.pad(total, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    peak = total.max()
+    return (total / peak if peak > 0 else total).detach()
