@@ -146,7 +146,10 @@ class Text2LiveEditor(BulkEditor):
 
     method = "text2live"
     text_key = "prompt"
-    extra_fields = (pa.field("edit_layer", IMAGE_TYPE), pa.field("alpha_mean", pa.float64()))
+    extra_fields = (pa.field("edit_layer", IMAGE_TYPE), pa.field("alpha_mean", pa.float64()),
+                    pa.field("edit_alpha", IMAGE_TYPE), pa.field("loss_curves", IMAGE_TYPE),
+                    pa.field("final_losses", pa.map_(pa.string(), pa.float64())),
+                    pa.field("iterations_run", pa.int64()))
 
     def setup(self) -> None:
         from pixelmill.models.device import resolve_device, resolve_dtype
@@ -175,16 +178,35 @@ class Text2LiveEditor(BulkEditor):
         return rgba, {"alpha_mean": float(rgba[..., 3].mean() / 255.0), "model": self.config["clip_model"],
                       "iterations": self.settings.iterations}
 
-    def edit(self, images, texts, seeds) -> list[dict]:
+    def row_inputs(self, row: dict, image: Image.Image) -> dict:
+        """The source text of the directional and bootstrap losses: the row's caption (a
+        ``source_prompt`` setting wins over it; see ``Text2LiveLayerGenerator.fit``)."""
+        cap = self.config.get("caption_column")
+        caption = row.get(cap) if cap else None
+        if isinstance(caption, bytes):
+            caption = caption.decode("utf-8", "replace")
+        return {"source": caption.strip()[:1000] if isinstance(caption, str) and caption.strip() else None}
+
+    def edit_chunk(self, chunk: list[tuple]) -> list[dict]:
+        return self.edit([x[1] for x in chunk], [x[2] for x in chunk], [x[3] for x in chunk],
+                         [x[4].get("source") for x in chunk])
+
+    def edit(self, images, texts, seeds, sources=None) -> list[dict]:
         from pixelmill.tasks.edit.text2live_layer import composite
+        from pixelmill.tasks.edit.text2live_report import alpha_png, curves_png
 
         results = []
-        for image, text, seed in zip(images, texts, seeds):
-            rgba = self.generator.generate(image, text, seed)
+        for image, text, seed, source in zip(images, texts, seeds, sources or [None] * len(images)):
+            fit = self.generator.fit(image, text, seed, source=source)
+            rgba = fit.rgba
             results.append({
                 "image": Image.fromarray(composite(image, rgba), "RGB"),
                 "edit_layer": encode_image(Image.fromarray(rgba, "RGBA")),
                 "alpha_mean": float(rgba[..., 3].mean() / 255.0),
+                "edit_alpha": {"bytes": alpha_png(rgba), "path": None},
+                "loss_curves": {"bytes": curves_png(fit.losses, fit.curves), "path": None},
+                "final_losses": fit.terms,
+                "iterations_run": len(fit.losses),
             })
         return results
 
