@@ -298,7 +298,7 @@ class Text2LiveLayerGenerator:
                 if step % SOURCE_IMAGE_EVERY == 0:  # the whole image, as it is, now and then
                     boxes[0] = (0, 0, h, w, False, False)
                 template = torch.randint(0, n_templates, (len(boxes),), generator=g).to(self.device)
-                boot = s.bootstrap_weight * (1 - (step + 1) / s.bootstrap_iterations) if (
+                boot = s.bootstrap_weight * (1 - step / s.bootstrap_iterations) if (
                     rel is not None and step < s.bootstrap_iterations) else 0.0
                 xv, (mv, rv) = internal_views(x, [m, rel if boot > 0 else None], boxes, s.jitter, g)
                 rgb, alpha = net(xv)
