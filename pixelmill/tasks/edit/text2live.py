@@ -72,6 +72,9 @@ class Text2LiveSettings(BaseModel):
             over ``bootstrap_iterations`` and dropped after them.
         bootstrap_iterations: iterations with the bootstrap loss (0 turns it off).
         relevancy_samples: noisy copies averaged in the relevancy map (SmoothGrad).
+        frame_weight: on a video atlas layer, the weight of the same losses on the edit
+            rendered into the video's frames (0: the atlas image alone, as for a still).
+        frame_views: frames the edit is rendered into per step.
         structure_model: timm ViT architecture name (``vit_small_patch16_224``, with its
             weights in ``structure_weights``), or a local folder in timm's hub layout
             (``config.json`` + ``model.safetensors``); ``None``: the CLIP model's own vision
@@ -109,6 +112,8 @@ class Text2LiveSettings(BaseModel):
     bootstrap_weight: float = Field(default=10.0, ge=0)
     bootstrap_iterations: int = Field(default=1000, ge=0, le=100_000)
     relevancy_samples: int = Field(default=8, ge=1, le=256)
+    frame_weight: float = Field(default=1.0, ge=0)
+    frame_views: int = Field(default=2, ge=1, le=64)
     structure_model: str | None = None
     structure_weights: str | None = None
 
@@ -171,12 +176,28 @@ class Text2LiveEditor(BulkEditor):
         if s.structure_model:
             self.model_hash += "+" + model_fingerprint(s.structure_weights or s.structure_model)
 
-    def edit_rgba(self, image: np.ndarray, valid: np.ndarray, row_id: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """The RGBA layer itself, transparent where ``valid`` is false (a video atlas's unseen pixels)."""
-        rgba = self.generator.generate(image, self.config["prompt"], seed=row_seed(self.config["seed"], row_id),
-                                       mask=valid)
+    renders_frames = True
+    """``edit_rgba`` takes the video (``frames``) to apply its losses on rendered frames too."""
+
+    def edit_rgba(self, image: np.ndarray, valid: np.ndarray, row_id: str,
+                  frames: tuple[Any, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """The RGBA layer itself, transparent where ``valid`` is false (a video atlas's unseen pixels).
+
+        Args:
+            frames: ``(frames, uv, visibility)`` of the video and the edited layer (see
+                ``text2live_nets.AtlasFrames``): the losses then apply on rendered frames too.
+        """
+        from pixelmill.tasks.edit.text2live_nets import AtlasFrames
+
+        video = None
+        if frames is not None and self.settings.frame_weight > 0:
+            video = AtlasFrames(frames[0], frames[1], frames[2], image.shape[:2], device=self.generator.device)
+        fit = self.generator.fit(image, self.config["prompt"], seed=row_seed(self.config["seed"], row_id),
+                                 mask=valid, frames=video)
+        rgba = fit.rgba
         return rgba, {"alpha_mean": float(rgba[..., 3].mean() / 255.0), "model": self.config["clip_model"],
-                      "iterations": self.settings.iterations}
+                      "iterations": self.settings.iterations, "iterations_run": len(fit.losses),
+                      "final_losses": fit.terms, "frame_losses": video is not None}
 
     def row_inputs(self, row: dict, image: Image.Image) -> dict:
         """The source text of the directional and bootstrap losses: the row's caption (a

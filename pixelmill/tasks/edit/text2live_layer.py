@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixelmill.tasks.edit.text2live import Text2LiveSettings
-from pixelmill.tasks.edit.text2live_nets import KeyExtractor, LayerUNet, internal_views, relevancy_map, view_boxes
+from pixelmill.tasks.edit.text2live_nets import (
+    AtlasFrames,
+    KeyExtractor,
+    LayerUNet,
+    internal_views,
+    relevancy_map,
+    view_boxes,
+)
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 GREEN_SCREEN = (0.0, 177.0 / 255.0, 64.0 / 255.0)
@@ -237,7 +244,8 @@ class Text2LiveLayerGenerator:
             total = total + bootstrap_w * terms["bootstrap"]
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
-    def fit(self, image: Any, text: str, seed: int = 0, mask: Any = None, source: str | None = None) -> Text2LiveResult:
+    def fit(self, image: Any, text: str, seed: int = 0, mask: Any = None, source: str | None = None,
+            frames: AtlasFrames | None = None) -> Text2LiveResult:
         """Train the layer generator on ``image``'s internal dataset for ``text``; see ``generate``.
 
         Args:
@@ -249,6 +257,11 @@ class Text2LiveLayerGenerator:
                 invalid area).
             source: text describing the input (directional loss, bootstrap); the
                 ``source_prompt`` setting wins over it. None: those two losses are off.
+            frames: when ``image`` is a video atlas layer, the video's frames and the
+                layer's UV maps: every step the layer (the generator on the whole atlas
+                image) is rendered into ``frame_views`` random frames and the CLIP,
+                structure and sparsity losses are applied to those edited frames as well
+                (weight ``frame_weight``), so the edit reads right in every frame.
 
         Returns:
             the layer, the loss curves and the bootstrap target.
@@ -305,6 +318,14 @@ class Text2LiveLayerGenerator:
                 if mv is not None:
                     alpha = alpha * mv
                 total, terms = self._losses(xv, rgb, alpha, texts, template, rv, boot)
+                if frames is not None and s.frame_weight > 0:
+                    full_rgb, full_alpha = net(x)
+                    index = torch.randint(0, len(frames), (s.frame_views,), generator=g).to(self.device)
+                    fx, frgb, falpha = frames.render(full_rgb, full_alpha * m if m is not None else full_alpha, index)
+                    ftemplate = torch.randint(0, n_templates, (s.frame_views,), generator=g).to(self.device)
+                    ftotal, fterms = self._losses(fx, frgb, falpha, texts, ftemplate)
+                    total = total + s.frame_weight * ftotal
+                    terms.update({f"frame {k}": v for k, v in fterms.items()})
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()

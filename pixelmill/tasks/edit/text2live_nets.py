@@ -206,3 +206,43 @@ def relevancy_map(encode: Any, image: torch.Tensor, text_e: torch.Tensor, sample
     total = F.avg_pool2d(F.pad(total, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     lo, hi = torch.quantile(total.flatten().float(), torch.tensor([0.5, 0.9], device=total.device)).tolist()
     return ((total - lo) / (hi - lo) if hi > lo else torch.zeros_like(total)).clamp(0, 1).detach()
+
+
+class AtlasFrames:
+    """A video's frames and how one atlas layer maps into them, for losses on rendered frames.
+
+    Args:
+        frames: T×H×W×3 uint8 frames (the video the atlas was made from).
+        uv: T×H×W×2 float UV map of the layer: where each frame pixel samples the layer
+            image, in its pixel coordinates (x, y; pixel centres at integers).
+        visibility: T×H×W how much the layer shows in each frame pixel.
+        layer_shape: (height, width) of the layer image.
+    """
+
+    def __init__(self, frames: Any, uv: np.ndarray, visibility: np.ndarray, layer_shape: tuple[int, int],
+                 device: torch.device | str = "cpu") -> None:
+        f = np.stack([np.asarray(x) for x in frames]).astype(np.float32) / 255.0
+        self.frames = torch.from_numpy(f).permute(0, 3, 1, 2).to(device)
+        hl, wl = layer_shape
+        grid = np.asarray(uv, dtype=np.float32).copy()
+        grid[..., 0] = grid[..., 0] / max(wl - 1, 1) * 2 - 1
+        grid[..., 1] = grid[..., 1] / max(hl - 1, 1) * 2 - 1
+        self.grid = torch.from_numpy(grid).to(device)
+        self.visibility = torch.from_numpy(np.asarray(visibility, dtype=np.float32))[:, None].to(device)
+        if not (self.frames.shape[0] == self.grid.shape[0] == self.visibility.shape[0]):
+            raise ValueError("frames, uv and visibility disagree on the number of frames")
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    def render(self, rgb: torch.Tensor, alpha: torch.Tensor, index: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer (rgb (1, 3, Ha, Wa), alpha (1, 1, Ha, Wa)) seen in frames ``index``:
+        (frames, rgb, alpha) with ``alpha * rgb + (1 - alpha) * frames`` the edited frames,
+        as ``video.render.overlay_edit`` composites them (premultiplied sampling, weighted
+        by the layer's visibility)."""
+        n = index.shape[0]
+        pre = torch.cat([rgb * alpha, alpha], 1).expand(n, -1, -1, -1)
+        s = F.grid_sample(pre, self.grid[index], mode="bilinear", padding_mode="zeros", align_corners=True)
+        a = s[:, 3:4] * self.visibility[index]
+        return self.frames[index], s[:, :3] / s[:, 3:4].clamp_min(1e-6), a

@@ -174,8 +174,9 @@ def test_stage_rows_use_the_caption_as_source_and_carry_alpha_and_loss_curves(on
     from pixelmill.datasets.images import decode_image
     from pixelmill.tasks.edit.text2live import Text2LiveEditor
 
-    cfg = EditConfig(input="unused", output="unused", method="text2live", prompt="a green circle", clip_model="toy:clip",
-                     resolution=32, batch_size=2, seed=0, device="cpu", text2live=FAST).model_dump()
+    cfg = EditConfig(input="unused", output="unused", method="text2live", prompt="a green circle",
+                     clip_model="toy:clip", resolution=32, batch_size=2, seed=0, device="cpu",
+                     text2live=FAST).model_dump()
     stage = Text2LiveEditor(cfg)
     stage.setup()
     buf = io.BytesIO()
@@ -190,3 +191,47 @@ def test_stage_rows_use_the_caption_as_source_and_carry_alpha_and_loss_curves(on
         alpha = np.asarray(decode_image(r["edit_alpha"]))
         assert alpha.shape == (32, 32) and np.array_equal(alpha, np.asarray(decode_image(r["edit_layer"]))[..., 3])
         assert decode_image(r["loss_curves"]).size == (320, 160) and r["iterations_run"] == FAST["iterations"]
+
+
+def _pan_atlas(frames: int = 4):
+    """A 40×48 background layer seen through a 32×32 window sliding 2 px right per frame."""
+    from pixelmill.tasks.video.atlas import Atlas, AtlasLayer
+
+    image, _ = _scene()
+    layer = np.pad(image, ((4, 4), (0, 16), (0, 0)), mode="edge")
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    uv = np.stack([np.stack([xx + 2 * t, yy + 4], -1) for t in range(frames)])
+    atlas = Atlas([AtlasLayer("background", layer, uv)])
+    frames_ = [np.ascontiguousarray(layer[4:36, 2 * t:2 * t + 32]) for t in range(frames)]
+    return atlas, frames_
+
+
+def test_atlas_frames_render_the_layer_as_the_video_overlay_does():
+    from pixelmill.tasks.edit.text2live_nets import AtlasFrames
+    from pixelmill.tasks.video.render import overlay_edit
+
+    atlas, frames = _pan_atlas()
+    lay = atlas.layers[0]
+    rgba = np.random.default_rng(0).integers(0, 256, lay.image.shape[:2] + (4,), dtype=np.uint8)
+    af = AtlasFrames(frames, lay.uv, atlas.visibility(0), lay.image.shape[:2])
+    rgb = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)[None]
+    alpha = torch.from_numpy(rgba[..., 3].astype(np.float32) / 255)[None, None]
+    fx, frgb, falpha = af.render(rgb, alpha, torch.arange(len(frames)))
+    ours = (falpha * frgb + (1 - falpha) * fx).permute(0, 2, 3, 1).numpy() * 255
+    theirs = np.stack(overlay_edit(frames, atlas, 0, rgba)).astype(np.float32)
+    assert np.abs(ours - theirs).max() <= 1.0
+
+
+def test_a_video_layer_trains_on_rendered_frames_too(gen):
+    atlas, frames = _pan_atlas()
+    lay = atlas.layers[0]
+    from pixelmill.tasks.edit.text2live_nets import AtlasFrames
+
+    af = AtlasFrames(frames, lay.uv, atlas.visibility(0), lay.image.shape[:2])
+    valid = np.ones(lay.image.shape[:2], bool)
+    valid[:, -4:] = False
+    res = gen.fit(lay.image, "a green circle", seed=0, mask=valid, source="a red circle", frames=af)
+    assert {"frame composition", "frame directional", "frame structure", "frame screen"} <= set(res.curves)
+    assert len(res.curves["frame composition"]) == len(res.losses) and (res.rgba[:, -4:, 3] == 0).all()
+    still = Text2LiveLayerGenerator(gen.clip, gen.tokenizer, {**FAST, "frame_weight": 0.0})
+    assert not any(k.startswith("frame") for k in still.fit(lay.image, "x", frames=af).curves)
