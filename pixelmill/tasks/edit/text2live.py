@@ -7,6 +7,7 @@ validated against ``Text2LiveSettings`` without loading model code.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -143,7 +144,11 @@ class Text2LiveEditor(BulkEditor):
     Each row's layer is trained from the row's seed (config seed + row id) on the image
     normalised to the working size. Output rows carry the composite as
     ``edited_image``, the layer as ``edit_layer`` (RGBA PNG, the image's size, for reuse
-    e.g. by the video pipeline) and its mean opacity ``alpha_mean``. Where the layer's
+    e.g. by the video pipeline), its mean opacity ``alpha_mean``, and for the report its
+    alpha as a grey PNG (``edit_alpha``), a plot of the loss curves (``loss_curves``), the
+    final loss terms (``final_losses``, JSON) and the iterations run (``iterations_run``;
+    fewer than ``steps`` when ``time_budget_s`` cut training). The row's caption is the
+    source text of the directional and bootstrap losses. Where the layer's
     alpha is below 1/255 the composite equals ``input_image`` bit for bit. ``model`` and
     ``model_hash`` name the CLIP model (and the structure ViT's hash after a ``+``);
     ``steps`` is the number of optimisation iterations.
@@ -153,7 +158,7 @@ class Text2LiveEditor(BulkEditor):
     text_key = "prompt"
     extra_fields = (pa.field("edit_layer", IMAGE_TYPE), pa.field("alpha_mean", pa.float64()),
                     pa.field("edit_alpha", IMAGE_TYPE), pa.field("loss_curves", IMAGE_TYPE),
-                    pa.field("final_losses", pa.map_(pa.string(), pa.float64())),
+                    pa.field("final_losses", pa.string()),
                     pa.field("iterations_run", pa.int64()))
 
     def setup(self) -> None:
@@ -197,7 +202,7 @@ class Text2LiveEditor(BulkEditor):
         rgba = fit.rgba
         return rgba, {"alpha_mean": float(rgba[..., 3].mean() / 255.0), "model": self.config["clip_model"],
                       "iterations": self.settings.iterations, "iterations_run": len(fit.losses),
-                      "final_losses": fit.terms, "frame_losses": video is not None}
+                      "final_losses": json.dumps(fit.terms, sort_keys=True), "frame_losses": video is not None}
 
     def row_inputs(self, row: dict, image: Image.Image) -> dict:
         """The source text of the directional and bootstrap losses: the row's caption (a
@@ -226,7 +231,7 @@ class Text2LiveEditor(BulkEditor):
                 "alpha_mean": float(rgba[..., 3].mean() / 255.0),
                 "edit_alpha": {"bytes": alpha_png(rgba), "path": None},
                 "loss_curves": {"bytes": curves_png(fit.losses, fit.curves), "path": None},
-                "final_losses": fit.terms,
+                "final_losses": json.dumps(fit.terms, sort_keys=True),
                 "iterations_run": len(fit.losses),
             })
         return results

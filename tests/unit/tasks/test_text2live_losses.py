@@ -166,6 +166,7 @@ def test_unet_any_size_starts_at_alpha_init():
 
 def test_stage_rows_use_the_caption_as_source_and_carry_alpha_and_loss_curves(one_torch_thread):
     import io
+    import json
 
     import pyarrow as pa
     from PIL import Image
@@ -185,7 +186,7 @@ def test_stage_rows_use_the_caption_as_source_and_carry_alpha_and_loss_curves(on
     rows = stage(pa.Table.from_pylist([{"id": "a", "image": cell, "caption": "a red circle", "shard": "0"},
                                        {"id": "b", "image": cell, "caption": None, "shard": "0"}])).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    with_caption, without = (dict(r["final_losses"]) for r in rows)
+    with_caption, without = (json.loads(r["final_losses"]) for r in rows)
     assert "directional" in with_caption and "directional" not in without
     for r in rows:
         alpha = np.asarray(decode_image(r["edit_alpha"]))
