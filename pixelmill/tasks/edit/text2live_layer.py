@@ -157,9 +157,14 @@ class Text2LiveLayerGenerator:
                                       std=tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711))))
         self.structure = structure
         self.keys = None
-        if self.settings.structure_weight > 0:
-            self.keys = KeyExtractor(*structure) if structure is not None else KeyExtractor(self.clip.visual,
-                                                                                            self.clip_pre)
+        if self.settings.structure_weight > 0 and structure is not None:
+            self.keys = KeyExtractor(*structure)
+        elif self.settings.structure_weight > 0:
+            try:
+                self.keys = KeyExtractor(self.clip.visual, self.clip_pre)
+            except ValueError as e:
+                raise ValueError(f"the structure loss reads ViT keys, and this CLIP's vision tower has none ({e}): "
+                                 "set text2live.structure_model (a timm ViT) or structure_weight: 0") from None
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod

@@ -236,3 +236,19 @@ def test_a_video_layer_trains_on_rendered_frames_too(gen):
     assert len(res.curves["frame composition"]) == len(res.losses) and (res.rgba[:, -4:, 3] == 0).all()
     still = Text2LiveLayerGenerator(gen.clip, gen.tokenizer, {**FAST, "frame_weight": 0.0})
     assert not any(k.startswith("frame") for k in still.fit(lay.image, "x", frames=af).curves)
+
+
+def test_a_clip_without_a_vit_tower_needs_a_structure_model_or_no_structure(gen):
+    class NoViT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    class FakeClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = NoViT()
+
+    with pytest.raises(ValueError, match="structure_model"):
+        Text2LiveLayerGenerator(FakeClip(), gen.tokenizer, FAST)
+    assert Text2LiveLayerGenerator(FakeClip(), gen.tokenizer, {**FAST, "structure_weight": 0.0}).keys is None
