@@ -51,7 +51,7 @@ class Text2LiveSettings(BaseModel):
         lr_decay: the learning rate's factor per iteration (exponential schedule).
         lr_min: the learning rate's floor.
         views: training views per step: random crops of the input with flips and colour
-            jitter (the internal dataset); the first step's first view is the whole image.
+            jitter (the internal dataset); every 10th step's first view is the whole image.
         min_crop: smallest crop side, as a fraction of the image side.
         flip_p: probability of a horizontal flip of a view.
         jitter_p: probability of colour jitter of a view.
