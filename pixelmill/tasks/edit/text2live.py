@@ -8,7 +8,7 @@ validated against ``Text2LiveSettings`` without loading model code.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +72,11 @@ class Text2LiveSettings(BaseModel):
         bootstrap_weight: weight of the alpha-vs-relevancy-map MSE, annealed linearly to 0
             over ``bootstrap_iterations`` and dropped after them.
         bootstrap_iterations: iterations with the bootstrap loss (0 turns it off).
-        relevancy_samples: noisy copies averaged in the relevancy map (SmoothGrad).
+        relevancy: how the bootstrap target is made: ``attention`` (Chefer et al.'s
+            gradient×attention relevancy, as the paper; open_clip ViT towers, others fall
+            back to ``gradient``) or ``gradient`` (SmoothGrad input-gradient saliency);
+            either is stretched so its median is 0 and its 90th percentile 1.
+        relevancy_samples: noisy copies averaged in the ``gradient`` map (SmoothGrad).
         frame_weight: on a video atlas layer, the weight of the same losses on the edit
             rendered into the video's frames (0: the atlas image alone, as for a still).
         frame_views: frames the edit is rendered into per step.
@@ -112,6 +116,7 @@ class Text2LiveSettings(BaseModel):
     sparsity_l0: float = Field(default=0.01, ge=0)
     bootstrap_weight: float = Field(default=10.0, ge=0)
     bootstrap_iterations: int = Field(default=1000, ge=0, le=100_000)
+    relevancy: Literal["attention", "gradient"] = "attention"
     relevancy_samples: int = Field(default=8, ge=1, le=256)
     frame_weight: float = Field(default=1.0, ge=0)
     frame_views: int = Field(default=2, ge=1, le=64)

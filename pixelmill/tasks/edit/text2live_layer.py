@@ -41,8 +41,10 @@ from pixelmill.tasks.edit.text2live_nets import (
     AtlasFrames,
     KeyExtractor,
     LayerUNet,
+    attention_relevancy,
     internal_views,
     relevancy_map,
+    stretch,
     view_boxes,
 )
 
@@ -205,7 +207,13 @@ class Text2LiveLayerGenerator:
         """The bootstrap target: CLIP's relevancy map of ``text`` on ``image`` (H×W in [0, 1])."""
         x = torch.from_numpy(_as_float_image(image)).permute(2, 0, 1)[None].to(self.device)
         e = self._texts(text).mean(0, keepdim=True)
-        rel = relevancy_map(self._encode, x, e / e.norm(), self.settings.relevancy_samples, seed=seed)
+        e = e / e.norm()
+        rel = None
+        if self.settings.relevancy == "attention":
+            rel = attention_relevancy(self.clip.visual, self.clip_pre, x, e)
+            rel = None if rel is None else stretch(rel)
+        if rel is None:
+            rel = relevancy_map(self._encode, x, e, self.settings.relevancy_samples, seed=seed)
         return rel[0, 0].cpu().numpy()
 
     def _losses(self, x, rgb, alpha, texts, template, rel=None, bootstrap_w=0.0) -> tuple[torch.Tensor, dict]:

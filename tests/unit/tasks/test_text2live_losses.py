@@ -252,3 +252,21 @@ def test_a_clip_without_a_vit_tower_needs_a_structure_model_or_no_structure(gen)
     with pytest.raises(ValueError, match="structure_model"):
         Text2LiveLayerGenerator(FakeClip(), gen.tokenizer, FAST)
     assert Text2LiveLayerGenerator(FakeClip(), gen.tokenizer, {**FAST, "structure_weight": 0.0}).keys is None
+
+
+def test_attention_relevancy_is_chefers_on_the_towers_own_attention_and_finds_the_object(gen):
+    from pixelmill.tasks.edit.text2live_nets import attention_relevancy, relevancy_map
+
+    image, cov = _scene()
+    x = _tensor(image)
+    e = gen._texts("a red circle").mean(0, keepdim=True)
+    e = e / e.norm()
+    before = gen.clip.visual(gen.clip_pre(x))
+    rel = attention_relevancy(gen.clip.visual, gen.clip_pre, x, e)[0, 0].numpy()
+    assert not any("attention" in vars(b) for b in gen.clip.visual.transformer.resblocks)  # methods restored
+    assert torch.equal(gen.clip.visual(gen.clip_pre(x)), before)
+    assert rel.shape == cov.shape and rel.min() == 0.0 and rel.max() == pytest.approx(1.0)
+    assert rel[cov > 0.5].mean() > 2 * rel[cov == 0].mean()
+    grad = relevancy_map(gen._encode, x, e, samples=2)[0, 0].numpy()  # the fallback for other towers
+    assert grad[cov > 0.5].mean() > grad[cov == 0].mean()
+    assert attention_relevancy(torch.nn.Linear(2, 2), gen.clip_pre, x, e) is None
