@@ -28,7 +28,12 @@ import numpy as np
 
 from pixelmill.toy.text2live_quality import SETTINGS, SOURCE, TARGET
 
-VARIANTS: dict[str, dict[str, Any]] = {"atlas + frames": {}, "atlas only": {"frame_weight": 0.0}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "atlas only": {"frame_weight": 0.0},
+    "atlas + frames": {},  # the defaults: frame_weight 1, 2 frames per step
+    "atlas + 4 frames per step": {"frame_views": 4},
+    "atlas + frames, weight 2": {"frame_weight": 2.0},
+}
 
 
 def measure_video(frames: int = 8, shift: tuple[int, int] = (2, 1), seed: int = 0, clip: str = "toy:clip",
