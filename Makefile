@@ -49,7 +49,7 @@ chaos: install
 # targets and writes quality-report/quality.json and report.html (the README "Quality" figures);
 # then every fine-tuning method on the held-out heart (quality-report/concepts.json).
 quality: install
-	$(PY) -m pytest -m quality tests/unit/toy/test_quality.py tests/unit/toy/test_concepts.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m quality tests/unit/toy/test_quality.py tests/unit/toy/test_concepts.py tests/unit/toy/test_text2live_quality.py $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not sweep and not chaos and not quality" $(PYTEST_ARGS)

@@ -259,7 +259,7 @@ def _process(spec: dict[str, Any], d: Path, upload: Callable[[str], None] | None
     if not valid.any():
         raise VideoRejected(f"the {spec['edit']['layer']} layer is not visible in any frame: nothing to edit")
     t = time.perf_counter()
-    rgba, edit_info = _edit_layer(spec, image, valid)
+    rgba, edit_info = _edit_layer(spec, image, valid, (frames, atlas.layers[layer].uv, atlas.visibility(layer)))
     edit_s = time.perf_counter() - t
     edited_layer = composite_edit(image, rgba)
 
@@ -410,8 +410,11 @@ def edit_resolution(width: int, height: int, configured: int | None) -> int:
     return min(MAX_AUTO_RESOLUTION, max(8, -(-max(width, height) // 8) * 8))
 
 
-def _edit_layer(spec: dict[str, Any], image: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """The RGBA edit of one atlas layer image by the configured editing method (see the module docstring)."""
+def _edit_layer(spec: dict[str, Any], image: np.ndarray, valid: np.ndarray, video: tuple | None = None
+                ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The RGBA edit of one atlas layer image by the configured editing method (see the module docstring);
+    a method that ``renders_frames`` (Text2Live) also gets ``video`` (frames, the layer's UV maps and
+    visibility) to apply its losses on the rendered frames."""
     from pixelmill import registry
     from pixelmill.models.loading import model_fingerprint
     from pixelmill.tasks.stage import RowError
@@ -426,6 +429,8 @@ def _edit_layer(spec: dict[str, Any], image: np.ndarray, valid: np.ndarray) -> t
     stage = _cached(key, lambda: _setup(cls, {**stage_cfg, "device": spec.get("device", "auto")}, spec.get("cpus", 1)))
     stage.config = {**cfg, "device": stage.config["device"]}
     try:
+        if video is not None and getattr(stage, "renders_frames", False):
+            return stage.edit_rgba(image, valid, spec["id"], frames=video)
         return stage.edit_rgba(image, valid, spec["id"])
     except RowError as err:
         if err.reason.startswith("edit_failed"):
