@@ -39,7 +39,7 @@ def test_score_reads_the_composite_and_the_alpha_mass_off_the_object():
 @pytest.mark.slow
 def test_fast_subset_bootstrapping_puts_the_edit_on_the_object(one_torch_thread):
     """4 scenes: the full method turns the circle green with its alpha mostly on the circle;
-    without bootstrapping the layer spreads (the 50-scene table: 0.15 vs 0.57 outside)."""
+    without bootstrapping the layer spreads (the 50-scene table: 0.09 vs 0.57 outside)."""
     res = q.measure(4, {k: q.ABLATIONS[k] for k in ("full", "no bootstrapping")})["ablations"]
     full, loose = res["full"], res["no bootstrapping"]
     assert full["colour"] >= 0.75, full
@@ -59,9 +59,7 @@ def test_fast_video_subset_recolours_every_frame_consistently(one_torch_thread):
 @pytest.mark.quality
 def test_full_text2live_quality(one_torch_thread):
     """``make quality``: 50 scenes × 4 variants and the video clip; figures in
-    ``quality-report/text2live.json``. Asserts what was met when measured (README): colour
-    ≥ 0.7 and each ablation's direction; the outside-mass target (< 0.1) is not met and is
-    checked as a strict expected failure below."""
+    ``quality-report/text2live.json`` (the README's tables)."""
     from pixelmill.toy.text2live_video_quality import measure_video
 
     res = q.measure(50)
@@ -70,7 +68,7 @@ def test_full_text2live_quality(one_torch_thread):
     out.mkdir(exist_ok=True)
     (out / "text2live.json").write_text(json.dumps(res, indent=1))
     a = res["ablations"]
-    assert a["full"]["colour"] >= 0.7, a["full"]
+    assert a["full"]["colour"] >= 0.7 and a["full"]["outside"] < 0.1, a["full"]
     assert a["no bootstrapping"]["colour"] < a["full"]["colour"] - 0.2
     assert a["no bootstrapping"]["outside"] > a["full"]["outside"] + 0.2
     assert a["no directional"]["colour"] < a["full"]["colour"]
@@ -79,9 +77,3 @@ def test_full_text2live_quality(one_torch_thread):
     # More weight on the rendered frames, more temporal consistency; the defaults (1.55×) miss the 1.5× target.
     assert v["atlas + frames, weight 2"]["temporal_ratio"] <= 1.5, v
     assert v["atlas only"]["temporal_ratio"] > v["atlas + frames"]["temporal_ratio"], v
-
-
-@pytest.mark.quality
-@pytest.mark.xfail(strict=True, reason="measured 0.15 mean alpha mass outside the circle (README); target < 0.1")
-def test_full_text2live_alpha_stays_on_the_object(one_torch_thread):
-    assert q.measure(50, {"full": {}})["ablations"]["full"]["outside"] < 0.1
