@@ -15,14 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pixelmill.models.family import has_component
+
 if TYPE_CHECKING:
     import torch
-
-
-def has_component(index: dict[str, Any], name: str) -> bool:
-    """Whether ``model_index.json`` lists the component ``name`` (``[library, class]``, not ``[null, null]``)."""
-    value = index.get(name)
-    return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None
 
 
 def vae_force_upcast(name: str, revision: str | None = None) -> bool:

@@ -74,6 +74,12 @@ class ModelInfo:
         return asdict(self)
 
 
+def has_component(index: dict[str, Any], name: str) -> bool:
+    """Whether ``model_index.json`` lists the component ``name`` (``[library, class]``, not ``[null, null]``)."""
+    value = index.get(name)
+    return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None
+
+
 def family_from_configs(
     index: dict[str, Any],
     unet: dict[str, Any] | None,
@@ -101,8 +107,7 @@ def family_from_configs(
         )
 
     def has(component: str) -> bool:
-        value = index.get(component)
-        return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None
+        return has_component(index, component)
 
     added = unet.get("addition_embed_type")
     if has("text_encoder_2") and added == "text_time":
