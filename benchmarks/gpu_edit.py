@@ -228,6 +228,17 @@ def stage_config(kind: str, model: str, a: argparse.Namespace, device: str) -> d
     ).model_dump()
 
 
+def apply_recipe(pipe: Any) -> None:
+    """diffusers' published compile recipe (its "accelerate inference" guide), applied for an experiment."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True
+    pipe.fuse_qkv_projections()
+
+
 def synchronize(device: str) -> None:
     import torch
 
@@ -336,6 +347,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", default=None, choices=["off", "unet", "unet+vae"],
                    help="default unet; off with --dry-run (inductor's CPU compile takes minutes)")
     p.add_argument("--io-threads", type=int, default=None)
+    p.add_argument("--recipe", action="store_true",
+                   help="also apply diffusers' published torch.compile recipe to the stage's pipeline before its "
+                        "first call: fused QKV projections and inductor's conv_1x1_as_mm, coordinate-descent "
+                        "tuning, no epilogue fusion (an experiment; longer compile)")
+    p.add_argument("--no-bare", action="store_true", help="run only the stage (no bare diffusers loop)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no further run after this many seconds (default 400; gpu.sh stops the process at 450)")
     a = p.parse_args(argv)
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "settings": {"resolution": a.resolution, "steps": a.steps, "strength": a.strength, "guidance_scale": 7.5,
                      "image_guidance_scale": 1.5, "dtype": a.dtype, "compile": a.compile, "channels_last": True,
-                     "overlap_decode": True, "io_threads": a.io_threads, "batches": a.batches, "batch": a.batch},
+                     "overlap_decode": True, "recipe": a.recipe, "io_threads": a.io_threads, "batches": a.batches, "batch": a.batch},
         "flop_basis": "counted rows x FlopCounterMode TFLOP per row; tflops_unet = UNet only, tflops_unet_vae adds "
                       "VAE encode and decode; text encoder not counted",
         "workloads": {},
@@ -400,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_model(kind, root, a.dry_run, device)
         stage = (InstructPix2PixEditor if kind == "ip2p" else SDEditEditor)(stage_config(kind, model, a, device))
         stage.setup()
+        if a.recipe:
+            apply_recipe(stage.pipe)
         built = time.perf_counter() - t
         batch = stage.batch_size
         tflop = forward_tflop(stage.pipe, a.resolution)
@@ -418,7 +436,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry["stage"] = figures(run_stage(stage, pngs, batch, a.batches, counter, device), counter.rows, tflop, peak)
         print_run(kind, "stage", entry["stage"])
         save()
-        if time.perf_counter() - started > a.budget_s:
+        if a.no_bare:
+            entry["bare"] = {"skipped": "--no-bare"}
+        elif time.perf_counter() - started > a.budget_s:
             entry["bare"] = {"skipped": f"over the {a.budget_s:.0f} s budget"}
         else:
             bare = type(stage.pipe)(**stage.pipe.components, requires_safety_checker=False)
