@@ -77,8 +77,9 @@ class Text2LiveSettings(BaseModel):
             back to ``gradient``) or ``gradient`` (SmoothGrad input-gradient saliency);
             either is stretched so its median is 0 and its 90th percentile 1.
         relevancy_samples: noisy copies averaged in the ``gradient`` map (SmoothGrad).
-        frame_weight: on a video atlas layer, the weight of the same losses on the edit
-            rendered into the video's frames (0: the atlas image alone, as for a still).
+        frame_weight: on a video atlas layer, the weight of the CLIP and structure losses
+            on the edit rendered into the video's frames (0: the atlas image alone, as for
+            a still; the sparsity prior stays on the atlas).
         frame_views: frames the edit is rendered into per step.
         structure_model: timm ViT architecture name (``vit_small_patch16_224``, with its
             weights in ``structure_weights``), or a local folder in timm's hub layout

@@ -216,10 +216,13 @@ class Text2LiveLayerGenerator:
             rel = relevancy_map(self._encode, x, e, self.settings.relevancy_samples, seed=seed)
         return rel[0, 0].cpu().numpy()
 
-    def _losses(self, x, rgb, alpha, texts, template, rel=None, bootstrap_w=0.0) -> tuple[torch.Tensor, dict]:
+    def _losses(self, x, rgb, alpha, texts, template, rel=None, bootstrap_w=0.0,
+                sparsity: bool = True) -> tuple[torch.Tensor, dict]:
         """The weighted total loss and its terms on views ``x`` (N, 3, H, W) with layers
         ``rgb``/``alpha``; ``texts``: target, screen and source (or None) embeddings (T, D);
-        ``template``: (N,) template index per view (None: every template, averaged)."""
+        ``template``: (N,) template index per view (None: every template, averaged);
+        ``sparsity``: whether the alpha prior is part of it (not on rendered frames: the
+        layer's alpha is regularised once, on the atlas, where it lives)."""
         s = self.settings
         n = x.shape[0]
         target, screen, source = texts
@@ -242,9 +245,11 @@ class Text2LiveLayerGenerator:
             d_img = (e_comp - e[2 * n:].detach())[:, None]
             d_txt = pick(target - source)
             terms["directional"] = (1 - F.cosine_similarity(d_img, d_txt, dim=-1, eps=1e-8)).mean()
-        terms["sparsity"] = s.sparsity_l1 * alpha.mean() + s.sparsity_l0 * (2 * torch.sigmoid(5 * alpha) - 1).mean()
-        total = (s.composition_weight * terms["composition"] + s.screen_weight * terms["screen"]
-                 + s.sparsity_weight * terms["sparsity"])
+        total = s.composition_weight * terms["composition"] + s.screen_weight * terms["screen"]
+        if sparsity:
+            terms["sparsity"] = (s.sparsity_l1 * alpha.mean()
+                                 + s.sparsity_l0 * (2 * torch.sigmoid(5 * alpha) - 1).mean())
+            total = total + s.sparsity_weight * terms["sparsity"]
         if "directional" in terms:
             total = total + s.directional_weight * terms["directional"]
         if self.keys is not None:
@@ -272,9 +277,11 @@ class Text2LiveLayerGenerator:
                 ``source_prompt`` setting wins over it. None: those two losses are off.
             frames: when ``image`` is a video atlas layer, the video's frames and the
                 layer's UV maps: every step the layer (the generator on the whole atlas
-                image) is rendered into ``frame_views`` random frames and the CLIP,
-                structure and sparsity losses are applied to those edited frames as well
-                (weight ``frame_weight``), so the edit reads right in every frame.
+                image) is rendered into ``frame_views`` random frames and the CLIP and
+                structure losses are applied to those edited frames as well (weight
+                ``frame_weight``), so the edit reads right in every frame. The sparsity
+                prior is not: it is the layer's, applied once on the atlas (on the frames
+                too, it collapsed the layer in 4 of 10 toy clips).
 
         Returns:
             the layer, the loss curves and the bootstrap target.
@@ -336,7 +343,8 @@ class Text2LiveLayerGenerator:
                     index = torch.randint(0, len(frames), (s.frame_views,), generator=g).to(self.device)
                     fx, frgb, falpha = frames.render(full_rgb, full_alpha * m if m is not None else full_alpha, index)
                     ftemplate = torch.randint(0, n_templates, (s.frame_views,), generator=g).to(self.device)
-                    ftotal, fterms = self._losses(fx, frgb, falpha, texts, ftemplate)
+                    ftotal, fterms = self._losses(fx, frgb, falpha, texts, ftemplate,
+                                                   sparsity=False)
                     total = total + s.frame_weight * ftotal
                     terms.update({f"frame {k}": v for k, v in fterms.items()})
                 opt.zero_grad(set_to_none=True)
@@ -377,6 +385,7 @@ class Text2LiveLayerGenerator:
     def composite(image: Any, rgba: np.ndarray) -> np.ndarray:
         """The layer over the image (see the module-level ``composite``)."""
         return composite(image, rgba)
+
 
 
 def _to_rgba8(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:

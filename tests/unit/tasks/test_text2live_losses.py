@@ -233,6 +233,8 @@ def test_a_video_layer_trains_on_rendered_frames_too(gen):
     valid[:, -4:] = False
     res = gen.fit(lay.image, "a green circle", seed=0, mask=valid, source="a red circle", frames=af)
     assert {"frame composition", "frame directional", "frame structure", "frame screen"} <= set(res.curves)
+    # The sparsity prior is the layer's, applied once on the atlas: on the frames too it collapsed the layer.
+    assert "sparsity" in res.curves and "frame sparsity" not in res.curves
     assert len(res.curves["frame composition"]) == len(res.losses) and (res.rgba[:, -4:, 3] == 0).all()
     still = Text2LiveLayerGenerator(gen.clip, gen.tokenizer, {**FAST, "frame_weight": 0.0})
     assert not any(k.startswith("frame") for k in still.fit(lay.image, "x", frames=af).curves)

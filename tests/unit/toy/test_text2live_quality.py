@@ -50,7 +50,7 @@ def test_fast_subset_bootstrapping_puts_the_edit_on_the_object(one_torch_thread)
 def test_fast_video_subset_recolours_every_frame_consistently(one_torch_thread):
     from pixelmill.toy.text2live_video_quality import measure_video
 
-    res = measure_video(frames=6, variants={"atlas + frames": {}})
+    res = measure_video(frames=6, seeds=(0,), variants={"atlas + frames": {}})
     v = res["variants"]["atlas + frames"]
     assert res["original_colour"] == ["red"] * 6
     assert v["colour"] >= 0.7 and v["temporal_ratio"] <= 2.0, v
@@ -72,8 +72,8 @@ def test_full_text2live_quality(one_torch_thread):
     assert a["no bootstrapping"]["colour"] < a["full"]["colour"] - 0.2
     assert a["no bootstrapping"]["outside"] > a["full"]["outside"] + 0.2
     assert a["no directional"]["colour"] < a["full"]["colour"]
-    v = res["video"]["variants"]
-    assert all(x["colour"] >= 0.7 for x in v.values()), v
-    # More weight on the rendered frames, more temporal consistency; the defaults (1.55×) miss the 1.5× target.
-    assert v["atlas + frames, weight 2"]["temporal_ratio"] <= 1.5, v
+    v = {k: {m: x for m, x in fig.items() if m != "runs"} for k, fig in res["video"]["variants"].items()}
+    # The defaults over 10 layer seeds: clips recoloured (>= 0.7 of frames green) and the mean temporal
+    # consistency within 1.5x the original's; the losses on rendered frames steady the edit.
+    assert v["atlas + frames"]["clips_green"] >= 0.7 and v["atlas + frames"]["temporal_ratio"] <= 1.5, v
     assert v["atlas only"]["temporal_ratio"] > v["atlas + frames"]["temporal_ratio"], v
