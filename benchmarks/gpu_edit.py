@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
         "settings": {"resolution": a.resolution, "steps": a.steps, "strength": a.strength, "guidance_scale": 7.5,
                      "image_guidance_scale": 1.5, "dtype": a.dtype, "compile": a.compile, "channels_last": True,
-                     "overlap_decode": True, "recipe": a.recipe, "io_threads": a.io_threads, "batches": a.batches, "batch": a.batch},
+                     "overlap_decode": True, "recipe": a.recipe, "io_threads": a.io_threads, "batches": a.batches,
+                     "batch": a.batch},
         "flop_basis": "counted rows x FlopCounterMode TFLOP per row; tflops_unet = UNet only, tflops_unet_vae adds "
                       "VAE encode and decode; text encoder not counted",
         "workloads": {},

@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=1000, help="input shards of the many-shard run (about)")
     p.add_argument("--few", type=int, default=8, help="input shards of the baseline run")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--rounds", type=int, default=2, help="few/many pairs, alternated (the tests' tiny run: 1)")
     args = p.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pixelmill-orch-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -127,8 +128,9 @@ def main() -> None:
 
         # untimed: the first flow run in a process pays one-off costs (imports, Prefect's flow registration)
         bulk_edit_flow(config("warm-up", inputs["few"][0], limit=2).model_dump(mode="json"), show_progress=False)
-        for name in ("few", "many", "few2", "many2"):  # alternated: a load change hits both
-            kind = name.rstrip("2")
+        rounds = [("few", "many")] + [(f"few{k}", f"many{k}") for k in range(2, args.rounds + 1)]
+        for name in [n for pair in rounds for n in pair]:  # alternated: a load change hits both
+            kind = name.rstrip("0123456789")
             url, n_shards = inputs[kind]
             cfg = config(name, url)
             before = db.stat().st_size
@@ -147,7 +149,7 @@ def main() -> None:
                   f"Prefect db +{r['db_growth'] / 2**20:5.2f} MiB  "
                   f"object store peak {store.peak / 2**20:6.1f} of {store.capacity / 2**20:,.0f} MiB", flush=True)
     per_shard = []
-    for few, many in (("few", "many"), ("few2", "many2")):
+    for few, many in rounds:
         a, b = results[few], results[many]
         extra = (b["wall"] - b["setup_s"] - b["call_s"]) - (a["wall"] - a["setup_s"] - a["call_s"])
         per_shard.append(extra / (b["shards"] - a["shards"]))

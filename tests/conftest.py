@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,14 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="pixelmill-session-"))
 isolate_aws_env(_SESSION_DIR / "aws")
 # local copies of remote models and adapters (storage.local_copy), never the user's ~/.cache
 os.environ.setdefault("PIXELMILL_CACHE", str(_SESSION_DIR / "cache"))
+# The Ray clusters the tests start use token authentication (RAY_AUTH_MODE above), and `ray start`
+# refuses to start without a token: on a fresh machine there is no ~/.ray/auth_token. The session
+# makes its own (as Ray's generator does), never reading or writing the user's.
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    _token = _SESSION_DIR / "ray_auth_token"
+    _token.write_text(secrets.token_hex(32))
+    _token.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token)
 atexit.register(shutil.rmtree, _SESSION_DIR, True)
 
 

@@ -25,8 +25,8 @@ import pytest
 from tests.golden.test_golden import (  # noqa: F401 - fixtures used by name
     CASES,
     ORDER,
+    Expected,
     _run_and_collect,
-    diff_paths,
     expected,
     golden,
     kill_delay_for,
@@ -44,9 +44,10 @@ KILLS = int(os.environ.get("PIXELMILL_CHAOS_KILLS", "10"))
 PROVENANCE = {"video": ("metrics.columns.atlas_reused",), "finetune": ("results.columns.attempts",)}
 
 
-def output_differences(case: str, expected_record, record) -> list[str]:
-    """``diff_paths`` less the case's provenance columns (and the digest of a table they alone moved)."""
-    differences = diff_paths(expected_record, record)
+def output_differences(case: str, want: Expected, record) -> list[str]:
+    """The differences from the case's expected record (less what this machine does not compare, see
+    ``test_golden.Expected``), less its provenance columns (and the digest of a table they alone moved)."""
+    differences = want.differences(case, record)
     ignored = PROVENANCE.get(CASES[case]["command"], ())
     own = [d for d in differences if not (ignored and d.startswith(ignored))]
     moved = {d.split(".columns.", 1)[0] for d in differences if ignored and d.startswith(ignored)}
@@ -59,7 +60,7 @@ def test_killed_at_seeded_points_resumes_to_the_same_output(case, golden, cluste
     started = time.monotonic()
     proc, record, _ = _run_and_collect(case, cwd, cluster, norm)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert not diff_paths(expected[case], record), f"{case}: the uninterrupted run already differs"
+    assert not expected.differences(case, record), f"{case}: the uninterrupted run already differs"
     span = time.monotonic() - started
     tally = {"case": case, "command": CASES[case]["command"], "kills": 0, "mid_run": 0, "identical": 0,
              "missed": 0, "span_s": round(span, 1), "points": []}
@@ -76,7 +77,7 @@ def test_killed_at_seeded_points_resumes_to_the_same_output(case, golden, cluste
         if proc.returncode != 0:
             failures.append(f"seed {seed} (killed at {kill['after']} s): rerun failed: {proc.stderr[-1500:]}")
             continue
-        differences = output_differences(case, expected[case], record)
+        differences = output_differences(case, expected, record)
         if differences:
             failures.append(f"seed {seed} (killed at {kill['after']} s): " + "; ".join(differences[:5]))
         else:
@@ -93,15 +94,21 @@ def test_cases_cover_every_flow():
     assert {c["command"] for c in CASES.values()} == {"edit", "pairs", "retrieve", "finetune", "video"}
 
 
+def one(case: str, record) -> Expected:
+    """An ``Expected`` holding one case's record, compared exactly."""
+    return Expected({case: record}, {}, {})
+
+
 def test_only_the_provenance_column_and_its_digest_are_forgiven():
     expected_record = {"metrics": {"digest": "a", "columns": {"atlas_reused": "x", "psnr": "p"}}}
     reused = {"metrics": {"digest": "b", "columns": {"atlas_reused": "y", "psnr": "p"}}}
-    assert output_differences("video-homography", expected_record, reused) == []
+    assert output_differences("video-homography", one("video-homography", expected_record), reused) == []
     also_psnr = {"metrics": {"digest": "b", "columns": {"atlas_reused": "y", "psnr": "q"}}}
-    assert [d.split(":")[0] for d in output_differences("video-homography", expected_record, also_psnr)] \
-        == ["metrics.columns.psnr"]
-    assert output_differences("edit-sdedit", expected_record, reused)  # not forgiven outside video
+    moved = output_differences("video-homography", one("video-homography", expected_record), also_psnr)
+    assert [d.split(":")[0] for d in moved] == ["metrics.columns.psnr"]
+    assert output_differences("edit-sdedit", one("edit-sdedit", expected_record), reused)  # not forgiven outside video
     expected_results = {"results": {"digest": "a", "columns": {"attempts": "1", "loss": "l"}}}
     resumed = {"results": {"digest": "b", "columns": {"attempts": "2", "loss": "l"}}}
-    assert output_differences("finetune", expected_results, resumed) == []
-    assert output_differences("video-homography", expected_results, resumed)  # only the campaign's attempts
+    assert output_differences("finetune", one("finetune", expected_results), resumed) == []
+    # only the campaign's attempts are forgiven
+    assert output_differences("video-homography", one("video-homography", expected_results), resumed)
