@@ -34,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pixelmill.config.pairs import MODEL_THRESHOLDS, PAPER_THRESHOLDS
 from pixelmill.toy import world
 
 TRAIN_PAIRS_SEED = 21
@@ -46,9 +47,14 @@ RENDER: dict[str, Any] = {"model": "toy:sd", "clip_model": "toy:clip", "samples_
                           "cfg_range": (3.0, 6.0), "batch_size": 16, "device": "cpu", "dtype": "float32", "seed": 0}
 """The toy pairs settings: the toy SD's guidance is best near 4 (its model card), so cfg 3-6, not the paper's 7.5-15."""
 OPEN = {"min_image_similarity": -1.0, "min_direction": -1.0, "min_image_caption": -1.0}
-PAPER = {"min_image_similarity": 0.7, "min_direction": 0.2, "min_image_caption": 0.2}
-TOY_THRESHOLDS = {"min_image_similarity": 0.7, "min_direction": 0.2, "min_image_caption": 0.2}
-"""Calibrated for toy:clip by ``calibrate`` (filled from its result; README "Quality")."""
+PAPER = PAPER_THRESHOLDS
+TOY_THRESHOLDS = MODEL_THRESHOLDS["toy:clip"]
+"""The filter's thresholds for toy:clip: ``calibrate`` on the 2,618 samples of 1,600 captions of world
+``TRAIN_PAIRS_SEED`` (1,309 distinct captions; ``python -m pixelmill.toy.ip2p pairs --calibrate``, 2026-12-04):
+good share 0.597 unfiltered -> 0.810 kept, yield 0.51 (the paper's 0.7/0.2/0.2 there: 0.630, yield 0.12).
+The toy CLIP's image-image cosines are low (median 0.46 between a pair's two images), its
+direction cosines high (median 0.65). A pairs config naming ``clip_model: toy:clip`` and no thresholds
+gets these (``config.pairs.MODEL_THRESHOLDS``); every other CLIP model gets the paper's."""
 MIN_YIELD = 0.5
 """Calibration keeps only threshold settings under which at least this share of captions keeps a pair."""
 GRID = {"min_image_similarity": (-1.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
@@ -91,10 +97,10 @@ def render(rows: pa.Table, overrides: dict[str, Any] | None = None) -> pa.Table:
 
 def judge(table: pa.Table) -> list[dict[str, Any]]:
     """Per rendered sample: its scores, ground truth and what the detectors read (``good``)."""
+    import numpy as np
+
     from pixelmill.datasets.images import decode_image
     from pixelmill.toy.detect import detect
-
-    import numpy as np
 
     out = []
     for r in table.to_pylist():
@@ -173,13 +179,19 @@ def measure_pairs(out: Path, captions: int, seed: int = REPORT_SEED,
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    rows = instructions(caption_table(seed, 0, captions))
-    judged = judge(render(rows))
+    rendered = render(instructions(caption_table(seed, 0, captions)))
+    return report(rendered, out, seed, captions, thresholds, time.perf_counter() - t0)
+
+
+def report(rendered: pa.Table, out: Path, seed: int, captions: int, thresholds: dict[str, float] | None = None,
+           seconds: float | None = None) -> dict[str, Any]:
+    """The figures of ``measure_pairs`` from its rendered samples (``render``'s table)."""
+    judged = judge(rendered)
     toy = thresholds or TOY_THRESHOLDS
-    doc = {"seed": seed, "captions": captions, "instructions": rows.num_rows, "render": _plain(RENDER),
-           "writer": WRITER, "unfiltered": summary(judged, None), "paper_thresholds": PAPER,
-           "paper_filter": summary(judged, PAPER), "toy_thresholds": toy, "toy_filter": summary(judged, toy),
-           "seconds": round(time.perf_counter() - t0, 1)}
+    doc = {"seed": seed, "captions": captions, "distinct_captions": len({j["parent_id"] for j in judged}),
+           "render": _plain(RENDER), "writer": WRITER, "unfiltered": summary(judged, None),
+           "paper_thresholds": PAPER, "paper_filter": summary(judged, PAPER), "toy_thresholds": toy,
+           "toy_filter": summary(judged, toy), "seconds": None if seconds is None else round(seconds, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc
