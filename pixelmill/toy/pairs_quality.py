@@ -197,6 +197,27 @@ def report(rendered: pa.Table, out: Path, seed: int, captions: int, thresholds: 
     return doc
 
 
+def foreign_colours(captions: int = 100, seed: int = REPORT_SEED) -> dict[str, Any]:
+    """The template writer's OWN colour list (pink, golden, silver, turquoise: colours toy:sd never drew) on
+    toy captions: per filter (open, the toy thresholds, the paper's), how many kept pairs ask for such a
+    colour, and the good share of the rest."""
+    from pixelmill.tasks.instructions.stage import InstructionStage
+
+    stage = InstructionStage({"writer": "template", "writer_options": {"edits": ["change_colour"]}, "seed": 0})
+    stage.setup()
+    out = stage(caption_table(seed, 0, captions))
+    rows = out.filter(pa.compute.equal(out["status"], "ok")).select(["id", "caption", "edit_prompt",
+                                                                     "edited_caption"])
+    judged = judge(render(rows))
+    res: dict[str, Any] = {"seed": seed, "captions": captions}
+    for name, t in (("open", None), ("toy", TOY_THRESHOLDS), ("paper", PAPER)):
+        kept_rows = judged if t is None else kept(judged, t)
+        ours = [j for j in kept_rows if j["target"] in world.COLORS]
+        res[name] = {"pairs": len(kept_rows), "foreign_target": len(kept_rows) - len(ours),
+                     "good_of_world_targets": round(sum(j["good"] for j in ours) / max(1, len(ours)), 4)}
+    return res
+
+
 def render_shards(work: Path, captions: int, seed: int = TRAIN_PAIRS_SEED, shard: int = 200, part: int = 0,
                   parts: int = 1) -> list[Path]:
     """Render captions ``0 .. captions - 1`` of world ``seed`` open, ``shard`` captions per Parquet file in
@@ -229,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-to", help="only render captions open into this folder (training pairs)")
     parser.add_argument("--part", type=int, default=0)
     parser.add_argument("--parts", type=int, default=1)
+    parser.add_argument("--foreign-colours", action="store_true",
+                        help="the writer's own colour list instead: how many kept pairs ask for a non-toy colour")
     args = parser.parse_args(argv)
+    if args.foreign_colours:
+        print(json.dumps(foreign_colours(args.captions, args.seed), indent=1))
+        return 0
     if args.render_to:
         import torch
 
