@@ -66,6 +66,39 @@ def test_toy_ip2p_loads_with_the_normal_loaders_and_shares_the_toy_sds_frozen_pa
     assert model_fingerprint("toy:ip2p") == model_fingerprint("toy:ip2p") != model_fingerprint("toy:sd")
 
 
+def test_a_toy_model_borrowing_components_resolves_to_a_complete_folder(tmp_path, monkeypatch):
+    """``shared_components.json``: the borrowed parts appear, file by file, beside the model's own;
+    the folder is built once and reused; a missing source is named."""
+    from pixelmill.models import loading
+    from pixelmill.models.shared_components import assembled_folder
+
+    base, own = tmp_path / "base", tmp_path / "own"
+    (base / "vae").mkdir(parents=True)
+    (base / "vae" / "config.json").write_text("{}")
+    (own / "unet").mkdir(parents=True)
+    (own / "unet" / "config.json").write_text('{"in_channels": 8}')
+    (own / "model_index.json").write_text("{}")
+    (own / "shared_components.json").write_text('{"components": {"vae": "base"}}')
+    monkeypatch.setattr(loading, "TOY_MODELS_DIR", tmp_path)
+    folder = Path(loading.resolve_model_name("toy:own"))
+    assert folder != own and (folder / "vae" / "config.json").read_text() == "{}"
+    assert (folder / "unet" / "config.json").read_text() == '{"in_channels": 8}'
+    assert not (folder / "shared_components.json").exists()
+    assert assembled_folder(own, tmp_path) == folder and loading.resolve_model_name("toy:base") == str(base)
+    (own / "shared_components.json").write_text('{"components": {"text_encoder": "base"}}')
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        assembled_folder(own, tmp_path)
+
+
+def test_shipped_toy_ip2p_is_small_and_described():
+    shipped = Path(world.__file__).parent / "models"
+    size = sum(f.stat().st_size for f in (shipped / "ip2p").rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in shipped.rglob("*") if f.is_file())
+    assert size < 10_000_000 and total < 40_000_000, (size, total)
+    card = (shipped / "ip2p" / "MODEL_CARD.md").read_text()
+    assert "pixelmill finetune configs/finetune-toy-ip2p.yaml" in card and "toy:ip2p" in card
+
+
 def check_edit_targets(doc: dict) -> None:
     """The issue's thresholds as written: requested colour >= 0.7 and shape kept >= 0.7."""
     d = doc["default"]
