@@ -333,6 +333,7 @@ def _demo_pairs(root: Path, models: dict[str, str], notes: list[str]) -> str:
 
 def run_demo(root: Path, ray_address: str | None = None) -> int:
     """Run the demo into ``root``; returns the exit status."""
+    from pixelmill.models.tiny import save_tiny_models
     from pixelmill.report import render_multi_report
     from pixelmill.runtime import Runtime
     from pixelmill.toy.samples import write_toy_images
@@ -352,6 +353,8 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
          "(pixelmill/toy/models/*/MODEL_CARD.md)")
     models["instruct_pix2pix"] = "toy:ip2p"
     _say("InstructPix2Pix: toy:ip2p, trained from toy:sd on toy instruction pairs (its model card)")
+    _say("writing the random-weight tiny models the example configs name (pixelmill-demo/models/*) offline")
+    save_tiny_models(str(root / "models"))
     cfgs = demo_configs(root, models)
 
     home = root / ".pixelmill"
