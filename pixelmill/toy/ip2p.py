@@ -169,6 +169,20 @@ def score(images, items: list[dict[str, Any]]) -> dict[str, float]:
     return {k: round(v / n, 4) for k, v in hits.items()}
 
 
+def save_strip(items: list[dict[str, Any]], edited, path: Path, cols: int = 16) -> None:
+    """Inputs over their edits, ``cols`` per row pair (the model card's ``samples.png``)."""
+    from PIL import Image
+
+    n, k = world.IMAGE_SIZE, min(len(items), len(edited))
+    rows = (k + cols - 1) // cols
+    grid = Image.new("RGB", (cols * n, 2 * rows * n), "white")
+    for i in range(k):
+        x, y = (i % cols) * n, (i // cols) * 2 * n
+        grid.paste(items[i]["image"], (x, y))
+        grid.paste(edited[i], (x, y + n))
+    grid.save(path)
+
+
 def load(model: str):
     from pixelmill.models.loading import load_instruct_pix2pix_pipeline
 
