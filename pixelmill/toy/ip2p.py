@@ -128,7 +128,7 @@ def edit_items(n: int, seed: int = EDIT_SEED) -> list[dict[str, Any]]:
         target = str(rng.choice([c for c in world.COLORS if c not in taken]))
         wording = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
         items.append({"image": image, "caption": caption, "shape": obj.shape, "color": obj.color,
-                      "position": obj.position, "target": target,
+                      "position": obj.position, "background": obj.background, "target": target,
                       "instruction": wording.format(shape=obj.shape, color=target)})
     return items
 
@@ -153,14 +153,16 @@ def edit(pipe, items: list[dict[str, Any]], guidance: float, image_guidance: flo
 
 
 def score(images, items: list[dict[str, Any]]) -> dict[str, float]:
-    """Shares of edits showing the requested colour, keeping the shape, keeping the position, and both
-    colour and shape; plus the share still showing the source colour."""
+    """Shares of edits showing the requested colour, keeping the shape, keeping the position (3x3 cell),
+    keeping the background (its first colour), and both colour and shape; plus the share still showing
+    the source colour."""
     from pixelmill.toy.detect import detect
 
     n = len(items)
-    hits = {"color": 0, "shape": 0, "position": 0, "both": 0, "source_color": 0}
+    hits = {"color": 0, "shape": 0, "position": 0, "background": 0, "both": 0, "source_color": 0}
     for im, it in zip(images, items):
         d = detect(im)
+        hits["background"] += d.background == it["background"]
         hits["color"] += d.color == it["target"]
         hits["shape"] += d.shape == it["shape"]
         hits["position"] += d.position == it["position"]

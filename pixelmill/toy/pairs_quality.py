@@ -118,6 +118,7 @@ def judge(table: pa.Table) -> list[dict[str, Any]]:
                     "target": tgt["color"], "target_is_background": tgt["color"] in tgt.get("background", ""),
                     "before_ok": ok_before, "after_colour": after.color == tgt["color"],
                     "after_shape": after.shape == before.shape, "after_position": after.position == before.position,
+                    "after_background": after.background == before.background,
                     "good": ok_before and ok_after})
     return out
 
@@ -150,7 +151,8 @@ def summary(judged: list[dict[str, Any]], thresholds: dict[str, float] | None) -
     return {"pairs": n, "captions_kept": len({j["parent_id"] for j in rows}), "captions": captions,
             "yield": round(len({j["parent_id"] for j in rows}) / max(1, captions), 4),
             "good": share("good"), "before_ok": share("before_ok"), "after_colour": share("after_colour"),
-            "after_shape": share("after_shape"), "after_position": share("after_position")}
+            "after_shape": share("after_shape"), "after_position": share("after_position"),
+            "after_background": share("after_background")}
 
 
 def calibrate(judged: list[dict[str, Any]], min_yield: float = MIN_YIELD) -> dict[str, Any]:

@@ -114,6 +114,14 @@ def test_toy_ip2p_fast_subset(one_torch_thread):
     check_edit_targets(doc)
 
 
+@pytest.mark.slow
+def test_toy_pairs_fast_subset_the_filter_raises_the_good_share(tmp_path, one_torch_thread):
+    """40 report captions through the pairs stages (fixed seeds): the toy filter's kept pairs are good
+    more often than all rendered ones."""
+    doc = pairs_quality.measure_pairs(tmp_path, 40)
+    assert doc["toy_filter"]["pairs"] > 0 and doc["toy_filter"]["good"] > doc["unfiltered"]["good"], doc
+
+
 @pytest.mark.quality
 def test_toy_pairs_quality_the_filter_raises_the_good_share(one_torch_thread):
     """``make quality``: 200 report captions (a seed the thresholds were not calibrated on); kept pairs
