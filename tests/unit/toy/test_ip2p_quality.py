@@ -20,7 +20,7 @@ from pixelmill.toy import ip2p, pairs_quality, world
 def _judged(parent: str, sample: int, scores, good: bool) -> dict:
     return {"id": f"{parent}-{sample}", "parent_id": parent, "sample": sample, "scores": scores, "target": "red",
             "target_is_background": False, "before_ok": True, "after_colour": good, "after_shape": True,
-            "after_position": True, "good": good}
+            "after_position": True, "after_background": True, "good": good}
 
 
 def test_filter_summary_and_calibration_on_given_scores():
