@@ -50,7 +50,8 @@ OPEN = {"min_image_similarity": -1.0, "min_direction": -1.0, "min_image_caption"
 PAPER = PAPER_THRESHOLDS
 TOY_THRESHOLDS = MODEL_THRESHOLDS["toy:clip"]
 """The filter's thresholds for toy:clip: ``calibrate`` on the 2,618 samples of 1,600 captions of world
-``TRAIN_PAIRS_SEED`` (1,309 distinct captions; ``python -m pixelmill.toy.ip2p pairs --calibrate``, 2026-12-04):
+``TRAIN_PAIRS_SEED`` (1,309 after the per-call duplicate check, 829 distinct; ``python -m pixelmill.toy.ip2p pairs
+--calibrate``, 2026-12-04):
 good share 0.597 unfiltered -> 0.810 kept, yield 0.51 (the paper's 0.7/0.2/0.2 there: 0.630, yield 0.12).
 The toy CLIP's image-image cosines are low (median 0.46 between a pair's two images), its
 direction cosines high (median 0.65). A pairs config naming ``clip_model: toy:clip`` and no thresholds
