@@ -7,8 +7,8 @@ a Prefect API server on 127.0.0.1) and runs, on the trained toy models ``toy:sd`
 pairs (template writer, Prompt-to-Prompt, CLIP filter), exactly-N retrieval from a toy
 pool served on 127.0.0.1, a fine-tuning campaign (Textual Inversion, LoRA, DreamBooth)
 on the held-out heart shape and a bulk edit with its adapters, and the two video edits.
-No trained InstructPix2Pix exists yet, so its edit and the pairs -> fine-tune -> edit
-pipeline run on a random-weight tiny one (noise: they show the pipeline, not an edit).
+InstructPix2Pix runs on ``toy:ip2p`` (trained from toy:sd on toy instruction pairs): a bulk edit,
+and the pairs -> fine-tune -> edit pipeline, a small version of ``configs/pipeline-toy-ip2p.yaml``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ STRENGTHS = (0.5, 0.8)
 VIDEO_PROMPT = "a large green circle on a white and blue background"
 RETRIEVAL_PROMPTS = ("a red circle", "a blue square")
 CONCEPT = "heart"
-NOISE = "random-weight InstructPix2Pix: noise, pipeline only"
+IP2P = "InstructPix2Pix on toy:ip2p: 'make the {shape} green'"
 
 
 def _say(msg: str) -> None:
@@ -56,10 +56,10 @@ def demo_configs(root: Path, models: dict[str, str]) -> dict[str, EditConfig]:
     cfgs[f"SDEdit t0 search on toy:sd (strength auto, target L2 0.2): '{COLOR_PROMPT}'"] = EditConfig(
         **toy, output=str(root / "datasets" / "edit-sdedit-auto"), prompt=COLOR_PROMPT, strength="auto",
         target_l2=0.2)
-    cfgs[NOISE] = EditConfig(
+    cfgs[IP2P] = EditConfig(
         **common, output=str(root / "datasets" / "edit-ip2p"), method="instruct_pix2pix",
-        model=models["instruct_pix2pix"], instruction="make the {shape} green", steps=10, guidance_scale=7.5,
-        image_guidance_scale=1.5)
+        model=models["instruct_pix2pix"], instruction="make the {shape} green", steps=TOY_SAMPLING["steps"],
+        guidance_scale=TOY_SAMPLING["guidance_scale"], image_guidance_scale=1.5)
     names = [f"edit-sdedit-{s}" for s in STRENGTHS] + ["edit-sdedit-auto", "edit-ip2p"]
     for name, cfg in zip(names, cfgs.values()):
         _write_config(root, name, cfg)
@@ -256,8 +256,9 @@ def _demo_video(root: Path, models: dict[str, str], notes: list[str]) -> str:
 
 
 def demo_pipeline(root: Path, models: dict[str, str]) -> dict:
-    """The demo's chained pipeline (also written as ``configs/pipeline-ip2p.yaml``): instruction
-    pairs on the toy models -> a fine-tune of the random-weight InstructPix2Pix on them -> a bulk edit with it."""
+    """The demo's chained pipeline (also written as ``configs/pipeline-ip2p.yaml``), a small version of
+    ``configs/pipeline-toy-ip2p.yaml``: instruction pairs on the toy models -> a few fine-tuning steps of the
+    toy InstructPix2Pix (``toy:ip2p``, itself trained from toy:sd on such pairs) on them -> a bulk edit with it."""
     out = root / "pipeline-ip2p"
     return {"steps": [
         {"name": "pairs", "uses": "pairs", "with": {
@@ -270,14 +271,15 @@ def demo_pipeline(root: Path, models: dict[str, str]) -> dict:
         {"name": "train", "uses": "finetune", "with": {
             "output": str(out / "campaign"), "model": models["instruct_pix2pix"],
             "concepts": {"edits": {"instance_data": "${steps.pairs.output}/pairs"}},
-            "defaults": {"resolution": TOY_RES, "max_steps": 6, "train_batch_size": 2, "learning_rate": 1e-4,
-                         "center_crop": True},
+            "defaults": {"resolution": TOY_RES, "max_steps": 6, "train_batch_size": 2, "learning_rate": 1e-5,
+                         "center_crop": True, "random_flip": False},
             "jobs": [{"name": "ip2p", "method": "instruct_pix2pix", "concepts": ["edits"]}],
-            "eval": {"prompts": ["make it green"], "samples_per_prompt": 1, "steps": 4}}},
+            "eval": {"prompts": ["make the circle green"], "samples_per_prompt": 1, "steps": 4}}},
         {"name": "edit", "uses": "edit", "with": {
             "input": str(root / "datasets" / "images"), "output": str(out / "edited"), "method": "instruct_pix2pix",
-            "model": "${steps.train.jobs.ip2p}", "instruction": "make it green", "steps": 6,
-            "resolution": TOY_RES, "batch_size": 4, "seed": 0}},
+            "model": "${steps.train.jobs.ip2p}", "instruction": "make the {shape} green",
+            "steps": TOY_SAMPLING["steps"], "guidance_scale": TOY_SAMPLING["guidance_scale"],
+            "image_guidance_scale": 1.5, "resolution": TOY_RES, "batch_size": 4, "seed": 0}},
     ]}
 
 
@@ -291,13 +293,17 @@ def _demo_pipeline(root: Path, models: dict[str, str]) -> str:
     path = root / "configs" / "pipeline-ip2p.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     remove(str(root / "pipeline-ip2p"))
-    _say("pipeline (pixelmill run): toy pairs -> fine-tune of the RANDOM-WEIGHT tiny InstructPix2Pix on them "
-         "-> bulk edit with it, one flow (no trained toy InstructPix2Pix exists yet: its edits are noise)")
+    _say("pipeline (pixelmill run): toy pairs -> 6 fine-tuning steps of toy:ip2p on them -> bulk edit with the "
+         "result, one flow (configs/pipeline-toy-ip2p.yaml is the full-size version that made toy:ip2p)")
     steps = PipelineConfig.model_validate(data).preflight_steps(path.parent)
     summaries = pipeline_flow(steps)
     edited = summaries["edit"]
+    read = detector_readout(str(root / "pipeline-ip2p" / "edited"), str(root / "datasets" / "images"))
+    green = sum(d.color == "green" for d, _ in read)
+    kept = sum(d.shape == lab.get("shape") for d, lab in read)
     _say(f"  {summaries['pairs'].get('pairs')} pairs -> job trained -> {edited.get('rows_out')} rows edited "
-         f"with it ({edited.get('rejects')} rejected); config: {path}")
+         f"with it ({edited.get('rejects')} rejected; toy detectors: {green}/{len(read)} read green, "
+         f"{kept}/{len(read)} keep their shape); config: {path}")
     return str(root / "pipeline-ip2p" / "edited")
 
 
@@ -345,9 +351,10 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
     models = {"sd": "toy:sd", "clip": "toy:clip"}
     _say("models: toy:sd and toy:clip, trained on the toy world and shipped in the package "
          "(pixelmill/toy/models/*/MODEL_CARD.md)")
-    _say("building the random-weight tiny models offline (InstructPix2Pix: no trained toy one exists yet)")
-    tiny = save_tiny_models(str(root / "models"))
-    models["instruct_pix2pix"] = tiny["instruct_pix2pix"]
+    models["instruct_pix2pix"] = "toy:ip2p"
+    _say("InstructPix2Pix: toy:ip2p, trained from toy:sd on toy instruction pairs (its model card)")
+    _say("writing the random-weight tiny models the example configs name (pixelmill-demo/models/*) offline")
+    save_tiny_models(str(root / "models"))
     cfgs = demo_configs(root, models)
 
     home = root / ".pixelmill"
@@ -364,7 +371,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
             _say(f"bulk-edit, {title}: {cfg.input} -> {cfg.output}")
             s = bulk_edit_flow(cfg.model_dump(), show_progress=True)
             line = f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected"
-            if cfg.method == "sdedit":
+            if cfg.method in ("sdedit", "instruct_pix2pix"):
                 read = detector_readout(cfg.output, images)
                 green = sum(d.color == "green" for d, _ in read)
                 kept = sum(d.shape == lab.get("shape") for d, lab in read)
@@ -381,7 +388,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
         _demo_video(root, models, notes)
         sections.append((f"bulk edit with campaign adapters (<{CONCEPT}> Textual Inversion + LoRA on toy:sd)",
                          adapter_edit))
-        sections.append((f"pipeline: toy pairs -> InstructPix2Pix fine-tune -> edit ({NOISE})",
+        sections.append(("pipeline: toy pairs -> InstructPix2Pix fine-tune of toy:ip2p -> edit",
                          _demo_pipeline(root, models)))
     report = render_multi_report(sections, str(root / "report.html"), title="pixelmill demo (toy world)")
     _say(f"finished in {time.perf_counter() - t_start:.0f}s")
@@ -395,6 +402,6 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
     print(f"Configs: {root / 'configs'}  (rerun one with: pixelmill edit {root / 'configs' / 'edit-sdedit-0.8.yaml'})")
     print(f"Browse the demo's runs in the Prefect UI:  pixelmill server --home {home}")
     print("(the edits ran on toy-world models trained by pixelmill, toy:sd and toy:clip: real edits in a 32x32 "
-          "world of coloured shapes (a new shape taught in 50 steps is not learnt yet); the InstructPix2Pix "
-          "parts use a random-weight test model: noise, pipeline only)")
+          "world of coloured shapes (a new shape taught in 50 steps is not learnt yet); InstructPix2Pix runs on "
+          "toy:ip2p, trained on toy instruction pairs)")
     return 0

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run every pipeline on toy-world images with the trained toy models",
                        description="Write toy-world images (one broken row), start the embedded runtime, run "
                                    "SDEdit, instruction pairs, retrieval, a fine-tuning campaign and video edits on "
-                                   "toy:sd and toy:clip (InstructPix2Pix on a random-weight tiny model), write "
+                                   "toy:sd and toy:clip (InstructPix2Pix on toy:ip2p), write "
                                    "the reports.")
     p.add_argument("--out", default="pixelmill-demo", help="demo folder (default: ./pixelmill-demo)")
     p.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)

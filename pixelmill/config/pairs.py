@@ -35,6 +35,22 @@ class InstructionSettings(StrictModel):
         return self
 
 
+PAPER_THRESHOLDS: dict[str, float] = {"min_image_similarity": 0.7, "min_direction": 0.2, "min_image_caption": 0.2}
+"""InstructPix2Pix's CLIP-filter thresholds, set for CLIP ViT-L/14: the defaults for every CLIP model
+not in ``MODEL_THRESHOLDS`` (``pair_filter.FilterThresholds`` has the same)."""
+MODEL_THRESHOLDS: dict[str, dict[str, float]] = {
+    # calibrated on the toy world (pixelmill/toy/pairs_quality.py, README "Quality"): the toy CLIP's
+    # image-image cosines are low and its direction cosines high; the paper's values keep 1 caption in 9
+    "toy:clip": {"min_image_similarity": 0.3, "min_direction": 0.6, "min_image_caption": 0.35},
+}
+"""Per CLIP model, the thresholds a pairs config gets when it leaves them out."""
+
+
+def default_thresholds(clip_model: str | None) -> dict[str, float]:
+    """The three filter thresholds a pairs config gets for ``clip_model`` when it names none."""
+    return dict(MODEL_THRESHOLDS.get(clip_model or "", PAPER_THRESHOLDS))
+
+
 class PairRenderSettings(StrictModel):
     """The image stage: Prompt-to-Prompt rendering and the CLIP filter (InstructPix2Pix defaults).
 
@@ -52,14 +68,23 @@ class PairRenderSettings(StrictModel):
     cfg_range: tuple[float, float] = (7.5, 15.0)
     cross_replace: bool = False
     batch_size: int = Field(default=4, ge=1)
-    min_image_similarity: float = 0.7
-    min_direction: float = 0.2
-    min_image_caption: float = 0.2
+    # left out: InstructPix2Pix's 0.7 / 0.2 / 0.2 (set for CLIP ViT-L/14), or the values calibrated
+    # for a toy CLIP (``pair_filter.MODEL_THRESHOLDS``: toy:clip 0.3 / 0.6 / 0.35)
+    min_image_similarity: float | None = None
+    min_direction: float | None = None
+    min_image_caption: float | None = None
     max_per_caption: int = Field(default=4, ge=1)
     adapters: list[AdapterSpec] = Field(default_factory=list)
     device: str = "auto"
     dtype: str = "auto"
     safety_checker: Literal["on", "off"] | None = None
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> PairRenderSettings:
+        for key, value in default_thresholds(self.clip_model).items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        return self
 
     @field_validator("safety_checker", mode="before")
     @classmethod

@@ -67,7 +67,9 @@ def resolve_model_name(model: str) -> str:
         known = sorted(p.name for p in TOY_MODELS_DIR.iterdir() if p.is_dir()) if TOY_MODELS_DIR.is_dir() else []
         shipped = ", ".join(TOY_PREFIX + k for k in known) or "none"
         raise ModelNotFound(f"unknown toy model {model!r}; shipped: {shipped}")
-    return str(path)
+    from pixelmill.models.shared_components import assembled_folder
+
+    return str(assembled_folder(path, TOY_MODELS_DIR))  # the folder itself, unless it borrows components
 
 
 def _is_remote(model: str) -> bool:

@@ -11,7 +11,7 @@ from pixelmill.config import EditConfig
 from pixelmill.datasets import Dataset
 from pixelmill.datasets.images import IMAGE_TYPE, encode_image
 from pixelmill.datasets.writer import write_table_dataset
-from pixelmill.demo import DEMO_SEED, NOISE, demo_configs, detector_readout, retrieval_precision
+from pixelmill.demo import DEMO_SEED, IP2P, demo_configs, detector_readout, retrieval_precision
 from pixelmill.tasks.edit.base import template_fields
 from pixelmill.toy import world
 from pixelmill.toy.samples import write_toy_images
@@ -28,7 +28,7 @@ def test_demo_edits_run_on_the_toy_models_and_fill_their_templates_from_toy_colu
     for cfg in sdedit:
         assert (cfg.model, cfg.clip_model, cfg.resolution) == ("toy:sd", "toy:clip", 32)
         assert set(template_fields(cfg.prompt)) <= columns, cfg.prompt
-    ip2p = cfgs[NOISE]
+    ip2p = cfgs[IP2P]
     assert ip2p.method == "instruct_pix2pix" and ip2p.model == MODELS["instruct_pix2pix"]
     assert set(template_fields(ip2p.instruction)) <= columns
     written = sorted(p.name for p in (tmp_path / "configs").glob("edit-*.yaml"))

@@ -621,3 +621,45 @@ def test_duplicate_captions_are_found_across_shards_and_rejected(tmp_path):
     assert rows[1]["status"] == "ok"
     # with a limit, later shards are not read, so nothing is a duplicate
     assert find_duplicate_captions(str(tmp_path / "caps"), "caption", 2, out) == 0
+
+
+def test_template_colours_option_restricts_the_new_colour_and_leaves_the_default_alone():
+    """``colours``: change_colour picks only from the given names (never the caption's own colour);
+    without it, the writer's own list and the same draws as before."""
+    toy = ["red", "green", "blue", "yellow", "purple", "orange"]
+    restricted = TemplateInstructionWriter(edits=["change_colour"], colours=toy)
+    default = TemplateInstructionWriter(edits=["change_colour"])
+    seen = set()
+    for seed in range(60):
+        edit = restricted.write_one("a small purple star on a white background", seed)
+        new = edit.edited.split()[2]
+        assert new in toy and new != "purple", edit
+        assert edit.instruction.split()[-1] == new or f"to {new}" in edit.instruction
+        seen.add(new)
+        plain = restricted.write_one("a picture of a car", seed)  # a colourable noun: a colour is inserted
+        assert plain.edited.split()[-2] in toy, plain
+    assert seen == set(toy) - {"purple"}
+    assert default.colours == TemplateInstructionWriter().colours
+    assert default.write_one("a purple star", 3) == TemplateInstructionWriter(edits=["change_colour"]).write_one(
+        "a purple star", 3)
+    with pytest.raises(ValueError, match="colours"):
+        TemplateInstructionWriter(colours=["red"])
+    with pytest.raises(ValueError, match="colours"):
+        TemplateInstructionWriter(colours=["red", "sky blue"])
+
+
+def test_pairs_config_thresholds_default_per_clip_model():
+    """Left out, the CLIP filter's thresholds are the paper's (set for ViT-L/14) for every CLIP but
+    the toy one, which gets the values calibrated for it; a value given is kept."""
+    from pixelmill.config import PairsConfig
+    from pixelmill.config.pairs import MODEL_THRESHOLDS, PAPER_THRESHOLDS
+
+    def thresholds(clip, **given):
+        images = PairsConfig(input="in", output="out", images={"model": "m", "clip_model": clip, **given}).images
+        return {k: getattr(images, k) for k in PAPER_THRESHOLDS}
+
+    assert PAPER_THRESHOLDS == {"min_image_similarity": 0.7, "min_direction": 0.2, "min_image_caption": 0.2}
+    assert thresholds("ViT-L-14/openai") == thresholds("some/folder") == PAPER_THRESHOLDS
+    assert thresholds("toy:clip") == MODEL_THRESHOLDS["toy:clip"] != PAPER_THRESHOLDS
+    assert thresholds("toy:clip", min_direction=0.1)["min_direction"] == 0.1
+    assert thresholds("ViT-L-14/openai", min_image_similarity=0.5)["min_image_similarity"] == 0.5

@@ -91,20 +91,31 @@ class TemplateInstructionWriter(InstructionWriter):
     Args:
         edits: the edit types to choose from (default: all of ``EDIT_TYPES``). A caption
             none of them applies to gets the error ``no_applicable_edit``.
+        colours: the new colours ``change_colour`` may pick (default: its own list,
+            ``red blue green yellow purple pink orange golden silver turquoise``). Restrict it
+            to what the image model can draw: a toy-world run passes ``world.COLORS``
+            (the toy SD never saw "turquoise"). Names outside the writer's own colour words
+            are allowed; an old colour the caption names is never picked as the new one.
     """
 
     name = "template"
 
-    def __init__(self, edits: Sequence[str] | None = None) -> None:
+    def __init__(self, edits: Sequence[str] | None = None, colours: Sequence[str] | None = None) -> None:
         chosen = tuple(edits) if edits is not None else EDIT_TYPES
         unknown = [e for e in chosen if e not in EDIT_TYPES]
         if unknown or not chosen:
             raise ValueError(f"writer_options.edits: unknown or empty {unknown or chosen!r}; "
                              f"choose from {', '.join(EDIT_TYPES)}")
         self.edits = chosen
+        if colours is not None:
+            colours = tuple(dict.fromkeys(str(c).strip().lower() for c in colours))
+            if len(colours) < 2 or not all(re.fullmatch(r"[a-z]+(-[a-z]+)?", c) for c in colours):
+                raise ValueError(f"writer_options.colours: need at least 2 single-word colour names, got {colours!r}")
+        self.colours = colours if colours is not None else _NEW_COLOURS
 
     def __repr__(self) -> str:
-        return f"TemplateInstructionWriter(edits={list(self.edits)!r})"
+        extra = "" if self.colours == _NEW_COLOURS else f", colours={list(self.colours)!r}"
+        return f"TemplateInstructionWriter(edits={list(self.edits)!r}{extra})"
 
     @property
     def model_name(self) -> str:
@@ -163,7 +174,10 @@ class TemplateInstructionWriter(InstructionWriter):
             if m.group(1).lower() == "orange" and (not after or after[0].lower() in _NP_STOP):
                 continue
             old = m.group(1).lower()
-            new = rng.choice([c for c in _NEW_COLOURS if c != old and {c, old} != {"gray", "grey"}])
+            choices = [c for c in self.colours if c != old and {c, old} != {"gray", "grey"}]
+            if not choices:
+                continue
+            new = rng.choice(choices)
             noun = re.sub(r"[^\w-]", "", after[0]).lower() if after and after[0].lower() not in _NP_STOP else ""
             if noun.isalpha():
                 wordings = (f"make {_the(noun)} {new}", f"change the color of {_the(noun)} to {new}",
@@ -176,7 +190,7 @@ class TemplateInstructionWriter(InstructionWriter):
             return None
         m = rng.choice(matches)
         noun = m.group(1).lower()
-        new = rng.choice(_NEW_COLOURS)
+        new = rng.choice(self.colours)
         instruction = rng.choice((f"make {_the(noun)} {new}", f"paint {_the(noun)} {new}",
                                   f"change the color of {_the(noun)} to {new}"))
         pos = m.start(1)
