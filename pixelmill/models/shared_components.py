@@ -63,7 +63,12 @@ def assembled_folder(path: Path, models_dir: Path) -> Path:
     key = hashlib.sha256(json.dumps([str(path.resolve()), [p.name for p in own],
                                      {k: str(v.resolve()) for k, v in sources.items()}]).encode()).hexdigest()[:16]
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    root = Path(tempfile.gettempdir()) / f"pixelmill-toy-models-{uid}" / f"{path.name}-{key}"
+    parent = Path(tempfile.gettempdir()) / f"pixelmill-toy-models-{uid}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    if hasattr(os, "getuid") and (parent.stat().st_uid != uid or parent.is_symlink()):
+        # a shared temp folder: never load a model folder another user could have placed there
+        raise PermissionError(f"{parent} is not this user's folder; set TMPDIR to a private folder")
+    root = parent / f"{path.name}-{key}"
     if (root / "model_index.json").exists():
         return root
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
