@@ -84,6 +84,14 @@ def detector_readout(edited_url: str, input_url: str) -> list[tuple[object, dict
     return out
 
 
+def green_readout(edited_url: str, input_url: str) -> str:
+    """The toy detectors' verdict on a "make it green" edit output: how many read green and keep their shape."""
+    read = detector_readout(edited_url, input_url)
+    green = sum(d.color == "green" for d, _ in read)
+    kept = sum(d.shape == lab.get("shape") for d, lab in read)
+    return f"{green}/{len(read)} read green, {kept}/{len(read)} keep their shape"
+
+
 def retrieval_precision(images_url: str) -> dict[str, int]:
     """Per prompt, how many retrieved images' captions name the prompt's colour and shape (toy grammar)."""
     from pixelmill.datasets import Dataset
@@ -298,12 +306,9 @@ def _demo_pipeline(root: Path, models: dict[str, str]) -> str:
     steps = PipelineConfig.model_validate(data).preflight_steps(path.parent)
     summaries = pipeline_flow(steps)
     edited = summaries["edit"]
-    read = detector_readout(str(root / "pipeline-ip2p" / "edited"), str(root / "datasets" / "images"))
-    green = sum(d.color == "green" for d, _ in read)
-    kept = sum(d.shape == lab.get("shape") for d, lab in read)
+    readout = green_readout(str(root / "pipeline-ip2p" / "edited"), str(root / "datasets" / "images"))
     _say(f"  {summaries['pairs'].get('pairs')} pairs -> job trained -> {edited.get('rows_out')} rows edited "
-         f"with it ({edited.get('rejects')} rejected; toy detectors: {green}/{len(read)} read green, "
-         f"{kept}/{len(read)} keep their shape); config: {path}")
+         f"with it ({edited.get('rejects')} rejected; toy detectors: {readout}); config: {path}")
     return str(root / "pipeline-ip2p" / "edited")
 
 
@@ -372,10 +377,7 @@ def run_demo(root: Path, ray_address: str | None = None) -> int:
             s = bulk_edit_flow(cfg.model_dump(), show_progress=True)
             line = f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected"
             if cfg.method in ("sdedit", "instruct_pix2pix"):
-                read = detector_readout(cfg.output, images)
-                green = sum(d.color == "green" for d, _ in read)
-                kept = sum(d.shape == lab.get("shape") for d, lab in read)
-                line += f"; toy detectors: {green}/{len(read)} read green, {kept}/{len(read)} keep their shape"
+                line += f"; toy detectors: {green_readout(cfg.output, images)}"
             _say(f"  {line}, {s.images_per_second:.1f} images/s")
             notes.append(f"{title}: {line}")
             sections.append((title, cfg.output))

@@ -36,18 +36,19 @@ def shared_components(path: Path) -> dict[str, str] | None:
     return dict(components)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Real folders, one link (or copy) per file: ``rglob`` walks it (fingerprints, pickle checks)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in sorted(src.iterdir()):
-        target = dst / item.name
-        if item.is_dir():
-            _link_tree(item, target)
-            continue
-        try:
-            os.symlink(item.resolve(), target)
-        except OSError:
-            shutil.copy2(item, target)
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a link to the file ``src``, or a folder of links to a folder's files (copies where links fail).
+
+    Folders are real folders, one link per file, so ``rglob`` walks them (fingerprints, pickle checks)."""
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for item in sorted(src.iterdir()):
+            _link(item, dst / item.name)
+        return
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def assembled_folder(path: Path, models_dir: Path) -> Path:
@@ -74,15 +75,9 @@ def assembled_folder(path: Path, models_dir: Path) -> Path:
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     for p in own:
-        if p.is_dir():
-            _link_tree(p, tmp / p.name)
-        else:
-            try:
-                os.symlink(p.resolve(), tmp / p.name)
-            except OSError:
-                shutil.copy2(p, tmp / p.name)
+        _link(p, tmp / p.name)
     for name, src in sources.items():
-        _link_tree(src, tmp / name)
+        _link(src, tmp / name)
     try:
         tmp.rename(root)
     except OSError:  # another process made it first
