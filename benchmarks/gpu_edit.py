@@ -215,7 +215,8 @@ def forward_tflop(pipe: Any, resolution: int) -> dict[str, float]:
     return out
 
 
-def stage_config(kind: str, model: str, a: argparse.Namespace, device: str) -> dict[str, Any]:
+def stage_config(kind: str, model: str, a: argparse.Namespace, device: str, attention: str = "auto",
+                 fuse_qkv: bool = False) -> dict[str, Any]:
     from pixelmill.config import EditConfig
 
     text = {"instruction": "make it a watercolor painting"} if kind == "ip2p" else {"prompt": "a watercolor painting"}
@@ -224,7 +225,8 @@ def stage_config(kind: str, model: str, a: argparse.Namespace, device: str) -> d
         model=model, **text, strength=a.strength, steps=a.steps, guidance_scale=7.5, image_guidance_scale=1.5,
         resolution=a.resolution, batch_size="auto" if a.batch == "auto" else int(a.batch), caption_column=None,
         device=device, dtype=a.dtype, seed=0,
-        speed={"channels_last": True, "compile": a.compile, "overlap_decode": True, "io_threads": a.io_threads},
+        speed={"channels_last": True, "compile": a.compile, "overlap_decode": True, "io_threads": a.io_threads,
+               "attention": attention, "fuse_qkv": fuse_qkv},
     ).model_dump()
 
 
@@ -352,6 +354,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "first call: fused QKV projections and inductor's conv_1x1_as_mm, coordinate-descent "
                         "tuning, no epilogue fusion (an experiment; longer compile)")
     p.add_argument("--no-bare", action="store_true", help="run only the stage (no bare diffusers loop)")
+    p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient", "best"],
+                   help="the stage's speed.attention (best: the UNet sweep's fastest; needs --unet-sweep)")
+    p.add_argument("--fuse-qkv", default="off", choices=["off", "on", "best"],
+                   help="the stage's speed.fuse_qkv (best: as the UNet sweep's fastest)")
+    p.add_argument("--unet-sweep", action="store_true",
+                   help="first time the UNet alone under each attention kernel and QKV fusion, eager and "
+                        "compiled, with a kernel-time profile of each (benchmarks/gpu_unet.py)")
+    p.add_argument("--baseline-stage", action="store_true",
+                   help="after the workloads, run the first one again with the default attention and no fusion "
+                        "(a same-run baseline for the chosen settings)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no further run after this many seconds (default 400; gpu.sh stops the process at 450)")
     a = p.parse_args(argv)
@@ -408,14 +420,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pixelmill.tasks.edit import InstructPix2PixEditor, SDEditEditor
 
     root = Path(tempfile.mkdtemp(prefix="pixelmill-gpu-bench-"))
-    for kind in [w for w in a.workloads.split(",") if w]:
+    attention, fuse = a.attention, a.fuse_qkv == "on"
+    if a.unet_sweep:
+        import gpu_unet
+
+        def save_sweep(part: dict[str, Any]) -> None:
+            report["unet_sweep"] = part
+            save()
+
+        rows = 2 * (2 if a.dry_run else 32)
+        print(f"UNet sweep: {rows} rows per forward (the stage's batch of {rows // 2} with guidance)", flush=True)
+        tflop = ANCHOR_TFLOP["unet"] if not a.dry_run else 0.0
+        sweep = gpu_unet.sweep(device, rows, tflop, peak, a.budget_s / 2, save_sweep,
+                               repeats=3 if a.dry_run else 10, compiled=a.compile != "off")
+        best = sweep.get("best_compiled") or sweep.get("best_eager") or {"attention": "auto", "fuse_qkv": False}
+        if attention == "best":
+            attention = best["attention"]
+        if a.fuse_qkv == "best":
+            fuse = bool(best["fuse_qkv"])
+    elif "best" in (a.attention, a.fuse_qkv):
+        sys.exit("--attention best / --fuse-qkv best need --unet-sweep")
+    report["settings"].update(attention=attention, fuse_qkv=fuse)
+    runs = [(kind, kind, attention, fuse) for kind in a.workloads.split(",") if kind]
+    if a.baseline_stage and runs and (attention, fuse) != ("auto", False):
+        runs.append((runs[0][0] + ":default-speed", runs[0][0], "auto", False))
+    for key, kind, attention, fuse in runs:
         if time.perf_counter() - started > a.budget_s:
-            report["workloads"][kind] = {"skipped": f"over the {a.budget_s:.0f} s budget"}
+            report["workloads"][key] = {"skipped": f"over the {a.budget_s:.0f} s budget"}
             save()
             continue
         t = time.perf_counter()
         model = build_model(kind, root, a.dry_run, device)
-        stage = (InstructPix2PixEditor if kind == "ip2p" else SDEditEditor)(stage_config(kind, model, a, device))
+        config = stage_config(kind, model, a, device, attention, fuse)
+        stage = (InstructPix2PixEditor if kind == "ip2p" else SDEditEditor)(config)
         stage.setup()
         if a.recipe:
             apply_recipe(stage.pipe)
@@ -424,18 +461,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tflop = forward_tflop(stage.pipe, a.resolution)
         counter = WorkCounter(stage.pipe)
         pngs = drawn_pngs(batch * (a.batches + 1), a.resolution)
-        attention = sorted({type(p).__name__ for p in stage.pipe.unet.attn_processors.values()})
-        entry: dict[str, Any] = {"batch_size": batch, "images": batch * a.batches, "tflop_per_row": tflop,
+        processors = sorted({type(p).__name__ for p in stage.pipe.unet.attn_processors.values()})
+        entry: dict[str, Any] = {"workload": kind, "attention_setting": attention, "fuse_qkv": fuse,
+                                 "batch_size": batch, "images": batch * a.batches, "tflop_per_row": tflop,
                                  "anchor_tflop_per_row": ANCHOR_TFLOP, "tuning": stage.tuning,
-                                 "attention": attention, "build_and_setup_seconds": built}
-        report["workloads"][kind] = entry
-        print(f"{kind}: batch {batch}, {a.batches} timed batches; {'; '.join(stage.tuning)}; attention {attention}; "
+                                 "attention": processors, "build_and_setup_seconds": built}
+        report["workloads"][key] = entry
+        print(f"{key}: batch {batch}, {a.batches} timed batches; {'; '.join(stage.tuning)}; "
+              f"attention processors {processors}; "
               f"TFLOP per row {json.dumps({k: round(v, 4) for k, v in tflop.items()})}; "
               f"model built and stage set up in {built:.1f} s", flush=True)
         if not a.dry_run and abs(tflop["unet"] - ANCHOR_TFLOP["unet"]) > 0.01 * ANCHOR_TFLOP["unet"]:
             print(f"  note: measured UNet TFLOP {tflop['unet']:.4f} differs from the anchor's {ANCHOR_TFLOP['unet']}")
         entry["stage"] = figures(run_stage(stage, pngs, batch, a.batches, counter, device), counter.rows, tflop, peak)
-        print_run(kind, "stage", entry["stage"])
+        print_run(key, "stage", entry["stage"])
         save()
         if a.no_bare:
             entry["bare"] = {"skipped": "--no-bare"}
@@ -447,8 +486,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["bare"] = figures(run_bare(bare, kind, pngs, batch, a.batches, a, counter, device), counter.rows,
                                     tflop, peak)
             entry["stage_over_bare"] = entry["stage"]["images_per_s"] / entry["bare"]["images_per_s"]
-            print_run(kind, "bare", entry["bare"])
-            print(f"  {kind:6s} stage / bare: {entry['stage_over_bare']:.3f}", flush=True)
+            print_run(key, "bare", entry["bare"])
+            print(f"  {key:6s} stage / bare: {entry['stage_over_bare']:.3f}", flush=True)
             del bare
         save()
         del stage, counter

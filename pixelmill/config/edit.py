@@ -50,10 +50,17 @@ class EditSpeed(StrictModel):
             strength, InstructPix2Pix) on SD-shaped pipelines; the others run as before.
         io_threads: threads that decode input images and encode output PNGs (0: the
             stage's own thread).
+        attention: the fused attention kernel the UNet prefers: ``auto`` (PyTorch's
+            choice), ``cudnn`` (cuDNN's, fastest on Hopper GPUs), ``flash`` or
+            ``efficient``; a shape the kernel lacks falls back to the others.
+        fuse_qkv: fuse each attention's query/key/value projections into one matrix
+            product (diffusers' ``fuse_qkv_projections``); not with LoRA adapters.
     """
 
     channels_last: bool = False
     compile: Literal["off", "unet", "unet+vae"] = "off"
+    attention: Literal["auto", "cudnn", "flash", "efficient"] = "auto"
+    fuse_qkv: bool = False
     overlap_decode: bool = False
     io_threads: int = Field(default=0, ge=0, le=64)
 

@@ -7,6 +7,7 @@ adapter) is loaded. With every setting off the pipeline is left exactly as loade
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,13 +31,58 @@ def denoiser(pipe: Any) -> torch.nn.Module | None:
     return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
-def tune_pipeline(pipe: Any, channels_last: bool = False, compile: str = "off") -> list[str]:
-    """Lay out and compile ``pipe``'s networks in place; returns what was done (for logs and reports).
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient")
+"""``speed.attention`` values: ``auto`` leaves PyTorch's own choice of fused SDPA kernel."""
+
+
+def _sdpa_order(attention: str) -> list[Any]:
+    """SDPA backends in priority order, ``attention``'s first; the rest are fallbacks for shapes it lacks."""
+    from torch.nn.attention import SDPBackend
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[attention]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return [first] + [b for b in rest if b != first]
+
+
+def with_attention(forward: Callable[..., Any], attention: str) -> Callable[..., Any]:
+    """``forward`` run with ``attention``'s SDPA kernel preferred (``torch.nn.attention.sdpa_kernel``).
+
+    The preference is active while ``torch.compile`` traces ``forward`` too, so a compiled
+    graph bakes in the same kernel. A shape the preferred kernel does not support (a head
+    dimension it lacks, say) falls back to flash, memory-efficient, then math attention.
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    order = _sdpa_order(attention)
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel(order, set_priority=True):
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def _has_adapters(module: Any) -> bool:
+    return bool(getattr(module, "peft_config", None)) or any(
+        "lora" in type(m).__name__.lower() for m in module.modules())
+
+
+def tune_pipeline(pipe: Any, channels_last: bool = False, compile: str = "off", attention: str = "auto",
+                  fuse_qkv: bool = False) -> list[str]:
+    """Lay out, fuse and compile ``pipe``'s networks in place; returns what was done (for logs and reports).
 
     Args:
         pipe: a loaded diffusers pipeline.
         channels_last: convert the denoiser's and the VAE's weights to channels-last (NHWC):
             their convolutions then read and write activations in that layout too.
+        attention: the fused SDPA kernel the denoiser prefers (``ATTENTION_BACKENDS``;
+            ``auto``: PyTorch's choice). Applied before compiling, so compiled code uses it.
+        fuse_qkv: fuse each attention's query, key and value projections into one matrix
+            product (diffusers' ``fuse_qkv_projections``, the denoiser and the VAE); not
+            with LoRA or other adapters loaded into the denoiser (their layers wrap the
+            projections it would fuse).
         compile: ``off``, ``unet`` (the denoiser) or ``unet+vae`` (also the VAE's encoder and
             decoder). Each module's ``forward`` goes through ``torch.compile`` with inductor's
             default mode (no CUDA graphs: batch shapes vary and decoding may run on another
@@ -48,6 +94,16 @@ def tune_pipeline(pipe: Any, channels_last: bool = False, compile: str = "off") 
     """
     done: list[str] = []
     net, vae = denoiser(pipe), getattr(pipe, "vae", None)
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if fuse_qkv:
+        if net is None or not hasattr(pipe, "fuse_qkv_projections"):
+            raise ValueError(f"fuse_qkv: {type(pipe).__name__} cannot fuse its attention projections")
+        if _has_adapters(net):
+            raise ValueError("fuse_qkv: the denoiser has adapters (LoRA) loaded; fused projections would drop them "
+                             "(set speed.fuse_qkv: false)")
+        pipe.fuse_qkv_projections()
+        done.append("unet+vae: fused QKV projections")
     if channels_last:
         for name, module in (("unet", net), ("vae", vae)):
             if module is not None:
@@ -64,6 +120,9 @@ def tune_pipeline(pipe: Any, channels_last: bool = False, compile: str = "off") 
         if module is not None:
             module.forward = torch.compile(module.forward)
             done.append(f"{name}: torch.compile")
+    if attention != "auto" and net is not None:
+        net.forward = with_attention(net.forward, attention)
+        done.append(f"unet: {attention} attention preferred")
     return done
 
 

@@ -168,7 +168,8 @@ class BulkEditor(Stage):
                                               self.device, overlap_decode=overlap)
         else:
             self.batch_size = int(self.config["batch_size"])
-        self.tuning += tune_pipeline(self.pipe, compile=speed.get("compile") or "off")
+        self.tuning += tune_pipeline(self.pipe, compile=speed.get("compile") or "off",
+                                     attention=speed.get("attention") or "auto", fuse_qkv=bool(speed.get("fuse_qkv")))
         if overlap:
             self._decoder = LatentDecoder(self.device)
             self.tuning.append("decode overlapped with the next batch")

@@ -37,12 +37,12 @@ def _run(cls, config, batch: pa.Table) -> tuple[list[dict], object]:
 def test_speed_settings_default_off_and_are_not_hashed(tiny_models):
     plain = EditConfig(input="in", output="out", model="m", prompt="p")
     assert plain.speed.model_dump() == {"channels_last": False, "compile": "off", "overlap_decode": False,
-                                        "io_threads": 0}
+                                        "io_threads": 0, "attention": "auto", "fuse_qkv": False}
     fast = EditConfig(input="in", output="out", model="m", prompt="p", batch_size="auto",
                       speed={"channels_last": True, "compile": "unet", "overlap_decode": True, "io_threads": 4})
     assert fast.output_affecting() == plain.output_affecting()
     assert "speed" not in plain.output_affecting() and "batch_size" not in plain.output_affecting()
-    for bad in ({"compile": "max"}, {"io_threads": -1}, {"warp": True}):
+    for bad in ({"compile": "max"}, {"io_threads": -1}, {"warp": True}, {"attention": "fastest"}):
         with pytest.raises(ValidationError):
             EditConfig(input="in", output="out", model="m", prompt="p", speed=bad)
     with pytest.raises(ValidationError):
@@ -133,3 +133,43 @@ def test_compile_compiles_the_unet_and_with_vae_its_encoder_and_decoder(monkeypa
     assert compiled == [pipe.unet, pipe.vae.encoder, pipe.vae.decoder]
     with pytest.raises(ValueError):
         tune_pipeline(pipe, compile="everything")
+
+
+def _unet_out(pipe, seed: int = 0) -> torch.Tensor:
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, 10, encoder_hidden_states=text).sample
+
+
+def test_attention_preference_wraps_the_unet_and_keeps_its_output(one_torch_thread):
+    """A preferred SDPA kernel the device lacks (cuDNN on a CPU) falls back: same output, no error."""
+    from pixelmill.models.tiny import build_tiny_img2img_pipeline
+
+    pipe = build_tiny_img2img_pipeline()
+    before = _unet_out(pipe)
+    for attention in ("cudnn", "flash", "efficient"):
+        fresh = build_tiny_img2img_pipeline()
+        assert tune_pipeline(fresh, attention=attention) == [f"unet: {attention} attention preferred"]
+        assert torch.allclose(_unet_out(fresh), before, atol=1e-5)
+    assert tune_pipeline(pipe, attention="auto") == []
+    with pytest.raises(ValueError, match="attention: 'fastest' is not one of auto, cudnn, flash, efficient"):
+        tune_pipeline(pipe, attention="fastest")
+
+
+def test_fused_qkv_projections_keep_the_output_and_refuse_lora(one_torch_thread):
+    from peft import LoraConfig
+
+    from pixelmill.models.tiny import build_tiny_img2img_pipeline
+
+    pipe = build_tiny_img2img_pipeline()
+    before = _unet_out(pipe)
+    assert tune_pipeline(pipe, fuse_qkv=True) == ["unet+vae: fused QKV projections"]
+    assert any("Fused" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+    assert torch.allclose(_unet_out(pipe), before, atol=1e-5)
+    with_lora = build_tiny_img2img_pipeline()
+    with_lora.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"]))
+    with pytest.raises(ValueError, match="adapters \\(LoRA\\) loaded"):
+        tune_pipeline(with_lora, fuse_qkv=True)
