@@ -63,3 +63,41 @@ def test_dry_run_writes_every_figure_and_both_loops_make_the_same_images(tmp_pat
         assert w["stage_over_bare"] > 0
         assert "decode overlapped with the next batch" in w["tuning"]
         assert w["attention"] == ["AttnProcessor2_0"]  # PyTorch SDPA
+
+
+def test_dry_run_unet_sweep_times_every_kernel_choice_and_the_stage_takes_the_fastest(tmp_path):
+    out = tmp_path / "gpu-bench.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out),
+                           "--unet-sweep", "--attention", "best", "--fuse-qkv", "best", "--no-bare",
+                           "--workloads", "sdedit", "--baseline-stage"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sweep = report["unet_sweep"]
+    eager = sweep["eager"]
+    assert [(r["attention"], r["fuse_qkv"]) for r in eager[:4]] == [(k, False) for k in
+                                                                      ("auto", "cudnn", "flash", "efficient")]
+    assert eager[4]["fuse_qkv"] is True and sweep["compiled"] == []  # a dry run compiles nothing
+    for r in eager:
+        assert r["forward_seconds"] > 0 and abs(sum(r["profile"]["share_by_kind"].values()) - 1) < 0.01, r
+    fastest = min(eager, key=lambda r: r["forward_seconds"])
+    assert sweep["best_eager"] == {"attention": fastest["attention"], "fuse_qkv": fastest["fuse_qkv"]}
+    assert report["settings"]["attention"] == fastest["attention"]
+    w = report["workloads"]["sdedit"]
+    assert (w["attention_setting"], w["fuse_qkv"]) == (fastest["attention"], fastest["fuse_qkv"])
+    assert w["stage"]["ok"] == w["images"] and w["bare"] == {"skipped": "--no-bare"}
+    # the same-run baseline exists exactly when the chosen settings are not the defaults
+    assert ("sdedit:default-speed" in report["workloads"]) == ((fastest["attention"], fastest["fuse_qkv"])
+                                                               != ("auto", False))
+
+
+def test_kernel_kinds():
+    from tests.helpers.benchmarks import load_benchmark
+
+    bench_unet = load_benchmark("gpu_unet")
+    assert bench_unet.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert bench_unet.kind_of("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert bench_unet.kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert bench_unet.kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "matmul"
+    assert bench_unet.kind_of("triton_red_fused_native_group_norm_0") == "triton (fused norm/elementwise)"
