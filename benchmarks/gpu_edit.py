@@ -14,7 +14,7 @@ For each, over the same drawn PNG images and at the same batch size:
 
 * ``stage``: pixelmill's edit stage called in this process, as ``tasks/stage.py``'s
   ``run_stage_inline`` calls it (build, ``setup()``, call on an Arrow table; no Ray, no
-  Prefect), with bf16, channels-last, ``torch.compile`` of the UNet, ``batch_size: auto``
+  Prefect), with bf16, channels-last, ``torch.compile`` of the UNet and VAE, ``batch_size: auto``
   (from free GPU memory), the VAE decode overlapped with the next batch's denoising (a
   worker thread and a second CUDA stream) and image decode/PNG encode on CPU threads;
 * ``bare``: the plain diffusers loop (decode the PNGs, ``pipe(...)`` with one generator
@@ -347,7 +347,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="default 50; 4 with --dry-run")
     p.add_argument("--strength", type=float, default=0.8)
     p.add_argument("--compile", default=None, choices=["off", "unet", "unet+vae"],
-                   help="default unet+vae (the fastest measured); off with --dry-run (inductor's CPU compile takes minutes)")
+                   help="default unet+vae (the fastest measured); off with --dry-run (a CPU compile takes minutes)")
     p.add_argument("--io-threads", type=int, default=None)
     p.add_argument("--recipe", action="store_true",
                    help="also apply diffusers' published torch.compile recipe to the stage's pipeline before its "
