@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixelmill.process_watchdog import RUNTIME_MARK, Watchdog  # noqa: F401  (RUNTIME_MARK: re-exported)
+from pixelmill.server_boot import ServerBoot
 
 log = logging.getLogger("pixelmill.runtime")
 
@@ -477,12 +478,20 @@ class Runtime:
     owns_ray: bool = False
     watchdog: Watchdog | None = None
     _saved_env: dict[str, str | None] = field(default_factory=dict)
+    _boot: ServerBoot = field(default=None)  # the home's boot lock while this runtime's server sets up its database
 
     def __enter__(self) -> Runtime:
         apply_quiet_defaults()
+        self._boot = ServerBoot(self.home)
         self.ray_address = self.ray_address or os.environ.get("RAY_ADDRESS") or None
         named_url = self.prefect_api_url or os.environ.get("PREFECT_API_URL")
         found = None if named_url else user_server(self.home)
+        if not named_url and not found:
+            # no server of this home answers: wait while one boots, then look again (server_boot.py)
+            self._boot = ServerBoot(self.home).acquire()
+            found = user_server(self.home)
+            if found or self._boot.database_ready():
+                self._boot.release()
         self.prefect_api_url = named_url or (found or {}).get("api_url") or None
         # a `pixelmill server --ray` of this home: its Ray is joined instead of starting one
         self.ray_address = self.ray_address or (found or {}).get("ray_address") or None
@@ -506,6 +515,9 @@ class Runtime:
                 self.start_ray()
             if self.server is not None:
                 self.server.wait_ready()
+                if self._boot.held:
+                    self._boot.mark_ready()
+            self._boot.release()
         except BaseException:
             self.close()
             raise
@@ -569,6 +581,8 @@ class Runtime:
         """Flush Prefect's logs and events, then stop Ray and the server this runtime started."""
         if self in _active:
             _active.remove(self)
+        if self._boot is not None:
+            self._boot.release()
         if self.prefect_api_url and (self.server is None or self.server.proc is not None):
             flush_prefect()
         if self.owns_ray:

@@ -369,6 +369,7 @@ def cmd_server(args) -> int:
         wait_for_health,
         write_server_file,
     )
+    from pixelmill.server_boot import ServerBoot
 
     problem = public_bind_problem(args.host)
     if problem:
@@ -376,6 +377,8 @@ def cmd_server(args) -> int:
     home = Path(args.home).resolve() if args.home else default_home()
     print(f"Prefect server with the database in {home / 'prefect.db'}")
     print(f"UI and API at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    # one server boots at a time on a home (server_boot.py): held until server.json is written
+    boot = ServerBoot(home).acquire()
     # the UI calls the API at this host and port; the server ends if this command is killed
     proc = subprocess.Popen(die_with_parent(prefect_server_command(args.host, args.port, ui=True)),
                             env=prefect_server_env(home, ui=True, host=args.host, port=args.port))
@@ -390,6 +393,8 @@ def cmd_server(args) -> int:
         wait_for_health(f"http://{local}:{args.port}/api", proc=proc)
         # commands run with this home record their runs here instead of starting a server (and join its Ray)
         write_server_file(home, proc.pid, f"http://{local}:{args.port}/api", ray_address)
+        boot.mark_ready()
+        boot.release()
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -398,6 +403,7 @@ def cmd_server(args) -> int:
             return proc.returncode or 1
         raise
     finally:
+        boot.release()
         remove_server_file(home, proc.pid)
         hosted.close()
         if proc.poll() is None:

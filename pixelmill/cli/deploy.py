@@ -362,6 +362,7 @@ def cmd_serve(args) -> int:
         host_ray,
         user_server,
     )
+    from pixelmill.server_boot import ServerBoot
 
     items = _prepare_all(args)
     home = Path(args.home).resolve() if args.home else default_home()
@@ -381,9 +382,14 @@ def cmd_serve(args) -> int:
         else:
             url = found.get("api_url")
             if url is None:
-                watchdog = Watchdog().start()  # the server ends with this command, however it ends
-                server = PrefectServer(home).start()
-                url = server.api_url
+                with ServerBoot(home) as boot:  # one server boots at a time on a home (server_boot.py)
+                    url = (user_server(home) or {}).get("api_url")
+                    if url is None:
+                        watchdog = Watchdog().start()  # the server ends with this command, however it ends
+                        server = PrefectServer(home).start()
+                        url = server.api_url
+                        boot.mark_ready()
+            if server is not None:
                 print(f"embedded Prefect server at {url} (database in {home}); "
                       f"browse it later with `pixelmill server --home {home}`")
             # a server of this home has auth on when PREFECT_SERVER_API_AUTH_STRING is set: send it

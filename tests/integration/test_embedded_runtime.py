@@ -501,3 +501,66 @@ def test_a_server_with_ray_hosts_the_ray_its_homes_commands_join_and_ends_it(tmp
         log.close()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+ENTER_RUNTIME = """
+import sys
+from pathlib import Path
+from pixelmill.runtime import Runtime
+with Runtime(home=Path(sys.argv[1]), lazy_ray=True) as rt:
+    print(rt.prefect_api_url, flush=True)
+"""
+
+
+def _lock_held(path: Path) -> bool:
+    import fcntl
+
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_commands_started_together_on_a_new_home_each_get_a_server(tmp_path):
+    """Two commands started at once on a new home: one server at a time sets up its database
+    (run together, the second server's migrations failed on the first's tables)."""
+    from pixelmill.server_boot import READY_FILE, prefect_version
+
+    home = tmp_path / "home"
+    procs = [subprocess.Popen([sys.executable, "-c", ENTER_RUNTIME, str(home)], env=user_env(), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    urls = [o.strip().splitlines()[-1] for o in outs]
+    assert all(u.startswith("http://127.0.0.1:") for u in urls) and urls[0] != urls[1], urls
+    assert (home / READY_FILE).read_text().strip() == prefect_version()
+    assert "already exists" not in (home / "prefect-server.log").read_text()
+
+
+def test_a_command_started_while_the_users_server_boots_waits_for_it_and_uses_it(tmp_path):
+    home, port = tmp_path / "home", free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pixelmill.cli", "server", "--home", str(home), "--port",
+                               str(port)], env=user_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _lock_held(home / "server-start.lock"):  # `pixelmill server` is booting
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        out = subprocess.run([sys.executable, "-c", ENTER_RUNTIME, str(home)], env=user_env(), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip().splitlines()[-1] == f"http://127.0.0.1:{port}/api"
+        assert not (home / "prefect-server.log").exists(), "the command started a server of its own"
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
