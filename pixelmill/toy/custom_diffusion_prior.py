@@ -161,33 +161,47 @@ def job_artifacts(cfg: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def retrieved_figures(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The retrieved images as the detectors read them (the class prompt asks for a star)."""
+def retrieved_figures(cfg: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    """The retrieved images as the detectors read them (the class prompt asks for a star), and the readings."""
+    from PIL import Image
+
     from pixelmill.datasets import Dataset
     from pixelmill.datasets.images import decode_image
 
     url = str(Path(cfg["output"]) / "retrieval" / "images")
-    rows = Dataset.open(url).to_table(["image", "caption"]).to_pylist()
+    rows = Dataset.open(url).to_table(["image", "caption", "url"]).to_pylist()
     found = read([decode_image(r["image"]).convert("RGB") for r in rows])
-    return {"images": len(rows), "star": share(found, CLASS_SHAPE),
+    # the same images as served (PNG; the retrieval stage stores what it downloads as JPEG)
+    web = Path(cfg["output"]).parent / "web" / "toy"
+    source = read([Image.open(web / r["url"].rsplit("/", 1)[1]).convert("RGB") for r in rows])
+    return {"images": len(rows), "star": share(found, CLASS_SHAPE), "star_as_served": share(source, CLASS_SHAPE),
             "caption_names_star": round(sum(world.parse_caption(r["caption"])["shape"] == CLASS_SHAPE
                                             for r in rows) / max(1, len(rows)), 4),
-            "colours": dict(Counter(d.color for d in found).most_common())}
+            "colours": dict(Counter(d.color for d in found).most_common())}, found
 
 
 def class_readout(found) -> dict[str, Any]:
     return {"star": share(found, CLASS_SHAPE), "colours": dict(Counter(d.color for d in found).most_common())}
 
 
-def measure_prior(out: Path, sizes: dict[str, Any], seed: int = REPORT_SEED) -> dict[str, Any]:
-    """The campaign, then its figures; writes ``out/custom_diffusion_prior.json``."""
+def measure_prior(out: Path, sizes: dict[str, Any], seed: int = REPORT_SEED, reuse: bool = False) -> dict[str, Any]:
+    """The campaign (``reuse``: the one already in ``out``), then its figures; writes
+    ``out/custom_diffusion_prior.json``."""
+    import yaml
+
     out.mkdir(parents=True, exist_ok=True)
     work = out / "cd-prior-run"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    run = run_campaign(work, sizes)
+    if reuse:
+        run = json.loads((work / "run.json").read_text())
+        run["config"] = yaml.safe_load((work / "campaign.yaml").read_text())
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        run = run_campaign(work, sizes)
+        (work / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k != "config"}, indent=1))
     cfg = run["config"]
     jobs = job_artifacts(cfg)
+    retrieved, real = retrieved_figures(cfg)
     n = sizes["samples"]
     base = BaseSamples(_pipeline("toy:sd"))
     seeds = [seed] + ([TRIAL_SEED] if sizes.get("trial") else [])
@@ -195,20 +209,21 @@ def measure_prior(out: Path, sizes: dict[str, Any], seed: int = REPORT_SEED) -> 
     for s in seeds:
         ref_class = read(base(CLASS_PROMPT, n, s + 2000))
         fig = {"base": {"concept_purple_star": share(read(base(CONCEPT_PROMPT, n, s)), CLASS_SHAPE, CONCEPT_COLOR),
-                        "class": class_readout(ref_class)}}
+                        "class": class_readout(ref_class), "class_tv_to_retrieved": tv_distance(real, ref_class)}}
         for name, folder in jobs.items():
             pipe = trained_pipeline("custom_diffusion", folder)
             concept = read(sample(pipe, CONCEPT_PROMPT, n, s))
             klass = read(sample(pipe, CLASS_PROMPT, n, s + 2000))
             fig[name] = {"concept_purple_star": share(concept, CLASS_SHAPE, CONCEPT_COLOR),
                          "concept_star": share(concept, CLASS_SHAPE), "class": class_readout(klass),
-                         "class_tv_to_base": tv_distance(ref_class, klass)}
+                         "class_tv_to_base": tv_distance(ref_class, klass),
+                         "class_tv_to_retrieved": tv_distance(real, klass)}
         figures[str(s)] = fig
     doc = {"class_prompt": CLASS_PROMPT, "concept_prompt": CONCEPT_PROMPT, "threshold": RETRIEVAL_THRESHOLD,
            "pool_seed": POOL_SEED, "pool_rows": run["pool_rows"], "class_images": sizes["class_images"],
            "steps": sizes["steps"], "learning_rate": LEARNING_RATE, "samples": n, "sample_seed": seed,
            "trial_seed": TRIAL_SEED if sizes.get("trial") else None, "cli_seconds": run["cli_seconds"],
-           "instance_captions": run["instance_captions"], "retrieved": retrieved_figures(cfg),
+           "instance_captions": run["instance_captions"], "retrieved": retrieved,
            "figures": figures[str(seed)], "trial": figures.get(str(TRIAL_SEED))}
     (out / "custom_diffusion_prior.json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc
@@ -220,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Retrieval as Custom Diffusion's prior, one campaign, toy world.")
     parser.add_argument("--out", default="quality-report")
     parser.add_argument("--fast", action="store_true", help="a small pool, a few steps and samples")
+    parser.add_argument("--reuse", action="store_true", help="measure the campaign already run in --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    doc = measure_prior(Path(args.out), FAST if args.fast else FULL)
+    doc = measure_prior(Path(args.out), FAST if args.fast else FULL, reuse=args.reuse)
     print(json.dumps(doc, indent=1))
     return 0
 
