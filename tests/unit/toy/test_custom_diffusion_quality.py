@@ -73,7 +73,7 @@ def retrieval_prior(one_torch_thread):
 @pytest.mark.quality
 def test_each_concept_is_learned_alone(composition):
     m = composition["models"]
-    assert m["heart only"]["heart"]["heart"] >= m["base"]["heart"]["heart"] + 0.5, m
+    assert m["heart only"]["heart"]["heart"] >= m["base"]["heart"]["heart"] + 0.4, m
     assert m["hue only"]["hue"]["blue"] >= m["base"]["hue"]["blue"] + 0.5, m
 
 
