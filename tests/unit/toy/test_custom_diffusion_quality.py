@@ -81,10 +81,12 @@ def test_each_concept_is_learned_alone(composition):
 @pytest.mark.xfail(strict=True, reason="README Quality: joint training does not beat the naive merge on the "
                                        "toy world (see the table)")
 def test_joint_training_renders_both_more_often_than_the_naive_merge(composition):
-    """The issue's target as written: both concepts in one prompt more often jointly than merged."""
+    """The issue's target: both concepts in one prompt more often jointly than merged naively, by a margin a
+    sample's noise cannot make (0.1 of 100 samples) and more often than the base model draws a blue heart."""
     m = composition["models"]
     both = m["joint"]["both"]["blue_heart"]
-    assert both > max(m["merged (sum)"]["both"]["blue_heart"], m["merged (average)"]["both"]["blue_heart"]), m
+    merged = max(m["merged (sum)"]["both"]["blue_heart"], m["merged (average)"]["both"]["blue_heart"])
+    assert both >= merged + 0.1 and both > m["base"]["both"]["blue_heart"], m
 
 
 @pytest.mark.quality
