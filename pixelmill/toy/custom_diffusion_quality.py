@@ -14,7 +14,9 @@ all prompts are measured with the base model. Each job runs through pixelmill's 
 loaders). The merge is the naive one: the single-concept models' cross-attention K/V
 *deltas* from the base added (``sum``: W0 + dA + dB) or averaged (``average``: (WA + WB) / 2),
 and both tokens' embeddings loaded; pixelmill's ``apply_adapters`` refuses two Custom
-Diffusion adapters, so the merge is built here, on one loaded adapter.
+Diffusion adapters, so the merge is built here, on one loaded adapter. The paper's own merge
+(constrained optimisation, closed form: ``optimised_pipeline``) is measured beside them, and
+``--class-images N`` trains every job with the prior (N base-model images of "a photo of a shape").
 
 ``python -m pixelmill.toy.custom_diffusion_quality --out DIR [--fast]`` writes
 ``custom_diffusion.json`` there (the retrieval-prior campaign is in
