@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import yaml
 
 from tests.conftest import run_cli
 from tests.helpers.edit_inputs import sample_dataset
+from tests.helpers.processes import interrupt_group
 
 pytestmark = pytest.mark.slow
 
@@ -308,12 +308,6 @@ def test_serve_fires_an_interval_schedule_twice_and_the_rerun_finds_nothing_new(
             dep = client.read_deployment_by_name("pixelmill-edit/every-15s")
             assert dep.paused or not any(s.active for s in dep.schedules), dep
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        interrupt_group(proc)
         log.close()
         server.stop()

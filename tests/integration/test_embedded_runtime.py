@@ -30,6 +30,7 @@ import yaml
 from pixelmill.datasets import Dataset
 from pixelmill.runtime import PrefectServer, free_port
 from tests.helpers.http_server import serve_directory
+from tests.helpers.processes import interrupt_group
 
 pytestmark = pytest.mark.slow
 
@@ -558,9 +559,4 @@ def test_a_command_started_while_the_users_server_boots_waits_for_it_and_uses_it
         assert out.stdout.strip().splitlines()[-1] == f"http://127.0.0.1:{port}/api"
         assert not (home / "prefect-server.log").exists(), "the command started a server of its own"
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        interrupt_group(server)
