@@ -40,13 +40,17 @@ NEW_COLOR = "green"
 CONCEPT_SEED = 7
 SAMPLE_SEED = 21
 CLASS_WORD = "shape"
+PROMPT_COLUMN = "instance_prompt"
+"""The instances' per-image prompt column ("a photo of a purple {subject}"): the Concept's
+``instance_prompt_column`` for the methods with ``"captions": True``."""
 GUIDANCE = 4.0
 SAMPLING_STEPS = 20
 
 METHODS: dict[str, dict[str, Any]] = {
     # per-method learning rate and steps, chosen on this world (README "Quality": how)
-    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 400},
-    "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000},
+    # captions: trained on the instances' per-image prompts (PROMPT_COLUMN) rather than one prompt
+    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 400, "captions": True},
+    "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000, "captions": True},
     "textual_inversion": {"token": "<heart>", "learning_rate": 5e-3, "max_steps": 600},
     "custom_diffusion": {"token": "<heart>", "learning_rate": 1e-3, "max_steps": 600},
 }
@@ -55,7 +59,10 @@ FAST = {"samples": 16, "steps_scale": 0.3, "methods": ("lora",), "prior": False,
 
 
 def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[str]:
-    """``count`` heart images of world ``seed``, alternating over ``INSTANCE_COLORS``; returns their captions."""
+    """``count`` heart images of world ``seed``, alternating over ``INSTANCE_COLORS``; returns their captions.
+
+    Each row also has ``PROMPT_COLUMN``: its training prompt naming the image's colour and the
+    concept, ``"a photo of a purple {subject}"`` (the Concept's ``instance_prompt_column``)."""
     from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row
     from pixelmill.toy.samples import toy_indices
@@ -63,7 +70,9 @@ def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[
     per = [toy_indices(seed, (count + len(INSTANCE_COLORS) - 1 - k) // len(INSTANCE_COLORS),
                        shape=world.HELD_OUT_SHAPE, color=c) for k, c in enumerate(INSTANCE_COLORS)]
     rows = [toy_row(seed, i) for i in sorted(i for idx in per for i in idx)]
-    write_table_dataset(url, pa.Table.from_pylist(rows, schema=TOY_SCHEMA), TOY_SCHEMA_NAME,
+    table = pa.Table.from_pylist(rows, schema=TOY_SCHEMA)
+    table = table.append_column(PROMPT_COLUMN, pa.array([f"a photo of a {r['color']} {{subject}}" for r in rows]))
+    write_table_dataset(url, table, TOY_SCHEMA_NAME,
                         {"generator": "pixelmill.toy.concepts", "concept": world.HELD_OUT_SHAPE, "seed": seed})
     return [r["caption"] for r in rows]
 
@@ -100,6 +109,8 @@ def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, cla
 
     m = METHODS[method]
     concept = {"instance_data": instances, "token": m["token"], "class_word": CLASS_WORD}
+    if m.get("captions"):
+        concept["instance_prompt_column"] = PROMPT_COLUMN
     settings: dict[str, Any] = {"learning_rate": m["learning_rate"],
                                 "max_steps": max(10, int(m["max_steps"] * steps_scale))}
     if method in ("dreambooth", "custom_diffusion"):
@@ -186,7 +197,7 @@ class ImageAlignment:
 
 
 def measure_method(method: str, root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, align,
-                   class_data: str | None = None, tag: str = "") -> dict[str, Any]:
+                   class_data: str | None = None, tag: str = "", seed: int = SAMPLE_SEED) -> dict[str, Any]:
     """Train one method, then its learning, recontextualisation and alignment figures against the base."""
     t0 = time.perf_counter()
     artifacts, record = train(method, root / (method + tag), instances, steps_scale, class_data)
@@ -194,11 +205,12 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     pipe = trained_pipeline(method, artifacts)
     who = subject(method)
     plain, coloured = f"a photo of {who}", f"a photo of a {NEW_COLOR} {who}"
-    base_plain, base_col = base(plain, n), base(coloured, n)
-    got_plain, got_col = sample(pipe, plain, n), sample(pipe, coloured, n)
+    base_plain, base_col = base(plain, n, seed), base(coloured, n, seed)
+    got_plain, got_col = sample(pipe, plain, n, seed), sample(pipe, coloured, n, seed)
     rb, rt, cb, ct = read(base_plain), read(got_plain), read(base_col), read(got_col)
     out = {"method": method, "prior": class_data is not None, "steps": record.get("step"),
            "learning_rate": METHODS[method]["learning_rate"], "train_seconds": round(seconds, 1),
+           "instance_prompts": "per image" if METHODS[method].get("captions") else "one",
            "prompt": plain, "samples": n,
            "base_heart": share(rb, world.HELD_OUT_SHAPE), "heart": share(rt, world.HELD_OUT_SHAPE),
            "recontext_prompt": coloured,
@@ -212,27 +224,30 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
 
 
 def measure_prior(root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, class_images: int,
-                  without: dict[str, Any] | None) -> dict[str, Any]:
+                  without: dict[str, Any] | None, seed: int = SAMPLE_SEED) -> dict[str, Any]:
     """DreamBooth without and with the prior: how far the class prompt's outputs drift from the base model's."""
     from pixelmill.samples import write_image_dataset
 
     class_prompt = f"a photo of a {CLASS_WORD}"
     class_url = str(root / "class-images")
-    write_image_dataset(class_url, base(class_prompt, class_images, seed=SAMPLE_SEED + 1000),
+    write_image_dataset(class_url, base(class_prompt, class_images, seed=seed + 1000),
                         [class_prompt] * class_images)
-    with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base, None, class_url, "-prior")
-    plain = without or measure_method("dreambooth", root, instances, n, steps_scale, base, None)
-    seed = SAMPLE_SEED + 2000
-    reference = read(base(class_prompt, n, seed))
-    tv_without = tv_distance(reference, read(sample(plain["pipeline"], class_prompt, n, seed)))
-    tv_with = tv_distance(reference, read(sample(with_prior["pipeline"], class_prompt, n, seed)))
+    with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base, None, class_url, "-prior",
+                                seed=seed)
+    plain = without or measure_method("dreambooth", root, instances, n, steps_scale, base, None, seed=seed)
+    tv_seed = seed + 2000
+    reference = read(base(class_prompt, n, tv_seed))
+    tv_without = tv_distance(reference, read(sample(plain["pipeline"], class_prompt, n, tv_seed)))
+    tv_with = tv_distance(reference, read(sample(with_prior["pipeline"], class_prompt, n, tv_seed)))
     return {"class_prompt": class_prompt, "class_images": class_images, "samples": n,
             "tv_without_prior": tv_without, "tv_with_prior": tv_with,
             "heart_with_prior": with_prior["heart"], "recontext_with_prior": with_prior["recontext"]}
 
 
-def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:clip") -> dict[str, Any]:
-    """Every method in ``sizes['methods']`` on the held-out heart; writes ``out/concepts.json``."""
+def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:clip",
+                     seed: int = SAMPLE_SEED) -> dict[str, Any]:
+    """Every method in ``sizes['methods']`` on the held-out heart, sampled on ``seed`` (another seed than
+    ``SAMPLE_SEED`` for trial runs that choose settings); writes ``out/concepts.json``."""
     import torch
 
     torch.manual_seed(0)
@@ -246,12 +261,13 @@ def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:c
     results = {}
     for method in sizes["methods"]:
         results[method] = measure_method(method, work, instances, sizes["samples"], sizes["steps_scale"],
-                                         base, align)
+                                         base, align, seed=seed)
     prior = None
     if sizes.get("prior"):
         prior = measure_prior(work, instances, sizes["samples"], sizes["steps_scale"], base,
-                              sizes["class_images"], results.get("dreambooth"))
+                              sizes["class_images"], results.get("dreambooth"), seed=seed)
     doc = {"concept": world.HELD_OUT_SHAPE, "instance_colours": list(INSTANCE_COLORS), "new_colour": NEW_COLOR,
+           "sample_seed": seed,
            "instance_captions": captions, "guidance": GUIDANCE, "sampling_steps": SAMPLING_STEPS,
            "methods": {k: {f: v for f, v in r.items() if f not in ("pipeline", "images")} for k, r in results.items()},
            "prior": prior}
@@ -264,8 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Teach the toy SD the held-out heart with each method; measure it.")
     parser.add_argument("--out", default="quality-report")
     parser.add_argument("--fast", action="store_true", help="LoRA only, fewer steps and samples")
+    parser.add_argument("--methods", help="comma-separated methods (default: the size's)")
+    parser.add_argument("--no-prior", action="store_true", help="skip the prior-preservation comparison")
+    parser.add_argument("--sample-seed", type=int, default=SAMPLE_SEED,
+                        help=f"sampling seed (trial runs choosing settings use another than {SAMPLE_SEED})")
     args = parser.parse_args(argv)
-    doc = measure_concepts(Path(args.out), FAST if args.fast else FULL)
+    sizes = dict(FAST if args.fast else FULL)
+    if args.methods:
+        sizes["methods"] = tuple(m for m in args.methods.split(",") if m)
+    if args.no_prior:
+        sizes["prior"] = False
+    doc = measure_concepts(Path(args.out), sizes, seed=args.sample_seed)
     doc.pop("images")
     print(json.dumps(doc, indent=1))
     return 0
