@@ -92,6 +92,10 @@ class Concept(StrictModel):
             (contain ``token``). Instead of ``instance_prompt``; DreamBooth, LoRA, Custom
             Diffusion and text_to_image train with it (Textual Inversion's prompts are its
             templates and InstructPix2Pix's its instructions: refused for those).
+        class_prompt_column: a string column of ``class_data`` (a dataset) whose text is that
+            class image's prompt in the prior loss (``{class}`` filled in), e.g. class images
+            of several colours captioned with their colour; class images the campaign
+            generates to make up a shortfall keep ``class_prompt`` (they were drawn for it).
     """
 
     instance_data: str
@@ -102,11 +106,18 @@ class Concept(StrictModel):
     class_data: str | None = None
     image_column: str = "image"
     instance_prompt_column: str | None = None
+    class_prompt_column: str | None = None
     initializer_token: str | None = None
     property: Literal["object", "style"] = "object"
 
     @model_validator(mode="after")
     def _prompt_column(self) -> Concept:
+        ccol = self.class_prompt_column
+        if ccol is not None:
+            if not ccol.strip() or ccol == "image":
+                raise ValueError(f"class_prompt_column {ccol!r}: name the class_data column of prompts")
+            if not self.class_data or self.class_data == "retrieval":
+                raise ValueError("class_prompt_column needs class_data: a dataset of class images with that column")
         col = self.instance_prompt_column
         if col is None:
             return self
@@ -150,8 +161,9 @@ def format_prompt(template: str, fields: dict[str, str], what: str) -> str:
     try:
         return template.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
+        names = ", ".join("{" + k + "}" for k in fields)
         raise ValueError(f"{what}: cannot fill {template!r} ({type(e).__name__}: {e}); its placeholders can be "
-                         f"{{token}}, {{class}} and {{subject}} (write a literal brace as {{{{ or }}}})") from None
+                         f"{names} (write a literal brace as {{{{ or }}}})") from None
 
 
 class TrainSettings(StrictModel):
@@ -426,10 +438,11 @@ class ExpandedJob(BaseModel):
 
 
 def _id_fields(concept: Concept) -> dict[str, Any]:
-    """A concept's fields in a job id (``instance_prompt_column`` only when set: ids made before it existed hold)."""
+    """A concept's fields in a job id (the prompt columns only when set: ids made before they existed hold)."""
     out = concept.model_dump(exclude={"instance_data", "class_data"})
-    if out["instance_prompt_column"] is None:
-        del out["instance_prompt_column"]
+    for key in ("instance_prompt_column", "class_prompt_column"):
+        if out[key] is None:
+            del out[key]
     return out
 
 

@@ -100,9 +100,10 @@ def trained_pipeline(method: str, artifacts: str, base: str = "toy:sd"):
 
 
 def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, class_data: str | None = None,
-          base: str = "toy:sd") -> tuple[str, dict[str, Any]]:
-    """Train ``method`` on the instances (with the prior when ``class_data`` is given); returns
-    (the artifacts folder, the job's record)."""
+          base: str = "toy:sd", class_prompt_column: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Train ``method`` on the instances (with the prior when ``class_data`` is given, each class image
+    with its own prompt from ``class_prompt_column`` when given); returns (the artifacts folder, the
+    job's record)."""
     from pixelmill.config import CampaignConfig
     from pixelmill.tasks.train.job import run_job
     from pixelmill.tasks.train.plan import plan_campaign
@@ -113,11 +114,13 @@ def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, cla
         concept["instance_prompt_column"] = PROMPT_COLUMN
     settings: dict[str, Any] = {"learning_rate": m["learning_rate"],
                                 "max_steps": max(10, int(m["max_steps"] * steps_scale))}
-    if method in ("dreambooth", "custom_diffusion"):
+    if method in ("dreambooth", "custom_diffusion") or class_data is not None:
         settings["with_prior_preservation"] = class_data is not None
         if class_data is not None:
             concept["class_data"] = class_data
             settings["num_class_images"] = len(_read_ids(class_data))
+            if class_prompt_column:
+                concept["class_prompt_column"] = class_prompt_column
     cfg = {"output": str(root), "model": base, "concepts": {"concept": concept},
            "defaults": {"resolution": world.IMAGE_SIZE, "train_batch_size": 2, "checkpoint_every": 100_000,
                         "center_crop": True, "random_flip": False, "cache_latents": True,

@@ -185,19 +185,21 @@ def concept_prompt_fields(c: dict[str, Any], method: str) -> dict[str, str]:
     return {"token": token, "class": klass, "subject": subject}
 
 
-def row_prompts(rows: list[dict], column: str, fields: dict[str, str], what: str) -> list[str]:
-    """Each instance row's training prompt: its ``column`` text with ``{token}``, ``{class}`` and
-    ``{subject}`` filled from ``fields`` (a concept's ``instance_prompt_column``).
+def row_prompts(rows: list[dict], column: str, fields: dict[str, str], what: str,
+                token: str | None = "instance") -> list[str]:
+    """Each row's training prompt: its ``column`` text with the placeholders of ``fields`` filled
+    (``{token}``, ``{class}``, ``{subject}``: a concept's ``instance_prompt_column``; ``{class}``
+    alone for its ``class_prompt_column``, with ``token=None``).
 
     Raises:
-        TrainingDataError: a row whose value is not a string, is empty, does not format, or
-            does not name the concept (its ``token``); the message names the row.
+        TrainingDataError: a row whose value is not a string, is empty, does not format, or (an
+            instance row) does not name the concept (its ``token``); the message names the row.
     """
     from pixelmill.config.campaign import format_prompt
 
     out = []
     for r in rows:
-        value, where = r.get(column), f"{what}: row {r['id']!r}, instance_prompt_column {column!r}"
+        value, where = r.get(column), f"{what}: row {r['id']!r}, {token or 'class'}_prompt_column {column!r}"
         if not isinstance(value, str):
             raise TrainingDataError(f"{where}: expected text, got {type(value).__name__}"
                                     + (" (a missing prompt)" if value is None else ""))
@@ -207,7 +209,7 @@ def row_prompts(rows: list[dict], column: str, fields: dict[str, str], what: str
             prompt = format_prompt(value, fields, where)
         except ValueError as e:
             raise TrainingDataError(str(e)) from None
-        if fields["token"] not in prompt:
+        if token and fields["token"] not in prompt:
             raise TrainingDataError(f"{where}: {prompt!r} does not name the concept; put {{subject}} or {{token}} "
                                     f"({fields['token']!r}) in it")
         out.append(prompt)

@@ -273,7 +273,14 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
                     problems.append(f"concept {name!r}: instance_data: {e}")
             if c.class_data and c.class_data != "retrieval" and uses_prior(job):
                 try:
-                    Dataset.open(c.class_data)
+                    cds = Dataset.open(c.class_data)
+                    ccol, names = c.class_prompt_column, cds.schema.names if cds.shard_names() else []
+                    if ccol and ccol not in names:
+                        problems.append(f"concept {name!r}: class_data {c.class_data} has no class_prompt_column "
+                                        f"{ccol!r}; it has {names}")
+                    elif ccol and not _is_text(cds.schema.field(ccol).type):
+                        problems.append(f"concept {name!r}: class_prompt_column {ccol!r} of {c.class_data} holds "
+                                        f"{cds.schema.field(ccol).type}, not text (strings)")
                 except FileNotFoundError as e:
                     problems.append(f"concept {name!r}: class_data: {e}")
             if declared.get("new_tokens"):

@@ -1,4 +1,5 @@
-"""A concept's ``instance_prompt_column``: a training prompt per instance image.
+"""A concept's ``instance_prompt_column`` (a training prompt per instance image) and
+``class_prompt_column`` (a prompt per class image in the prior loss).
 
 The config checks (no training), the trainer's refusals of bad rows, and a few steps on the
 tiny models showing that each row's own prompt is what the training step encodes (and what
@@ -58,7 +59,7 @@ def test_the_column_and_its_placeholders_in_the_config():
     # instance_prompt takes {subject} too, as the column's texts do
     one = Concept(instance_data="-", token="sks", class_word="dog", instance_prompt="a {subject} by {class}s")
     assert one.instance_text("dreambooth") == "a sks dog by dogs"
-    with pytest.raises(ValueError, match=r"instance_prompt: cannot fill .*\{token\}, \{class\} and \{subject\}"):
+    with pytest.raises(ValueError, match=r"instance_prompt: cannot fill .*\{token\}, \{class\}, \{subject\}"):
         Concept(instance_data="-", instance_prompt="a {dog}").instance_text("lora")
 
 
@@ -66,6 +67,9 @@ def test_the_column_and_its_placeholders_in_the_config():
     ({"instance_prompt_column": ""}, "empty column name"),
     ({"instance_prompt_column": "caption", "instance_prompt": "a {token}"}, "not both"),
     ({"instance_prompt_column": "image"}, "is the image_column"),
+    ({"class_prompt_column": "caption"}, "class_prompt_column needs class_data: a dataset"),
+    ({"class_prompt_column": "caption", "class_data": "retrieval"}, "class_prompt_column needs class_data"),
+    ({"class_prompt_column": " ", "class_data": "x"}, "name the class_data column of prompts"),
 ])
 def test_bad_column_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -84,6 +88,7 @@ def test_the_column_changes_the_job_id_only_when_set(tmp_path):
 
     assert "instance_prompt_column" not in _id_fields(Concept(instance_data="-"))  # older campaigns keep their ids
     assert _id_fields(Concept(instance_data="-", instance_prompt_column="p"))["instance_prompt_column"] == "p"
+    assert _id_fields(Concept(instance_data="-", class_data="c", class_prompt_column="q"))["class_prompt_column"] == "q"
 
 
 # -- data checks: before training (preflight) and when the job loads its rows ---------------------
@@ -140,3 +145,29 @@ def test_each_row_trains_with_its_own_prompt(tiny_models, tmp_path, one_torch_th
     _, idx = trainer.schedule.batch(0)
     trainer.step(0)
     assert seen == [data.instance[i].prompt for i in idx] and set(seen) <= set(wanted.values())
+
+
+def test_each_class_image_trains_with_its_own_prompt_in_the_prior(tiny_models, tmp_path, one_torch_thread):
+    """class_prompt_column: the prior loss's samples carry their own rows' prompts ({class} filled in);
+    a class dataset without the column is refused before training."""
+    from pixelmill.tasks.train.job import _setup
+
+    inst = _dataset(tmp_path, "inst", [f"a photo of a {c} {{subject}}" for c in COLOURS])
+    klass = _dataset(tmp_path, "class", [f"a photo of a {c} {{class}}" for c in ("green", "red", "blue", "green")])
+    cfg = _campaign(tiny_models["img2img"], tmp_path, inst, method="dreambooth", with_prior_preservation=True,
+                    num_class_images=4)
+    cfg.concepts["dog"] = cfg.concepts["dog"].model_copy(update={"class_data": klass, "class_prompt_column": "prompt"})
+    check_campaign_inputs(cfg)
+    spec = plan_campaign(cfg).jobs[0].spec
+    _, data, trainer = _setup(spec, torch.device("cpu"))
+    assert [x.prompt for x in data.klass] == [f"a photo of a {c} dog" for c in ("green", "red", "blue", "green")]
+    seen: list[str] = []
+    encode = trainer.encode_text
+    trainer.encode_text = lambda prompts: (seen.extend(prompts), encode(prompts))[1]
+    trainer.step(0)
+    _, cidx = trainer.class_schedule.batch(0)
+    assert [data.klass[i].prompt for i in cidx] == [p for p in seen if "sks" not in p]
+    bad = cfg.model_copy(deep=True)
+    bad.concepts["dog"].class_prompt_column = "caption"
+    with pytest.raises(ValueError, match=r"has no class_prompt_column 'caption'"):
+        check_campaign_inputs(bad)
