@@ -7,6 +7,13 @@ worker), and its artifact is loaded the way users load it (the DreamBooth pipeli
 folder; ``apply_adapters`` for LoRA, Textual Inversion and Custom Diffusion, i.e.
 diffusers' own loaders). Then, on fixed seeds:
 
+DreamBooth and LoRA train as a user who wants the concept in new colours would set them up:
+each instance image with its own prompt naming its colour (the Concept's
+``instance_prompt_column``: ``"a purple {subject}"``), and a colour prior: class images the base
+model drew for "a <colour> shape" in every colour of the world, each with its own prompt
+(``class_prompt_column``), so training keeps the colour words working while the token
+learns the shape.
+
 - **learning**: the share of samples of "a photo of <subject>" the shape detector reads as a
   heart, for the base model (the same prompt: the token means nothing to it) and trained;
 - **recontextualisation**: "a photo of a <new colour> <subject>" in a colour none of the
@@ -41,7 +48,7 @@ CONCEPT_SEED = 7
 SAMPLE_SEED = 21
 CLASS_WORD = "shape"
 PROMPT_COLUMN = "instance_prompt"
-"""The instances' per-image prompt column ("a photo of a purple {subject}"): the Concept's
+"""The instances' per-image prompt column ("a purple {subject}"): the Concept's
 ``instance_prompt_column`` for the methods with ``"captions": True``."""
 GUIDANCE = 4.0
 SAMPLING_STEPS = 20
@@ -49,20 +56,24 @@ SAMPLING_STEPS = 20
 METHODS: dict[str, dict[str, Any]] = {
     # per-method learning rate and steps, chosen on this world (README "Quality": how)
     # captions: trained on the instances' per-image prompts (PROMPT_COLUMN) rather than one prompt
-    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 400, "captions": True},
-    "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000, "captions": True},
+    # colour_prior: with class images of every colour, each captioned with its colour (write_colour_class_images)
+    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 800, "captions": True, "colour_prior": True},
+    "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000, "captions": True, "colour_prior": True},
     "textual_inversion": {"token": "<heart>", "learning_rate": 5e-3, "max_steps": 600},
     "custom_diffusion": {"token": "<heart>", "learning_rate": 1e-3, "max_steps": 600},
 }
-FULL = {"samples": 100, "steps_scale": 1.0, "methods": tuple(METHODS), "prior": True, "class_images": 50}
-FAST = {"samples": 16, "steps_scale": 0.3, "methods": ("lora",), "prior": False, "class_images": 0}
+FULL = {"samples": 100, "steps_scale": 1.0, "methods": tuple(METHODS), "prior": True, "class_images": 50,
+        "colour_class_images": 8}
+FAST = {"samples": 16, "steps_scale": 0.3, "methods": ("lora",), "prior": False, "class_images": 0,
+        "colour_class_images": 2}
 
 
 def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[str]:
     """``count`` heart images of world ``seed``, alternating over ``INSTANCE_COLORS``; returns their captions.
 
     Each row also has ``PROMPT_COLUMN``: its training prompt naming the image's colour and the
-    concept, ``"a photo of a purple {subject}"`` (the Concept's ``instance_prompt_column``)."""
+    concept, ``"a purple {subject}"`` (the Concept's ``instance_prompt_column``; the toy grammar's
+    phrasing: ``toy:sd`` ignores "purple" in "a photo of a purple shape" and draws it orange)."""
     from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row
     from pixelmill.toy.samples import toy_indices
@@ -71,7 +82,7 @@ def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[
                        shape=world.HELD_OUT_SHAPE, color=c) for k, c in enumerate(INSTANCE_COLORS)]
     rows = [toy_row(seed, i) for i in sorted(i for idx in per for i in idx)]
     table = pa.Table.from_pylist(rows, schema=TOY_SCHEMA)
-    table = table.append_column(PROMPT_COLUMN, pa.array([f"a photo of a {r['color']} {{subject}}" for r in rows]))
+    table = table.append_column(PROMPT_COLUMN, pa.array([f"a {r['color']} {{subject}}" for r in rows]))
     write_table_dataset(url, table, TOY_SCHEMA_NAME,
                         {"generator": "pixelmill.toy.concepts", "concept": world.HELD_OUT_SHAPE, "seed": seed})
     return [r["caption"] for r in rows]
@@ -114,6 +125,7 @@ def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, cla
         concept["instance_prompt_column"] = PROMPT_COLUMN
     settings: dict[str, Any] = {"learning_rate": m["learning_rate"],
                                 "max_steps": max(10, int(m["max_steps"] * steps_scale))}
+    settings.update(m.get("settings", {}))
     if method in ("dreambooth", "custom_diffusion") or class_data is not None:
         settings["with_prior_preservation"] = class_data is not None
         if class_data is not None:
@@ -199,11 +211,27 @@ class ImageAlignment:
         return round(float((self.scorer.images(images) @ self.ref.T).mean()), 4)
 
 
+def write_colour_class_images(url: str, base: BaseSamples, per_colour: int, seed: int = SAMPLE_SEED) -> str:
+    """The colour prior's class images: ``per_colour`` samples of the base model for "a <colour> shape"
+    in every colour of the world, each captioned with its prompt (``caption``: the concept's
+    ``class_prompt_column``). What the base model draws: no heart (it cannot), no instance image."""
+    from pixelmill.samples import write_image_dataset
+
+    images, captions = [], []
+    for colour in world.COLORS:
+        prompt = f"a {colour} {CLASS_WORD}"
+        images += base(prompt, per_colour, seed=seed + 3000)
+        captions += [prompt] * per_colour
+    return write_image_dataset(url, images, captions)
+
+
 def measure_method(method: str, root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, align,
-                   class_data: str | None = None, tag: str = "", seed: int = SAMPLE_SEED) -> dict[str, Any]:
+                   class_data: str | None = None, tag: str = "", seed: int = SAMPLE_SEED,
+                   class_prompt_column: str | None = None) -> dict[str, Any]:
     """Train one method, then its learning, recontextualisation and alignment figures against the base."""
     t0 = time.perf_counter()
-    artifacts, record = train(method, root / (method + tag), instances, steps_scale, class_data)
+    artifacts, record = train(method, root / (method + tag), instances, steps_scale, class_data,
+                              class_prompt_column=class_prompt_column)
     seconds = time.perf_counter() - t0
     pipe = trained_pipeline(method, artifacts)
     who = subject(method)
@@ -211,7 +239,8 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     base_plain, base_col = base(plain, n, seed), base(coloured, n, seed)
     got_plain, got_col = sample(pipe, plain, n, seed), sample(pipe, coloured, n, seed)
     rb, rt, cb, ct = read(base_plain), read(got_plain), read(base_col), read(got_col)
-    out = {"method": method, "prior": class_data is not None, "steps": record.get("step"),
+    out = {"method": method, "prior": ("colours" if class_prompt_column else True) if class_data else False,
+           "steps": record.get("step"),
            "learning_rate": METHODS[method]["learning_rate"], "train_seconds": round(seconds, 1),
            "instance_prompts": "per image" if METHODS[method].get("captions") else "one",
            "prompt": plain, "samples": n,
@@ -237,14 +266,21 @@ def measure_prior(root: Path, instances: str, n: int, steps_scale: float, base: 
                         [class_prompt] * class_images)
     with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base, None, class_url, "-prior",
                                 seed=seed)
-    plain = without or measure_method("dreambooth", root, instances, n, steps_scale, base, None, seed=seed)
+    colours = without if without and without["prior"] == "colours" else None
+    plain = without if without and not without["prior"] else None
+    plain = plain or measure_method("dreambooth", root, instances, n, steps_scale, base, None, "-noprior", seed=seed)
     tv_seed = seed + 2000
     reference = read(base(class_prompt, n, tv_seed))
     tv_without = tv_distance(reference, read(sample(plain["pipeline"], class_prompt, n, tv_seed)))
     tv_with = tv_distance(reference, read(sample(with_prior["pipeline"], class_prompt, n, tv_seed)))
-    return {"class_prompt": class_prompt, "class_images": class_images, "samples": n,
-            "tv_without_prior": tv_without, "tv_with_prior": tv_with,
-            "heart_with_prior": with_prior["heart"], "recontext_with_prior": with_prior["recontext"]}
+    out = {"class_prompt": class_prompt, "class_images": class_images, "samples": n,
+           "tv_without_prior": tv_without, "tv_with_prior": tv_with,
+           "heart_without_prior": plain["heart"], "recontext_without_prior": plain["recontext"],
+           "heart_with_prior": with_prior["heart"], "recontext_with_prior": with_prior["recontext"]}
+    if colours is not None:  # the reported DreamBooth: the colour prior
+        out["tv_with_colour_prior"] = tv_distance(reference, read(sample(colours["pipeline"], class_prompt, n,
+                                                                         tv_seed)))
+    return out
 
 
 def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:clip",
@@ -261,10 +297,15 @@ def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:c
     captions = write_instances(instances)
     base = BaseSamples(_pipeline("toy:sd"))
     align = ImageAlignment(clip, instances) if clip else None
-    results = {}
+    results, colour_class = {}, None
     for method in sizes["methods"]:
+        if METHODS[method].get("colour_prior") and colour_class is None:
+            colour_class = write_colour_class_images(str(work / "colour-class-images"), base,
+                                                     sizes["colour_class_images"], seed)
+        cp = METHODS[method].get("colour_prior")
         results[method] = measure_method(method, work, instances, sizes["samples"], sizes["steps_scale"],
-                                         base, align, seed=seed)
+                                         base, align, colour_class if cp else None, seed=seed,
+                                         class_prompt_column="caption" if cp else None)
     prior = None
     if sizes.get("prior"):
         prior = measure_prior(work, instances, sizes["samples"], sizes["steps_scale"], base,

@@ -26,6 +26,9 @@ def test_instances_are_hearts_in_the_two_instance_colours_only(tmp_path):
     assert {r["shape"] for r in t} == {world.HELD_OUT_SHAPE}
     assert {r["color"] for r in t} == set(concepts.INSTANCE_COLORS)
     assert concepts.NEW_COLOR not in concepts.INSTANCE_COLORS
+    # each image's own training prompt names its colour (the Concept's instance_prompt_column)
+    rows = Dataset.open(str(tmp_path / "inst")).to_table(["color", concepts.PROMPT_COLUMN]).to_pylist()
+    assert [r[concepts.PROMPT_COLUMN] for r in rows] == [f"a {r['color']} {{subject}}" for r in rows]
 
 
 def test_tv_distance_and_shares():
