@@ -82,6 +82,20 @@ class Concept(StrictModel):
         class_data: a dataset of class (regularization) images for prior preservation,
             or ``retrieval`` to use the campaign's retrieval output for ``class_prompt``.
         property: ``object`` or ``style`` (Textual Inversion prompt templates).
+        instance_prompt: one training prompt for every instance image; ``{token}``,
+            ``{class}`` and ``{subject}`` (how the method names the concept: ``sks dog``,
+            or the token alone for Textual Inversion) are filled in.
+        instance_prompt_column: a string column of ``instance_data`` whose text is that
+            image's training prompt (a caption per image, like the ``--caption_column`` of
+            diffusers' DreamBooth LoRA scripts), formatted like ``instance_prompt``, e.g.
+            ``"a photo of a purple {subject}"``. The formatted text must name the concept
+            (contain ``token``). Instead of ``instance_prompt``; DreamBooth, LoRA, Custom
+            Diffusion and text_to_image train with it (Textual Inversion's prompts are its
+            templates and InstructPix2Pix's its instructions: refused for those).
+        class_prompt_column: a string column of ``class_data`` (a dataset) whose text is that
+            class image's prompt in the prior loss (``{class}`` filled in), e.g. class images
+            of several colours captioned with their colour; class images the campaign
+            generates to make up a shortfall keep ``class_prompt`` (they were drawn for it).
     """
 
     instance_data: str
@@ -91,13 +105,40 @@ class Concept(StrictModel):
     class_prompt: str | None = None
     class_data: str | None = None
     image_column: str = "image"
+    instance_prompt_column: str | None = None
+    class_prompt_column: str | None = None
     initializer_token: str | None = None
     property: Literal["object", "style"] = "object"
+
+    @model_validator(mode="after")
+    def _prompt_column(self) -> Concept:
+        ccol = self.class_prompt_column
+        if ccol is not None:
+            if not ccol.strip() or ccol == "image":
+                raise ValueError(f"class_prompt_column {ccol!r}: name the class_data column of prompts")
+            if not self.class_data or self.class_data == "retrieval":
+                raise ValueError("class_prompt_column needs class_data: a dataset of class images with that column")
+        col = self.instance_prompt_column
+        if col is None:
+            return self
+        if not col.strip():
+            raise ValueError("instance_prompt_column: empty column name; name the instance_data column that holds "
+                             "each image's prompt (or leave it out)")
+        if self.instance_prompt:
+            raise ValueError("give instance_prompt (one prompt for every image) or instance_prompt_column (a prompt "
+                             "per image), not both")
+        if col == self.image_column:
+            raise ValueError(f"instance_prompt_column {col!r} is the image_column; name the column of prompts")
+        return self
+
+    def prompt_fields(self, method: str) -> dict[str, str]:
+        """What ``{token}``, ``{class}`` and ``{subject}`` stand for in this concept's prompts."""
+        return {"token": self.token, "class": self.class_word, "subject": self.subject(method)}
 
     def instance_text(self, method: str) -> str:
         """The training prompt: explicit, or the method's default for this concept."""
         if self.instance_prompt:
-            return self.instance_prompt.format(token=self.token, **{"class": self.class_word})
+            return format_prompt(self.instance_prompt, self.prompt_fields(method), "instance_prompt")
         if train_method(method).meta.get("token_only"):
             return f"a photo of a {self.token}"
         return f"a photo of {self.token} {self.class_word}".strip()
@@ -112,6 +153,17 @@ class Concept(StrictModel):
         if train_method(method).meta.get("token_only"):
             return self.token
         return f"{self.token} {self.class_word}".strip()
+
+
+def format_prompt(template: str, fields: dict[str, str], what: str) -> str:
+    """``template`` with ``{token}``, ``{class}`` and ``{subject}`` filled from ``fields`` (a ValueError
+    naming ``what`` for any other placeholder or a stray brace)."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        names = ", ".join("{" + k + "}" for k in fields)
+        raise ValueError(f"{what}: cannot fill {template!r} ({type(e).__name__}: {e}); its placeholders can be "
+                         f"{names} (write a literal brace as {{{{ or }}}})") from None
 
 
 class TrainSettings(StrictModel):
@@ -334,6 +386,13 @@ class CampaignConfig(FlowConfig):
             tokens = [self.concepts[c].token for c in concepts]
             if len(set(tokens)) != len(tokens):
                 raise ConfigError(f"job {name!r}: concepts trained jointly need distinct tokens, got {tokens}")
+        meta = train_method(method).meta
+        columned = [c for c in concepts if self.concepts[c].instance_prompt_column]
+        if columned and (meta.get("token_only") or meta.get("data") == "pairs"):
+            why = "Textual Inversion trains on its prompt templates" if meta.get("token_only") else \
+                "InstructPix2Pix trains on its pairs' instructions"
+            raise ConfigError(f"job {name!r}: {method} does not use instance_prompt_column (concept(s) {columned}): "
+                              f"{why}")
         if len(concepts) != 1 and not train_method(method).meta.get("multi_concept"):
             joint = [e.name for e in _train_entries() if e.meta.get("multi_concept")]
             raise ConfigError(f"job {name!r}: {method} trains one concept per job "
@@ -371,12 +430,20 @@ class ExpandedJob(BaseModel):
         s = self.settings.model_dump(exclude=set(PLACEMENT_SETTINGS) | (other_methods - own))
         return {
             "method": self.method, "model": model_hash,
-            "concepts": [{**concepts[c].model_dump(exclude={"instance_data", "class_data"}),
-                          "data": data_hashes.get(c)} for c in self.concepts],
+            "concepts": [{**_id_fields(concepts[c]), "data": data_hashes.get(c)} for c in self.concepts],
             "settings": s,
         }
 
 
+
+
+def _id_fields(concept: Concept) -> dict[str, Any]:
+    """A concept's fields in a job id (the prompt columns only when set: ids made before they existed hold)."""
+    out = concept.model_dump(exclude={"instance_data", "class_data"})
+    for key in ("instance_prompt_column", "class_prompt_column"):
+        if out[key] is None:
+            del out[key]
+    return out
 
 
 def _train_entries():

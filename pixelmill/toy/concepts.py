@@ -7,6 +7,13 @@ worker), and its artifact is loaded the way users load it (the DreamBooth pipeli
 folder; ``apply_adapters`` for LoRA, Textual Inversion and Custom Diffusion, i.e.
 diffusers' own loaders). Then, on fixed seeds:
 
+DreamBooth trains as a user who wants the concept in new colours would set them up:
+each instance image with its own prompt naming its colour (the Concept's
+``instance_prompt_column``: ``"a purple {subject}"``), and a colour prior: class images the base
+model drew for "a <colour> shape" in every colour of the world, each with its own prompt
+(``class_prompt_column``), so training keeps the colour words working while the token
+learns the shape.
+
 - **learning**: the share of samples of "a photo of <subject>" the shape detector reads as a
   heart, for the base model (the same prompt: the token means nothing to it) and trained;
 - **recontextualisation**: "a photo of a <new colour> <subject>" in a colour none of the
@@ -40,22 +47,35 @@ NEW_COLOR = "green"
 CONCEPT_SEED = 7
 SAMPLE_SEED = 21
 CLASS_WORD = "shape"
+PROMPT_COLUMN = "instance_prompt"
+"""The instances' per-image prompt column ("a purple {subject}"): the Concept's
+``instance_prompt_column`` for the methods with ``"captions": True``."""
 GUIDANCE = 4.0
 SAMPLING_STEPS = 20
 
 METHODS: dict[str, dict[str, Any]] = {
     # per-method learning rate and steps, chosen on this world (README "Quality": how)
-    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 400},
+    # captions: trained on the instances' per-image prompts (PROMPT_COLUMN) rather than one prompt
+    # colour_prior: with class images of every colour, each captioned with its colour (write_colour_class_images)
+    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 800, "captions": True, "colour_prior": True},
+    # LoRA with both (3e-3, 1,000 steps) measured 2026-12-04: heart 0.43, green heart 0.23: a worse trade, not kept
     "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000},
     "textual_inversion": {"token": "<heart>", "learning_rate": 5e-3, "max_steps": 600},
     "custom_diffusion": {"token": "<heart>", "learning_rate": 1e-3, "max_steps": 600},
 }
-FULL = {"samples": 100, "steps_scale": 1.0, "methods": tuple(METHODS), "prior": True, "class_images": 50}
-FAST = {"samples": 16, "steps_scale": 0.3, "methods": ("lora",), "prior": False, "class_images": 0}
+FULL = {"samples": 100, "steps_scale": 1.0, "methods": tuple(METHODS), "prior": True, "class_images": 50,
+        "colour_class_images": 8}
+# the CI smoke case: LoRA for a third of its steps
+FAST = {"samples": 16, "steps_scale": 0.3, "methods": ("lora",), "prior": False, "class_images": 0,
+        "colour_class_images": 0}
 
 
 def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[str]:
-    """``count`` heart images of world ``seed``, alternating over ``INSTANCE_COLORS``; returns their captions."""
+    """``count`` heart images of world ``seed``, alternating over ``INSTANCE_COLORS``; returns their captions.
+
+    Each row also has ``PROMPT_COLUMN``: its training prompt naming the image's colour and the
+    concept, ``"a purple {subject}"`` (the Concept's ``instance_prompt_column``; the toy grammar's
+    phrasing: ``toy:sd`` ignores "purple" in "a photo of a purple shape" and draws it orange)."""
     from pixelmill.datasets.writer import write_table_dataset
     from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row
     from pixelmill.toy.samples import toy_indices
@@ -63,7 +83,9 @@ def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[
     per = [toy_indices(seed, (count + len(INSTANCE_COLORS) - 1 - k) // len(INSTANCE_COLORS),
                        shape=world.HELD_OUT_SHAPE, color=c) for k, c in enumerate(INSTANCE_COLORS)]
     rows = [toy_row(seed, i) for i in sorted(i for idx in per for i in idx)]
-    write_table_dataset(url, pa.Table.from_pylist(rows, schema=TOY_SCHEMA), TOY_SCHEMA_NAME,
+    table = pa.Table.from_pylist(rows, schema=TOY_SCHEMA)
+    table = table.append_column(PROMPT_COLUMN, pa.array([f"a {r['color']} {{subject}}" for r in rows]))
+    write_table_dataset(url, table, TOY_SCHEMA_NAME,
                         {"generator": "pixelmill.toy.concepts", "concept": world.HELD_OUT_SHAPE, "seed": seed})
     return [r["caption"] for r in rows]
 
@@ -91,22 +113,28 @@ def trained_pipeline(method: str, artifacts: str, base: str = "toy:sd"):
 
 
 def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, class_data: str | None = None,
-          base: str = "toy:sd") -> tuple[str, dict[str, Any]]:
-    """Train ``method`` on the instances (with the prior when ``class_data`` is given); returns
-    (the artifacts folder, the job's record)."""
+          base: str = "toy:sd", class_prompt_column: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Train ``method`` on the instances (with the prior when ``class_data`` is given, each class image
+    with its own prompt from ``class_prompt_column`` when given); returns (the artifacts folder, the
+    job's record)."""
     from pixelmill.config import CampaignConfig
     from pixelmill.tasks.train.job import run_job
     from pixelmill.tasks.train.plan import plan_campaign
 
     m = METHODS[method]
     concept = {"instance_data": instances, "token": m["token"], "class_word": CLASS_WORD}
+    if m.get("captions"):
+        concept["instance_prompt_column"] = PROMPT_COLUMN
     settings: dict[str, Any] = {"learning_rate": m["learning_rate"],
                                 "max_steps": max(10, int(m["max_steps"] * steps_scale))}
-    if method in ("dreambooth", "custom_diffusion"):
+    settings.update(m.get("settings", {}))
+    if method in ("dreambooth", "custom_diffusion") or class_data is not None:
         settings["with_prior_preservation"] = class_data is not None
         if class_data is not None:
             concept["class_data"] = class_data
             settings["num_class_images"] = len(_read_ids(class_data))
+            if class_prompt_column:
+                concept["class_prompt_column"] = class_prompt_column
     cfg = {"output": str(root), "model": base, "concepts": {"concept": concept},
            "defaults": {"resolution": world.IMAGE_SIZE, "train_batch_size": 2, "checkpoint_every": 100_000,
                         "center_crop": True, "random_flip": False, "cache_latents": True,
@@ -185,20 +213,38 @@ class ImageAlignment:
         return round(float((self.scorer.images(images) @ self.ref.T).mean()), 4)
 
 
+def write_colour_class_images(url: str, base: BaseSamples, per_colour: int, seed: int = SAMPLE_SEED) -> str:
+    """The colour prior's class images: ``per_colour`` samples of the base model for "a <colour> shape"
+    in every colour of the world, each captioned with its prompt (``caption``: the concept's
+    ``class_prompt_column``). What the base model draws: no heart (it cannot), no instance image."""
+    from pixelmill.samples import write_image_dataset
+
+    images, captions = [], []
+    for colour in world.COLORS:
+        prompt = f"a {colour} {CLASS_WORD}"
+        images += base(prompt, per_colour, seed=seed + 3000)
+        captions += [prompt] * per_colour
+    return write_image_dataset(url, images, captions)
+
+
 def measure_method(method: str, root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, align,
-                   class_data: str | None = None, tag: str = "") -> dict[str, Any]:
+                   class_data: str | None = None, tag: str = "", seed: int = SAMPLE_SEED,
+                   class_prompt_column: str | None = None) -> dict[str, Any]:
     """Train one method, then its learning, recontextualisation and alignment figures against the base."""
     t0 = time.perf_counter()
-    artifacts, record = train(method, root / (method + tag), instances, steps_scale, class_data)
+    artifacts, record = train(method, root / (method + tag), instances, steps_scale, class_data,
+                              class_prompt_column=class_prompt_column)
     seconds = time.perf_counter() - t0
     pipe = trained_pipeline(method, artifacts)
     who = subject(method)
     plain, coloured = f"a photo of {who}", f"a photo of a {NEW_COLOR} {who}"
-    base_plain, base_col = base(plain, n), base(coloured, n)
-    got_plain, got_col = sample(pipe, plain, n), sample(pipe, coloured, n)
+    base_plain, base_col = base(plain, n, seed), base(coloured, n, seed)
+    got_plain, got_col = sample(pipe, plain, n, seed), sample(pipe, coloured, n, seed)
     rb, rt, cb, ct = read(base_plain), read(got_plain), read(base_col), read(got_col)
-    out = {"method": method, "prior": class_data is not None, "steps": record.get("step"),
+    out = {"method": method, "prior": ("colours" if class_prompt_column else True) if class_data else False,
+           "steps": record.get("step"),
            "learning_rate": METHODS[method]["learning_rate"], "train_seconds": round(seconds, 1),
+           "instance_prompts": "per image" if METHODS[method].get("captions") else "one",
            "prompt": plain, "samples": n,
            "base_heart": share(rb, world.HELD_OUT_SHAPE), "heart": share(rt, world.HELD_OUT_SHAPE),
            "recontext_prompt": coloured,
@@ -212,27 +258,38 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
 
 
 def measure_prior(root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, class_images: int,
-                  without: dict[str, Any] | None) -> dict[str, Any]:
+                  without: dict[str, Any] | None, seed: int = SAMPLE_SEED) -> dict[str, Any]:
     """DreamBooth without and with the prior: how far the class prompt's outputs drift from the base model's."""
     from pixelmill.samples import write_image_dataset
 
     class_prompt = f"a photo of a {CLASS_WORD}"
     class_url = str(root / "class-images")
-    write_image_dataset(class_url, base(class_prompt, class_images, seed=SAMPLE_SEED + 1000),
+    write_image_dataset(class_url, base(class_prompt, class_images, seed=seed + 1000),
                         [class_prompt] * class_images)
-    with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base, None, class_url, "-prior")
-    plain = without or measure_method("dreambooth", root, instances, n, steps_scale, base, None)
-    seed = SAMPLE_SEED + 2000
-    reference = read(base(class_prompt, n, seed))
-    tv_without = tv_distance(reference, read(sample(plain["pipeline"], class_prompt, n, seed)))
-    tv_with = tv_distance(reference, read(sample(with_prior["pipeline"], class_prompt, n, seed)))
-    return {"class_prompt": class_prompt, "class_images": class_images, "samples": n,
-            "tv_without_prior": tv_without, "tv_with_prior": tv_with,
-            "heart_with_prior": with_prior["heart"], "recontext_with_prior": with_prior["recontext"]}
+    with_prior = measure_method("dreambooth", root, instances, n, steps_scale, base, None, class_url, "-prior",
+                                seed=seed)
+    colours = without if without and without["prior"] == "colours" else None
+    plain = without if without and not without["prior"] else None
+    plain = plain or measure_method("dreambooth", root, instances, n, steps_scale, base, None, tag="-noprior",
+                                    seed=seed)
+    tv_seed = seed + 2000
+    reference = read(base(class_prompt, n, tv_seed))
+    tv_without = tv_distance(reference, read(sample(plain["pipeline"], class_prompt, n, tv_seed)))
+    tv_with = tv_distance(reference, read(sample(with_prior["pipeline"], class_prompt, n, tv_seed)))
+    out = {"class_prompt": class_prompt, "class_images": class_images, "samples": n,
+           "tv_without_prior": tv_without, "tv_with_prior": tv_with,
+           "heart_without_prior": plain["heart"], "recontext_without_prior": plain["recontext"],
+           "heart_with_prior": with_prior["heart"], "recontext_with_prior": with_prior["recontext"]}
+    if colours is not None:  # the reported DreamBooth: the colour prior
+        out["tv_with_colour_prior"] = tv_distance(reference, read(sample(colours["pipeline"], class_prompt, n,
+                                                                         tv_seed)))
+    return out
 
 
-def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:clip") -> dict[str, Any]:
-    """Every method in ``sizes['methods']`` on the held-out heart; writes ``out/concepts.json``."""
+def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:clip",
+                     seed: int = SAMPLE_SEED) -> dict[str, Any]:
+    """Every method in ``sizes['methods']`` on the held-out heart, sampled on ``seed`` (another seed than
+    ``SAMPLE_SEED`` for trial runs that choose settings); writes ``out/concepts.json``."""
     import torch
 
     torch.manual_seed(0)
@@ -243,15 +300,21 @@ def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:c
     captions = write_instances(instances)
     base = BaseSamples(_pipeline("toy:sd"))
     align = ImageAlignment(clip, instances) if clip else None
-    results = {}
+    results, colour_class = {}, None
     for method in sizes["methods"]:
+        cp = METHODS[method].get("colour_prior") and sizes.get("colour_class_images", 0) > 0
+        if cp and colour_class is None:
+            colour_class = write_colour_class_images(str(work / "colour-class-images"), base,
+                                                     sizes["colour_class_images"], seed)
         results[method] = measure_method(method, work, instances, sizes["samples"], sizes["steps_scale"],
-                                         base, align)
+                                         base, align, colour_class if cp else None, seed=seed,
+                                         class_prompt_column="caption" if cp else None)
     prior = None
     if sizes.get("prior"):
         prior = measure_prior(work, instances, sizes["samples"], sizes["steps_scale"], base,
-                              sizes["class_images"], results.get("dreambooth"))
+                              sizes["class_images"], results.get("dreambooth"), seed=seed)
     doc = {"concept": world.HELD_OUT_SHAPE, "instance_colours": list(INSTANCE_COLORS), "new_colour": NEW_COLOR,
+           "sample_seed": seed,
            "instance_captions": captions, "guidance": GUIDANCE, "sampling_steps": SAMPLING_STEPS,
            "methods": {k: {f: v for f, v in r.items() if f not in ("pipeline", "images")} for k, r in results.items()},
            "prior": prior}
@@ -264,8 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Teach the toy SD the held-out heart with each method; measure it.")
     parser.add_argument("--out", default="quality-report")
     parser.add_argument("--fast", action="store_true", help="LoRA only, fewer steps and samples")
+    parser.add_argument("--methods", help="comma-separated methods (default: the size's)")
+    parser.add_argument("--no-prior", action="store_true", help="skip the prior-preservation comparison")
+    parser.add_argument("--sample-seed", type=int, default=SAMPLE_SEED,
+                        help=f"sampling seed (trial runs choosing settings use another than {SAMPLE_SEED})")
     args = parser.parse_args(argv)
-    doc = measure_concepts(Path(args.out), FAST if args.fast else FULL)
+    sizes = dict(FAST if args.fast else FULL)
+    if args.methods:
+        sizes["methods"] = tuple(m for m in args.methods.split(",") if m)
+    if args.no_prior:
+        sizes["prior"] = False
+    doc = measure_concepts(Path(args.out), sizes, seed=args.sample_seed)
     doc.pop("images")
     print(json.dumps(doc, indent=1))
     return 0

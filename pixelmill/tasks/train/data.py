@@ -174,6 +174,48 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
     return rows, skipped
 
 
+def concept_prompt_fields(c: dict[str, Any], method: str) -> dict[str, str]:
+    """``{token}``/``{class}``/``{subject}`` of a job spec's concept (from the plan, or worked out for older specs)."""
+    if c.get("prompt_fields"):
+        return c["prompt_fields"]
+    from pixelmill.config.campaign import train_method
+
+    token, klass = c.get("token", "sks"), c.get("class_word", "")
+    subject = token if train_method(method).meta.get("token_only") else f"{token} {klass}".strip()
+    return {"token": token, "class": klass, "subject": subject}
+
+
+def row_prompts(rows: list[dict], column: str, fields: dict[str, str], what: str,
+                token: str | None = "instance") -> list[str]:
+    """Each row's training prompt: its ``column`` text with the placeholders of ``fields`` filled
+    (``{token}``, ``{class}``, ``{subject}``: a concept's ``instance_prompt_column``; ``{class}``
+    alone for its ``class_prompt_column``, with ``token=None``).
+
+    Raises:
+        TrainingDataError: a row whose value is not a string, is empty, does not format, or (an
+            instance row) does not name the concept (its ``token``); the message names the row.
+    """
+    from pixelmill.config.campaign import format_prompt
+
+    out = []
+    for r in rows:
+        value, where = r.get(column), f"{what}: row {r['id']!r}, {token or 'class'}_prompt_column {column!r}"
+        if not isinstance(value, str):
+            raise TrainingDataError(f"{where}: expected text, got {type(value).__name__}"
+                                    + (" (a missing prompt)" if value is None else ""))
+        if not value.strip():
+            raise TrainingDataError(f"{where}: empty prompt")
+        try:
+            prompt = format_prompt(value, fields, where)
+        except ValueError as e:
+            raise TrainingDataError(str(e)) from None
+        if token and fields["token"] not in prompt:
+            raise TrainingDataError(f"{where}: {prompt!r} does not name the concept; put {{subject}} or {{token}} "
+                                    f"({fields['token']!r}) in it")
+        out.append(prompt)
+    return out
+
+
 def pixel_tensor(img: Image.Image) -> torch.Tensor:
     """HWC uint8 image → CHW float tensor in [-1, 1]."""
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0

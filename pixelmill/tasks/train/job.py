@@ -36,9 +36,11 @@ from pixelmill.tasks.train.data import (
     Sample,
     TrainingData,
     TrainingDataError,
+    concept_prompt_fields,
     derived_seed,
     prompt_key,
     read_image_rows,
+    row_prompts,
 )
 from pixelmill.tasks.train.optim import set_adamw_kernel
 from pixelmill.tasks.watchdog import Watchdog
@@ -74,9 +76,13 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                 data.instance.append(Sample(f"pair{ci}:{r['id']}", "pair", r[s["instruction_column"]], r["_bytes"],
                                             source=bytes(src_bytes), concept=ci, size=r["_size"]))
         else:
-            rows, skipped = read_image_rows(c["instance_data"], c.get("image_column", "image"), what)
-            data.instance += [Sample(f"c{ci}:{r['id']}", "instance", c["instance_prompt_text"], r["_bytes"],
-                                     concept=ci, size=r["_size"]) for r in rows]
+            col = c.get("instance_prompt_column")
+            rows, skipped = read_image_rows(c["instance_data"], c.get("image_column", "image"), what,
+                                            extra=(col,) if col else ())
+            prompts = (row_prompts(rows, col, concept_prompt_fields(c, method), what) if col
+                       else [c["instance_prompt_text"]] * len(rows))
+            data.instance += [Sample(f"c{ci}:{r['id']}", "instance", p, r["_bytes"], concept=ci, size=r["_size"])
+                              for p, r in zip(prompts, rows)]
         data.skipped += skipped
         uses_prior = prior_in_use(declared.get("prior"), s.get("with_prior_preservation"))
         if uses_prior and c.get("class_sources"):
@@ -85,10 +91,14 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                 need = wanted - sum(x.concept == ci for x in data.klass)
                 if need <= 0:
                     break
-                crows, cskipped = read_image_rows(src["url"], "image", f"concept {c['name']!r} class images",
+                col = c.get("class_prompt_column") if src["url"] == c.get("class_data") else None  # not generated
+                cwhat = f"concept {c['name']!r} class images"
+                crows, cskipped = read_image_rows(src["url"], "image", cwhat, extra=(col,) if col else (),
                                                   shard=src.get("shard"), allow_empty=True)
-                data.klass += [Sample(f"class{ci}:{src['url']}:{r['id']}", "class", c["class_prompt_text"],
-                                      r["_bytes"], concept=ci, size=r["_size"]) for r in crows[:need]]
+                cprompts = (row_prompts(crows[:need], col, {"class": c.get("class_word", "")}, cwhat, token=None)
+                            if col else [c["class_prompt_text"]] * len(crows[:need]))
+                data.klass += [Sample(f"class{ci}:{src['url']}:{r['id']}", "class", p, r["_bytes"], concept=ci,
+                                      size=r["_size"]) for p, r in zip(cprompts, crows)]
                 data.skipped += cskipped
             used = sum(x.concept == ci for x in data.klass)
             data.prior.append({"concept": c["name"], "wanted": wanted, "used": used})
@@ -147,7 +157,9 @@ def cache_key(spec: dict[str, Any], kind: str) -> str:
     if kind == "latents":
         parts.update({k: s[k] for k in ("resolution", "aspect_buckets", "center_crop")})
     else:
-        parts["concepts"] = [(c["instance_prompt_text"], c["class_prompt_text"]) for c in spec["concepts"]]
+        parts["concepts"] = [(c["instance_prompt_text"], c["class_prompt_text"])
+                             + tuple(c[k] for k in ("instance_prompt_column", "class_prompt_column") if c.get(k))
+                             for c in spec["concepts"]]
         parts["rescale"] = s["rescale"]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

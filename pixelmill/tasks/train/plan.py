@@ -180,6 +180,7 @@ def plan_campaign(cfg: CampaignConfig, model_hash=None) -> CampaignPlan:
             c = cfg.concepts[name]
             sources = _class_sources(cfg, name) if uses_prior(job) else []
             entry = {**c.model_dump(), "name": name, "instance_prompt_text": c.instance_text(job.method),
+                     "prompt_fields": c.prompt_fields(job.method),
                      "class_prompt_text": c.class_text(), "class_sources": sources}
             # retrieval output may not exist yet: it is named by the retrieval config, not its content
             data_hashes[name] = {"instance": fp(c.instance_data),
@@ -251,7 +252,7 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
             s = job.settings
             declared = train_method(job.method).meta
             cols = ((s.edited_column, s.input_column, s.instruction_column) if declared.get("data") == "pairs"
-                    else (c.image_column,))
+                    else (c.image_column,) + ((c.instance_prompt_column,) if c.instance_prompt_column else ()))
             key = (c.instance_data, cols)
             if key not in checked:
                 checked.add(key)
@@ -264,11 +265,22 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
                     elif missing:
                         problems.append(f"concept {name!r}: instance_data {c.instance_data} has no column(s) "
                                         f"{missing} (job {job.name!r}, {job.method}); it has {have}")
+                    elif c.instance_prompt_column and not _is_text(ds.schema.field(c.instance_prompt_column).type):
+                        problems.append(f"concept {name!r}: instance_prompt_column {c.instance_prompt_column!r} of "
+                                        f"{c.instance_data} holds {ds.schema.field(c.instance_prompt_column).type}, "
+                                        "not text (strings)")
                 except FileNotFoundError as e:
                     problems.append(f"concept {name!r}: instance_data: {e}")
             if c.class_data and c.class_data != "retrieval" and uses_prior(job):
                 try:
-                    Dataset.open(c.class_data)
+                    cds = Dataset.open(c.class_data)
+                    ccol, names = c.class_prompt_column, cds.schema.names if cds.shard_names() else []
+                    if ccol and ccol not in names:
+                        problems.append(f"concept {name!r}: class_data {c.class_data} has no class_prompt_column "
+                                        f"{ccol!r}; it has {names}")
+                    elif ccol and not _is_text(cds.schema.field(ccol).type):
+                        problems.append(f"concept {name!r}: class_prompt_column {ccol!r} of {c.class_data} holds "
+                                        f"{cds.schema.field(ccol).type}, not text (strings)")
                 except FileNotFoundError as e:
                     problems.append(f"concept {name!r}: class_data: {e}")
             if declared.get("new_tokens"):
@@ -291,6 +303,12 @@ def check_campaign_inputs(cfg: CampaignConfig) -> None:
                                     "choose a new placeholder such as '<my-dog>'")
     if problems:
         raise ValueError("the campaign cannot start:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+def _is_text(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
 def _family_of(model: str) -> str | None:
