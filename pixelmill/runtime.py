@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixelmill.process_watchdog import RUNTIME_MARK, Watchdog  # noqa: F401  (RUNTIME_MARK: re-exported)
-from pixelmill.server_boot import ServerBoot
+from pixelmill.server_boot import SERVER_FILE, ServerBoot
 
 log = logging.getLogger("pixelmill.runtime")
 
@@ -82,8 +82,6 @@ EMBEDDED_SERVER_SERVICES = {
     "PREFECT_SERVER_SERVICES_EVENT_LOGGER_ENABLED": "false",
 }
 
-# The file `pixelmill server` writes in the home folder while it runs.
-SERVER_FILE = "server.json"
 
 # Prefect's basic auth ("user:password"): the server's setting, and the one its clients send.
 SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
@@ -299,16 +297,6 @@ def user_server(home: Path) -> dict | None:
         return None
 
 
-def write_server_file(home: Path, pid: int, api_url: str, ray_address: str | None = None) -> Path:
-    """Record a user-started server (``pixelmill server``) so that commands reuse it (and its Ray, if any)."""
-    path = home / SERVER_FILE
-    tmp = path.with_suffix(".tmp")
-    info = {"pid": pid, "api_url": api_url, **({"ray_address": ray_address} if ray_address else {})}
-    tmp.write_text(json.dumps(info))
-    tmp.replace(path)
-    return path
-
-
 def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
     """A new Ray on this machine, connected from this process: loopback only, no dashboard.
 
@@ -343,16 +331,6 @@ def host_ray(num_cpus: int | None = None):
     finally:
         ray.shutdown()
         watchdog.stop()
-
-
-def remove_server_file(home: Path, pid: int) -> None:
-    """Remove ``server.json`` if it still names ``pid``."""
-    path = home / SERVER_FILE
-    try:
-        if json.loads(path.read_text()).get("pid") == pid:
-            path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 def refresh_prefect_settings() -> None:

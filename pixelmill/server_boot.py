@@ -1,4 +1,5 @@
-"""One Prefect server at a time boots on a home whose database this Prefect has not set up yet.
+"""One Prefect server at a time boots on a home whose database this Prefect has not set up yet;
+and ``server.json``, the file through which a running ``pixelmill server`` is found.
 
 A Prefect server creates and migrates its SQLite database when it starts. Two servers
 starting at once on a new home (two commands started together, or a command started while
@@ -20,11 +21,13 @@ Commands on a home that is set up never wait for each other.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from importlib import metadata
 from pathlib import Path
 
+SERVER_FILE = "server.json"  # written in the home folder by `pixelmill server` while it runs
 LOCK_FILE = "server-start.lock"
 READY_FILE = "prefect-ready"
 BOOT_TIMEOUT_S = 180.0
@@ -93,3 +96,23 @@ class ServerBoot:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def write_server_file(home: Path, pid: int, api_url: str, ray_address: str | None = None) -> Path:
+    """Record a user-started server (``pixelmill server``) so that commands reuse it (and its Ray, if any)."""
+    path = home / SERVER_FILE
+    tmp = path.with_suffix(".tmp")
+    info = {"pid": pid, "api_url": api_url, **({"ray_address": ray_address} if ray_address else {})}
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+    return path
+
+
+def remove_server_file(home: Path, pid: int) -> None:
+    """Remove ``server.json`` if it still names ``pid``."""
+    path = home / SERVER_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass

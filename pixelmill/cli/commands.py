@@ -365,11 +365,9 @@ def cmd_server(args) -> int:
         prefect_server_command,
         prefect_server_env,
         public_bind_problem,
-        remove_server_file,
         wait_for_health,
-        write_server_file,
     )
-    from pixelmill.server_boot import ServerBoot
+    from pixelmill.server_boot import ServerBoot, remove_server_file, write_server_file
 
     problem = public_bind_problem(args.host)
     if problem:
