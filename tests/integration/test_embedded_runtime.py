@@ -559,4 +559,8 @@ def test_a_command_started_while_the_users_server_boots_waits_for_it_and_uses_it
         assert out.stdout.strip().splitlines()[-1] == f"http://127.0.0.1:{port}/api"
         assert not (home / "prefect-server.log").exists(), "the command started a server of its own"
     finally:
-        interrupt_group(server)
+        server.send_signal(signal.SIGINT)  # Ctrl-C: the command stops its Prefect server itself
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            interrupt_group(server, timeout=5)
