@@ -38,8 +38,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from pixelmill.toy import world
 
 INSTANCE_COLORS = ("purple", "orange")
@@ -76,18 +74,13 @@ def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[
     Each row also has ``PROMPT_COLUMN``: its training prompt naming the image's colour and the
     concept, ``"a purple {subject}"`` (the Concept's ``instance_prompt_column``; the toy grammar's
     phrasing: ``toy:sd`` ignores "purple" in "a photo of a purple shape" and draws it orange)."""
-    from pixelmill.datasets.writer import write_table_dataset
-    from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row
-    from pixelmill.toy.samples import toy_indices
+    from pixelmill.toy.samples import toy_indices, write_toy_rows
 
     per = [toy_indices(seed, (count + len(INSTANCE_COLORS) - 1 - k) // len(INSTANCE_COLORS),
                        shape=world.HELD_OUT_SHAPE, color=c) for k, c in enumerate(INSTANCE_COLORS)]
-    rows = [toy_row(seed, i) for i in sorted(i for idx in per for i in idx)]
-    table = pa.Table.from_pylist(rows, schema=TOY_SCHEMA)
-    table = table.append_column(PROMPT_COLUMN, pa.array([f"a {r['color']} {{subject}}" for r in rows]))
-    write_table_dataset(url, table, TOY_SCHEMA_NAME,
-                        {"generator": "pixelmill.toy.concepts", "concept": world.HELD_OUT_SHAPE, "seed": seed})
-    return [r["caption"] for r in rows]
+    return write_toy_rows(url, seed, sorted(i for idx in per for i in idx),
+                          {"generator": "pixelmill.toy.concepts", "concept": world.HELD_OUT_SHAPE, "seed": seed},
+                          {PROMPT_COLUMN: lambda r: f"a {r['color']} {{subject}}"})
 
 
 def _pipeline(model: str):
@@ -112,22 +105,39 @@ def trained_pipeline(method: str, artifacts: str, base: str = "toy:sd"):
     return pipe
 
 
+def campaign_settings(root: Path, base: str = "toy:sd") -> dict[str, Any]:
+    """The campaign keys every toy-world training job shares: output, model and the job defaults."""
+    return {"output": str(root), "model": base,
+            "defaults": {"resolution": world.IMAGE_SIZE, "train_batch_size": 2, "checkpoint_every": 100_000,
+                         "center_crop": True, "random_flip": False, "cache_latents": True,
+                         "cache_text_embeddings": True, "seed": 0}}
+
+
+def run_campaign_job(root: Path, concepts: dict[str, dict[str, Any]], job: dict[str, Any],
+                     base: str = "toy:sd") -> tuple[str, dict[str, Any]]:
+    """One job over ``concepts`` (name -> Concept fields) through the trainer a campaign job runs on a
+    Ray worker (``plan_campaign`` + ``run_job``); returns (the artifacts folder, the job's record)."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.tasks.train.job import run_job
+    from pixelmill.tasks.train.plan import plan_campaign
+
+    cfg = {**campaign_settings(root, base), "concepts": concepts, "jobs": [job]}
+    spec = plan_campaign(CampaignConfig.model_validate(cfg)).jobs[0].spec
+    record = run_job(spec)
+    return spec["dir"].rstrip("/") + "/artifacts", record
+
+
 def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, class_data: str | None = None,
           base: str = "toy:sd", class_prompt_column: str | None = None) -> tuple[str, dict[str, Any]]:
     """Train ``method`` on the instances (with the prior when ``class_data`` is given, each class image
     with its own prompt from ``class_prompt_column`` when given); returns (the artifacts folder, the
     job's record)."""
-    from pixelmill.config import CampaignConfig
-    from pixelmill.tasks.train.job import run_job
-    from pixelmill.tasks.train.plan import plan_campaign
-
     m = METHODS[method]
     concept = {"instance_data": instances, "token": m["token"], "class_word": CLASS_WORD}
     if m.get("captions"):
         concept["instance_prompt_column"] = PROMPT_COLUMN
     settings: dict[str, Any] = {"learning_rate": m["learning_rate"],
                                 "max_steps": max(10, int(m["max_steps"] * steps_scale))}
-    settings.update(m.get("settings", {}))
     if method in ("dreambooth", "custom_diffusion") or class_data is not None:
         settings["with_prior_preservation"] = class_data is not None
         if class_data is not None:
@@ -135,14 +145,8 @@ def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, cla
             settings["num_class_images"] = len(_read_ids(class_data))
             if class_prompt_column:
                 concept["class_prompt_column"] = class_prompt_column
-    cfg = {"output": str(root), "model": base, "concepts": {"concept": concept},
-           "defaults": {"resolution": world.IMAGE_SIZE, "train_batch_size": 2, "checkpoint_every": 100_000,
-                        "center_crop": True, "random_flip": False, "cache_latents": True,
-                        "cache_text_embeddings": True, "seed": 0},
-           "jobs": [{"name": method, "method": method, "concepts": ["concept"], "settings": settings}]}
-    spec = plan_campaign(CampaignConfig.model_validate(cfg)).jobs[0].spec
-    record = run_job(spec)
-    return spec["dir"].rstrip("/") + "/artifacts", record
+    return run_campaign_job(root, {"concept": concept},
+                            {"name": method, "method": method, "concepts": ["concept"], "settings": settings}, base)
 
 
 def _read_ids(url: str) -> list[str]:

@@ -40,8 +40,17 @@ from typing import Any
 import pyarrow as pa
 
 from pixelmill.toy import world
-from pixelmill.toy.concepts import BaseSamples, _pipeline, read, sample, share, trained_pipeline, tv_distance
-from pixelmill.toy.custom_diffusion_quality import REPORT_SEED, TRIAL_SEED, campaign_settings
+from pixelmill.toy.concepts import (
+    BaseSamples,
+    _pipeline,
+    campaign_settings,
+    read,
+    sample,
+    share,
+    trained_pipeline,
+    tv_distance,
+)
+from pixelmill.toy.custom_diffusion_quality import REPORT_SEED, TRIAL_SEED
 
 POOL_SEED = 15
 CONCEPT_SEED = 31
@@ -79,14 +88,10 @@ def write_pool_source(folder: str, base_url: str, out_url: str, rows: int, seed:
 
 def write_concept(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[str]:
     """The concept's instance images: the first ``count`` purple stars of world ``seed``."""
-    from pixelmill.datasets.writer import write_table_dataset
-    from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row
-    from pixelmill.toy.samples import toy_indices
+    from pixelmill.toy.samples import toy_indices, write_toy_rows
 
-    rows = [toy_row(seed, i) for i in toy_indices(seed, count, shape=CLASS_SHAPE, color=CONCEPT_COLOR)]
-    write_table_dataset(url, pa.Table.from_pylist(rows, schema=TOY_SCHEMA), TOY_SCHEMA_NAME,
-                        {"generator": "pixelmill.toy.custom_diffusion_prior", "seed": seed})
-    return [r["caption"] for r in rows]
+    return write_toy_rows(url, seed, toy_indices(seed, count, shape=CLASS_SHAPE, color=CONCEPT_COLOR),
+                          {"generator": "pixelmill.toy.custom_diffusion_prior", "seed": seed})
 
 
 def campaign(root: Path, pool: str, instances: str, sizes: dict[str, Any]) -> dict[str, Any]:

@@ -32,10 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from pixelmill.toy import world
-from pixelmill.toy.concepts import CLASS_WORD, _pipeline, read, sample, share
+from pixelmill.toy.concepts import CLASS_WORD, _pipeline, read, run_campaign_job, sample, share
 
 HEART_COLORS = ("red", "green", "yellow", "orange")
 HUE_COLOR = "blue"
@@ -62,26 +60,14 @@ FAST = {"samples": 12, "steps_scale": 0.05}
 def write_concept(url: str, which: str, per: int = 2, seed: int = WORLD_SEED) -> list[str]:
     """Instance images: ``heart``, ``per`` hearts of each ``HEART_COLORS``; ``hue``, ``per`` blue
     objects of each training shape. Returns their captions."""
-    from pixelmill.datasets.writer import write_table_dataset
-    from pixelmill.toy.dataset import TOY_SCHEMA, TOY_SCHEMA_NAME, toy_row
-    from pixelmill.toy.samples import toy_indices
+    from pixelmill.toy.samples import toy_indices, write_toy_rows
 
     if which == "heart":
         wanted = [dict(shape=world.HELD_OUT_SHAPE, color=c) for c in HEART_COLORS]
     else:
         wanted = [dict(shape=s, color=HUE_COLOR) for s in world.TRAIN_SHAPES]
-    rows = [toy_row(seed, i) for i in sorted(i for w in wanted for i in toy_indices(seed, per, **w))]
-    write_table_dataset(url, pa.Table.from_pylist(rows, schema=TOY_SCHEMA), TOY_SCHEMA_NAME,
-                        {"generator": "pixelmill.toy.custom_diffusion_quality", "concept": which, "seed": seed})
-    return [r["caption"] for r in rows]
-
-
-def campaign_settings(root: Path, base: str = "toy:sd") -> dict[str, Any]:
-    """The campaign keys every job here shares (as ``concepts.train`` sets them)."""
-    return {"output": str(root), "model": base,
-            "defaults": {"resolution": world.IMAGE_SIZE, "train_batch_size": 2, "checkpoint_every": 100_000,
-                         "center_crop": True, "random_flip": False, "cache_latents": True,
-                         "cache_text_embeddings": True, "seed": 0}}
+    return write_toy_rows(url, seed, sorted(i for w in wanted for i in toy_indices(seed, per, **w)),
+                          {"generator": "pixelmill.toy.custom_diffusion_quality", "concept": which, "seed": seed})
 
 
 def train_cd(root: Path, concepts: dict[str, dict[str, Any]], steps: int, lr: float = LEARNING_RATE,
@@ -89,18 +75,10 @@ def train_cd(root: Path, concepts: dict[str, dict[str, Any]], steps: int, lr: fl
     """One Custom Diffusion job over ``concepts`` (name -> Concept fields) through the trainer a campaign
     job runs (with the prior when ``class_images``: the concepts name their ``class_data``); returns
     (the artifacts folder, the job's record)."""
-    from pixelmill.config import CampaignConfig
-    from pixelmill.tasks.train.job import run_job
-    from pixelmill.tasks.train.plan import plan_campaign
-
-    cfg = {**campaign_settings(root), "concepts": concepts,
-           "jobs": [{"name": "cd", "method": "custom_diffusion", "concepts": list(concepts),
-                     "settings": {"learning_rate": lr, "max_steps": steps,
-                                  "with_prior_preservation": class_images > 0,
-                                  **({"num_class_images": class_images} if class_images else {})}}]}
-    spec = plan_campaign(CampaignConfig.model_validate(cfg)).jobs[0].spec
-    record = run_job(spec)
-    return spec["dir"].rstrip("/") + "/artifacts", record
+    return run_campaign_job(root, concepts, {
+        "name": "cd", "method": "custom_diffusion", "concepts": list(concepts),
+        "settings": {"learning_rate": lr, "max_steps": steps, "with_prior_preservation": class_images > 0,
+                     **({"num_class_images": class_images} if class_images else {})}})
 
 
 def cd_weights(folder: str) -> dict[str, Any]:

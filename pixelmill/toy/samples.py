@@ -88,15 +88,24 @@ def write_toy_images(url: str, rows: int = 12, seed: int = 0, broken: int = 1) -
             "colors": sorted({r["color"] for r in good})}
 
 
+def write_toy_rows(url: str, seed: int, indices: Sequence[int], meta: dict, extra=None) -> list[str]:
+    """Rows ``indices`` of world ``seed`` as a dataset (``TOY_SCHEMA``; ``meta`` in its manifest), plus a
+    column ``name`` of ``extra(row)`` for each ``(name, extra)`` in ``extra``. Returns the rows' captions."""
+    rows = [toy_row(seed, i) for i in indices]
+    table = pa.Table.from_pylist(rows, schema=TOY_SCHEMA)
+    for name, value in (extra or {}).items():
+        table = table.append_column(name, pa.array([value(r) for r in rows]))
+    write_table_dataset(url, table, TOY_SCHEMA_NAME, meta)
+    return [r["caption"] for r in rows]
+
+
 def write_toy_concept(url: str, shape: str = world.HELD_OUT_SHAPE, count: int = 6, seed: int = 0) -> list[str]:
     """A concept's instance images: the first ``count`` rows of world ``seed`` showing ``shape``.
 
     Returns the rows' captions.
     """
-    rows = [toy_row(seed, i) for i in toy_indices(seed, count, shape=shape)]
-    write_table_dataset(url, pa.Table.from_pylist(rows, schema=TOY_SCHEMA), TOY_SCHEMA_NAME,
-                        {"generator": "pixelmill.toy.samples", "concept": shape, "seed": seed, "rows": count})
-    return [r["caption"] for r in rows]
+    return write_toy_rows(url, seed, toy_indices(seed, count, shape=shape),
+                          {"generator": "pixelmill.toy.samples", "concept": shape, "seed": seed, "rows": count})
 
 
 def toy_pool_indices(seed: int, targets: Sequence[tuple[str, str]], per_target: int = 6,

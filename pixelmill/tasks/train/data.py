@@ -174,17 +174,6 @@ def read_image_rows(url: str, image_column: str, what: str, extra: tuple[str, ..
     return rows, skipped
 
 
-def concept_prompt_fields(c: dict[str, Any], method: str) -> dict[str, str]:
-    """``{token}``/``{class}``/``{subject}`` of a job spec's concept (from the plan, or worked out for older specs)."""
-    if c.get("prompt_fields"):
-        return c["prompt_fields"]
-    from pixelmill.config.campaign import train_method
-
-    token, klass = c.get("token", "sks"), c.get("class_word", "")
-    subject = token if train_method(method).meta.get("token_only") else f"{token} {klass}".strip()
-    return {"token": token, "class": klass, "subject": subject}
-
-
 def row_prompts(rows: list[dict], column: str, fields: dict[str, str], what: str,
                 token: str | None = "instance") -> list[str]:
     """Each row's training prompt: its ``column`` text with the placeholders of ``fields`` filled

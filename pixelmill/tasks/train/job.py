@@ -36,7 +36,6 @@ from pixelmill.tasks.train.data import (
     Sample,
     TrainingData,
     TrainingDataError,
-    concept_prompt_fields,
     derived_seed,
     prompt_key,
     read_image_rows,
@@ -79,7 +78,7 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
             col = c.get("instance_prompt_column")
             rows, skipped = read_image_rows(c["instance_data"], c.get("image_column", "image"), what,
                                             extra=(col,) if col else ())
-            prompts = (row_prompts(rows, col, concept_prompt_fields(c, method), what) if col
+            prompts = (row_prompts(rows, col, c["prompt_fields"], what) if col
                        else [c["instance_prompt_text"]] * len(rows))
             data.instance += [Sample(f"c{ci}:{r['id']}", "instance", p, r["_bytes"], concept=ci, size=r["_size"])
                               for p, r in zip(prompts, rows)]
@@ -95,8 +94,9 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                 cwhat = f"concept {c['name']!r} class images"
                 crows, cskipped = read_image_rows(src["url"], "image", cwhat, extra=(col,) if col else (),
                                                   shard=src.get("shard"), allow_empty=True)
-                cprompts = (row_prompts(crows[:need], col, {"class": c.get("class_word", "")}, cwhat, token=None)
-                            if col else [c["class_prompt_text"]] * len(crows[:need]))
+                crows = crows[:need]
+                cprompts = (row_prompts(crows, col, {"class": c.get("class_word", "")}, cwhat, token=None)
+                            if col else [c["class_prompt_text"]] * len(crows))
                 data.klass += [Sample(f"class{ci}:{src['url']}:{r['id']}", "class", p, r["_bytes"], concept=ci,
                                       size=r["_size"]) for p, r in zip(cprompts, crows)]
                 data.skipped += cskipped
