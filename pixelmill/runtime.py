@@ -470,6 +470,8 @@ class Runtime:
             found = user_server(self.home)
             if found or self._boot.database_ready():
                 self._boot.release()
+            else:
+                self._boot.seed_database()  # a new home starts from the cached set-up database
         self.prefect_api_url = named_url or (found or {}).get("api_url") or None
         # a `pixelmill server --ray` of this home: its Ray is joined instead of starting one
         self.ray_address = self.ray_address or (found or {}).get("ray_address") or None

@@ -377,6 +377,7 @@ def cmd_server(args) -> int:
     print(f"UI and API at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     # one server boots at a time on a home (server_boot.py): held until server.json is written
     boot = ServerBoot(home).acquire()
+    boot.seed_database()  # a new home starts from the cached set-up database (server_boot.py)
     # the UI calls the API at this host and port; the server ends if this command is killed
     proc = subprocess.Popen(die_with_parent(prefect_server_command(args.host, args.port, ui=True)),
                             env=prefect_server_env(home, ui=True, host=args.host, port=args.port))

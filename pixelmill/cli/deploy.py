@@ -386,6 +386,7 @@ def cmd_serve(args) -> int:
                     url = (user_server(home) or {}).get("api_url")
                     if url is None:
                         watchdog = Watchdog().start()  # the server ends with this command, however it ends
+                        boot.seed_database()
                         server = PrefectServer(home).start()
                         url = server.api_url
                         boot.mark_ready()

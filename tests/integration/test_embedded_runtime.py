@@ -564,3 +564,51 @@ def test_a_command_started_while_the_users_server_boots_waits_for_it_and_uses_it
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             interrupt_group(server, timeout=5)
+
+
+RUN_A_FLOW = """
+import sys
+from pathlib import Path
+from prefect import flow
+from pixelmill.runtime import Runtime
+
+@flow
+def noop():
+    return 1
+
+with Runtime(home=Path(sys.argv[1]), lazy_ray=True):
+    noop()
+"""
+
+
+def test_a_new_home_starts_from_the_database_the_first_one_set_up_without_its_runs(tmp_path):
+    """The first server of this Prefect version to set up a database leaves a copy with no runs;
+    a new home starts from that copy (no migrations to run) and records its own runs."""
+    import sqlite3
+
+    from pixelmill.server_boot import READY_FILE, prefect_version
+
+    env = user_env(PIXELMILL_CACHE=str(tmp_path / "cache"))
+    template = tmp_path / "cache" / "prefect-db" / f"{prefect_version()}.sqlite"
+
+    def run_flow(home: Path) -> None:
+        out = subprocess.run([sys.executable, "-c", RUN_A_FLOW, str(home)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert (home / READY_FILE).read_text().strip() == prefect_version()
+
+    def runs(db: Path) -> int:
+        with sqlite3.connect(db) as c:
+            return c.execute("SELECT count(*) FROM flow_run").fetchone()[0]
+
+    run_flow(tmp_path / "first")
+    assert template.is_file() and runs(template) == 0 and runs(tmp_path / "first" / "prefect.db") == 1
+    c = sqlite3.connect(template)  # a table no Prefect has: marks what was seeded from the copy
+    c.execute("CREATE TABLE seeded_from_template (x INTEGER)")
+    c.commit()
+    c.close()
+    run_flow(tmp_path / "second")
+    assert runs(tmp_path / "second" / "prefect.db") == 1 and runs(tmp_path / "first" / "prefect.db") == 1
+    assert runs(template) == 0
+    with sqlite3.connect(tmp_path / "second" / "prefect.db") as c:
+        assert c.execute("SELECT name FROM sqlite_master WHERE name = 'seeded_from_template'").fetchall()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
 
-from pixelmill.server_boot import LOCK_FILE, READY_FILE, ServerBoot, prefect_version
+from pixelmill.server_boot import (
+    LOCK_FILE,
+    READY_FILE,
+    ServerBoot,
+    database_template,
+    prefect_version,
+    save_template,
+)
 
 HOLD = """
 import sys, time
@@ -65,3 +73,41 @@ def test_the_database_is_ready_once_marked_by_this_prefect_version(tmp_path):
     assert prefect_version() != "2.0.0"
     boot.release()
     boot.release()  # twice is harmless
+
+
+def test_only_a_migrated_database_without_runs_becomes_the_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXELMILL_CACHE", str(tmp_path / "cache"))
+    db = tmp_path / "home" / "prefect.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as c:  # not migrated: no alembic version recorded
+        c.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        c.execute("CREATE TABLE flow_run (id TEXT)")
+    assert save_template(db) is None
+    with sqlite3.connect(db) as c:  # migrated, but a run is recorded in it
+        c.execute("INSERT INTO alembic_version VALUES ('head')")
+        c.execute("INSERT INTO flow_run VALUES ('run')")
+    assert save_template(db) is None
+    with sqlite3.connect(db) as c:
+        c.execute("DELETE FROM flow_run")
+    template = save_template(db)
+    assert template == database_template() and template.is_file()
+    assert sorted(p.name for p in template.parent.iterdir()) == [template.name]  # no partial copy left
+    assert save_template(db) is None  # one is kept already
+
+    new_home = ServerBoot(tmp_path / "new").acquire()
+    assert new_home.seed_database()
+    with sqlite3.connect(tmp_path / "new" / "prefect.db") as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("head",)]
+    assert not new_home.seed_database()  # a home with a database keeps it
+    new_home.release()
+
+
+def test_a_broken_database_leaves_no_template_and_marking_ready_still_works(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXELMILL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "prefect.db").write_bytes(b"not a database")
+    boot = ServerBoot(tmp_path).acquire()
+    boot.mark_ready()
+    assert boot.database_ready()
+    assert not database_template().exists()
+    assert not any((tmp_path / "cache" / "prefect-db").iterdir())
+    boot.release()
