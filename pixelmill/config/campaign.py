@@ -27,7 +27,7 @@ from pixelmill.config.base import (
 PLACEMENT_SETTINGS = frozenset({
     "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
     "num_gpus", "num_workers", "cpus_per_worker", "cache_latents", "cache_text_embeddings",
-    "gradient_checkpointing", "device", "log_every", "prior_shortfall",
+    "gradient_checkpointing", "compile", "device", "log_every", "prior_shortfall",
 })
 
 
@@ -191,6 +191,9 @@ class TrainSettings(StrictModel):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # torch.compile (inductor) of the UNet's training forward and backward, once per worker: pays on
+    # long jobs (the first steps compile, minutes on a CPU); needs a C compiler where the job runs
+    compile: bool = False
     use_ema: bool | None = None
     ema_decay: float = Field(default=0.9999, gt=0, lt=1)
     cache_latents: bool = False

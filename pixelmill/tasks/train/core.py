@@ -174,6 +174,8 @@ class Trainer:
                 if enable is not None:
                     enable()
         self.unet.train()
+        # the UNet call of each step; compiled, the weights stay the UNet's own (saving is unchanged)
+        self.unet_call = torch.compile(self.unet) if s.get("compile") else self.unet
         for te in self.text_encoders:
             te.train(self.method.trains_text)
         self.vae.eval()
@@ -270,7 +272,7 @@ class Trainer:
             text, batch["source_latents"] = self._pair_conditioning(samples, prepared, text, seed, step)
         cond = unet_kwargs(text, [x.size for x in samples], [p.crop for p in prepared], size, self.device)
         with self._autocast():
-            pred = self.unet(self.method.unet_input(noisy, batch), t, **cond).sample
+            pred = self.unet_call(self.method.unet_input(noisy, batch), t, **cond).sample
         pred = pred.float()
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)

@@ -138,3 +138,39 @@ def test_bucketed_all_reduce_equals_one_all_reduce_per_tensor_on_two_gloo_proces
         assert all(same for _, same in res.values()), res
         # 8 tensors: one call each at 1 byte; 2+2 float32 buckets and the float64 at 100 kB; 1+1 at 1 GiB
         assert res[1][0] == 8 and res[1 << 30][0] == 2 and res[100_000][0] == 3, res
+
+
+# -- the compiled UNet step ----------------------------------------------------------------
+
+def test_a_compiled_lora_job_trains_as_the_eager_one_and_keeps_its_job_id(tiny_models, tmp_path, one_torch_thread):
+    """``compile: true`` runs the UNet step through torch.compile: the same losses and LoRA weights
+    within float rounding, the adapter saved from the UNet itself, and the same job id (a speed setting)."""
+    from pixelmill.config import CampaignConfig
+    from pixelmill.samples import draw_concept_images, write_image_dataset
+    from pixelmill.tasks.train.job import _setup
+    from pixelmill.tasks.train.plan import plan_campaign
+
+    dog = write_image_dataset(str(tmp_path / "dog"), draw_concept_images(4, seed=0))
+
+    def spec(compiled: bool) -> dict:
+        return plan_campaign(CampaignConfig.model_validate({
+            "output": str(tmp_path / f"out-{compiled}"), "model": tiny_models["img2img"],
+            "concepts": {"dog": {"instance_data": dog, "token": "sks", "class_word": "dog"}},
+            "defaults": dict(resolution=64, max_steps=3, train_batch_size=2, learning_rate=1e-2, center_crop=True,
+                             random_flip=False, compile=compiled),
+            "jobs": [{"method": "lora", "concepts": ["dog"]}]})).jobs[0].spec
+
+    specs = {c: spec(c) for c in (False, True)}
+    assert specs[True]["id"] == specs[False]["id"]
+    runs = {}
+    for c, spec in specs.items():
+        _, _, trainer = _setup(spec, torch.device("cpu"))
+        assert (trainer.unet_call is not trainer.unet) == c
+        start = {k: p.detach().clone() for k, p in trainer.params.items()}
+        losses = [trainer.step(step).loss for step in range(3)]
+        runs[c] = (losses, {k: p.detach() - start[k] for k, p in trainer.params.items()})
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-6)
+    moved = max(d.abs().max().item() for d in runs[False][1].values())
+    assert moved > 1e-2  # three AdamW steps at lr 1e-2 moved the LoRA weights
+    for k, d in runs[False][1].items():  # the same updates, within float rounding amplified by AdamW
+        torch.testing.assert_close(runs[True][1][k], d, rtol=0, atol=moved * 1e-2)
