@@ -48,6 +48,9 @@ class RetrieveConfig(FlowConfig):
             ``image`` embeddings.
         clip_model: the pool's CLIP model (default: what the pool's ``pool.json`` names).
         index: optional faiss index (``pixelmill pool index``) instead of the exact scan.
+        image_format / image_quality: how downloaded images are stored (after resizing to
+            ``resolution``): ``jpeg`` at ``image_quality`` (95, img2dataset's default; RGB), or
+            lossless ``png`` (quality not used).
         placement: ``workers`` is the number of scan tasks the pool is split over
             (old key: ``scan_tasks``).
     """
@@ -70,6 +73,8 @@ class RetrieveConfig(FlowConfig):
     filters: RetrievalFilters = Field(default_factory=RetrievalFilters)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
     resolution: int = Field(default=512, ge=8, le=4096)
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    image_quality: int = Field(default=95, ge=1, le=100)
     max_pixels: int = Field(default=50_000_000, ge=64)
     scan_block_rows: int = Field(default=262_144, ge=1024)
     invalid_vectors: Literal["error", "reject"] = "error"
@@ -105,6 +110,8 @@ class RetrieveConfig(FlowConfig):
         d.update(num_images=self.num_images, resolution=self.resolution, max_pixels=self.max_pixels,
                  download=self.download.model_dump(include={"max_bytes", "respect_robots_tags",
                                                             "allow_loopback", "allow_private_addresses"}))
+        if (self.image_format, self.image_quality) != ("jpeg", 95):  # the defaults: hashes made before them hold
+            d.update(image_format=self.image_format, image_quality=self.image_quality)
         return d
 
 

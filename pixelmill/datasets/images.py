@@ -36,15 +36,16 @@ class ImageError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-def encode_image(img: Image.Image, format: str = "PNG") -> dict[str, Any]:
+def encode_image(img: Image.Image, format: str = "PNG", **options: Any) -> dict[str, Any]:
     """Encode a PIL image into an image cell ``{"bytes": ..., "path": None}``.
 
     Args:
         img: the image.
         format: any format PIL can write (``PNG`` is lossless; ``JPEG`` needs RGB or L).
+        options: the format's save options (``quality=95`` for JPEG; PIL's default is 75).
     """
     buf = io.BytesIO()
-    img.save(buf, format=format)
+    img.save(buf, format=format, **options)
     return {"bytes": buf.getvalue(), "path": None}
 
 

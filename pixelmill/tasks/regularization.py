@@ -18,6 +18,8 @@ from pixelmill.config import RetrieveConfig
 from pixelmill.datasets import IMAGE_TYPE, Dataset, DatasetWriter, encode_image
 from pixelmill.datasets.storage import exists, join, makedirs, read_text, resolve, write_text_atomic
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 CANDIDATE_SCHEMA = pa.schema([
     ("id", pa.string()), ("parent_id", pa.string()), ("prompt", pa.string()), ("pool_id", pa.string()),
     ("part", pa.string()), ("row", pa.int64()), ("similarity", pa.float64()), ("candidate_rank", pa.int64()),
@@ -59,11 +61,12 @@ def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: 
     dcfg = DownloadConfig(**cfg.download.model_dump(), resolution=cfg.resolution, max_pixels=cfg.max_pixels)
     res = run_download_exact_n([{**c, "id": c["pool_id"]} for c in cands], cfg.num_images, dcfg)
     by_pool = {c["pool_id"]: c for c in cands}
+    store = {"format": "PNG"} if cfg.image_format == "png" else {"format": "JPEG", "quality": cfg.image_quality}
     rows = []
     for a in res.accepted:
         c = by_pool[a["id"]]
         rows.append({
-            "id": f"{pid}-{a['rank']:04d}", "parent_id": pid, "image": encode_image(a["image"], "JPEG"),
+            "id": f"{pid}-{a['rank']:04d}", "parent_id": pid, "image": encode_image(a["image"], **store),
             "caption": c["caption"], "url": c["url"], "similarity": c["similarity"], "prompt": prompt,
             "rank": a["rank"], "candidate_rank": c["candidate_rank"], "pool_id": c["pool_id"],
             "sha256": a["sha256"], "http_status": a.get("http_status"), "width": a["image"].width,
@@ -101,7 +104,7 @@ def _dropped_row(pid: str, d: dict[str, Any], reason: str) -> dict[str, Any]:
 def export_custom_diffusion(images_url: str, out_url: str, prompts: dict[str, str], n: int) -> dict[str, str]:
     """Write ``<out>/<prompt slug>/`` folders in the layout of diffusers' ``retrieve.py``.
 
-    Each holds ``images/<i>.jpg``, ``caption.txt``, ``urls.txt`` and ``images.txt`` (one
+    Each holds ``images/<i>.jpg`` (``.png`` when stored as PNG), ``caption.txt``, ``urls.txt`` and ``images.txt`` (one
     line per image, in rank order), exactly N images: what the Custom Diffusion trainer
     asserts with ``--real_prior --num_class_images N``. Prompts short of N are not
     exported (the trainer would refuse them); an export already complete is left as is.
@@ -123,9 +126,10 @@ def export_custom_diffusion(images_url: str, out_url: str, prompts: dict[str, st
         fs, _ = resolve(folder)
         paths = []
         for i, row in enumerate(table.select(["image"]).to_pylist()):
-            path = join(folder, "images", f"{i}.jpg")
+            data = row["image"]["bytes"]
+            path = join(folder, "images", f"{i}{'.png' if data.startswith(PNG_MAGIC) else '.jpg'}")
             with fs.open(resolve(path)[1], "wb") as f:
-                f.write(row["image"]["bytes"])
+                f.write(data)
             paths.append(path)
         write_text_atomic(join(folder, "caption.txt"), "\n".join(table["caption"].to_pylist()) + "\n")
         write_text_atomic(join(folder, "urls.txt"), "\n".join(table["url"].to_pylist()) + "\n")

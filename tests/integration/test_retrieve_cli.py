@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from pixelmill.datasets import Dataset
+from pixelmill.datasets import Dataset, encode_image
 from tests.conftest import run_cli
 from tests.helpers.http_server import serve_directory
 
@@ -79,6 +81,9 @@ def test_retrieve_exactly_n_with_failures_and_shortfall(cluster, tmp_path, pool,
     table = images.to_table().to_pylist()
     dog_rows = sorted((r for r in table if r["prompt"] == "a photo of a dog"), key=lambda r: r["rank"])
     assert len(dog_rows) == 6
+    stored = Image.open(io.BytesIO(dog_rows[0]["image"]["bytes"]))  # JPEG at quality 95 (img2dataset's default)
+    assert stored.format == "JPEG" and stored.quantization == Image.open(io.BytesIO(
+        encode_image(stored.convert("RGB"), format="JPEG", quality=95)["bytes"])).quantization
     sims = [r["similarity"] for r in dog_rows]
     assert sims == sorted(sims, reverse=True) and min(sims) > 0.85
     # the accepted ones are the best-ranked candidates that are not behind a bad route

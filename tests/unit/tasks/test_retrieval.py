@@ -548,3 +548,40 @@ def test_pool_embedder_embeds_captions_and_images_and_rejects_bad_rows(tiny_mode
 def test_embed_prompts_refuses_empty_prompts(tiny_models):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         embed_prompts(["a dog", "  "], tiny_models["clip"])
+
+
+def test_downloads_are_stored_as_jpeg_95_by_default_or_png_and_exported_under_their_format(tmp_path):
+    """img2dataset's default (JPEG at quality 95, not PIL's 75), or lossless PNG when asked; the
+    storage choice is in the output hash only when it is not the default (hashes made before it hold)."""
+    import io
+    from pathlib import Path
+
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.datasets import DatasetWriter
+    from pixelmill.tasks.regularization import IMAGE_SCHEMA, export_custom_diffusion
+
+    base = dict(prompts=["a photo of a dog"], pool=str(tmp_path / "pool"), output=str(tmp_path / "out"))
+    default, png = RetrieveConfig(**base), RetrieveConfig(**base, image_format="png")
+    assert "image_format" not in default.output_affecting()
+    assert png.output_affecting()["image_format"] == "png"
+    assert RetrieveConfig(**base, image_quality=80).output_affecting()["image_quality"] == 80
+    with pytest.raises(ValueError):
+        RetrieveConfig(**base, image_format="gif")
+
+    img = Image.new("RGB", (16, 16), (200, 30, 120))
+    jpeg95 = encode_image(img, format="JPEG", quality=95)["bytes"]
+    assert Image.open(io.BytesIO(jpeg95)).quantization != Image.open(
+        io.BytesIO(encode_image(img, format="JPEG")["bytes"])).quantization  # 95 is not PIL's default
+
+    for fmt, cell in (("jpg", {"bytes": jpeg95, "path": None}), ("png", encode_image(img))):
+        url = str(tmp_path / f"images-{fmt}")
+        writer = DatasetWriter(url, "regularization_images", 1, {}).open()
+        shard = writer.shard("p0")
+        rows = [{name: None for name in IMAGE_SCHEMA.names} | {
+            "id": f"p0-{i:04d}", "parent_id": "p0", "image": cell, "caption": "a dog", "url": f"http://x/{i}",
+            "rank": i} for i in range(2)]
+        shard.write(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+        shard.commit(input_rows=1)
+        folder = export_custom_diffusion(url, str(tmp_path / f"real-{fmt}"), {"p0": "a photo of a dog"}, 2)
+        files = sorted(p.name for p in (Path(folder["a photo of a dog"]) / "images").iterdir())
+        assert files == [f"0.{fmt}", f"1.{fmt}"]
