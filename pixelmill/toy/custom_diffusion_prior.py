@@ -104,6 +104,8 @@ def campaign(root: Path, pool: str, instances: str, sizes: dict[str, Any]) -> di
             "runtime": {"num_cpus": 1},  # one job at a time: this machine's two cores are shared
             "retrieve": {"prompts": [CLASS_PROMPT], "pool": pool, "num_images": sizes["class_images"],
                          "threshold": RETRIEVAL_THRESHOLD, "resolution": world.IMAGE_SIZE,
+                         # 32 px shapes: stored losslessly (JPEG, even at 95, moves a few edge pixels)
+                         "image_format": "png",
                          "download": {"allow_loopback": True, "timeout": 5, "retries": 1}},
             "concepts": {"star1": {**concept, "class_data": "retrieval"}, "star1-noprior": concept},
             "jobs": [{"name": "cd-retrieval-prior", "method": "custom_diffusion", "concepts": ["star1"],
@@ -176,7 +178,7 @@ def retrieved_figures(cfg: dict[str, Any]) -> tuple[dict[str, Any], list]:
     url = str(Path(cfg["output"]) / "retrieval" / "images")
     rows = Dataset.open(url).to_table(["image", "caption", "url"]).to_pylist()
     found = read([decode_image(r["image"]).convert("RGB") for r in rows])
-    # the same images as served (PNG; the retrieval stage stores what it downloads as JPEG)
+    # the same images as served (PNG): the stored ones must read the same
     web = Path(cfg["output"]).parent / "web" / "toy"
     source = read([Image.open(web / r["url"].rsplit("/", 1)[1]).convert("RGB") for r in rows])
     return {"images": len(rows), "star": share(found, CLASS_SHAPE), "star_as_served": share(source, CLASS_SHAPE),
