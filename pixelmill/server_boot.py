@@ -103,7 +103,15 @@ class ServerBoot:
         if db.exists() or not template.is_file():
             return False
         tmp = self.home / ".prefect.db.seed"
-        shutil.copyfile(template, tmp)
+        try:
+            shutil.copyfile(template, tmp)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return False  # the server creates and migrates the database itself
+        if not _migrated(tmp):
+            tmp.unlink(missing_ok=True)
+            template.unlink(missing_ok=True)  # damaged: the next database a server sets up replaces it
+            return False
         tmp.replace(db)
         return True
 
@@ -129,6 +137,18 @@ class ServerBoot:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _migrated(db: Path) -> bool:
+    """Whether ``db`` opens as an SQLite database with its migration recorded."""
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return bool(con.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 def save_template(db: Path) -> Path | None:

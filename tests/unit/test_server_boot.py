@@ -111,3 +111,15 @@ def test_a_broken_database_leaves_no_template_and_marking_ready_still_works(tmp_
     assert not database_template().exists()
     assert not any((tmp_path / "cache" / "prefect-db").iterdir())
     boot.release()
+
+
+def test_a_damaged_template_is_not_seeded_and_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXELMILL_CACHE", str(tmp_path / "cache"))
+    template = database_template()
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)  # cut short: not a readable database
+    boot = ServerBoot(tmp_path / "home").acquire()
+    assert not boot.seed_database()  # the server will create and migrate the database itself
+    assert not (tmp_path / "home" / "prefect.db").exists() and not template.exists()
+    assert [p.name for p in (tmp_path / "home").iterdir()] == [LOCK_FILE]  # no partial copy left
+    boot.release()
