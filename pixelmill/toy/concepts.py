@@ -57,6 +57,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # colour_prior: with class images of every colour, each captioned with its colour (write_colour_class_images)
     "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 800, "captions": True, "colour_prior": True},
     # LoRA with both (3e-3, 1,000 steps) measured 2026-12-04: heart 0.43, green heart 0.23: a worse trade, not kept
+    # 2026-12-04 (issue 14 trials): LoRA with both in the photo phrasing ("a photo of a purple {subject}", colour
+    # class images captioned "a photo of a <colour> shape"), rank 16 on attention + proj_in/out + ff + resnet
+    # conv1/conv2, 1,000 steps at 1e-3: trial seed 0.68 / 0.62, seed 21 (100 samples) heart 0.27, green heart
+    # 0.26: not kept. DreamBooth with train_text_encoder (800 at 2e-4): trial seed heart 0.90, green heart 0.30
+    # (green 0.52): the text encoder loses the colour words; with 16 colour class images per colour 0.77 / 0.17
     "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000},
     "textual_inversion": {"token": "<heart>", "learning_rate": 5e-3, "max_steps": 600},
     "custom_diffusion": {"token": "<heart>", "learning_rate": 1e-3, "max_steps": 600},
