@@ -17,8 +17,8 @@ boot lock (``server-start.lock``, an ``flock``: the kernel drops it if its holde
 
 Commands on a home that is set up never wait for each other.
 
-Creating and migrating a new database is most of a new home's server start (about 10 s of
-its 10.5 s on the 2-core build machine; 3.8 s without it). So the first server of a Prefect
+Creating and migrating a new database is most of a new home's server start (10.5 s on the
+2-core build machine, 3.8 s on a copy of a set-up database). So the first server of a Prefect
 version to set up a database leaves a copy of it, still empty of runs (block types and
 schemas only), in the cache (``$PIXELMILL_CACHE/prefect-db/<version>.sqlite``); a new home is
 seeded from that copy before its server starts, which then finds nothing to migrate.
