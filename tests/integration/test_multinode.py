@@ -175,7 +175,12 @@ p = Progress.create(total=10)
 p.add(3)
 first = p.get()
 where = ray.get(p.handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-ray.kill(p.handle)
+ray.kill(p.handle)  # asynchronous: a call sent before the actor is gone may still count
+while True:
+    try:
+        ray.get(p.handle.get.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        break
 p.add(4)
 print(json.dumps({"first": first, "after_loss": p.get(), "where": where}))
 """
