@@ -106,6 +106,7 @@ def main() -> None:
 
     from pixelmill.tasks.retrieval import normalize_queries, scan_block_hits, torch_single_thread, upcast_into
     from pixelmill.tasks.retrieval.fused import FUSED_MAX_QUERIES, compile_disabled
+    from pixelmill.tasks.retrieval.kernel import eager_product
 
     n, d = args.rows, args.dim
     rng = np.random.default_rng(1)
@@ -221,7 +222,8 @@ def main() -> None:
     for p in (1, 64):
         print(f"\n{p} prompt{'s' if p > 1 else ''}: ({hits[p]} hits above {THRESHOLD}"
               + (f"; faiss range search found {faiss_hits[p]}" if p in faiss_hits else "") + ")")
-        line(f"pixelmill scan_block (fp16, cosine, >thr; {kernel if p <= FUSED_MAX_QUERIES else 'eager'})",
+        eager = f"eager, {eager_product()}'s BLAS"
+        line(f"pixelmill scan_block (fp16, cosine, >thr; {kernel if p <= FUSED_MAX_QUERIES else eager})",
              f"scan{p}")
         key = "gemv1" if p == 1 else "gemm64"
         product = "matrix-vector" if p == 1 else "matrix-matrix"

@@ -192,11 +192,15 @@ class ShardWriter:
         """Output rows written so far."""
         return self._data.rows
 
-    def commit(self, input_rows: int | None = None) -> ShardEntry:
+    def commit(self, input_rows: int | None = None, record: bool = True) -> ShardEntry:
         """Publish the shard: move its files into place and record it in the manifest.
 
         Args:
             input_rows: how many input rows the shard was made from, for accounting.
+            record: False moves the files only and leaves the manifest to the process that owns
+                the output, which records the returned entry (:meth:`DatasetWriter.record`): how
+                tasks in other processes add shards to one output without losing each other's
+                manifest updates. Until it is recorded, the shard is not part of the dataset.
         """
         self._check_open()
         if not self._rejects.started:
@@ -233,12 +237,13 @@ class ShardWriter:
                     moved.append(target)
                 else:
                     storage.remove(target)
-            self._dataset._record(entry)
+            if record:
+                self._dataset._record(entry)
         except BaseException:
             # A failed commit (full disk, I/O error) takes back the files it moved, so folder
             # readers never see a shard the manifest does not list. Only a kill inside this
             # window can leave one; the manifest stays the truth and finish() removes it.
-            if self.name not in self._dataset.committed:
+            if not record or self.name not in self._dataset.committed:
                 for target in moved:
                     try:
                         storage.remove(target)
@@ -295,7 +300,7 @@ class DatasetWriter:
         self._manifest: Manifest | None = None
         self._lock = threading.Lock()
 
-    def open(self, overwrite: bool = False) -> DatasetWriter:
+    def open(self, overwrite: bool = False, owner: bool = True) -> DatasetWriter:
         """Create the folder, or resume / replace the dataset already in it.
 
         A dataset with the same config hash and schema is resumed (even with
@@ -304,6 +309,11 @@ class DatasetWriter:
         Args:
             overwrite: delete an existing dataset made by another config (or Parquet
                 files without a manifest) instead of raising.
+            owner: this writer owns the output: it checks for foreign files and removes
+                ``__staging/`` (stale files of a killed run). False for a writer in a task that
+                adds a shard to an output its flow opened (as the owner) and records
+                (``ShardWriter.commit(record=False)``): the flow's other tasks may be staging
+                their shards there, or have published ones not recorded yet.
 
         Raises:
             ConfigMismatch: the existing manifest has another config hash or schema.
@@ -315,7 +325,7 @@ class DatasetWriter:
             changed = self._changes_from(existing)
             if changed:
                 raise ConfigMismatch(self.url, changed)
-        elif existing is None and not overwrite and self._part_files(self.url):
+        elif existing is None and not overwrite and owner and self._part_files(self.url):
             raise FileExistsError(
                 f"{self.url} holds part-*.parquet files but no {MANIFEST_NAME}; "
                 "use overwrite to replace them or choose another output"
@@ -323,7 +333,7 @@ class DatasetWriter:
         if overwrite and (existing is None or self._changes_from(existing)):
             self._clear()
             existing = None
-        if self.run is None:  # with claims, the run's flow removes only dead runs' staging (tidy)
+        if self.run is None and owner:  # with claims, the run's flow removes only dead runs' staging (tidy)
             storage.remove(storage.join(self.url, STAGING_DIR))
         self._manifest = existing or Manifest(
             schema_name=self.schema_name,
@@ -467,6 +477,10 @@ class DatasetWriter:
         manifest.updated_at = datetime.now(UTC)
         write_manifest(self.url, manifest)
         self._manifest = manifest
+
+    def record(self, entry: ShardEntry) -> None:
+        """Record a shard whose files another process moved into place (``commit(record=False)``)."""
+        self._record(entry)
 
     def _record(self, entry: ShardEntry) -> None:
         if self.run is not None:

@@ -17,7 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pixelmill.config import RetrieveConfig
-from pixelmill.datasets import config_hash, read_manifest, stable_id
+from pixelmill.datasets import DatasetWriter, ShardEntry, config_hash, read_manifest, stable_id
 from pixelmill.datasets.storage import join
 from pixelmill.flows.ray_runner import LazyRayTaskRunner, remote_options
 from pixelmill.flows.stage_run import commit_manifest
@@ -142,10 +142,23 @@ def retrieve_flow(config: dict[str, Any]) -> RetrieveSummary:
     scanned = read_manifest(p["candidates"])
     if plan.scan or scanned is None or not scanned.complete:
         commit_manifest(p["candidates"], CANDIDATES, cfg.scan_affecting())
+    # The prompts download side by side; this process alone tidies and writes the images manifest
+    # (a task opening the output would delete the others' staged shards, and two tasks writing
+    # it would drop each other's entries).
+    images = DatasetWriter(p["images"], *IMAGES, cfg.output_affecting()).open() if plan.download else None
     with remote_options(num_cpus=0.5):
         futures = {pid: download_images.submit(config, pid, plan.prompts[pid]) for pid in plan.download}
+    failure: BaseException | None = None
     for pid, fut in futures.items():
-        summary.prompts[pid] = fut.result()
+        try:
+            result = fut.result()
+        except Exception as exc:  # noqa: BLE001 - the other prompts' shards are recorded first
+            failure = failure or exc
+            continue
+        images.record(ShardEntry.model_validate(result.pop("shard")))
+        summary.prompts[pid] = result
+    if failure is not None:
+        raise failure
     m = read_manifest(p["images"])
     if plan.download or m is None or not m.complete:
         commit_manifest(p["images"], IMAGES, cfg.output_affecting())

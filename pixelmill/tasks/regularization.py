@@ -49,11 +49,14 @@ def slug(text: str, max_len: int = 60) -> str:
 
 def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: str, images_url: str,
                     stats_url: str, schema: tuple[str, int]) -> dict[str, Any]:
-    """Download exactly N images for one prompt and commit its shard of the images dataset.
+    """Download exactly N images for one prompt and publish its shard of the images dataset.
 
     Accepted images are the N highest-similarity distinct ones that downloaded; failed,
     duplicate and surplus candidates go to ``__dropped/`` with their reasons; a prompt
     with no image at all is a reject. img2dataset-style stats go to ``stats/<pid>_stats.json``.
+    Prompts download side by side in separate processes, so this neither tidies the output's
+    staging (the flow opened the output) nor writes its manifest: the result's ``shard`` is the
+    entry the flow records (``DatasetWriter.record``).
     """
     from pixelmill.tasks.download import DownloadConfig, run_download_exact_n
 
@@ -75,7 +78,7 @@ def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: 
         })
     dropped = [_dropped_row(pid, d, "failed") for d in res.failed]
     dropped += [_dropped_row(pid, d, d["reason"]) for d in res.dropped]
-    writer = DatasetWriter(images_url, *schema, cfg.output_affecting()).open()
+    writer = DatasetWriter(images_url, *schema, cfg.output_affecting()).open(owner=False)
     sw = writer.shard(pid)
     sw.write(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
     if dropped:
@@ -87,12 +90,13 @@ def download_prompt(cfg: RetrieveConfig, pid: str, prompt: str, candidates_url: 
                   if cands else f"no candidate above threshold {cfg.threshold}")
         sw.reject(pa.table({"id": [pid], "error": [reason], "stage": ["download"]}))
         message = message or reason
-    sw.commit(input_rows=1)
+    entry = sw.commit(input_rows=1, record=False)
     stats = {**res.stats, "prompt": prompt, "prompt_id": pid, "found": len(cands), "message": message}
     makedirs(stats_url)
     write_text_atomic(join(stats_url, f"{pid}_stats.json"), json.dumps(stats, indent=2, default=str))
     return {"prompt": prompt, "found": len(cands), "downloaded": len(rows), "failed": len(res.failed),
-            "dropped": len(res.dropped), "shortfall": res.shortfall, "message": message, "reject": reason}
+            "dropped": len(res.dropped), "shortfall": res.shortfall, "message": message, "reject": reason,
+            "shard": entry.model_dump()}
 
 
 def _dropped_row(pid: str, d: dict[str, Any], reason: str) -> dict[str, Any]:

@@ -333,6 +333,36 @@ def test_finish_removes_unlisted_files_and_staging(tmp_path: Path) -> None:
     assert ds.dropped().column("id").to_pylist() == ["a-2"]
 
 
+def test_tasks_adding_shards_side_by_side_keep_each_others_staging_and_entries(tmp_path: Path) -> None:
+    """The retrieval flow's protocol for prompts downloaded in parallel processes (each task's
+    writer is its own object here, as in its own process): the owner opens (tidies) and records,
+    the tasks open as non-owners (no tidying, no foreign-file check) and commit without recording."""
+    url = str(tmp_path / "out")
+    owner = DatasetWriter(url, "edits", 1, {"x": 1}).open()
+    a = DatasetWriter(url, "edits", 1, {"x": 1}).open(owner=False).shard("00000")
+    a.write(_rows(["a"]))
+    b_writer = DatasetWriter(url, "edits", 1, {"x": 1}).open(owner=False)  # while a's shard is staged
+    assert (tmp_path / "out" / "__staging" / "00000.parquet").exists()
+    b = b_writer.shard("00001")
+    b.write(_rows(["b"]))
+    entries = [b.commit(record=False), a.commit(input_rows=1, record=False)]
+    assert read_manifest(url) is None  # published files, not yet part of the dataset
+    DatasetWriter(url, "edits", 1, {"x": 1}).open(owner=False)  # a third task joins meanwhile
+    for entry in entries:
+        owner.record(entry)
+    owner.finish()
+    ds = Dataset.open(url)
+    assert ds.complete and sorted(ds.to_table().column("id").to_pylist()) == ["a", "b"]
+    assert read_manifest(url).shards[0].input_rows == 1
+
+    # what an owner's open in a second task did: the first task's staged shard is gone
+    c = DatasetWriter(url, "edits", 1, {"x": 1}).open(owner=False).shard("00002")
+    c.write(_rows(["c"]))
+    DatasetWriter(url, "edits", 1, {"x": 1}).open()
+    with pytest.raises(FileNotFoundError):
+        c.commit(record=False)
+
+
 def test_writer_refuses_foreign_parquet_without_manifest(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     pq.write_table(_rows(["x"]), tmp_path / "out" / "part-00000.parquet")

@@ -80,10 +80,13 @@ def test_compiled_kernel_threads_and_task_sizes_agree(monkeypatch):
     assert len(one.row) > 100
 
 
-@pytest.mark.parametrize("blas", ["numpy", "torch"])
+@pytest.mark.parametrize("blas", ["numpy", "torch", "no-openblas"])
 def test_eager_kernel_many_queries_negative_threshold_and_quiet_sub_blocks(blas, monkeypatch):
-    if blas == "torch":
+    if blas == "no-openblas":
+        monkeypatch.setenv(kernel.SCAN_BLAS_ENV, "numpy")
         monkeypatch.setattr(kernel, "_OPENBLAS", False)  # as where numpy's BLAS is not a findable OpenBLAS
+    else:
+        monkeypatch.setenv(kernel.SCAN_BLAS_ENV, blas)
     rng = np.random.default_rng(6)
     emb, q3, skip = tricky_block(np.float16)
     q = normalize_queries(np.vstack([q3, rng.standard_normal((61, DIM))]))  # 64 queries: always eager
@@ -127,3 +130,38 @@ def test_blas_single_thread_holds_numpy_openblas_to_one_thread_and_restores_it()
     with kernel.blas_single_thread() as held:
         assert held and get() == 1
     assert get() == before
+
+
+def test_the_eager_product_follows_a_fixed_rule_and_the_override(monkeypatch):
+    """MKL on Intel CPUs, numpy's OpenBLAS elsewhere; PIXELMILL_SCAN_BLAS overrides; a typo is named."""
+    import torch
+
+    emb, q3, _ = tricky_block(np.float16)
+    q = normalize_queries(np.vstack([q3, np.eye(DIM)[1:5]]))  # 7 queries: the eager kernel
+    monkeypatch.delenv(kernel.SCAN_BLAS_ENV, raising=False)
+    for vendor, mkl, want in (("GenuineIntel", True, "torch"), ("AuthenticAMD", True, "numpy"),
+                              ("GenuineIntel", False, "numpy")):
+        monkeypatch.setattr(kernel, "_PRODUCT", None)
+        monkeypatch.setattr(kernel, "_cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda m=mkl: m)
+        assert kernel.eager_product() == want
+        block = kernel._Block.of(emb, q, np.float32(0.8), None, 128, False, numpy_blas=True)
+        assert block.numpy_blas is (want == "numpy")
+    monkeypatch.setenv(kernel.SCAN_BLAS_ENV, "numpy")
+    assert kernel.eager_product() == "numpy"  # the override wins over the cached rule ("torch" last)
+    monkeypatch.setenv(kernel.SCAN_BLAS_ENV, "mkl")
+    with pytest.raises(ValueError, match="PIXELMILL_SCAN_BLAS='mkl': expected 'numpy' or 'torch'"):
+        kernel.eager_product()
+
+
+@pytest.mark.parametrize("blas", ["numpy", "torch"])
+def test_either_product_gives_the_same_bits_run_after_run_and_at_any_thread_count(blas, monkeypatch):
+    monkeypatch.setenv(kernel.SCAN_BLAS_ENV, blas)
+    rng = np.random.default_rng(9)
+    emb = rng.standard_normal((20_000, 64)).astype(np.float16)
+    q = normalize_queries(rng.standard_normal((16, 64)))
+    runs = [scan_block_hits(emb, q, 0.3, threads=t, compiled=False) for t in (1, 2, 2)]
+    assert len(runs[0].row) > 10
+    for other in runs[1:]:
+        assert other.row.tolist() == runs[0].row.tolist() and other.query.tolist() == runs[0].query.tolist()
+        assert other.similarity.tobytes() == runs[0].similarity.tobytes()
