@@ -17,7 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pixelmill.config import RetrieveConfig
-from pixelmill.datasets import DatasetWriter, ShardEntry, config_hash, read_manifest, stable_id
+from pixelmill.datasets import DatasetWriter, ShardEntry, config_hash, read_manifest, stable_id, write_manifest
 from pixelmill.datasets.storage import join
 from pixelmill.flows.ray_runner import LazyRayTaskRunner, remote_options
 from pixelmill.flows.stage_run import commit_manifest
@@ -109,6 +109,20 @@ def export_real_prior(config: dict[str, Any], prompts: dict[str, str]) -> dict[s
     return export_custom_diffusion(p["images"], p["real_reg"], prompts, config["num_images"])
 
 
+def open_images_output(url: str, cfg: RetrieveConfig) -> DatasetWriter:
+    """The images output, opened by the flow as its owner before the prompts download side by side.
+
+    The flow alone tidies it and writes its manifest: a task opening it would delete the other
+    tasks' staged shards, and two tasks writing the manifest would drop each other's entries. The
+    manifest exists from the start, so a shard a task published before a kill, not yet recorded,
+    is an unlisted file the rerun replaces, never a foreign file it refuses.
+    """
+    writer = DatasetWriter(url, *IMAGES, cfg.output_affecting()).open()
+    if read_manifest(url) is None:
+        write_manifest(url, writer.manifest)
+    return writer
+
+
 @dataclass
 class RetrieveSummary(FlowSummary):
     """What a retrieval run did, per prompt (a prompt with no image at all is a reject)."""
@@ -142,10 +156,7 @@ def retrieve_flow(config: dict[str, Any]) -> RetrieveSummary:
     scanned = read_manifest(p["candidates"])
     if plan.scan or scanned is None or not scanned.complete:
         commit_manifest(p["candidates"], CANDIDATES, cfg.scan_affecting())
-    # The prompts download side by side; this process alone tidies and writes the images manifest
-    # (a task opening the output would delete the others' staged shards, and two tasks writing
-    # it would drop each other's entries).
-    images = DatasetWriter(p["images"], *IMAGES, cfg.output_affecting()).open() if plan.download else None
+    images = open_images_output(p["images"], cfg) if plan.download else None
     with remote_options(num_cpus=0.5):
         futures = {pid: download_images.submit(config, pid, plan.prompts[pid]) for pid in plan.download}
     failure: BaseException | None = None

@@ -585,3 +585,26 @@ def test_downloads_are_stored_as_jpeg_95_by_default_or_png_and_exported_under_th
         folder = export_custom_diffusion(url, str(tmp_path / f"real-{fmt}"), {"p0": "a photo of a dog"}, 2)
         files = sorted(p.name for p in (Path(folder["a photo of a dog"]) / "images").iterdir())
         assert files == [f"0.{fmt}", f"1.{fmt}"]
+
+
+def test_a_shard_published_before_a_kill_but_not_recorded_is_replaced_by_the_rerun(tmp_path):
+    """The retrieval flow owns its images output (prompts download side by side in other processes,
+    which publish their shards and leave the manifest to it): killed after a task published a shard
+    and before the flow recorded it, the rerun opens the output and redoes that prompt."""
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.datasets import Dataset, DatasetWriter, read_manifest
+    from pixelmill.flows.retrieve import IMAGES, open_images_output
+
+    cfg = RetrieveConfig.model_validate({"prompts": ["a dog"], "pool": str(tmp_path / "pool"),
+                                         "output": str(tmp_path / "out"), "num_images": 1})
+    url = str(tmp_path / "out" / "images")
+    open_images_output(url, cfg)
+    assert read_manifest(url) is not None and read_manifest(url).shards == []
+    task = DatasetWriter(url, *IMAGES, cfg.output_affecting()).open(owner=False).shard("p0")
+    task.reject(pa.table({"id": ["p0"], "error": ["no candidate"], "stage": ["download"]}))
+    task.commit(input_rows=1, record=False)  # ...and the flow is killed here
+    rerun = open_images_output(url, cfg)  # no "part files but no manifest" refusal
+    assert rerun.committed == set()
+    rerun.finish()
+    assert not (tmp_path / "out" / "images" / "part-p0.parquet").exists()
+    assert Dataset.open(url).complete
