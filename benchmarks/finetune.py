@@ -39,8 +39,10 @@ parts (data, VAE, text encoder, UNet forward, optimizer; the rest is mostly the 
 pass) by timing the loop's calls. Memory: each variant alone in its own process
 (``--worker memory``) loads, builds its caches (the one-off cache build time is reported
 from here), and runs ``--warmup`` + ``--mem-steps`` steps; "loaded" is its RSS before the
-first step, "train peak" its RSS sampled every 5 ms over the steps (the target compares
-this), "process max" its ``ru_maxrss`` (imports, model load and cache build included).
+first step, "train peak" its RSS sampled every 5 ms over the warm-up and timed steps (the
+target compares this; a compiled variant's compilation, in its first warm-up step, is
+included: a job's real peak), "process max" its ``ru_maxrss`` (imports, model load and
+cache build included).
 "model load" is timed after the imports.
 
 ``--example-script PATH`` (LoRA): also runs diffusers' own
