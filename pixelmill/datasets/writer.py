@@ -238,7 +238,7 @@ class ShardWriter:
                 else:
                     storage.remove(target)
             if record:
-                self._dataset._record(entry)
+                self._dataset.record(entry)
         except BaseException:
             # A failed commit (full disk, I/O error) takes back the files it moved, so folder
             # readers never see a shard the manifest does not list. Only a kill inside this
@@ -479,10 +479,8 @@ class DatasetWriter:
         self._manifest = manifest
 
     def record(self, entry: ShardEntry) -> None:
-        """Record a shard whose files another process moved into place (``commit(record=False)``)."""
-        self._record(entry)
-
-    def _record(self, entry: ShardEntry) -> None:
+        """List a committed shard in the manifest: this writer's own (``ShardWriter.commit``), or one whose
+        files another process moved into place (``commit(record=False)``)."""
         if self.run is not None:
             from pixelmill.datasets.claims import OutputLock, RunClaim
 
