@@ -23,6 +23,7 @@ from pixelmill.cli.commands import (
     cmd_pairs,
     cmd_pool_build,
     cmd_pool_index,
+    cmd_pool_norms,
     cmd_report,
     cmd_retrieve,
     cmd_run,
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("status_config", nargs="?", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("pool", help="build or index a retrieval pool")
+    p = sub.add_parser("pool", help="build, index or prepare a retrieval pool")
     psub = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
     q = psub.add_parser("build", help="embed a dataset's captions and/or images with open_clip into a pool",
                         description="Embed a pixelmill dataset with open_clip into a pool (Parquet layout), "
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nprobe", type=int, default=16)
     q.add_argument("--threshold", type=float, default=0.85, help="threshold used for the recall check")
     q.set_defaults(func=cmd_pool_index)
+    q = psub.add_parser("norms", help="store each embedding row's norm beside a LAION-layout pool (faster scans)",
+                        description="Compute every embedding row's norm once, exactly as the scan would, into "
+                                    "POOL/norms/. Scans of many prompts then read them instead of computing them "
+                                    "(about 1.15x faster at 64 prompts); a stale file is detected and ignored.")
+    q.add_argument("pool")
+    q.add_argument("--kind", choices=["text", "image"], action="append",
+                   help="embedding kind (repeatable; default: every kind the pool has)")
+    q.add_argument("--overwrite", action="store_true", help="recompute parts whose norms look up to date")
+    q.set_defaults(func=cmd_pool_norms)
 
     p = sub.add_parser("pairs", help="generate instruction-edit image pairs (InstructPix2Pix's dataset pipeline)",
                        description="Captions -> (instruction, edited caption) by a writer -> Prompt-to-Prompt "

@@ -283,6 +283,13 @@ def cmd_pool_index(args) -> int:
     return 0
 
 
+def cmd_pool_norms(args) -> int:
+    from pixelmill.tasks.retrieval.norms import write_pool_norms
+
+    print(write_pool_norms(local_url(args.pool), kinds=args.kind, overwrite=args.overwrite).describe())
+    return 0
+
+
 def cmd_pairs(args) -> int:
     cfg = load_flow_config(PairsConfig, args.config, args)
     if args.dry_run:

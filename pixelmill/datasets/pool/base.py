@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -18,6 +18,9 @@ KINDS = ("text", "image")
 EMB_COLUMNS = {"text": "text_emb", "image": "img_emb"}
 LAION_FOLDERS = {"text": "text_emb", "image": "img_emb"}
 METADATA_FOLDER = "metadata"
+# Stored row norms (``pixelmill pool norms``): norms/text_norms_0.npy, norms/img_norms_0.npy…
+NORMS_FOLDER = "norms"
+NORM_PREFIXES = {"text": "text_norms", "image": "img_norms"}
 DEFAULT_BLOCK_ROWS = 65536
 VALIDATE_STAGE = "pool_validate"
 BAD_NONFINITE = "nan_or_inf"
@@ -47,6 +50,8 @@ class PoolPart:
         emb_dtypes: stored dtype name (``float16``/``float32``) of each kind.
         metadata_url: the metadata Parquet file (the shard itself for the Parquet layout).
         emb_urls: the ``.npy`` file of each kind (the shard file for the Parquet layout).
+        norm_urls: the stored row norms (``norms/text_norms_0.npy``…) of each kind that has
+            them and whose row count matches its embeddings (LAION layout only).
     """
 
     name: str
@@ -56,6 +61,7 @@ class PoolPart:
     emb_dtypes: dict[str, str]
     metadata_url: str
     emb_urls: dict[str, str]
+    norm_urls: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class PoolBlock:
         meta: the requested metadata columns for those rows (no columns when none asked).
         ids: the ids of the rows, when already read.
         id_loader: called once to produce the ids when ``ids`` is None.
+        norms: ``(rows,)`` fp32 stored row norms, when the pool has them (see ``pixelmill pool norms``).
     """
 
     def __init__(
@@ -95,8 +102,10 @@ class PoolBlock:
         meta: pa.Table,
         ids: Sequence[str] | None = None,
         id_loader: Callable[[], list[str]] | None = None,
+        norms: np.ndarray | None = None,
     ) -> None:
         self.part = part
+        self.norms = norms
         self.start = start
         self.emb = emb
         self.meta = meta

@@ -18,7 +18,8 @@ class _NpyHeader:
     offset: int
 
 
-def _read_npy_header(url: str) -> _NpyHeader:
+def _read_npy_header(url: str, ndim: int = 2) -> _NpyHeader:
+    """Shape, dtype and data offset of a float ``.npy`` file of ``ndim`` dimensions (2: embeddings, 1: norms)."""
     fs, path = storage.resolve(url)
     with fs.open(path, "rb") as f:
         try:
@@ -32,8 +33,9 @@ def _read_npy_header(url: str) -> _NpyHeader:
         offset = f.tell()
     if dtype.hasobject or dtype.kind != "f":
         raise PoolError(f"{url} holds {dtype} values; embeddings must be float16 or float32")
-    if len(shape) != 2:
-        raise PoolError(f"{url} has shape {shape}; embeddings must be a 2-D (rows, dim) array")
+    if len(shape) != ndim:
+        what = "embeddings must be a 2-D (rows, dim) array" if ndim == 2 else f"expected {ndim} dimension(s)"
+        raise PoolError(f"{url} has shape {shape}; {what}")
     return _NpyHeader(tuple(int(s) for s in shape), dtype, bool(fortran), offset)
 
 
@@ -60,15 +62,15 @@ class _NpyReader:
     def read(self, start: int, stop: int) -> np.ndarray:
         if self._array is not None:
             return self._array[start:stop]
-        rows, dim = self.header.shape
+        rows, inner = self.header.shape[0], self.header.shape[1:]
         stop = min(stop, rows)
         if stop <= start:
-            return np.empty((0, dim), self.header.dtype)
-        row_bytes = dim * self.header.dtype.itemsize
+            return np.empty((0, *inner), self.header.dtype)
+        row_bytes = int(np.prod(inner, dtype=np.int64)) * self.header.dtype.itemsize
         fs, path = storage.resolve(self.url)
         with fs.open(path, "rb") as f:
             f.seek(self.header.offset + start * row_bytes)
             data = f.read((stop - start) * row_bytes)
         if len(data) != (stop - start) * row_bytes:
             raise PoolError(f"{self.url} is truncated: rows {start}:{stop} are not all there")
-        return np.frombuffer(data, dtype=self.header.dtype).reshape(stop - start, dim)
+        return np.frombuffer(data, dtype=self.header.dtype).reshape(stop - start, *inner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from pixelmill.datasets.pool.base import (
     LAYOUT_LAION,
     LAYOUT_PARQUET,
     METADATA_FOLDER,
+    NORM_PREFIXES,
+    NORMS_FOLDER,
     POOL_INFO_NAME,
     BlockRange,
     Kind,
@@ -32,7 +35,7 @@ from pixelmill.datasets.pool.base import (
 from pixelmill.datasets.pool.npy import _NpyReader, _read_npy_header
 from pixelmill.datasets.pool.parquet import _ParquetReader, embedding_matrix
 
-_PART_RE = re.compile(r"^(?P<prefix>img_emb|text_emb|metadata)_(?P<num>\d+)\.(?P<ext>npy|parquet)$")
+_PART_RE = re.compile(r"^(?P<prefix>img_emb|text_emb|metadata|img_norms|text_norms)_(?P<num>\d+)\.(?P<ext>npy|parquet)$")
 
 
 def _laion_files(url: str, folder: str, prefix: str, ext: str) -> dict[str, str]:
@@ -42,6 +45,20 @@ def _laion_files(url: str, folder: str, prefix: str, ext: str) -> dict[str, str]
         if m and m.group("prefix") == prefix and m.group("ext") == ext:
             out[str(int(m.group("num")))] = storage.join(url, folder, name)
     return out
+
+
+def _norms_fit(url: str, rows: int) -> bool:
+    """Whether a stored-norms file holds one float32 per embedding row; warns and returns False if not."""
+    try:
+        h = _read_npy_header(url, ndim=1)
+        problem = None if h.dtype == np.float32 and h.shape[0] == rows else f"{h.dtype} {h.shape}"
+    except PoolError as exc:
+        problem = str(exc)
+    if problem is None:
+        return True
+    warnings.warn(f"{url} ({problem}) does not fit its {rows} embedding rows: scanning without stored norms; "
+                  "rerun `pixelmill pool norms`", RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _first_list_width(ds: Any, column: str) -> int:
@@ -130,6 +147,7 @@ class Pool:
     def _open_laion(cls, url: str, only: Sequence[str] | None) -> Pool:
         meta_files = _laion_files(url, METADATA_FOLDER, "metadata", "parquet")
         emb_files = {k: _laion_files(url, folder, folder, "npy") for k, folder in LAION_FOLDERS.items()}
+        norm_files = {k: _laion_files(url, NORMS_FOLDER, prefix, "npy") for k, prefix in NORM_PREFIXES.items()}
         names = set(meta_files)
         for files in emb_files.values():
             names |= set(files)
@@ -156,7 +174,9 @@ class Pool:
                     h = _read_npy_header(files[name])
                     emb_rows[kind], dims[kind], dtypes[kind] = h.shape[0], h.shape[1], h.dtype.name
                     urls[kind] = files[name]
-            parts.append(PoolPart(name, rows, emb_rows, dims, dtypes, meta_files.get(name, ""), urls))
+            norms = {kind: files[name] for kind, files in norm_files.items()
+                     if name in files and kind in emb_rows and _norms_fit(files[name], emb_rows[kind])}
+            parts.append(PoolPart(name, rows, emb_rows, dims, dtypes, meta_files.get(name, ""), urls, norms))
         return cls(url, LAYOUT_LAION, parts, _read_info(url), columns or [])
 
     @classmethod
@@ -292,10 +312,10 @@ class Pool:
             reader = self._parquet[url] = _ParquetReader(url)
         return reader
 
-    def _npy_reader(self, url: str) -> _NpyReader:
+    def _npy_reader(self, url: str, ndim: int = 2) -> _NpyReader:
         reader = self._npy.get(url)
         if reader is None:
-            reader = self._npy[url] = _NpyReader(url, _read_npy_header(url))
+            reader = self._npy[url] = _NpyReader(url, _read_npy_header(url, ndim))
         return reader
 
     def _check_columns(self, columns: Sequence[str]) -> list[str]:
@@ -346,7 +366,8 @@ class Pool:
             def loader() -> list[str]:
                 return _as_str_list(self._parquet_reader(url).read_range(start, stop, ["id"]).column("id"))
 
-        return PoolBlock(p.name, start, emb, meta, id_loader=loader)
+        norms = self._npy_reader(p.norm_urls[kind], ndim=1).read(start, stop) if kind in p.norm_urls else None
+        return PoolBlock(p.name, start, emb, meta, id_loader=loader, norms=norms)
 
     def _check_width(self, emb: np.ndarray, part: PoolPart, kind: str) -> None:
         expected = part.emb_dims.get(kind)

@@ -5,8 +5,8 @@ The exact scan reads every vector once for all prompts together. For up to
 takes each row's dots and squared norm in one read of its fp16 values; otherwise (or
 where it cannot compile) fp16 rows are upcast to fp32 in cache-sized sub-blocks for a
 BLAS product (torch's MKL on Intel CPUs, else numpy's OpenBLAS where it can be held to one
-thread; see :func:`eager_product`) and
-``np.vecdot`` norms. Similarities are ``dot / ‖row‖`` in fp32 (queries
+thread; see :func:`eager_product`) and torch's row norms, or the norms stored beside the
+pool (:func:`scan_norms`). Similarities are ``dot / ‖row‖`` in fp32 (queries
 are unit vectors), compared strictly with the threshold rounded to fp32. torch is
 imported lazily, on first use (see :func:`torch_module`).
 """
@@ -216,13 +216,29 @@ def row_norms(emb: np.ndarray, sub_rows: int = 4096) -> np.ndarray:
     return out
 
 
-def bad_rows(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def scan_norms(emb: np.ndarray) -> np.ndarray:
+    """Row norms exactly as the eager scan computes them (the same bits), for storing beside a pool.
+
+    A pool prepared with ``pixelmill pool norms`` keeps these in ``norms/``; the scan then
+    reads 4 bytes a row instead of taking each row's norm (see :func:`scan_block_hits`).
+    Each row's bits do not depend on the rows computed with it.
+    """
+    norms = row_norms(emb)
+    return np.sqrt(np.square(norms, out=norms), out=norms)
+
+
+def bad_rows(emb: np.ndarray, norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows that can never be scored: non-finite values, and all-zero vectors.
+
+    Args:
+        emb: ``(rows, dim)`` vectors.
+        norms: their stored norms (:func:`scan_norms`), used where a sample of them checks out.
 
     Returns:
         ``(nonfinite_rows, zero_rows)`` as sorted row indices.
     """
-    norms = row_norms(emb)
+    if norms is None or not _norms_agree(emb, norms):
+        norms = row_norms(emb)
     return np.nonzero(~np.isfinite(norms))[0], np.nonzero(norms == 0)[0]
 
 
@@ -309,6 +325,7 @@ class _Block:
     fused: Any  # the compiled kernel (see fused.py), or None for the eager one
     numpy_blas: bool  # the eager product runs in numpy's (single-threaded) OpenBLAS, else torch's
     queries_tc: np.ndarray  # the (d, P) transpose of the queries, C-contiguous
+    norms: np.ndarray | None  # the rows' stored norms (see scan_norms), or None: computed as read
     # A sub-block has no hit when its largest dot is at most this × its smallest norm:
     # the threshold less a margin (1e-6, relative) that covers the rounding of fp32
     # division, so skipping never drops a row the comparison would keep. None for
@@ -317,7 +334,7 @@ class _Block:
 
     @classmethod
     def of(cls, emb: np.ndarray, q: np.ndarray, thr: np.float32, skip_mask: np.ndarray | None,
-           sub_rows: int, compiled: bool | None, numpy_blas: bool) -> _Block:
+           sub_rows: int, compiled: bool | None, numpy_blas: bool, norms: np.ndarray | None = None) -> _Block:
         if not emb.dtype.isnative:
             emb = emb.astype(emb.dtype.newbyteorder("="))
         emb = np.ascontiguousarray(emb)  # a no-op for row slices of a pool
@@ -333,7 +350,7 @@ class _Block:
         return cls(emb, torch.from_numpy(emb) if use_torch else None, q,
                    torch.from_numpy(q).clone() if use_torch else None, thr, skip_mask, sub_rows, fused,
                    (numpy_blas and eager_product() == "numpy") or not use_torch, np.ascontiguousarray(q.T),
-                   float(thr) * (1 - 1e-6) if thr > 0 else None)
+                   norms, float(thr) * (1 - 1e-6) if thr > 0 else None)
 
 
 _Piece = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -367,7 +384,10 @@ _PIECE_DTYPES = (np.int64, np.int64, np.float32, np.int64, np.int64)
 
 
 def _fused_scores(block: _Block, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Dots ``(stop - start, P)`` and squared norms from the compiled kernel; None if it fails (then eager)."""
+    """Dots ``(stop - start, P)`` and row norms from the compiled kernel; None if it fails (then eager).
+
+    The kernel takes the squared norms in the same read as the dots, so stored norms are not used.
+    """
     torch = torch_module()
     try:
         with torch.inference_mode():
@@ -375,11 +395,12 @@ def _fused_scores(block: _Block, start: int, stop: int) -> tuple[np.ndarray, np.
     except Exception as exc:  # noqa: BLE001 - e.g. dynamo's recompile limit: the eager kernel takes over
         kernel_failed(exc)
         return None
-    return dots.numpy(), squares.numpy()
+    squares = squares.numpy()
+    return dots.numpy(), np.sqrt(squares, out=squares)
 
 
 def _eager_scores(block: _Block, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dots ``(e - s, P)`` (in this thread's scratch) and squared norms of rows ``s:e``."""
+    """Dots ``(e - s, P)`` (in this thread's scratch) and norms of rows ``s:e`` (the stored ones if given)."""
     emb, emb_t = block.emb, block.emb_t
     m = e - s
     buf, dbuf, buf_t, dbuf_t = _scratch(block.sub_rows, emb.shape[1], len(block.queries))
@@ -403,16 +424,18 @@ def _eager_scores(block: _Block, s: int, e: int) -> tuple[np.ndarray, np.ndarray
         np.matmul(x, block.queries_tc, out=dots)
     else:
         torch_module().mm(x_t, block.queries_t.T, out=dbuf_t[:m])
+    if block.norms is not None:
+        return dots, block.norms[s:e]
     if x_t is None:
-        return dots, np.vecdot(x, x)
-    squares = torch_module().linalg.vector_norm(x_t, dim=1).numpy()
-    return dots, np.square(squares, out=squares)
+        squares = np.vecdot(x, x)
+        return dots, np.sqrt(squares, out=squares)
+    norms = torch_module().linalg.vector_norm(x_t, dim=1).numpy()
+    return dots, np.sqrt(np.square(norms, out=norms), out=norms)  # as scan_norms, so stored norms match
 
 
-def _collect(sims: np.ndarray, squares: np.ndarray, s: int, block: _Block, out: tuple[list, ...]) -> None:
+def _collect(sims: np.ndarray, norms: np.ndarray, s: int, block: _Block, out: tuple[list, ...]) -> None:
     """Turn C-contiguous dots into cosines in place; append the hits and bad rows of rows ``s:`` to ``out``."""
     qs, rs, ss, nonfinite, zero = out
-    norms = np.sqrt(squares, out=squares)
     lo, hi = norms.min(), norms.max()
     scorable = lo > 0 and hi < np.inf
     if scorable and block.no_hit_below is not None and float(sims.max()) <= block.no_hit_below * float(lo):
@@ -438,6 +461,34 @@ def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
 
+NORM_CHECK_STRIDE = 256
+_norm_warning = threading.Event()
+
+
+def _norms_agree(emb: np.ndarray, norms: np.ndarray) -> bool:
+    """Whether stored norms match a sample of rows (every ``NORM_CHECK_STRIDE``-th) bit for bit; warns once if not.
+
+    Raises:
+        ValueError: ``norms`` is not one fp32 value per row.
+    """
+    if norms.shape != (len(emb),) or norms.dtype != np.float32:
+        raise ValueError(f"norms must be {len(emb)} float32 values, one per row; got {norms.dtype} {norms.shape}")
+    if not len(emb):
+        return True
+    sample = np.ascontiguousarray(emb[::NORM_CHECK_STRIDE])
+    if not sample.dtype.isnative:
+        sample = sample.astype(sample.dtype.newbyteorder("="))
+    fresh = scan_norms(sample)
+    if np.array_equal(fresh.view(np.uint32), np.ascontiguousarray(norms[::NORM_CHECK_STRIDE]).view(np.uint32)):
+        return True
+    if not _norm_warning.is_set():
+        _norm_warning.set()
+        warnings.warn("pixelmill scan: stored row norms do not match the embeddings (written for other data or "
+                      "by another torch version); computing them instead. Rerun `pixelmill pool norms POOL`.",
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
 def scan_block_hits(
     emb_block: np.ndarray,
     queries: np.ndarray,
@@ -446,6 +497,7 @@ def scan_block_hits(
     sub_rows: int = SUB_ROWS,
     threads: int | None = None,
     compiled: bool | None = None,
+    norms: np.ndarray | None = None,
 ) -> BlockHits:
     """Array form of :func:`scan_block`, also naming the rows that could not be scored.
 
@@ -473,6 +525,12 @@ def scan_block_hits(
             block of at least ``FUSED_MIN_ROWS`` rows and then uses it for every block of
             that shape, True compiles it for any block, False never uses it. Hits agree
             with the eager kernel's to fp32 rounding.
+        norms: ``(n,)`` stored row norms (:func:`scan_norms`, written by ``pixelmill pool
+            norms``): the eager kernel reads them instead of taking each row's norm (about
+            75 ns a row of 512 dims here, an eighth of a 64-prompt scan). Every
+            ``NORM_CHECK_STRIDE``-th row's norm is recomputed first; if any differs in a bit
+            the stored norms are ignored for this block (warning once), so results never
+            depend on whether they were given.
     """
     n = len(emb_block)
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -481,13 +539,15 @@ def scan_block_hits(
     if skip_mask is not None and len(skip_mask) != n:
         raise ValueError(f"skip_mask has {len(skip_mask)} entries for {n} rows")
     sub_rows = max(1, int(sub_rows))
+    if norms is not None and not _norms_agree(emb_block, norms):
+        norms = None
     torch = torch_module()
     workers = max(1, threads if threads is not None else (torch.get_num_threads() if torch else 1))
     with torch_single_thread(), blas_single_thread() as numpy_blas, warnings.catch_warnings():
         # torch warns that read-only memory maps are not writable; they are never written.
         warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        block = _Block.of(emb_block, q, np.float32(threshold), skip_mask, sub_rows, compiled, numpy_blas) \
-            if n else None
+        block = _Block.of(emb_block, q, np.float32(threshold), skip_mask, sub_rows, compiled, numpy_blas,
+                          norms) if n else None
         step = FUSED_TASK_ROWS if block is not None and block.fused is not None else sub_rows * TASK_SUB_BLOCKS
         starts = list(range(0, n, step))
         if workers > 1 and len(starts) > 1:
@@ -505,6 +565,7 @@ def scan_block(
     sub_rows: int = SUB_ROWS,
     threads: int | None = None,
     compiled: bool | None = None,
+    norms: np.ndarray | None = None,
 ) -> list[tuple[int, int, float]]:
     """Rows of a block whose cosine similarity to a query is strictly above ``threshold``.
 
@@ -520,10 +581,11 @@ def scan_block(
         sub_rows: rows upcast at a time.
         threads: threads to spread the block over (default: torch's thread count).
         compiled: use the compiled kernel (None: for large blocks; see :func:`scan_block_hits`).
+        norms: the rows' stored norms (see :func:`scan_block_hits`), or None.
 
     Returns:
         ``(query_idx, row_idx_in_block, similarity)`` for every hit, ordered by row then
         query.
     """
-    h = scan_block_hits(emb_block, queries, threshold, skip_mask, sub_rows, threads, compiled)
+    h = scan_block_hits(emb_block, queries, threshold, skip_mask, sub_rows, threads, compiled, norms)
     return list(zip(h.query.tolist(), h.row.tolist(), h.similarity.astype(np.float64).tolist()))

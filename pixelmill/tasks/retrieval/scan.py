@@ -124,7 +124,7 @@ class ExactScanner:
         for r in ranges:
             block = self.pool.read_block(self.kind, r.part, r.start, r.stop)
             mask, skipped = self._skip_mask(skip_map.get(r.part), r.start, len(block))
-            hits = scan_block_hits(block.emb, q, threshold, mask, self.sub_rows)
+            hits = scan_block_hits(block.emb, q, threshold, mask, self.sub_rows, norms=block.norms)
             self._record_rejects(rejects, block, skipped, skip_map.get(r.part), hits)
             unscored = np.union1d(np.union1d(hits.nonfinite, hits.zero), skipped)
             scanned += len(block) - len(unscored)

@@ -148,7 +148,7 @@ def validate(
     cols: dict[str, list] = {"id": [], "part": [], "row": [], "error": []}
     counts = {BAD_NONFINITE: 0, BAD_ZERO: 0}
     for block in pool.iter_blocks(kind, block_rows):
-        nonfinite, zero = bad_rows(block.emb)
+        nonfinite, zero = bad_rows(block.emb, block.norms)
         for rows, reason in ((nonfinite, BAD_NONFINITE), (zero, BAD_ZERO)):
             if len(rows):
                 counts[reason] += len(rows)

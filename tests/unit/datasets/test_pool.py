@@ -241,3 +241,54 @@ def test_null_and_ragged_parquet_embeddings(tmp_path):
     pool = Pool.open(write_pool_parquet(str(tmp_path / "ragged"), ragged))
     with pytest.raises(PoolError, match="row 1 has 7 values but row 0 has 8"):
         validate(pool, DIM)
+
+
+def test_stored_norms_are_written_read_with_each_block_and_resumed(root):
+    from pixelmill.tasks.retrieval.kernel import scan_norms
+    from pixelmill.tasks.retrieval.norms import write_pool_norms
+
+    parts = make_parts(sizes=(300, 40), dim=16)
+    txt0 = parts[0][1].copy()
+    txt0[7] = 0
+    parts[0] = (parts[0][0], txt0, parts[0][2])
+    write_laion_layout(root, parts)
+    assert Pool.open(root).read_block("text", "0", 0, 300).norms is None
+    summary = write_pool_norms(root, kinds=["text"], block_rows=128)
+    assert summary.written == {"text": ["0", "1"]} and summary.rows == {"text": 340}
+    pool = Pool.open(root)
+    assert set(pool.part("0").norm_urls) == {"text"}
+    block = pool.read_block("text", "0", 100, 250)
+    assert block.norms.tobytes() == scan_norms(txt0[100:250]).tobytes()
+    assert pool.read_block("image", "0", 0, 10).norms is None
+    report = validate(pool, 16, on_bad="reject")
+    assert report.bad_ids == ["p0-7"]
+
+    again = write_pool_norms(root, block_rows=128)  # text kept, image written
+    assert again.kept == {"text": ["0", "1"], "image": []} and again.written["image"] == ["0", "1"]
+    assert write_pool_norms(root, kinds=["text"], overwrite=True).written == {"text": ["0", "1"]}
+
+
+def test_a_norms_file_that_does_not_fit_is_ignored_with_a_warning(tmp_path):
+    from pixelmill.tasks.retrieval.norms import write_pool_norms
+
+    root = write_laion_layout(str(tmp_path), make_parts(dim=16))
+    (tmp_path / "norms").mkdir(exist_ok=True)
+    np.save(tmp_path / "norms" / "text_norms_1.npy", np.ones(SIZES[1] + 1, np.float32))
+    np.save(tmp_path / "norms" / "text_norms_2.npy", np.ones(SIZES[2], np.float64))
+    with pytest.warns(RuntimeWarning, match="does not fit its") as caught:
+        pool = Pool.open(root)
+    assert len(caught) == 2
+    assert all(not p.norm_urls for p in pool.parts)
+    with pytest.warns(RuntimeWarning, match="does not fit its"):
+        assert write_pool_norms(root, kinds=["text"]).written == {"text": ["0", "1", "2"]}
+    assert Pool.open(root).read_block("text", "1", 0, 5).norms.dtype == np.float32
+
+
+def test_stored_norms_are_refused_for_a_parquet_pool_and_a_missing_kind(tmp_path):
+    from pixelmill.tasks.retrieval.norms import write_pool_norms
+
+    with pytest.raises(PoolError, match="LAION-layout pools"):
+        write_pool_norms(write_pool_parquet(str(tmp_path / "pq"), as_parquet_table(make_parts())))
+    root = write_laion_layout(str(tmp_path / "laion"), [(None, t, m) for _, t, m in make_parts()])
+    with pytest.raises(PoolError, match="no image embeddings"):
+        write_pool_norms(root, kinds=["image"])

@@ -165,3 +165,33 @@ def test_either_product_gives_the_same_bits_run_after_run_and_at_any_thread_coun
     for other in runs[1:]:
         assert other.row.tolist() == runs[0].row.tolist() and other.query.tolist() == runs[0].query.tolist()
         assert other.similarity.tobytes() == runs[0].similarity.tobytes()
+
+
+def test_stored_norms_give_the_same_bits_and_stale_ones_are_caught(monkeypatch):
+    monkeypatch.setattr(kernel, "NORM_CHECK_STRIDE", 7)
+    rng = np.random.default_rng(8)
+    emb, q3, skip = tricky_block(np.float16)
+    q = normalize_queries(np.vstack([q3, rng.standard_normal((61, DIM))]))  # 64 queries: the eager kernel
+    norms = kernel.scan_norms(emb)
+    assert norms.dtype == np.float32 and norms.shape == (len(emb),)
+    for threshold in (0.8, -0.2):
+        plain = scan_block_hits(emb, q, threshold, skip, sub_rows=128, threads=2)
+        stored = scan_block_hits(emb, q, threshold, skip, sub_rows=128, threads=2, norms=norms)
+        for field in ("query", "row", "similarity", "nonfinite", "zero"):
+            assert getattr(stored, field).tobytes() == getattr(plain, field).tobytes(), field
+    np.testing.assert_array_equal(kernel.bad_rows(emb, norms)[0], plain.nonfinite)
+
+    # They are read, not recomputed: a tiny norm in an unsampled row (200) makes that row a hit.
+    tampered = norms.copy()
+    tampered[200] = 1e-9
+    assert 200 in scan_block_hits(emb, q, 0.8, skip, sub_rows=128, norms=tampered).row
+    # A wrong norm in a sampled row too: all ignored (with one warning), the results are the computed ones.
+    stale = tampered
+    stale[14] *= 2
+    monkeypatch.setattr(kernel, "_norm_warning", kernel.threading.Event())
+    with pytest.warns(RuntimeWarning, match="stored row norms do not match"):
+        hits = scan_block_hits(emb, q, 0.8, skip, sub_rows=128, norms=stale)
+    assert hits.similarity.tobytes() == scan_block_hits(emb, q, 0.8, skip, sub_rows=128).similarity.tobytes()
+    assert 200 not in hits.row
+    with pytest.raises(ValueError, match="one per row"):
+        scan_block_hits(emb, q, 0.8, norms=norms[:-1])
