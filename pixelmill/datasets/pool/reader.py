@@ -35,7 +35,8 @@ from pixelmill.datasets.pool.base import (
 from pixelmill.datasets.pool.npy import _NpyReader, _read_npy_header
 from pixelmill.datasets.pool.parquet import _ParquetReader, embedding_matrix
 
-_PART_RE = re.compile(r"^(?P<prefix>img_emb|text_emb|metadata|img_norms|text_norms)_(?P<num>\d+)\.(?P<ext>npy|parquet)$")
+_PART_RE = re.compile(r"^(?P<prefix>img_emb|text_emb|metadata|img_norms|text_norms)_(?P<num>\d+)"
+                      r"\.(?P<ext>npy|parquet)$")
 
 
 def _laion_files(url: str, folder: str, prefix: str, ext: str) -> dict[str, str]:
