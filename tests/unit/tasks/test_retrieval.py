@@ -191,6 +191,20 @@ def test_many_prompts_in_one_pass_equal_one_at_a_time(tmp_path):
         np.testing.assert_allclose([s for qi, _, s in hits if qi == i], [s for _, _, s in one], atol=1e-6)
 
 
+def test_a_pool_with_stored_norms_scans_to_the_same_table_bit_for_bit(tmp_path):
+    from pixelmill.tasks.retrieval.norms import write_pool_norms
+
+    parts, centers = pool_parts(seed=3)
+    q = queries_near(centers, p=9)  # several prompts: the eager kernel, which reads stored norms
+    url = write_laion_layout(str(tmp_path), parts)
+    before = scan_pool(url, q, 0.7, block_rows=128)
+    assert write_pool_norms(url).written == {"text": ["0", "1", "2"], "image": ["0", "1", "2"]}
+    after = scan_pool(url, q, 0.7, block_rows=128)
+    assert sum(t.num_rows for t in after.candidates) > 0
+    assert [t.equals(u) for t, u in zip(before.candidates, after.candidates)] == [True] * len(q)
+    assert after.scanned == before.scanned
+
+
 def test_max_candidates_keeps_the_best_and_says_so(tmp_path):
     parts, centers = pool_parts()
     q = queries_near(centers, p=3)
