@@ -212,6 +212,7 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
                      cfg.invalid_vectors == "error", clip_model=clip_model)
         except PoolError as e:
             raise ValueError(f"pool: {e}".replace("use on_bad='reject'", "set `invalid_vectors: reject`")) from None
+        _hint_stored_norms(cfg, pool)
     if cfg.index:
         from pixelmill.tasks.retrieval.faiss_index import check_index_kind, read_index_info
 
@@ -222,6 +223,20 @@ def check_retrieve_inputs(cfg: RetrieveConfig) -> RetrieveConfig:
         except ValueError as e:
             raise ValueError(f"index: {e}") from None
     return cfg.model_copy(update={"clip_model": clip_model})
+
+
+def _hint_stored_norms(cfg: RetrieveConfig, pool: Any) -> None:
+    """Say once that ``pixelmill pool norms`` would speed up this scan, where it would."""
+    from pixelmill.datasets.pool import LAYOUT_LAION
+    from pixelmill.tasks.retrieval.fused import FUSED_MAX_QUERIES
+
+    if cfg.index or pool.layout != LAYOUT_LAION or len(cfg.prompts) <= FUSED_MAX_QUERIES:
+        return
+    missing = [p.name for p in pool.parts if cfg.embedding in p.emb_rows and cfg.embedding not in p.norm_urls]
+    if missing:
+        print(f"note: {len(missing)} of {len(pool.parts)} pool part(s) have no stored row norms; "
+              f"`pixelmill pool norms {cfg.pool}` once makes scans of {FUSED_MAX_QUERIES + 1}+ prompts "
+              "about 1.15x faster")
 
 
 def write_candidates(cfg: RetrieveConfig, prompts: dict[str, str], url: str,

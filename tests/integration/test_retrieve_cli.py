@@ -130,6 +130,27 @@ def test_pool_with_wrong_width_is_refused_before_anything_starts(tmp_path, pool,
     assert "48" in proc.stderr and "32" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_pool_norms_cli_stores_norms_resumes_and_refuses_a_parquet_pool(tmp_path):
+    import pyarrow as pa
+
+    from pixelmill.datasets.pool import embedding_array, write_laion_layout, write_pool_parquet
+
+    emb = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float16)
+    meta = pa.table({"url": ["http://127.0.0.1/x.png"] * 300, "caption": ["a dog"] * 300})
+    url = write_laion_layout(str(tmp_path / "laion"), [(emb, emb, meta), (emb[:7], emb[:7], meta.slice(0, 7))])
+    proc = run_cli(["pool", "norms", url, "--kind", "text"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "text: 2 part(s) written (307 rows), 0 already up to date" in proc.stdout
+    assert np.load(tmp_path / "laion" / "norms" / "text_norms_1.npy").shape == (7,)
+    again = run_cli(["pool", "norms", url])
+    assert "text: 0 part(s) written (0 rows), 2 already up to date" in again.stdout
+    assert "image: 2 part(s) written (307 rows)" in again.stdout
+    table = pa.table({"id": ["a", "b"], "text_emb": embedding_array(emb[:2], np.float16)})
+    refused = run_cli(["pool", "norms", write_pool_parquet(str(tmp_path / "pq"), table)])
+    assert refused.returncode == 2 and "stored norms are for LAION-layout pools" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_index_for_another_embedding_kind_is_refused_before_anything_starts(tmp_path, tiny_models):
     import pyarrow as pa
 

@@ -518,6 +518,23 @@ def test_retrieval_with_an_index_honours_filters_max_candidates_and_embedding(ti
         write_candidates(image_index, {"p0": prompt}, str(tmp_path / "cands2"), ("candidates", 1))
 
 
+def test_preflight_suggests_stored_norms_only_where_they_would_speed_the_scan(tiny_models, tmp_path, capsys):
+    from pixelmill.config import RetrieveConfig
+    from pixelmill.tasks.regularization import check_retrieve_inputs
+    from pixelmill.tasks.retrieval.norms import write_pool_norms
+
+    clip = tiny_models["clip"]
+    url = _clip_pool(tmp_path, clip, "a photo of a dog")
+    many = RetrieveConfig(prompts=[f"a photo of a {w}" for w in "dog cat cow fox owl".split()], pool=url,
+                          output=str(tmp_path / "out"), clip_model=clip)
+    check_retrieve_inputs(many)
+    assert f"1 of 1 pool part(s) have no stored row norms; `pixelmill pool norms {url}`" in capsys.readouterr().out
+    check_retrieve_inputs(many.model_copy(update={"prompts": many.prompts[:4]}))  # the compiled kernel's range
+    write_pool_norms(url, kinds=["text"])
+    check_retrieve_inputs(many)
+    assert "norms" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- embedding
 
 
