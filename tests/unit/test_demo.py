@@ -68,3 +68,29 @@ def test_retrieval_precision_compares_colour_and_shape_of_the_captions(tmp_path)
                                   "a picture of a red circle", "a large blue square"]})
     write_table_dataset(str(tmp_path / "reg"), table, "regularization", {})
     assert retrieval_precision(str(tmp_path / "reg")) == {"a red circle": 2, "a blue square": 1}
+
+
+def test_campaign_readout_counts_the_concepts_shape_per_prompt_and_the_asked_colour(tmp_path):
+    import json
+
+    from pixelmill.demo import CONCEPT, campaign_readout
+    from pixelmill.toy.detect import detect
+    from pixelmill.toy.samples import toy_indices
+
+    seed = 3
+    red_heart = next(i for i in toy_indices(seed, 40, shape=CONCEPT) if world.make_row(seed, i)[2].color == "red")
+    other_heart = next(i for i in toy_indices(seed, 40, shape=CONCEPT) if world.make_row(seed, i)[2].color != "red")
+    circle = toy_indices(seed, 1, shape="circle")[0]
+    picks = {"a photo of sks shape": [other_heart, circle, circle], "a red sks shape": [red_heart, other_heart]}
+    samples, k = [], 0
+    (tmp_path / "samples" / "final").mkdir(parents=True)
+    for prompt, rows in picks.items():
+        for row in rows:
+            image = world.make_row(seed, row)[0]
+            assert detect(image).shape == world.make_row(seed, row)[2].shape  # the readout reads what was drawn
+            image.save(tmp_path / "samples" / "final" / f"{k:03d}.png")
+            samples.append({"prompt": prompt, "file": f"samples/final/{k:03d}.png"})
+            k += 1
+    (tmp_path / "job.json").write_text(json.dumps({"samples": samples}))
+    assert campaign_readout(str(tmp_path)) == (f"'a photo of sks shape' 1/3 {CONCEPT}s; "
+                                               f"'a red sks shape' 2/2 {CONCEPT}s (1 red)")
