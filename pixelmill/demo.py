@@ -232,10 +232,11 @@ def _demo_finetune(root: Path, models: dict[str, str], notes: list[str]) -> tupl
     _say(f"bulk-edit with the campaign's DreamBooth model (a diffusers pipeline folder): '{prompt}' at strength 0.8")
     s = bulk_edit_flow(edit.model_dump(), show_progress=True)
     read = detector_readout(edit.output, edit.input)
-    hearts = sum(d.shape == CONCEPT for d, _ in read)
+    others = [(d, lab) for d, lab in read if lab.get("shape") != CONCEPT]  # inputs that were not hearts already
+    hearts = sum(d.shape == CONCEPT for d, _ in others)
     colour = sum(d.color == lab.get("color") for d, lab in read)
-    line = (f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected; toy detectors: {hearts}/{len(read)} "
-            f"read as a {CONCEPT}, {colour}/{len(read)} keep their colour")
+    line = (f"{s.rows_in} rows in -> {s.rows_out} edited + {s.rejects} rejected; toy detectors: {hearts} of the "
+            f"{len(others)} objects that were not {CONCEPT}s now read as one, {colour}/{len(read)} keep their colour")
     _say(f"  {line}")
     notes.append(f"bulk edit with the campaign's DreamBooth model: {line}")
     return summary.report, edit.output
