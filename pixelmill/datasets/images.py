@@ -228,6 +228,8 @@ def hf_feature(pa_type: pa.DataType) -> dict[str, Any]:
         return {"feature": hf_feature(pa_type.value_type), "_type": "LargeList"}
     if pa.types.is_dictionary(pa_type):
         return hf_feature(pa_type.value_type)
+    if pa.types.is_fixed_size_binary(pa_type):  # `datasets` has no fixed-size binary; it reads these as binary
+        return {"dtype": "binary", "_type": "Value"}
     return {"dtype": _value_dtype(pa_type), "_type": "Value"}
 
 

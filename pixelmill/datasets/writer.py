@@ -48,6 +48,15 @@ REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string()), ("stage
 COMPRESSION = "zstd"
 
 
+def compression_of(schema: pa.Schema) -> dict[str, str]:
+    """Each column's Parquet codec: zstd, except fixed-size binary columns (packed embeddings), stored plain.
+
+    Embedding bytes barely compress (8% at 512 fp16 values a row) and zstd cuts their read rate
+    3x (0.97 against 3.2 M rows/s here), which an exact scan of a pool pays on every row.
+    """
+    return {f.name: "none" if pa.types.is_fixed_size_binary(f.type) else COMPRESSION for f in schema}
+
+
 class ConfigMismatch(Exception):
     """The output folder holds a dataset made by a different config.
 
@@ -100,7 +109,7 @@ class _ParquetStream:
             fs, path = storage.resolve(self.url)
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self._file = fs.open(path, "wb")
-            self._writer = pq.ParquetWriter(self._file, self.schema, compression=COMPRESSION)
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression=compression_of(self.schema))
             self.started = True
         if table.num_rows:
             self._writer.write_table(table)

@@ -78,13 +78,17 @@ class _ParquetReader:
 def embedding_matrix(
     column: pa.ChunkedArray | pa.Array, where: str = "column", row_offset: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Turn an Arrow list (or fixed-size-list) embedding column into a ``(rows, dim)`` array.
+    """Turn an Arrow embedding column into a ``(rows, dim)`` array.
 
     Values keep their stored float type (float64 becomes float32). Null rows become
     zero rows and are flagged in the returned mask, so a validation pass can reject them.
+    A packed column (``fixed_size_binary``: each row's float16 values, little-endian, as
+    ``pixelmill pool build`` writes them) is read without copying; list columns are
+    decoded value by value by Parquet (about 25x slower to read: see :func:`embedding_array`).
 
     Args:
-        column: ``list<float16|float32>``, ``large_list`` or ``fixed_size_list`` values.
+        column: ``fixed_size_binary`` (packed float16), ``list<float16|float32>``,
+            ``large_list`` or ``fixed_size_list`` values.
         where: named in errors (file and column).
         row_offset: added to row numbers in errors (the block's first row).
 
@@ -96,8 +100,10 @@ def embedding_matrix(
     """
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
+    if pa.types.is_fixed_size_binary(t):
+        return _packed_matrix(arr, where)
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise PoolError(f"{where} has type {t}; embeddings must be list<float16|float32> columns")
+        raise PoolError(f"{where} has type {t}; embeddings must be list<float16|float32> or packed float16 (fixed_size_binary) columns")
     if not pa.types.is_floating(t.value_type):
         raise PoolError(f"{where} holds {t.value_type} values; embeddings must be float16 or float32")
     n = len(arr)
@@ -124,14 +130,48 @@ def embedding_matrix(
     return out, nulls
 
 
-def embedding_array(emb: np.ndarray, dtype: Any = np.float16, fixed_size: bool = False) -> pa.Array:
+PACKED_DTYPE = np.dtype("<f2")
+"""The values of a packed (``fixed_size_binary``) embedding column: float16, little-endian."""
+
+
+def _packed_matrix(arr: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
+    width = arr.type.byte_width
+    if width % PACKED_DTYPE.itemsize:
+        raise PoolError(f"{where} has type {arr.type}: a packed embedding column holds float16 values, "
+                        f"2 bytes each, and {width} bytes is not a whole number of them")
+    n, dim = len(arr), width // PACKED_DTYPE.itemsize
+    data = arr.buffers()[1]
+    flat = np.frombuffer(data, np.uint8, count=n * width, offset=arr.offset * width) if n else np.zeros(0, np.uint8)
+    matrix = flat.view(PACKED_DTYPE).reshape(n, dim)
+    if not PACKED_DTYPE.isnative:  # pragma: no cover - big-endian hosts
+        matrix = matrix.astype(np.float16)
+    if not arr.null_count:
+        return matrix, np.zeros(n, bool)
+    nulls = arr.is_null().to_numpy(zero_copy_only=False)
+    out = np.array(matrix, np.float16)
+    out[nulls] = 0  # a null slot's bytes are undefined
+    return out, nulls
+
+
+def embedding_array(emb: np.ndarray, dtype: Any = np.float16, fixed_size: bool = False,
+                    packed: bool = False) -> pa.Array:
     """An Arrow embedding column from a ``(rows, dim)`` array.
 
     Args:
         emb: the vectors.
         dtype: stored float type (``np.float16`` halves storage; ``np.float32`` keeps all bits).
         fixed_size: write ``fixed_size_list<dtype, dim>`` instead of ``list<dtype>``.
+        packed: write each row's float16 values as one ``fixed_size_binary(2 * dim)`` value
+            (``dtype`` must be float16). Parquet reads such a column as one block of bytes:
+            3.2 M rows/s of 512 values here against 0.1 M for a list column, which it decodes
+            value by value; `pixelmill pool build` writes pools so.
     """
+    if packed:
+        if np.dtype(dtype) != np.float16:
+            raise ValueError(f"a packed embedding column holds float16 values, not {np.dtype(dtype)}")
+        emb = np.ascontiguousarray(emb, dtype=PACKED_DTYPE)
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(emb.shape[1] * 2), len(emb),
+                                                    [None, pa.py_buffer(emb.tobytes())])
     emb = np.ascontiguousarray(emb, dtype=dtype)
     values = pa.array(emb.reshape(-1))
     if fixed_size:

@@ -201,10 +201,13 @@ class Pool:
         dims, dtypes = {}, {}
         for kind in kinds:
             t = schema.field(EMB_COLUMNS[kind]).type
+            if pa.types.is_fixed_size_binary(t):  # packed float16 (see embedding_array)
+                dtypes[kind], dims[kind] = "float16", t.byte_width // 2
+                continue
             if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
                     or not pa.types.is_floating(t.value_type):
                 raise PoolError(f"{url}: column {EMB_COLUMNS[kind]} has type {t}; "
-                                "embeddings must be list<float16|float32> columns")
+                                "embeddings must be list<float16|float32> or packed float16 (fixed_size_binary) columns")
             dtypes[kind] = "float16" if t.value_type == pa.float16() else "float32"
             if pa.types.is_fixed_size_list(t):
                 dims[kind] = t.list_size

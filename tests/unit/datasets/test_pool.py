@@ -45,11 +45,11 @@ def make_parts(seed: int = 0, sizes=SIZES, dim: int = DIM, dtype=np.float16):
     return parts
 
 
-def as_parquet_table(parts) -> pa.Table:
+def as_parquet_table(parts, packed: bool = False) -> pa.Table:
     tables = []
     for img, txt, meta in parts:
-        tables.append(meta.append_column("text_emb", embedding_array(txt, txt.dtype))
-                      .append_column("img_emb", embedding_array(img, img.dtype)))
+        tables.append(meta.append_column("text_emb", embedding_array(txt, txt.dtype, packed=packed))
+                      .append_column("img_emb", embedding_array(img, img.dtype, packed=packed)))
     return pa.concat_tables(tables)
 
 
@@ -100,10 +100,12 @@ def test_laion_layout_without_id_column_gets_part_row_ids(tmp_path):
                                       "caption": ["caption 1 10", "caption 1 11", "caption 1 12"]}
 
 
-def test_parquet_layout_matches_laion_layout(root):
+@pytest.mark.parametrize("packed", [False, True], ids=["list", "packed"])
+def test_parquet_layout_matches_laion_layout(root, packed):
     parts = make_parts(seed=3)
     laion = Pool.open(write_laion_layout(storage.join(root, "laion"), parts, clip_model="m"))
-    url = write_pool_parquet(storage.join(root, "pq"), as_parquet_table(parts), clip_model="m", rows_per_shard=40)
+    url = write_pool_parquet(storage.join(root, "pq"), as_parquet_table(parts, packed), clip_model="m",
+                             rows_per_shard=40)
     pool = Pool.open(url)
     assert pool.layout == "parquet"
     assert [p.rows for p in pool.parts] == [40, 40, 20]
@@ -129,6 +131,44 @@ def test_fixed_size_list_and_fp32_columns_read_as_stored(tmp_path):
     got = np.concatenate([b.emb for b in pool.iter_blocks(block_rows=5)])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, emb)
+
+
+def test_packed_columns_read_without_copying_keep_nulls_and_are_stored_uncompressed(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pixelmill.datasets import Dataset
+
+    emb = np.random.default_rng(2).standard_normal((9, DIM)).astype(np.float16)
+    col = embedding_array(emb, packed=True)
+    assert col.type == pa.binary(2 * DIM)
+    matrix, nulls = embedding_matrix(col.slice(2, 5))
+    assert matrix.dtype == np.float16 and not nulls.any()
+    np.testing.assert_array_equal(matrix, emb[2:7])
+    assert np.shares_memory(matrix, np.frombuffer(col.buffers()[1], np.uint8))  # no copy
+    with_nulls = col.take(pa.array([0, None, 3], pa.int64()))
+    matrix, nulls = embedding_matrix(with_nulls)
+    assert nulls.tolist() == [False, True, False] and not matrix[1].any()
+    np.testing.assert_array_equal(matrix[[0, 2]], emb[[0, 3]])
+    with pytest.raises(PoolError, match="not a whole number"):
+        embedding_matrix(pa.array([b"abc"], pa.binary(3)), "x.parquet column text_emb")
+    with pytest.raises(ValueError, match="float16"):
+        embedding_array(emb, np.float32, packed=True)
+
+    table = pa.table({"id": [f"r{i}" for i in range(9)], "caption": ["c"] * 9, "text_emb": col})
+    url = write_pool_parquet(str(tmp_path / "pq"), table, clip_model="m")
+    pool = Pool.open(url)
+    assert pool.dim == DIM and pool.part(pool.parts[0].name).emb_dtypes == {"text": "float16"}
+    np.testing.assert_array_equal(pool.read_block("text", pool.parts[0].name, 0, 9).emb, emb)
+    shard = Dataset.open(url).shard_url(pool.parts[0].name)
+    meta = pq.ParquetFile(shard).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs["text_emb"] == "UNCOMPRESSED" and codecs["caption"] == "ZSTD"
+    features = json.loads(pq.read_schema(shard).metadata[b"huggingface"])["info"]["features"]
+    assert features["text_emb"] == {"dtype": "binary", "_type": "Value"}  # `datasets` has no fixed-size binary
+    import datasets
+
+    hf = datasets.load_dataset(url, split="train", cache_dir=str(tmp_path / "hf"))
+    np.testing.assert_array_equal(np.frombuffer(hf[4]["text_emb"], "<f2"), emb[4])
 
 
 def test_read_rows_follows_the_requested_order(root):

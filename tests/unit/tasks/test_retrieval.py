@@ -18,6 +18,7 @@ from pixelmill.datasets.pool import (
     BAD_ZERO,
     PoolError,
     embedding_array,
+    embedding_matrix,
     write_laion_layout,
     write_pool_parquet,
 )
@@ -555,10 +556,11 @@ def test_pool_embedder_embeds_captions_and_images_and_rejects_bad_rows(tiny_mode
     assert out.column("error")[2].as_py() == "missing caption in column 'caption'"
     assert out.column("error")[3].as_py().startswith("undecodable")
     assert out.column("stage").to_pylist() == [None, None, "pool_embed", "pool_embed"]
-    assert out.schema.field("text_emb").type == pa.list_(pa.float16())
+    assert out.schema.field("text_emb").type == pa.binary(2 * 32)  # packed float16 (embedding_array)
     assert out.column("text_emb")[3].as_py() is None and out.column("img_emb")[3].as_py() is None
-    text = np.array(out.column("text_emb").to_pylist()[:2], np.float32)
-    img = np.array(out.column("img_emb").to_pylist()[:2], np.float32)
+    text = np.array([np.frombuffer(v, "<f2") for v in out.column("text_emb").to_pylist()[:2]], np.float32)
+    img = np.array([np.frombuffer(v, "<f2") for v in out.column("img_emb").to_pylist()[:2]], np.float32)
+    assert embedding_matrix(out.column("img_emb"))[1].tolist() == [False, False, True, True]
     assert text.shape == img.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=2e-3)
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=2e-3)
