@@ -103,7 +103,8 @@ def embedding_matrix(
     if pa.types.is_fixed_size_binary(t):
         return _packed_matrix(arr, where)
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise PoolError(f"{where} has type {t}; embeddings must be list<float16|float32> or packed float16 (fixed_size_binary) columns")
+        raise PoolError(f"{where} has type {t}; embeddings must be list<float16|float32> or packed "
+                        "float16 (fixed_size_binary) columns")
     if not pa.types.is_floating(t.value_type):
         raise PoolError(f"{where} holds {t.value_type} values; embeddings must be float16 or float32")
     n = len(arr)

@@ -207,7 +207,8 @@ class Pool:
             if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
                     or not pa.types.is_floating(t.value_type):
                 raise PoolError(f"{url}: column {EMB_COLUMNS[kind]} has type {t}; "
-                                "embeddings must be list<float16|float32> or packed float16 (fixed_size_binary) columns")
+                                "embeddings must be list<float16|float32> or packed float16 "
+                                "(fixed_size_binary) columns")
             dtypes[kind] = "float16" if t.value_type == pa.float16() else "float32"
             if pa.types.is_fixed_size_list(t):
                 dims[kind] = t.list_size
