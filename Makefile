@@ -66,6 +66,7 @@ bench: install
 	$(PY) benchmarks/orchestration.py
 	$(PY) benchmarks/edit_memory.py --sizes 100,1000,10000
 	$(PY) benchmarks/retrieval_scan.py
+	$(PY) benchmarks/pool_formats.py
 	$(PY) benchmarks/pairs.py
 	$(PY) benchmarks/finetune.py
 

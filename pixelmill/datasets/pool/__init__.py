@@ -10,8 +10,12 @@ Two layouts are read, detected by :meth:`Pool.open`:
   ``punsafe``, ``pwatermark``, ``width``, ``height``, …). A small ``pool.json`` at the root
   (``{"clip_model", "dim", "layout"}``) names the CLIP model when pixelmill wrote it.
 - ``parquet``: a pixelmill dataset (``part-*.parquet`` + ``_manifest.json``) whose rows
-  carry ``id``, ``caption``, ``url`` and ``text_emb`` / ``img_emb`` as ``list<float16|float32>``
-  or fixed-size-list columns. Its manifest config records ``clip_model`` and ``embed_dim``.
+  carry ``id``, ``caption``, ``url`` and ``text_emb`` / ``img_emb``: packed float16
+  (``fixed_size_binary(2 × dim)``, little-endian, stored uncompressed; what ``pixelmill pool
+  build`` writes, read without copying) or ``list<float16|float32>`` / fixed-size-list columns
+  (read too; Parquet decodes them value by value, about 25x slower to scan). Its manifest
+  config records ``clip_model`` and ``embed_dim``. A LAION-layout pool may also hold
+  ``norms/text_norms_{i}.npy`` / ``norms/img_norms_{i}.npy`` (``pixelmill pool norms``).
   No ``pool.json`` is written there: a JSON file beside a single Parquet shard makes
   ``datasets.load_dataset(folder)`` pick the JSON builder and fail (checked with datasets
   5.2), so the manifest config holds that information. A hand-written ``pool.json`` is

@@ -352,13 +352,20 @@ class Pool:
         if self.layout == LAYOUT_PARQUET:
             reader = self._parquet_reader(p.metadata_url)
             emb_col = EMB_COLUMNS[kind]
-            want = [emb_col] + meta_cols + (["id"] if self.has_ids and "id" not in meta_cols else [])
-            table = reader.read_range(start, stop, want)
+            table = reader.read_range(start, stop, [emb_col] + meta_cols)
             emb, _ = embedding_matrix(table.column(emb_col), f"{p.metadata_url} column {emb_col}", start)
             self._check_width(emb, p, kind)
-            ids = _as_str_list(table.column("id")) if self.has_ids else None
             meta = self._meta_table(table, columns, p.name, start)
-            return PoolBlock(p.name, start, emb, meta, ids=ids)
+            if not self.has_ids:
+                return PoolBlock(p.name, start, emb, meta)
+            if "id" in meta_cols:
+                return PoolBlock(p.name, start, emb, meta, ids=_as_str_list(table.column("id")))
+            url = p.metadata_url
+
+            def parquet_ids() -> list[str]:  # read only for a block with hits (decoding ids costs ~40% of a scan)
+                return _as_str_list(self._parquet_reader(url).read_range(start, stop, ["id"]).column("id"))
+
+            return PoolBlock(p.name, start, emb, meta, id_loader=parquet_ids)
         emb = self._npy_reader(p.emb_urls[kind]).read(start, stop)
         meta = pa.table({})
         if columns:
