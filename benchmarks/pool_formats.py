@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         hits: dict[int, set[int]] = {}
         for p in PROMPTS:
             q = queries[:p]
-            for name, url in pools.items():  # warm-up: imports, page cache, compiled kernel
+            for url in pools.values():  # warm-up: imports, page cache, compiled kernel
                 found = sum(t.num_rows for t in scan_pool(url, q, THRESHOLD).candidates)
                 hits.setdefault(p, set()).add(found)
             for _ in range(args.reps):
