@@ -17,7 +17,7 @@ find the same hits. The files are read through the page cache (the machine's mem
 them), so the figures are read-and-decode rates, not disk rates. Prints rows/s and the ratio to
 the ``laion`` layout.
 
-    python benchmarks/pool_formats.py [--rows 500000 --dim 512 --reps 3]
+    python benchmarks/pool_formats.py [--rows 500000 --dim 512 --reps 3 --row-group-rows N]
 """
 
 from __future__ import annotations
@@ -49,11 +49,17 @@ def make_vectors(rows: int, dim: int, queries: np.ndarray, planted: int = 3, see
     return x.astype(np.float16)
 
 
-def write_pools(root: Path, x: np.ndarray) -> dict[str, str]:
-    """The four stores of ``x`` (see the module docstring); returns name → pool URL."""
+def write_pools(root: Path, x: np.ndarray, row_group_rows: int | None = None) -> dict[str, str]:
+    """The four stores of ``x`` (see the module docstring); returns name → pool URL.
+
+    ``row_group_rows``: rewrite the Parquet stores' files with row groups of this many rows (a
+    pool written by ``pixelmill pool build`` has one per stage call, a few hundred rows).
+    """
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from pixelmill.datasets.pool import embedding_array, write_laion_layout, write_pool_parquet
+    from pixelmill.datasets.writer import compression_of
     from pixelmill.tasks.retrieval.norms import write_pool_norms
 
     n = len(x)
@@ -66,6 +72,9 @@ def write_pools(root: Path, x: np.ndarray) -> dict[str, str]:
     for name, packed in (("parquet-list", False), ("parquet-packed", True)):
         pools[name] = write_pool_parquet(str(root / name), meta.append_column(
             "text_emb", embedding_array(x, np.float16, packed=packed)))
+        for f in Path(pools[name]).glob("part-*.parquet") if row_group_rows else ():
+            table = pq.read_table(f)
+            pq.write_table(table, f, row_group_size=row_group_rows, compression=compression_of(table.schema))
     return pools
 
 
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="where to write the pools (default: a temporary folder)")
+    ap.add_argument("--row-group-rows", type=int, default=None,
+                    help="rows per Parquet row group (default: one per file, as write_pool_parquet writes)")
     args = ap.parse_args(argv)
 
     from pixelmill.tasks.retrieval import normalize_queries, scan_pool
@@ -88,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="pixelmill-pool-formats-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        pools = write_pools(root, make_vectors(args.rows, args.dim, queries))
+        pools = write_pools(root, make_vectors(args.rows, args.dim, queries), args.row_group_rows)
+        groups = f"row groups of {args.row_group_rows:,} rows" if args.row_group_rows else "one row group per file"
         print(f"pools: {args.rows:,} rows × {args.dim} fp16, written in {time.perf_counter() - t0:.1f}s under {root}; "
-              f"{os.cpu_count()} CPUs; threshold {THRESHOLD}")
+              f"Parquet {groups}; {os.cpu_count()} CPUs; threshold {THRESHOLD}")
         for name, url in pools.items():
             print(f"  {name:<15} {folder_bytes(url) / 2**20:8.1f} MiB")
         times: dict[tuple[str, int], list[float]] = {}

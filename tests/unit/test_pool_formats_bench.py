@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_a_tiny_run_prints_every_format_and_ratio(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pool_formats.py"), "--rows", "3000",
-                           "--dim", "32", "--reps", "1", "--workdir", str(tmp_path)],
+                           "--dim", "32", "--reps", "1", "--workdir", str(tmp_path), "--row-group-rows", "256"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = re.findall(r"^\s+(\S+)\s+([\d.]+) M rows/s\s+ratio to laion\s+([\d.]+)", proc.stdout, re.M)
