@@ -25,28 +25,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from retrieval_scan import make_pool  # noqa: E402 - the scan benchmark's planted pool, shared
+
 THRESHOLD = 0.85
 PROMPTS = (1, 64)
-
-
-def make_vectors(rows: int, dim: int, queries: np.ndarray, planted: int = 3, seed: int = 0) -> np.ndarray:
-    """fp16 unit vectors, ``planted`` rows per query at cosine ~0.9 to it."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    where = rng.choice(rows, size=(len(queries), planted), replace=False)
-    for qi, rows_q in enumerate(where):
-        noise = rng.standard_normal((planted, dim), dtype=np.float32)
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        v = 0.9 * queries[qi] + np.sqrt(1 - 0.81) * noise
-        x[rows_q] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return x.astype(np.float16)
 
 
 def write_pools(root: Path, x: np.ndarray, row_group_rows: int | None = None) -> dict[str, str]:
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="pixelmill-pool-formats-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        pools = write_pools(root, make_vectors(args.rows, args.dim, queries), args.row_group_rows)
+        pools = write_pools(root, make_pool(args.rows, args.dim, queries, planted=3), args.row_group_rows)
         groups = f"row groups of {args.row_group_rows:,} rows" if args.row_group_rows else "one row group per file"
         print(f"pools: {args.rows:,} rows × {args.dim} fp16, written in {time.perf_counter() - t0:.1f}s under {root}; "
               f"Parquet {groups}; {os.cpu_count()} CPUs; threshold {THRESHOLD}")
