@@ -204,6 +204,7 @@ def measure_retrieval(clip: str, pool_rows: int, prompts: int, seed: int = POOL_
     """Precision (and count) of the rows whose caption scores above 0.85 against each class prompt."""
     import pyarrow as pa
 
+    from pixelmill.datasets.pool.parquet import embedding_matrix
     from pixelmill.tasks.retrieval.embedder import PoolEmbedder, embed_prompts
     from pixelmill.tasks.retrieval.kernel import scan_block
 
@@ -215,7 +216,9 @@ def measure_retrieval(clip: str, pool_rows: int, prompts: int, seed: int = POOL_
     stage = PoolEmbedder({"clip_model": clip, "caption_column": "caption", "device": "cpu", "batch_size": 256})
     stage.setup()
     out = stage(pa.table({"id": [str(i) for i in range(pool_rows)], "caption": caps}))
-    emb = np.array(out.column("text_emb").to_pylist(), dtype=np.float16)
+    emb, null = embedding_matrix(out.column("text_emb"), "text_emb")  # packed float16, as pool build writes it
+    if null.any():
+        raise RuntimeError(f"{int(null.sum())} toy captions got no embedding")
     items = class_prompts(prompts)
     q = embed_prompts([p for p, _, _ in items], clip)
     hits = scan_block(emb, q, THRESHOLD)
