@@ -362,7 +362,12 @@ def print_video_summary(summary, as_json: bool = False) -> None:
     print(f"metrics: {summary.metrics}\nreport:  {summary.report}")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_server(args) -> int:
+    import signal
     import subprocess
     from contextlib import ExitStack
 
@@ -385,6 +390,9 @@ def cmd_server(args) -> int:
     # one server boots at a time on a home (server_boot.py): held until server.json is written
     boot = ServerBoot(home).acquire()
     boot.seed_database()  # a new home starts from the cached set-up database (server_boot.py)
+    # a service manager's stop or `kill` (SIGTERM) ends it as Ctrl-C does: the Prefect server and a
+    # hosted Ray stopped, server.json removed, exit 0 (Python's default would die there and then)
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
     # the UI calls the API at this host and port; the server ends if this command is killed
     proc = subprocess.Popen(die_with_parent(prefect_server_command(args.host, args.port, ui=True)),
                             env=prefect_server_env(home, ui=True, host=args.host, port=args.port))
@@ -394,6 +402,7 @@ def cmd_server(args) -> int:
     try:
         if args.ray:
             ray_address = hosted.enter_context(host_ray(args.ray_cpus))  # starts while the server does
+            signal.signal(signal.SIGTERM, _interrupt)  # ray.init put its own in (it exits 15 and logs a trace)
             print(f"Ray for this home's commands at {ray_address}; its workers see this command's environment",
                   flush=True)
         wait_for_health(f"http://{local}:{args.port}/api", proc=proc)
@@ -409,6 +418,7 @@ def cmd_server(args) -> int:
             return proc.returncode or 1
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_term)  # a second SIGTERM while stopping ends it at once
         boot.release()
         remove_server_file(home, proc.pid)
         hosted.close()
