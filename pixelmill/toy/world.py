@@ -198,7 +198,7 @@ def shape_coverage(
     out = np.zeros((height, width), dtype=np.float32)
     c0, c1 = max(0, int(np.floor(x0))), min(width, int(np.ceil(x1)))
     r0, r1 = max(0, int(np.floor(y0))), min(height, int(np.ceil(y1)))
-    if c1 <= c0 or r1 <= r0:
+    if c1 <= c0 or r1 <= r0 or x1 <= x0 or y1 <= y0:  # a box of no area (a detector's one-pixel blob) covers nothing
         return out
     offsets = (np.arange(ss) + 0.5) / ss
     xs = (np.arange(c0, c1)[:, None] + offsets[None, :]).reshape(-1)

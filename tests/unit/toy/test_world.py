@@ -75,3 +75,14 @@ def test_every_shape_fills_its_box():
     assert fills["circle"] == pytest.approx(np.pi / 4, abs=0.01)
     assert fills["triangle"] == pytest.approx(0.5, abs=0.01)
     assert fills["star"] < 0.5
+
+
+def test_a_box_of_no_area_covers_nothing_and_warns_nothing():
+    """A detector's one-pixel blob gives a box with x1 == x0: no coverage, and no divide-by-zero warnings."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shape in world.SHAPES:
+            for box in ((5, 5, 5, 9), (5, 5, 9, 5), (5.5, 5.5, 5.5, 5.5)):
+                assert world.shape_coverage(shape, box).sum() == 0, (shape, box)
