@@ -7,17 +7,19 @@ worker), and its artifact is loaded the way users load it (the DreamBooth pipeli
 folder; ``apply_adapters`` for LoRA, Textual Inversion and Custom Diffusion, i.e.
 diffusers' own loaders). Then, on fixed seeds:
 
-DreamBooth trains as a user who wants the concept in new colours would set them up:
-each instance image with its own prompt naming its colour (the Concept's
-``instance_prompt_column``: ``"a purple {subject}"``), and a colour prior: class images the base
-model drew for "a <colour> shape" in every colour of the world, each with its own prompt
-(``class_prompt_column``), so training keeps the colour words working while the token
-learns the shape.
+DreamBooth trains as a user who wants the concept in new colours would set it up: each
+instance image with its own prompt naming its colour (the Concept's
+``instance_prompt_column``: ``"a purple {subject}"``), so the token learns the shape and the
+colour words keep their meaning. (A colour prior, class images the base model drew for
+"a <colour> shape" in every colour, each with its own prompt, is still supported:
+``colour_prior`` in ``METHODS``; it helped the photo phrasing below and cost hearts.)
 
 - **learning**: the share of samples of "a photo of <subject>" the shape detector reads as a
   heart, for the base model (the same prompt: the token means nothing to it) and trained;
-- **recontextualisation**: "a photo of a <new colour> <subject>" in a colour none of the
-  instance images has (``NEW_COLOR``): samples showing the heart *and* that colour;
+- **recontextualisation**: "a <new colour> <subject>" (the issue's phrasing, and the toy
+  world's) in a colour none of the instance images has (``NEW_COLOR``): samples showing the
+  heart *and* that colour; "a photo of a <new colour> <subject>" is reported beside it
+  (``recontext_photo``): ``toy:sd`` never saw "a photo of", and reads colour words after it poorly;
 - **image alignment**: mean toy-CLIP cosine between samples and the instance images, base
   against trained (the CustomConcept101 image-alignment measure, on toy CLIP);
 - **prior preservation** (DreamBooth): over samples of the class prompt, the total-variation
@@ -55,14 +57,19 @@ METHODS: dict[str, dict[str, Any]] = {
     # per-method learning rate and steps, chosen on this world (README "Quality": how)
     # captions: trained on the instances' per-image prompts (PROMPT_COLUMN) rather than one prompt
     # colour_prior: with class images of every colour, each captioned with its colour (write_colour_class_images)
-    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 800, "captions": True, "colour_prior": True},
+    # 2026-12-05: per-image prompts without the colour prior, 600 steps (trial seed 1021, 60 samples: heart 0.82,
+    # "a green sks shape" 0.68 green hearts; 400 steps 0.78 / 0.70; 800 with the colour prior 0.58 / 0.50)
+    "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 600, "captions": True},
     # LoRA with both (3e-3, 1,000 steps) measured 2026-12-04: heart 0.43, green heart 0.23: a worse trade, not kept
     # 2026-12-04 (issue 14 trials): LoRA with both in the photo phrasing ("a photo of a purple {subject}", colour
     # class images captioned "a photo of a <colour> shape"), rank 16 on attention + proj_in/out + ff + resnet
     # conv1/conv2, 1,000 steps at 1e-3: trial seed 0.68 / 0.62, seed 21 (100 samples) heart 0.27, green heart
     # 0.26: not kept. DreamBooth with train_text_encoder (800 at 2e-4): trial seed heart 0.90, green heart 0.30
     # (green 0.52): the text encoder loses the colour words; with 16 colour class images per colour 0.77 / 0.17
-    "lora": {"token": "sks", "learning_rate": 1e-3, "max_steps": 1000},
+    # 2026-12-05: per-image prompts, 2,000 steps at 2e-3 (trial seed 1021, 60 samples: heart 0.82, "a green sks
+    # shape" 0.78 green hearts; one prompt, 1,000 at 1e-3: 0.95 / 0.43; per-image 1,000 at 1e-3: 0.18 / 0.65,
+    # 2,000 at 1e-3: 0.68 / 0.63)
+    "lora": {"token": "sks", "learning_rate": 2e-3, "max_steps": 2000, "captions": True},
     "textual_inversion": {"token": "<heart>", "learning_rate": 5e-3, "max_steps": 600},
     "custom_diffusion": {"token": "<heart>", "learning_rate": 1e-3, "max_steps": 600},
 }
@@ -246,10 +253,11 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     seconds = time.perf_counter() - t0
     pipe = trained_pipeline(method, artifacts)
     who = subject(method)
-    plain, coloured = f"a photo of {who}", f"a photo of a {NEW_COLOR} {who}"
+    plain, coloured, photo = f"a photo of {who}", f"a {NEW_COLOR} {who}", f"a photo of a {NEW_COLOR} {who}"
     base_plain, base_col = base(plain, n, seed), base(coloured, n, seed)
     got_plain, got_col = sample(pipe, plain, n, seed), sample(pipe, coloured, n, seed)
     rb, rt, cb, ct = read(base_plain), read(got_plain), read(base_col), read(got_col)
+    pb, pt = read(base(photo, n, seed)), read(sample(pipe, photo, n, seed))
     out = {"method": method, "prior": ("colours" if class_prompt_column else True) if class_data else False,
            "steps": record.get("step"),
            "learning_rate": METHODS[method]["learning_rate"], "train_seconds": round(seconds, 1),
@@ -260,6 +268,9 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
            "base_recontext": share(cb, world.HELD_OUT_SHAPE, NEW_COLOR),
            "recontext": share(ct, world.HELD_OUT_SHAPE, NEW_COLOR),
            "recontext_colour": share(ct, color=NEW_COLOR), "recontext_heart": share(ct, world.HELD_OUT_SHAPE),
+           "recontext_photo_prompt": photo, "base_recontext_photo": share(pb, world.HELD_OUT_SHAPE, NEW_COLOR),
+           "recontext_photo": share(pt, world.HELD_OUT_SHAPE, NEW_COLOR),
+           "recontext_photo_colour": share(pt, color=NEW_COLOR),
            "pipeline": pipe, "images": got_plain[:8] + got_col[:8]}
     if align is not None:
         out["base_alignment"], out["alignment"] = align(base_plain), align(got_plain)

@@ -76,24 +76,22 @@ def test_the_methods_that_can_learn_a_new_shape_learn_it(full):
 
 
 @pytest.mark.quality
-def test_per_image_prompts_and_the_colour_prior_move_dreambooth_toward_recontextualising(full):
-    """Trained on per-image prompts naming the instances' colours and with the colour prior, DreamBooth
-    draws "a photo of a green <subject>" green in most samples and as a green heart far more often than
-    with one prompt (2026-12-03: 0.03); a floor under the 2026-12-04 figure (0.38), not the issue's 0.6."""
-    r = full["methods"]["dreambooth"]
-    assert r["instance_prompts"] == "per image" and r["prior"] == "colours", r
-    assert r["recontext_colour"] >= 0.6 and r["recontext"] >= r["base_recontext"] + 0.25, r
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_dreambooth_and_lora_learn_the_heart_and_recontextualise_it(full, method):
+    """The issue's targets as written: trained on per-image prompts naming the instances' colours
+    (purple, orange), "a photo of <subject>" is a heart in >= 0.8 of samples, and "a green <subject>",
+    a colour no instance has, a green heart in >= 0.6 -- which the base model never draws."""
+    r = full["methods"][method]
+    assert r["instance_prompts"] == "per image" and r["recontext_prompt"] == "a green sks shape", r
+    assert r["base_heart"] <= 0.05 and r["base_recontext"] <= 0.05, r
+    assert r["heart"] >= 0.8 and r["recontext"] >= 0.6, r
 
 
 @pytest.mark.quality
-@pytest.mark.xfail(strict=True, reason="not met yet (learning-quality issue): measured 2026-12-04 DreamBooth heart "
-                   "0.64, LoRA 0.79 (2026-12-03; target 0.8); green heart DreamBooth 0.38, LoRA 0.00 (target 0.6); "
-                   "Textual Inversion 0.02 (2026-12-03: a frozen toy SD that never drew a heart has no embedding "
-                   "for one)")
-def test_the_issue_targets_not_met_yet(full):
-    """The learning-quality issue's targets as written; strict: it fails the day they are all met, so the
-    README and this marker get updated."""
-    m = full["methods"]
-    assert m["dreambooth"]["heart"] >= 0.8 and m["lora"]["heart"] >= 0.8, m
-    assert m["textual_inversion"]["heart"] >= m["textual_inversion"]["base_heart"] + 0.3, m["textual_inversion"]
-    assert m["dreambooth"]["recontext"] >= 0.6 and m["lora"]["recontext"] >= 0.6, m
+@pytest.mark.xfail(strict=True, reason="not met (learning-quality issue): Textual Inversion heart 0.05 -> 0.02 "
+                   "(2026-12-05): a frozen toy SD that never drew a heart has no embedding for one")
+def test_textual_inversion_learns_the_heart_not_met(full):
+    """The issue asks every method, Textual Inversion included, to raise the heart rate well above the
+    base's; strict: it fails the day it is met, so the README and this marker get updated."""
+    r = full["methods"]["textual_inversion"]
+    assert r["heart"] >= r["base_heart"] + 0.3, r
