@@ -56,6 +56,7 @@ SAMPLING_STEPS = 20
 METHODS: dict[str, dict[str, Any]] = {
     # per-method learning rate and steps, chosen on this world (README "Quality": how)
     # captions: trained on the instances' per-image prompts (PROMPT_COLUMN) rather than one prompt
+    # settings: further job settings of the method (the campaign's own keys)
     # colour_prior: with class images of every colour, each captioned with its colour (write_colour_class_images)
     # 2026-12-05: per-image prompts without the colour prior, 600 steps (trial seed 1021, 60 samples: heart 0.82,
     # "a green sks shape" 0.68 green hearts; 400 steps 0.78 / 0.70; 800 with the colour prior 0.58 / 0.50)
@@ -70,7 +71,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # shape" 0.78 green hearts; one prompt, 1,000 at 1e-3: 0.95 / 0.43; per-image 1,000 at 1e-3: 0.18 / 0.65,
     # 2,000 at 1e-3: 0.68 / 0.63)
     "lora": {"token": "sks", "learning_rate": 2e-3, "max_steps": 2000, "captions": True},
-    "textual_inversion": {"token": "<heart>", "learning_rate": 5e-3, "max_steps": 600},
+    # 2026-12-05: one vector (600 steps at 5e-3) drew no heart (seed 21: 0.02); trial seed 1021, 40 samples,
+    # heart of "a photo of <heart>" by vectors @ lr, steps: 4 @ 2e-2, 1,000 0.08; 8 @ 5e-2, 1,000 0.18;
+    # 16 @ 5e-2, 1,500 0.30 (3,000: 0.43); 32 @ 5e-2, 1,500 0.53; 48 @ 5e-2, 1,500 0.60
+    "textual_inversion": {"token": "<heart>", "learning_rate": 5e-2, "max_steps": 1500,
+                          "settings": {"num_vectors": 48}},
     "custom_diffusion": {"token": "<heart>", "learning_rate": 1e-3, "max_steps": 600},
 }
 FULL = {"samples": 100, "steps_scale": 1.0, "methods": tuple(METHODS), "prior": True, "class_images": 50,
@@ -149,7 +154,7 @@ def train(method: str, root: Path, instances: str, steps_scale: float = 1.0, cla
     if m.get("captions"):
         concept["instance_prompt_column"] = PROMPT_COLUMN
     settings: dict[str, Any] = {"learning_rate": m["learning_rate"],
-                                "max_steps": max(10, int(m["max_steps"] * steps_scale))}
+                                "max_steps": max(10, int(m["max_steps"] * steps_scale)), **m.get("settings", {})}
     if method in ("dreambooth", "custom_diffusion") or class_data is not None:
         settings["with_prior_preservation"] = class_data is not None
         if class_data is not None:
@@ -260,7 +265,8 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     pb, pt = read(base(photo, n, seed)), read(sample(pipe, photo, n, seed))
     out = {"method": method, "prior": ("colours" if class_prompt_column else True) if class_data else False,
            "steps": record.get("step"),
-           "learning_rate": METHODS[method]["learning_rate"], "train_seconds": round(seconds, 1),
+           "learning_rate": METHODS[method]["learning_rate"], **METHODS[method].get("settings", {}),
+           "train_seconds": round(seconds, 1),
            "instance_prompts": "per image" if METHODS[method].get("captions") else "one",
            "prompt": plain, "samples": n,
            "base_heart": share(rb, world.HELD_OUT_SHAPE), "heart": share(rt, world.HELD_OUT_SHAPE),

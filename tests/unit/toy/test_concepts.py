@@ -62,12 +62,15 @@ def full(one_torch_thread):
 @pytest.mark.quality
 def test_the_methods_that_can_learn_a_new_shape_learn_it(full):
     """DreamBooth, LoRA and Custom Diffusion change the UNet (or its attention) and draw the heart
-    far above the base model; every method, Textual Inversion included, moves its samples toward
+    far above the base model, Textual Inversion well above it; every method moves its samples toward
     the instance images in toy-CLIP space; the prior keeps the class prompt near the base model
     (total-variation distance at least 0.2 smaller than without it)."""
     m = full["methods"]
     for method in ("dreambooth", "lora", "custom_diffusion"):
         assert m[method]["heart"] >= m[method]["base_heart"] + 0.5, (method, m[method])
+    # Textual Inversion changes no weight: only its 48 vectors find the heart in the frozen model (one: 0.02)
+    ti = m["textual_inversion"]
+    assert ti["num_vectors"] == 48 and ti["heart"] >= ti["base_heart"] + 0.3, ti
     assert m["custom_diffusion"]["heart"] >= 0.8, m["custom_diffusion"]
     for method, r in m.items():
         assert r["alignment"] > r["base_alignment"] + 0.1, (method, r)
@@ -85,13 +88,3 @@ def test_dreambooth_and_lora_learn_the_heart_and_recontextualise_it(full, method
     assert r["instance_prompts"] == "per image" and r["recontext_prompt"] == "a green sks shape", r
     assert r["base_heart"] <= 0.05 and r["base_recontext"] <= 0.05, r
     assert r["heart"] >= 0.8 and r["recontext"] >= 0.6, r
-
-
-@pytest.mark.quality
-@pytest.mark.xfail(strict=True, reason="not met (learning-quality issue): Textual Inversion heart 0.05 -> 0.02 "
-                   "(2026-12-05): a frozen toy SD that never drew a heart has no embedding for one")
-def test_textual_inversion_learns_the_heart_not_met(full):
-    """The issue asks every method, Textual Inversion included, to raise the heart rate well above the
-    base's; strict: it fails the day it is met, so the README and this marker get updated."""
-    r = full["methods"]["textual_inversion"]
-    assert r["heart"] >= r["base_heart"] + 0.3, r
