@@ -80,9 +80,9 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 FULL = {"samples": 100, "steps_scale": 1.0, "methods": tuple(METHODS), "prior": True, "class_images": 50,
         "colour_class_images": 8}
-# the CI smoke case: LoRA for a third of its steps
-FAST = {"samples": 16, "steps_scale": 0.3, "methods": ("lora",), "prior": False, "class_images": 0,
-        "colour_class_images": 0}
+# the CI smoke case: LoRA for a fifth of its steps, learning and alignment only (no recontext prompts)
+FAST = {"samples": 16, "steps_scale": 0.2, "methods": ("lora",), "prior": False, "class_images": 0,
+        "colour_class_images": 0, "recontext": False}
 
 
 def write_instances(url: str, count: int = 6, seed: int = CONCEPT_SEED) -> list[str]:
@@ -250,8 +250,9 @@ def write_colour_class_images(url: str, base: BaseSamples, per_colour: int, seed
 
 def measure_method(method: str, root: Path, instances: str, n: int, steps_scale: float, base: BaseSamples, align,
                    class_data: str | None = None, tag: str = "", seed: int = SAMPLE_SEED,
-                   class_prompt_column: str | None = None) -> dict[str, Any]:
-    """Train one method, then its learning, recontextualisation and alignment figures against the base."""
+                   class_prompt_column: str | None = None, recontext: bool = True) -> dict[str, Any]:
+    """Train one method, then its learning, recontextualisation (unless ``recontext`` is false: the
+    fast case) and alignment figures against the base."""
     t0 = time.perf_counter()
     artifacts, record = train(method, root / (method + tag), instances, steps_scale, class_data,
                               class_prompt_column=class_prompt_column)
@@ -259,10 +260,8 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
     pipe = trained_pipeline(method, artifacts)
     who = subject(method)
     plain, coloured, photo = f"a photo of {who}", f"a {NEW_COLOR} {who}", f"a photo of a {NEW_COLOR} {who}"
-    base_plain, base_col = base(plain, n, seed), base(coloured, n, seed)
-    got_plain, got_col = sample(pipe, plain, n, seed), sample(pipe, coloured, n, seed)
-    rb, rt, cb, ct = read(base_plain), read(got_plain), read(base_col), read(got_col)
-    pb, pt = read(base(photo, n, seed)), read(sample(pipe, photo, n, seed))
+    base_plain, got_plain = base(plain, n, seed), sample(pipe, plain, n, seed)
+    rb, rt = read(base_plain), read(got_plain)
     out = {"method": method, "prior": ("colours" if class_prompt_column else True) if class_data else False,
            "steps": record.get("step"),
            "learning_rate": METHODS[method]["learning_rate"], **METHODS[method].get("settings", {}),
@@ -270,14 +269,18 @@ def measure_method(method: str, root: Path, instances: str, n: int, steps_scale:
            "instance_prompts": "per image" if METHODS[method].get("captions") else "one",
            "prompt": plain, "samples": n,
            "base_heart": share(rb, world.HELD_OUT_SHAPE), "heart": share(rt, world.HELD_OUT_SHAPE),
-           "recontext_prompt": coloured,
-           "base_recontext": share(cb, world.HELD_OUT_SHAPE, NEW_COLOR),
-           "recontext": share(ct, world.HELD_OUT_SHAPE, NEW_COLOR),
-           "recontext_colour": share(ct, color=NEW_COLOR), "recontext_heart": share(ct, world.HELD_OUT_SHAPE),
-           "recontext_photo_prompt": photo, "base_recontext_photo": share(pb, world.HELD_OUT_SHAPE, NEW_COLOR),
-           "recontext_photo": share(pt, world.HELD_OUT_SHAPE, NEW_COLOR),
-           "recontext_photo_colour": share(pt, color=NEW_COLOR),
-           "pipeline": pipe, "images": got_plain[:8] + got_col[:8]}
+           "pipeline": pipe, "images": got_plain[:8]}
+    if recontext:
+        got_col = sample(pipe, coloured, n, seed)
+        cb, ct = read(base(coloured, n, seed)), read(got_col)
+        pb, pt = read(base(photo, n, seed)), read(sample(pipe, photo, n, seed))
+        out.update({"recontext_prompt": coloured, "base_recontext": share(cb, world.HELD_OUT_SHAPE, NEW_COLOR),
+                    "recontext": share(ct, world.HELD_OUT_SHAPE, NEW_COLOR),
+                    "recontext_colour": share(ct, color=NEW_COLOR), "recontext_heart": share(ct, world.HELD_OUT_SHAPE),
+                    "recontext_photo_prompt": photo,
+                    "base_recontext_photo": share(pb, world.HELD_OUT_SHAPE, NEW_COLOR),
+                    "recontext_photo": share(pt, world.HELD_OUT_SHAPE, NEW_COLOR),
+                    "recontext_photo_colour": share(pt, color=NEW_COLOR), "images": got_plain[:8] + got_col[:8]})
     if align is not None:
         out["base_alignment"], out["alignment"] = align(base_plain), align(got_plain)
     return out
@@ -334,7 +337,8 @@ def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:c
                                                      sizes["colour_class_images"], seed)
         results[method] = measure_method(method, work, instances, sizes["samples"], sizes["steps_scale"],
                                          base, align, colour_class if cp else None, seed=seed,
-                                         class_prompt_column="caption" if cp else None)
+                                         class_prompt_column="caption" if cp else None,
+                                         recontext=sizes.get("recontext", True))
     prior = None
     if sizes.get("prior"):
         prior = measure_prior(work, instances, sizes["samples"], sizes["steps_scale"], base,
