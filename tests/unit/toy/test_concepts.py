@@ -1,6 +1,6 @@
 """A new concept (the held-out heart), each fine-tuning method on the toy SD, measured by the detectors.
 
-Fast case (CI): LoRA for a third of its steps. Full (``make quality``): every method, the
+Fast case (CI): LoRA for a fifth of its steps. Full (``make quality``): every method, the
 prior-preservation comparison, and the learning-quality issue's targets where they are met;
 ``quality-report/concepts.json`` holds the figures the README's table quotes.
 """
