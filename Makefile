@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pixelmill-installed
 PYTEST_ARGS ?=
+# `make test` runs its files on this many pytest-xdist workers (each with its own Ray head and Prefect
+# server); 0 runs them in one process.
+PYTEST_WORKERS ?= 2
 # Every package version comes from here (cluster/Dockerfile installs with it too).
 LOCK := cluster/constraints.txt
 
@@ -34,7 +37,7 @@ demo: install
 	$(VENV)/bin/pixelmill demo
 
 test: install
-	$(PY) -m pytest -m "not sweep and not chaos and not quality" --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not sweep and not chaos and not quality" -n $(PYTEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 sweep: install
 	$(PY) -m pytest -m sweep $(PYTEST_ARGS)
