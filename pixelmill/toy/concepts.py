@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="LoRA only, fewer steps and samples")
     parser.add_argument("--methods", help="comma-separated methods (default: the size's)")
     parser.add_argument("--no-prior", action="store_true",
-                        help="skip the prior-preservation comparison (DreamBooth trained without the prior too)")
+                        help="skip the prior-preservation comparison (the second DreamBooth job, without the prior)")
     parser.add_argument("--sample-seed", type=int, default=SAMPLE_SEED,
                         help=f"sampling seed (trial runs choosing settings use another than {SAMPLE_SEED})")
     args = parser.parse_args(argv)
