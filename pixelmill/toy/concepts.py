@@ -342,10 +342,13 @@ def measure_concepts(out: Path, sizes: dict[str, Any], clip: str | None = "toy:c
     base = BaseSamples(_pipeline("toy:sd"))
     align = ImageAlignment(clip, instances) if clip else None
     results = {}
+    per_prompt = sizes.get("prior_images", 0)
+    # the prior's class images, drawn once for every method that trains with the prior
+    prior_url = (write_prior_class_images(str(work / "class-images"), base, per_prompt, seed)
+                 if per_prompt and any(METHODS[m].get("prior") for m in sizes["methods"]) else None)
     for method in sizes["methods"]:
-        prior_images = sizes.get("prior_images", 0) if METHODS[method].get("prior") else 0
-        class_url = (write_prior_class_images(str(work / "class-images"), base, prior_images, seed)
-                     if prior_images else None)
+        class_url = prior_url if METHODS[method].get("prior") else None
+        prior_images = per_prompt if class_url else 0
         results[method] = measure_method(method, work, instances, sizes["samples"], sizes["steps_scale"],
                                          base, align, class_url, seed=seed,
                                          class_prompt_column="caption" if class_url else None,
