@@ -86,7 +86,7 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
         uses_prior = prior_in_use(declared.get("prior"), s.get("with_prior_preservation"))
         if uses_prior and c.get("class_sources"):
             wanted = s["num_class_images"]
-            for src in c["class_sources"]:
+            for k, src in enumerate(c["class_sources"]):
                 need = wanted - sum(x.concept == ci for x in data.klass)
                 if need <= 0:
                     break
@@ -97,7 +97,9 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                 crows = crows[:need]
                 cprompts = (row_prompts(crows, col, {"class": c.get("class_word", "")}, cwhat, token=None)
                             if col else [c["class_prompt_text"]] * len(crows))
-                data.klass += [Sample(f"class{ci}:{src['url']}:{r['id']}", "class", p, r["_bytes"], concept=ci,
+                # the id names the source by its place in the list, not its URL: the same class images give the
+                # same draws wherever they are stored (a copy on S3, another checkout)
+                data.klass += [Sample(f"class{ci}:{k}:{r['id']}", "class", p, r["_bytes"], concept=ci,
                                       size=r["_size"]) for p, r in zip(cprompts, crows)]
                 data.skipped += cskipped
             used = sum(x.concept == ci for x in data.klass)

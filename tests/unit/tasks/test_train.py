@@ -207,6 +207,30 @@ def test_prior_loss_uses_the_class_half_only(tiny_models, data, tmp_path):
     assert abs(log.prior_loss - log.instance_loss) > 1e-4  # the two halves are different data
 
 
+def test_the_same_class_images_stored_elsewhere_train_the_same_weights(tiny_models, data, tmp_path):
+    """A class image's noise and timestep come from its source's place in the job and its row id, not from
+    where the dataset is stored: a copy in another folder (or on S3, or in another checkout) trains the
+    same weights, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    moved = tmp_path / "elsewhere" / "class-copy"
+    shutil.copytree(data["class"], moved)
+    specs = []
+    for name, url in (("here", data["class"]), ("there", str(moved))):
+        cfg = campaign(tiny_models, data, tmp_path / name, "dreambooth", with_prior_preservation=True, max_steps=2,
+                       random_flip=False).model_copy(deep=True)
+        cfg.concepts["dog"].class_data = url
+        specs.append(spec_for(cfg))
+        train_worker(specs[-1])
+    assert specs[0]["concepts"][0]["class_sources"] != specs[1]["concepts"][0]["class_sources"]
+    logs = [[json.loads(x) for x in (Path(s["dir"]) / "loss.jsonl").read_text().splitlines()] for s in specs]
+    assert [r["prior_loss"] for r in logs[0]] == [r["prior_loss"] for r in logs[1]]
+    a, b = (load_file(str(next((Path(s["dir"]) / "artifacts" / "unet").glob("*.safetensors")))) for s in specs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_instruct_pix2pix_widens_unet_and_saves_editing_pipeline(tiny_models, data, tmp_path):
     cfg = campaign(tiny_models, data, tmp_path, "instruct_pix2pix", concepts=("edits",), use_ema=True)
     spec = spec_for(cfg)
