@@ -95,11 +95,7 @@ def test_the_methods_that_can_learn_a_new_shape_learn_it(full):
 
 
 @pytest.mark.quality
-@pytest.mark.parametrize("method", [
-    pytest.param("dreambooth", marks=pytest.mark.xfail(strict=True, reason=(
-        "README Quality: with its prior DreamBooth reads 0.76 hearts / 0.53 green hearts on the reported seed "
-        "(0.73-0.86 / 0.45-0.67 over three other class-image draws): not reliably 0.8 / 0.6"))),
-    "lora"])
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
 def test_dreambooth_and_lora_learn_the_heart_and_recontextualise_it(full, method):
     """The issue's targets as written: trained on per-image prompts naming the instances' colours
     (purple, orange), DreamBooth with the prior, "a photo of <subject>" is a heart in >= 0.8 of
