@@ -65,12 +65,11 @@ METHODS: dict[str, dict[str, Any]] = {
     # 0.87 / 0.40 / 0.23; **50 a prompt, 1,200 steps 0.90 / 0.63 / 0.22**; every world colour ("a green shape"
     # too), 8 each, weight 0.5: 0.92 / 0.52 / 0.75. Earlier: 400 steps without 0.78 / 0.70; a prior of "a photo
     # of a shape" kept the class but drew it for "a photo of sks shape" too (0.01 hearts); "a shape" 0.82 / 0.38
-    # 2026-12-05 (evening), three trial seeds x 60 samples, heart / green heart / TV (mean): prior loss weight 1,
-    # 1,200 steps 0.76 / 0.53 / 0.33 (1021 twice: 0.70 / 0.57 / 0.43 and 0.77 / 0.55 / 0.30: runs differ);
-    # **weight 0.5, 1,600 steps 0.87 / 0.72 / 0.38** (1021 0.82 / 0.67 / 0.53, 2021 0.92 / 0.73 / 0.22, 3021 0.88 /
-    # 0.75 / 0.38); one seed (1021): weight 0.5 at 1,200 0.73 / 0.53 / 0.28, at 2,000 0.95 / 0.57 / 0.32; weight 1
-    # at 2,000 0.83 / 0.53 / 0.15; lr 1e-4 x 2,400 0.75 / 0.57 / 0.45; lr 4e-4 0.75 / 0.22 / 0.47; cosine (100
-    # warm-up) 0.42 / 0.37 / 0.40; batch 4 0.70 / 0.58 / 0.22
+    # 2026-12-05 (evening), trial seeds x 60 samples, heart / green heart / TV (mean): prior loss weight 1,
+    # 1,200 steps 0.76 / 0.53 / 0.33 (four draws); **weight 0.5, 1,600 steps 0.86 / 0.74 / 0.40** (six draws,
+    # lowest 0.80 / 0.67; README "Quality"); one seed (1021): weight 0.5 at 1,200 0.73 / 0.53 / 0.28, at 2,000
+    # 0.95 / 0.57 / 0.32; weight 1 at 2,000 0.83 / 0.53 / 0.15; lr 1e-4 x 2,400 0.75 / 0.57 / 0.45; lr 4e-4 0.75 /
+    # 0.22 / 0.47; cosine (100 warm-up) 0.42 / 0.37 / 0.40; batch 4 0.70 / 0.58 / 0.22
     "dreambooth": {"token": "sks", "learning_rate": 2e-4, "max_steps": 1600, "captions": True, "prior": True,
                    "settings": {"prior_loss_weight": 0.5}},
     # LoRA with both (3e-3, 1,000 steps) measured 2026-12-04: heart 0.43, green heart 0.23: a worse trade, not kept
