@@ -13,7 +13,7 @@ the restructure) holds:
 * ``config_hash``: the hash of the output's recorded config (the manifest's ``config``,
   or ``config.json``'s for videos) after normalising run-specific values (the
   temporary folder, the tiny models' folder, the loopback server's address and the
-  fixed folder below become ``<ROOT>``, ``<MODELS>``, ``<HTTP>`` and ``<FIXED>``), re-hashed with
+  ``<ROOT>``, ``<MODELS>`` and ``<HTTP>``), re-hashed with
   ``pixelmill.datasets.config_hash``; the normalised config itself is kept as
   ``config`` so a failure names the keys that changed. For the fine-tuning campaign the
   config hashes are the job ids (hashes of each job's weight-affecting config).
@@ -43,10 +43,9 @@ What each case runs (inputs built here; everything small):
   downloads) and the ``real_reg/`` export.
 * ``finetune``: DreamBooth (2 generated class images), LoRA and Textual Inversion (the
   grid cut to one learning rate) on 2 concept images, 2 steps each, 1 evaluation sample
-  per prompt. Its output has a fixed path (``/tmp/pixelmill-golden``, taken in turn
-  under a lock): DreamBooth names each class sample by its dataset's absolute URL and
-  draws the sample's noise from that name, so its weights depend on where the campaign
-  is written.
+  per prompt. Its output lies under the temporary folder like the others: a class
+  sample's noise derives from its source's place in the job, not the dataset's URL, so
+  the weights do not depend on where the campaign is written.
 * ``video-homography``: a 6-frame pan and a 6-frame moving shape (a video dataset of
   bytes), homography atlases, SDEdit. ``video-neural``: the moving-shape file, a tiny
   neural atlas (100 steps) and 3 Text2Live iterations on its foreground.
@@ -89,10 +88,6 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 EXPECTED = HERE / "expected.json"
-# A path that is the same in every run, for outputs whose content depends on their path;
-# a lock file makes concurrent runs of this module take turns with it.
-FIXED_ROOT = Path("/tmp/pixelmill-golden")
-FIXED_OUTPUT = str(FIXED_ROOT / "my-campaign")
 # Set by make_expected.py: write the records to this file instead of comparing.
 WRITE_ENV = "PIXELMILL_GOLDEN_WRITE"
 
@@ -365,8 +360,7 @@ def golden(tmp_path_factory, tiny_models, cluster):
     _check_workers_import_this_tree(cluster, cwd)
     with serve_directory(str(cwd / "web")) as srv:
         _pool_source(str(cwd / "web" / "files"), srv.base_url + "/files", str(demo / "datasets" / "pool-src"))
-        norm = Normaliser({str(cwd): "<ROOT>", str(models_root): "<MODELS>", srv.base_url: "<HTTP>",
-                           str(FIXED_ROOT): "<FIXED>"})
+        norm = Normaliser({str(cwd): "<ROOT>", str(models_root): "<MODELS>", srv.base_url: "<HTTP>"})
         yield cwd, norm
 
 
@@ -464,10 +458,8 @@ CASES: dict[str, dict[str, Any]] = {
                    "clip_model={cwd}/pixelmill-demo/models/clip", "num_images=3",
                    "resolution=64", "download.allow_loopback=true", "download.timeout=5", "download.retries=0"]),
     "finetune": dict(
-        # DreamBooth's class samples are named by their dataset's absolute URL and their noise
-        # derives from that name, so the campaign output must have the same path in every run
-        command="finetune", output=FIXED_OUTPUT, collect=collect_finetune,
-        overrides=[f"output={FIXED_OUTPUT}", "defaults.max_steps=2", "defaults.checkpoint_every=2",
+        command="finetune", output="pixelmill-demo/my-campaign", collect=collect_finetune,
+        overrides=["defaults.max_steps=2", "defaults.checkpoint_every=2",
                    "defaults.num_class_images=2", "grid.settings.learning_rate=[0.001]",
                    "eval.samples_per_prompt=1", "eval.steps=2"]),
     "video-homography": dict(
@@ -547,38 +539,26 @@ def _run_and_collect(case: str, cwd: Path, cluster: dict[str, str], norm: Normal
     resumed run's. ``kill`` says whether the kill landed mid-run and whether the killed
     output was still short of the final one.
     """
-    import fcntl
-
     spec = CASES[case]
-    out = cwd / spec["output"]  # an absolute ``output`` stays as it is
-    lock = None
-    if out.is_relative_to(FIXED_ROOT):
-        FIXED_ROOT.mkdir(exist_ok=True)
-        lock = open(FIXED_ROOT / "lock", "w")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    out = cwd / spec["output"]
     shutil.rmtree(out, ignore_errors=True)
     kill = None
-    try:
-        if spec.get("before"):
-            proc = run_cli(spec["before"], cluster, cwd, 900)
-            if proc.returncode != 0:
-                return proc, None, kill
-        if kill_delay is not None:
-            kill = kill_mid_run(_args(case, cwd), cluster, cwd, out, kill_delay, from_start=from_start)
-            try:
-                kill["partial"] = spec["collect"](out, norm)
-            except Exception:  # noqa: BLE001 - a killed output may not be collectable at all
-                kill["partial"] = None
-        proc = run_cli(_args(case, cwd), cluster, cwd, 900)
+    if spec.get("before"):
+        proc = run_cli(spec["before"], cluster, cwd, 900)
         if proc.returncode != 0:
             return proc, None, kill
-        if spec["command"] == "video":
-            _check_videos(out)
-        return proc, spec["collect"](out, norm), kill
-    finally:
-        if lock is not None:
-            shutil.rmtree(out, ignore_errors=True)
-            lock.close()
+    if kill_delay is not None:
+        kill = kill_mid_run(_args(case, cwd), cluster, cwd, out, kill_delay, from_start=from_start)
+        try:
+            kill["partial"] = spec["collect"](out, norm)
+        except Exception:  # noqa: BLE001 - a killed output may not be collectable at all
+            kill["partial"] = None
+    proc = run_cli(_args(case, cwd), cluster, cwd, 900)
+    if proc.returncode != 0:
+        return proc, None, kill
+    if spec["command"] == "video":
+        _check_videos(out)
+    return proc, spec["collect"](out, norm), kill
 
 
 # ``make test`` kills every case once, this many seconds after it starts writing (drawn per

@@ -97,8 +97,7 @@ def load_training_data(spec: dict[str, Any]) -> TrainingData:
                 crows = crows[:need]
                 cprompts = (row_prompts(crows, col, {"class": c.get("class_word", "")}, cwhat, token=None)
                             if col else [c["class_prompt_text"]] * len(crows))
-                # the id names the source by its place in the list, not its URL: the same class images give the
-                # same draws wherever they are stored (a copy on S3, another checkout)
+                # the source by its place, not its URL: the same class images draw the same wherever they lie
                 data.klass += [Sample(f"class{ci}:{k}:{r['id']}", "class", p, r["_bytes"], concept=ci,
                                       size=r["_size"]) for p, r in zip(cprompts, crows)]
                 data.skipped += cskipped
