@@ -12,7 +12,7 @@ the restructure) holds:
 
 * ``config_hash``: the hash of the output's recorded config (the manifest's ``config``,
   or ``config.json``'s for videos) after normalising run-specific values (the
-  temporary folder, the tiny models' folder, the loopback server's address and the
+  temporary folder, the tiny models' folder and the loopback server's address become
   ``<ROOT>``, ``<MODELS>`` and ``<HTTP>``), re-hashed with
   ``pixelmill.datasets.config_hash``; the normalised config itself is kept as
   ``config`` so a failure names the keys that changed. For the fine-tuning campaign the
