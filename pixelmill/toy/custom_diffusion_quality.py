@@ -20,7 +20,9 @@ Diffusion adapters, so the merge is built here, on one loaded adapter. The paper
 
 ``python -m pixelmill.toy.custom_diffusion_quality --out DIR [--fast]`` writes
 ``custom_diffusion.json`` there (the retrieval-prior campaign is in
-``custom_diffusion_prior.py``).
+``custom_diffusion_prior.py``); ``--trial NAME`` runs one of the README's further trial designs
+(``TRIALS``: the toy grammar's per-image prompts, a purple hue, initializers, a prior in that grammar)
+and writes ``custom_diffusion_trial-NAME.json``.
 """
 
 from __future__ import annotations
@@ -214,6 +216,120 @@ def measure_composition(out: Path, sizes: dict[str, Any], seed: int = REPORT_SEE
     return doc
 
 
+PURPLE = "purple"
+TRIAL_BASE: dict[str, Any] = {
+    "a": {"token": "<heart>", "template": "a {color} {token}",
+          "wanted": [{"shape": world.HELD_OUT_SHAPE, "color": c} for c in HEART_COLORS]},
+    "b": {"token": "<hue>", "template": "a {token} {shape}",
+          "wanted": [{"shape": s, "color": PURPLE} for s in world.TRAIN_SHAPES]},
+    "joint_steps": 1200, "single_steps": 600, "lr": LEARNING_RATE, "samples": 40, "seed": TRIAL_SEED,
+    "prompts": {"a": "a <heart>", "b": "a <hue> shape", "both": "a <hue> <heart>",
+                "known_colour": "a purple <heart>", "known_shape": "a <hue> circle"},
+    "want": {"a": {"shape": world.HELD_OUT_SHAPE}, "b": {"color": PURPLE},
+             "both": {"shape": world.HELD_OUT_SHAPE, "color": PURPLE},
+             "known_colour": {"shape": world.HELD_OUT_SHAPE, "color": PURPLE},
+             "known_shape": {"shape": "circle", "color": PURPLE}},
+}
+"""The README's trial designs: the toy grammar's per-image prompts ("a red <heart>", "a <hue> circle"), a purple hue
+(the base model draws unknown tokens blue), 40 samples of the trial seed."""
+PRIOR_SEED = 5000
+"""Sample seed of the trials' prior images (prompt i: ``PRIOR_SEED + i``)."""
+GRAMMAR_PRIOR = {"prompts": [f"a {c} {s}" for c in world.COLORS for s in world.TRAIN_SHAPES], "per": 4}
+COLOUR_AFTER = {"a": {"template": "a {token}"}, "b": {"template": "a {shape} in {token}"},
+                "prompts": {"b": "a star in <hue>", "both": "a <heart> in <hue>", "known_shape": "a circle in <hue>"}}
+TRIALS: dict[str, dict[str, Any]] = {
+    "rare": {},
+    "rare-prior": {"prior": GRAMMAR_PRIOR},
+    "hue-from-red": {"b": {"initializer_token": "red"}},
+    "hue-from-red-heart-from-circle": {"a": {"initializer_token": "circle"}, "b": {"initializer_token": "red"}},
+    "hue-from-red-2x-steps": {"b": {"initializer_token": "red"}, "joint_steps": 2400, "single_steps": 1200},
+    "hue-from-red-crossattn": {"b": {"initializer_token": "red"}, "settings": {"train": "crossattn"}},
+    "colour-after": COLOUR_AFTER,
+    "colour-after-prior": {**COLOUR_AFTER, "prior": GRAMMAR_PRIOR},
+}
+"""``--trial NAME``: each design as overrides of ``TRIAL_BASE`` (concepts ``a``/``b`` and ``prompts`` merged key by
+key)."""
+
+
+def trial_design(name: str) -> dict[str, Any]:
+    if name not in TRIALS:
+        raise ValueError(f"unknown trial {name!r}; the trials are: {', '.join(TRIALS)}")
+    over = TRIALS[name]
+    design = {**TRIAL_BASE, **{k: v for k, v in over.items() if k not in ("a", "b", "prompts")}}
+    for key in ("a", "b", "prompts"):
+        design[key] = {**TRIAL_BASE[key], **over.get(key, {})}
+    return design
+
+
+def trial_prompt(template: str, row: dict[str, Any], token: str) -> str:
+    return template.format(color=row["color"], shape=row["shape"], token=token)
+
+
+def run_trial(name: str, out: Path, **overrides: Any) -> dict[str, Any]:
+    """One README trial: joint and single-concept Custom Diffusion on ``trial_design(name)`` (its top-level keys
+    replaced by ``overrides``: the tests' small version), the single jobs merged (sum, average and, unless Q/out
+    train too, the paper's optimisation), every prompt read by the detectors. Writes
+    ``out/custom_diffusion_trial-NAME.json``."""
+    from collections import Counter
+
+    from pixelmill.toy.samples import toy_indices, write_toy_rows
+
+    d = {**trial_design(name), **overrides}
+    work = out / f"cd-trial-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    concepts = {}
+    for key in ("a", "b"):
+        c, url = d[key], str(work / f"instances-{key}")
+        idx = sorted(i for w in c["wanted"] for i in toy_indices(WORLD_SEED, c.get("per", 2), **w))
+        write_toy_rows(url, WORLD_SEED, idx, {"generator": "pixelmill.toy.custom_diffusion_quality", "trial": name},
+                       {"instance_prompt": lambda r, c=c: trial_prompt(c["template"], r, c["token"])})
+        concepts[key] = {"instance_data": url, "token": c["token"], "class_word": CLASS_WORD,
+                         "instance_prompt_column": "instance_prompt",
+                         **({"initializer_token": c["initializer_token"]} if c.get("initializer_token") else {})}
+    prior = d.get("prior")
+    settings: dict[str, Any] = {"learning_rate": d["lr"], "with_prior_preservation": bool(prior),
+                                **d.get("settings", {})}
+    if prior:
+        from pixelmill.samples import write_image_dataset
+
+        base, images, captions = _pipeline("toy:sd"), [], []
+        for i, prompt in enumerate(d["prior"]["prompts"]):
+            images += sample(base, prompt, prior["per"], PRIOR_SEED + i)
+            captions += [prompt] * prior["per"]
+        write_image_dataset(str(work / "class-images"), images, captions)
+        for c in concepts.values():
+            c.update(class_data=str(work / "class-images"), class_prompt_column="caption")
+        settings.update(num_class_images=len(images), prior_loss_weight=1.0)
+    folders = {}
+    for job, subset, steps in (("joint", concepts, d["joint_steps"]), ("a", {"a": concepts["a"]}, d["single_steps"]),
+                               ("b", {"b": concepts["b"]}, d["single_steps"])):
+        folders[job], _ = run_campaign_job(work / job, subset, {
+            "name": "cd", "method": "custom_diffusion", "concepts": list(subset),
+            "settings": {"max_steps": steps, **settings}})
+    from pixelmill.toy.concepts import trained_pipeline
+
+    models = {"base": lambda: _pipeline("toy:sd"), **{
+        job: (lambda job=job: trained_pipeline("custom_diffusion", folders[job])) for job in ("joint", "a", "b")},
+        "merged (sum)": lambda: merged_pipeline(folders["a"], folders["b"], "sum"),
+        "merged (average)": lambda: merged_pipeline(folders["a"], folders["b"], "average")}
+    if d.get("settings", {}).get("train") != "crossattn":  # the closed form is over text features: K/V only
+        models["merged (optimisation)"] = lambda: optimised_pipeline(
+            folders["a"], folders["b"], {"a": d["prompts"]["a"], "b": d["prompts"]["b"]},
+            [world.make_row(REG_SEED, i)[1] for i in range(REG_CAPTIONS)])
+    rows = {}
+    for model, make in models.items():
+        pipe, rows[model] = make(), {}
+        for key, prompt in d["prompts"].items():
+            found, want = read(sample(pipe, prompt, d["samples"], d["seed"])), d["want"][key]
+            rows[model][key] = {"wanted": share(found, want.get("shape"), want.get("color")),
+                                "colors": dict(Counter(str(f.color) for f in found)),
+                                "shapes": dict(Counter(str(f.shape) for f in found))}
+    doc = {"trial": name, "design": d, "models": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"custom_diffusion_trial-{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -224,8 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=LEARNING_RATE)
     parser.add_argument("--class-images", type=int, default=None,
                         help="train with the prior: this many base-model images of 'a photo of a shape'")
+    parser.add_argument("--trial", choices=tuple(TRIALS),
+                        help="run one of the README's trial designs instead (TRIALS: the toy grammar, a purple hue)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.trial:
+        print(json.dumps(run_trial(args.trial, Path(args.out)), indent=1))
+        return 0
     sizes = dict(FAST if args.fast else FULL)
     if args.class_images is not None:
         sizes["class_images"] = args.class_images

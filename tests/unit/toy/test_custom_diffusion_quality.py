@@ -32,6 +32,45 @@ def test_instances_are_what_each_concept_names(tmp_path):
     assert {(r["shape"], r["color"]) for r in stars} == {(prior.CLASS_SHAPE, prior.CONCEPT_COLOR)}
 
 
+def test_trial_designs_override_the_base_key_by_key():
+    """The README's trial rows: each design changes only what it names; a concept's override keeps its images."""
+    d = cdq.trial_design("hue-from-red")
+    assert d["b"]["initializer_token"] == "red" and d["b"]["template"] == cdq.TRIAL_BASE["b"]["template"]
+    assert d["b"]["wanted"] == cdq.TRIAL_BASE["b"]["wanted"] and "initializer_token" not in d["a"]
+    after = cdq.trial_design("colour-after-prior")
+    assert after["prompts"]["both"] == "a <heart> in <hue>" and after["prompts"]["a"] == "a <heart>"
+    assert after["prior"]["per"] * len(after["prior"]["prompts"]) == 96 and "prior" not in cdq.trial_design("rare")
+    for name in cdq.TRIALS:  # every prompt has its target, every template names its token
+        d = cdq.trial_design(name)
+        assert set(d["prompts"]) == set(d["want"]), name
+        assert all(d[k]["token"] in cdq.trial_prompt(d[k]["template"], {"color": "red", "shape": "circle"},
+                                                     d[k]["token"]) for k in ("a", "b")), name
+    with pytest.raises(ValueError, match="unknown trial 'nope'; the trials are: rare, rare-prior"):
+        cdq.trial_design("nope")
+
+
+@pytest.mark.slow
+def test_a_trial_reads_every_prompt_of_every_model(tmp_path, one_torch_thread):
+    """A trial with a prior, a few steps and two samples: the base, three jobs and three merges, each prompt's
+    samples all read; the instances carry their per-image prompts."""
+    import json
+
+    from pixelmill.datasets import Dataset
+
+    doc = cdq.run_trial("rare-prior", tmp_path, joint_steps=4, single_steps=2, samples=2,
+                        prior={"prompts": ["a red circle", "a blue star"], "per": 1})
+    assert set(doc["models"]) == {"base", "joint", "a", "b", "merged (sum)", "merged (average)",
+                                  "merged (optimisation)"}
+    for rows in doc["models"].values():
+        assert set(rows) == set(doc["design"]["prompts"])
+        assert all(sum(r["colors"].values()) == sum(r["shapes"].values()) == 2 and 0 <= r["wanted"] <= 1
+                   for r in rows.values())
+    prompts = Dataset.open(str(tmp_path / "cd-trial-rare-prior" / "instances-b")).to_table(
+        ["instance_prompt", "shape"]).to_pylist()
+    assert {r["instance_prompt"] for r in prompts} == {f"a <hue> {r['shape']}" for r in prompts}
+    assert json.loads((tmp_path / "custom_diffusion_trial-rare-prior.json").read_text())["design"]["samples"] == 2
+
+
 @pytest.mark.slow
 def test_naive_merge_adds_both_deltas_and_loads_both_tokens(tmp_path, one_torch_thread):
     """Two 10-step single-concept jobs; the merged pipeline's K/V are W0 + dA + dB (sum) or the mean, exactly,
