@@ -293,7 +293,7 @@ def run_trial(name: str, out: Path, **overrides: Any) -> dict[str, Any]:
         from pixelmill.samples import write_image_dataset
 
         base, images, captions = _pipeline("toy:sd"), [], []
-        for i, prompt in enumerate(d["prior"]["prompts"]):
+        for i, prompt in enumerate(prior["prompts"]):
             images += sample(base, prompt, prior["per"], PRIOR_SEED + i)
             captions += [prompt] * prior["per"]
         write_image_dataset(str(work / "class-images"), images, captions)
