@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelmill.toy import world
+from pixelmill.toy.quality import save_sheet
 
 EDIT_SEED = 23
 """World seed of the held-out images the toy InstructPix2Pix is measured on."""
@@ -182,7 +183,7 @@ def save_strip(items: list[dict[str, Any]], edited, path: Path, cols: int = 16) 
         x, y = (i % cols) * n, (i // cols) * 2 * n
         grid.paste(items[i]["image"], (x, y))
         grid.paste(edited[i], (x, y + n))
-    grid.save(path)
+    save_sheet(grid, path)
 
 
 def load(model: str):

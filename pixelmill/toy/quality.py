@@ -56,6 +56,14 @@ def agreement(images, items: list[tuple[str, str, str]]) -> dict[str, float]:
     return {"color": color / n, "shape": shape / n, "both": both / n}
 
 
+def save_sheet(grid, path: Path) -> None:
+    """A sample sheet as a palette PNG (256 colours; a toy image has few): a third of the RGB file's size,
+    so the model cards' sheets fit the toy models' shared 40 MB."""
+    from PIL import Image
+
+    grid.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=256).save(path, optimize=True)
+
+
 def save_grid(images, path: Path, cols: int = 8) -> None:
     from PIL import Image
 
@@ -64,4 +72,4 @@ def save_grid(images, path: Path, cols: int = 8) -> None:
     grid = Image.new("RGB", (cols * n, rows * n))
     for i, img in enumerate(images):
         grid.paste(img.resize((n, n)), ((i % cols) * n, (i // cols) * n))
-    grid.save(path)
+    save_sheet(grid, path)
