@@ -52,10 +52,11 @@ chaos: install
 # targets and writes quality-report/quality.json and report.html (the README "Quality" figures);
 # then every fine-tuning method on the held-out heart (quality-report/concepts.json), Text2Live, and
 # InstructPix2Pix: the pairs before/after the CLIP filter and toy:ip2p's edits (pairs.json, ip2p.json); Custom
-# Diffusion joint vs merged and its retrieval prior through one campaign (custom_diffusion*.json).
+# Diffusion joint vs merged (one object; two objects on toy:sd-two) and its retrieval prior through one
+# campaign (custom_diffusion*.json).
 quality: install
 	$(PY) -m pytest -m quality tests/unit/toy/test_quality.py tests/unit/toy/test_concepts.py tests/unit/toy/test_text2live_quality.py \
-		tests/unit/toy/test_ip2p_quality.py tests/unit/toy/test_custom_diffusion_quality.py $(PYTEST_ARGS)
+		tests/unit/toy/test_ip2p_quality.py tests/unit/toy/test_custom_diffusion_quality.py tests/unit/toy/test_two_objects.py $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not sweep and not chaos and not quality" $(PYTEST_ARGS)

@@ -8,7 +8,8 @@ half, "a red circle and a purple star"), and the two concepts are two objects:
 - ``<heart>``: the held-out heart (never drawn by either toy SD) in four colours
   (``custom_diffusion_quality.HEART_COLORS``, two images each), taught as "a {colour} <heart>";
 - ``<star1>``: one particular object of a known kind, eight purple stars, taught as "a <star1> star"
-  (the paper's "a <new1> chair").
+  (the paper's "a <new1> chair"); ``--second square1``: eight green squares, "a <square1> square"
+  (``SECONDS``).
 
 Instance images are the one-object world's (32 x 32). Three jobs run through pixelmill's trainer
 (``plan_campaign`` + ``run_job``): both concepts jointly (``JOINT_STEPS``), and each alone
@@ -19,8 +20,8 @@ Instance images are the one-object world's (32 x 32). Three jobs run through pix
 star's. Each concept's own prompt is drawn at 32 x 32, and the base draws the same scene with
 known words ("a red circle and a purple star") as the ceiling of what composing can reach.
 
-``python -m pixelmill.toy.custom_diffusion_pair --out DIR [--fast]`` writes ``custom_diffusion_pair.json``
-and sample sheets there.
+``python -m pixelmill.toy.custom_diffusion_pair --out DIR [--second square1] [--fast]`` writes
+``custom_diffusion_pair.json`` and sample sheets there.
 """
 
 from __future__ import annotations
@@ -35,16 +36,16 @@ from pixelmill.toy.custom_diffusion_quality import HEART_COLORS, LEARNING_RATE, 
 from pixelmill.toy.two_objects import HEIGHT, WIDTH, detect_halves, draw
 
 BASE = "toy:sd-two"
-STAR_COLOR = "purple"
-CONCEPTS: dict[str, dict[str, Any]] = {
-    "heart": {"token": "<heart>", "wanted": [{"shape": "heart", "color": c} for c in HEART_COLORS], "per": 2,
-              "template": "a {color} {token}"},
-    "star1": {"token": "<star1>", "wanted": [{"shape": "star", "color": STAR_COLOR}], "per": 8,
-              "template": "a {token} star"},
+HEART: dict[str, Any] = {"token": "<heart>", "wanted": [{"shape": "heart", "color": c} for c in HEART_COLORS],
+                         "per": 2, "template": "a {color} {token}"}
+SECONDS: dict[str, dict[str, str]] = {
+    "star1": {"shape": "star", "color": "purple"},
+    "square1": {"shape": "square", "color": "green"},
 }
-SINGLE = {"heart": "a red <heart>", "star1": "a <star1> star"}
-SCENES = {"both": "a red <heart> and a <star1> star", "reversed": "a <star1> star and a red <heart>",
-          "known_words": "a red circle and a purple star"}
+"""The second concept, one particular object of a known kind (eight instances, "a <star1> star"). ``star1`` is
+the reported design, chosen first; ``square1`` was registered before the final figures, when a look at an
+unfinished toy:sd-two drew "a red circle and a purple star" right in 1 of 40 (small purple stars came out as
+blobs the detector reads as circles): a square is the shape toy SD draws best."""
 JOINT_STEPS, SINGLE_STEPS = 1200, 600
 SEED = REPORT_SEED
 """Sample seed of the reported figures (41); a first look at an unfinished toy:sd-two used 43."""
@@ -52,37 +53,57 @@ FULL = {"samples": 100, "steps_scale": 1.0}
 FAST = {"samples": 8, "steps_scale": 0.05}
 
 
-def write_concept(url: str, name: str, seed: int = WORLD_SEED) -> None:
+def design(second: str = "star1") -> dict[str, Any]:
+    """The two concepts, each one's own prompt, and the scene prompts, for the ``second`` object."""
+    if second not in SECONDS:
+        raise ValueError(f"unknown second concept {second!r}: one of {', '.join(SECONDS)}")
+    obj = SECONDS[second]
+    token = f"<{second}>"
+    concepts = {"heart": HEART, second: {"token": token, "wanted": [obj], "per": 8,
+                                         "template": "a {token} " + obj["shape"]}}
+    return {
+        "second": second, "object": obj, "concepts": concepts,
+        "single": {"heart": "a red <heart>", second: f"a {token} {obj['shape']}"},
+        "scenes": {"both": f"a red <heart> and a {token} {obj['shape']}",
+                   "reversed": f"a {token} {obj['shape']} and a red <heart>",
+                   "known_words": f"a red circle and a {obj['color']} {obj['shape']}"},
+    }
+
+
+SINGLE, SCENES = design()["single"], design()["scenes"]
+
+
+def write_concept(url: str, concept: dict[str, Any], seed: int = WORLD_SEED) -> None:
     from pixelmill.toy.samples import toy_indices, write_toy_rows
 
-    c = CONCEPTS[name]
+    c = concept
     idx = sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w))
-    write_toy_rows(url, seed, idx, {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": name},
+    write_toy_rows(url, seed, idx, {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": c["token"]},
                    {"prompt": lambda r, c=c: c["template"].format(color=r["color"], token=c["token"])})
 
 
-def _is_star(d) -> bool:
-    return d.shape == "star" and d.color == STAR_COLOR
+def _is(d, obj: dict[str, str]) -> bool:
+    return d.shape == obj["shape"] and d.color == obj["color"]
 
 
-def read_scenes(images, heart_left: bool = True) -> dict[str, float]:
-    """Shares of scenes with the heart in its half, the purple star in its half, and both."""
+def read_scenes(images, obj: dict[str, str], second: str, heart_left: bool = True) -> dict[str, float]:
+    """Shares of scenes with the heart in its half, the second object in its half, and both."""
     n = len(images)
-    heart = star = both = 0
+    heart = other = both = 0
     for image in images:
         left, right = detect_halves(image)
         h, s = (left, right) if heart_left else (right, left)
         heart += h.shape == "heart"
-        star += _is_star(s)
-        both += h.shape == "heart" and _is_star(s)
-    return {"heart": heart / n, "star1": star / n, "both": both / n}
+        other += _is(s, obj)
+        both += h.shape == "heart" and _is(s, obj)
+    return {"heart": heart / n, second: other / n, "both": both / n}
 
 
-def read_single(images) -> dict[str, float]:
+def read_single(images, obj: dict[str, str], second: str) -> dict[str, float]:
     from pixelmill.toy.detect import detect
 
     ds = [detect(im) for im in images]
-    return {"heart": sum(d.shape == "heart" for d in ds) / len(ds), "star1": sum(_is_star(d) for d in ds) / len(ds)}
+    return {"heart": sum(d.shape == "heart" for d in ds) / len(ds), second: sum(_is(d, obj) for d in ds) / len(ds)}
 
 
 def sheet(images, path: Path, cols: int = 8) -> None:
@@ -97,22 +118,25 @@ def sheet(images, path: Path, cols: int = 8) -> None:
     save_sheet(grid, path)
 
 
-def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BASE, seed: int = SEED) -> dict[str, Any]:
+def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BASE, seed: int = SEED,
+        second: str = "star1") -> dict[str, Any]:
     """Train the three jobs, build the five models, draw and read; returns the figures (also in ``out``)."""
     from pixelmill.toy.concepts import _pipeline, run_campaign_job, trained_pipeline
 
+    d = design(second)
+    obj = d["object"]
     out.mkdir(parents=True, exist_ok=True)
     concepts = {}
-    for name, c in CONCEPTS.items():
+    for name, c in d["concepts"].items():
         url = str(out / "instances" / name)
         if not Path(url).exists():
-            write_concept(url, name)
+            write_concept(url, c)
         concepts[name] = {"instance_data": url, "token": c["token"], "class_word": "shape",
                           "instance_prompt_column": "prompt"}
     folders, seconds = {}, {}
     joint, single = max(1, round(JOINT_STEPS * steps_scale)), max(1, round(SINGLE_STEPS * steps_scale))
     for job, names, steps in (("joint", list(concepts), joint), ("heart", ["heart"], single),
-                              ("star1", ["star1"], single)):
+                              (second, [second], single)):
         t0 = time.time()
         folders[job], _ = run_campaign_job(out / "runs" / job, {n: concepts[n] for n in names}, {
             "name": "cd", "method": "custom_diffusion", "concepts": names,
@@ -122,28 +146,29 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
     models = {
         "base": lambda: _pipeline(base),
         "joint": lambda: trained_pipeline("custom_diffusion", folders["joint"], base),
-        "sum": lambda: merged_pipeline(folders["heart"], folders["star1"], "sum", base),
-        "average": lambda: merged_pipeline(folders["heart"], folders["star1"], "average", base),
+        "sum": lambda: merged_pipeline(folders["heart"], folders[second], "sum", base),
+        "average": lambda: merged_pipeline(folders["heart"], folders[second], "average", base),
         "heart only": lambda: trained_pipeline("custom_diffusion", folders["heart"], base),
-        "star1 only": lambda: trained_pipeline("custom_diffusion", folders["star1"], base),
+        f"{second} only": lambda: trained_pipeline("custom_diffusion", folders[second], base),
     }
-    res: dict[str, Any] = {"base": base, "samples": samples, "seed": seed, "joint_steps": joint,
-                           "single_steps": single, "train_seconds": seconds, "prompts": {**SINGLE, **SCENES},
+    res: dict[str, Any] = {"base": base, "second": second, "object": obj, "samples": samples, "seed": seed,
+                           "joint_steps": joint, "single_steps": single, "train_seconds": seconds,
+                           "prompts": {**d["single"], **d["scenes"]},
                            "models": {}}
     for name, make in models.items():
         pipe = make()
         pipe.set_progress_bar_config(disable=True)
         got: dict[str, Any] = {}
-        for key, prompt in SINGLE.items():
-            got[key] = read_single(draw(pipe, [prompt] * samples, HEIGHT, seed))
-        for key, prompt in SCENES.items():
+        for key, prompt in d["single"].items():
+            got[key] = read_single(draw(pipe, [prompt] * samples, HEIGHT, seed), obj, second)
+        for key, prompt in d["scenes"].items():
             images = draw(pipe, [prompt] * samples, WIDTH, seed)
             if key == "known_words":
                 left_right = [detect_halves(im) for im in images]
-                got[key] = {"both": sum(a.shape == "circle" and a.color == "red" and _is_star(b)
+                got[key] = {"both": sum(a.shape == "circle" and a.color == "red" and _is(b, obj)
                                         for a, b in left_right) / samples}
             else:
-                got[key] = read_scenes(images, heart_left=key == "both")
+                got[key] = read_scenes(images, obj, second, heart_left=key == "both")
             if key == "both":
                 sheet(images[:32], out / f"{name.replace(' ', '-')}-both.png")
         res["models"][name] = got
@@ -161,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="a few steps and samples: that it runs, not what it says")
     p.add_argument("--samples", type=int)
     p.add_argument("--base", default=BASE, help="a two-object model (default: %(default)s)")
+    p.add_argument("--second", default="star1", choices=sorted(SECONDS),
+                   help="the second object concept (default: %(default)s, the reported design)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(FAST if args.fast else FULL)
     if args.samples:
         settings["samples"] = args.samples
-    run(Path(args.out), base=args.base, **settings)
+    run(Path(args.out), base=args.base, second=args.second, **settings)
     return 0
 
 
