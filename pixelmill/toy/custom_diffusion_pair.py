@@ -70,13 +70,9 @@ def design(second: str = "star1") -> dict[str, Any]:
     }
 
 
-SINGLE, SCENES = design()["single"], design()["scenes"]
-
-
-def write_concept(url: str, concept: dict[str, Any], seed: int = WORLD_SEED) -> None:
+def write_concept(url: str, c: dict[str, Any], seed: int = WORLD_SEED) -> None:
     from pixelmill.toy.samples import toy_indices, write_toy_rows
 
-    c = concept
     idx = sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w))
     write_toy_rows(url, seed, idx, {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": c["token"]},
                    {"prompt": lambda r, c=c: c["template"].format(color=r["color"], token=c["token"])})
