@@ -172,7 +172,9 @@ class TrainSettings(StrictModel):
     Defaults follow diffusers' example scripts except where noted in the README.
     """
 
-    resolution: int = Field(default=512, ge=8, le=4096)
+    # one side (square images), or [width, height] to train at one non-square size (every image
+    # resized to cover it and cropped; models that draw wide scenes): each side 8..4096
+    resolution: int | tuple[int, int] = 512
     center_crop: bool = False
     random_flip: bool = True
     rescale: bool = False
@@ -232,6 +234,26 @@ class TrainSettings(StrictModel):
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     device: str = "auto"
+
+    @model_validator(mode="after")
+    def _resolution(self) -> TrainSettings:
+        sides = (self.resolution,) if isinstance(self.resolution, int) else self.resolution
+        if any(not 8 <= side <= 4096 for side in sides):
+            shown = self.resolution if isinstance(self.resolution, int) else list(self.resolution)
+            raise ValueError(f"resolution {shown}: each side must be 8..4096 pixels")
+        if self.aspect_buckets and not isinstance(self.resolution, int):
+            raise ValueError(f"resolution {list(self.resolution)} with aspect_buckets: buckets are built around "
+                             "one side (their area); give resolution as one number, or leave aspect_buckets off "
+                             "to train at exactly this width and height")
+        return self
+
+
+def train_size(resolution: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(width, height) of a ``resolution`` setting: one side (square) or [width, height]."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    w, h = resolution
+    return int(w), int(h)
 
 
 class JobConfig(StrictModel):

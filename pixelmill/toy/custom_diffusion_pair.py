@@ -20,8 +20,17 @@ Instance images are the one-object world's (32 x 32). Three jobs run through pix
 star's. Each concept's own prompt is drawn at 32 x 32, and the base draws the same scene with
 known words ("a red circle and a purple star") as the ceiling of what composing can reach.
 
-``python -m pixelmill.toy.custom_diffusion_pair --out DIR [--second square1] [--fast]`` writes
-``custom_diffusion_pair.json`` and sample sheets there.
+``--scenes`` trains on scenes instead (registered after both one-image designs drew no scene with both
+objects, before any scene-trained figure): each instance image pasted into a 64 x 32 scene beside a
+known object (``SCENES_PER_INSTANCE`` scenes each, the instance left in half of them, the companion on
+the instance's background in a colour of its own and never of the second concept's kind), captioned
+"a red <heart> and a blue circle"; every job trains at ``resolution: [64, 32]`` with Custom
+Diffusion's prior: ``PRIOR_SCENES`` real two-object scenes per concept (world ``SCENE_SEED``, each
+with its caption), as the paper regularises with 200 retrieved real images per concept. The scene
+"a red <heart> and a <star1> star" is still never shown: no training scene holds both concepts.
+
+``python -m pixelmill.toy.custom_diffusion_pair --out DIR [--second square1] [--scenes] [--fast]``
+writes ``custom_diffusion_pair.json`` and sample sheets there.
 """
 
 from __future__ import annotations
@@ -32,8 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pixelmill.toy import world
 from pixelmill.toy.custom_diffusion_quality import HEART_COLORS, LEARNING_RATE, REPORT_SEED, WORLD_SEED, merged_pipeline
-from pixelmill.toy.two_objects import HEIGHT, WIDTH, detect_halves, draw
+from pixelmill.toy.two_objects import HEIGHT, WIDTH, detect_halves, draw, two_object_row
 
 BASE = "toy:sd-two"
 HEART: dict[str, Any] = {"token": "<heart>", "wanted": [{"shape": "heart", "color": c} for c in HEART_COLORS],
@@ -49,6 +61,10 @@ blobs the detector reads as circles): a square is the shape toy SD draws best.""
 JOINT_STEPS, SINGLE_STEPS = 1200, 600
 SEED = REPORT_SEED
 """Sample seed of the reported figures (41); a first look at an unfinished toy:sd-two used 43."""
+SCENE_SEED = 78
+"""World of the prior's real two-object scenes (toy:sd-two was trained on world 77 and is read on 99)."""
+PRIOR_SCENES = 200
+SCENES_PER_INSTANCE = 4
 FULL = {"samples": 100, "steps_scale": 1.0}
 FAST = {"samples": 8, "steps_scale": 0.05}
 
@@ -76,6 +92,60 @@ def write_concept(url: str, c: dict[str, Any], seed: int = WORLD_SEED) -> None:
     idx = sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w))
     write_toy_rows(url, seed, idx, {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": c["token"]},
                    {"prompt": lambda r, c=c: c["template"].format(color=r["color"], token=c["token"])})
+
+
+def scene_rows(c: dict[str, Any], avoid: str, seed: int = WORLD_SEED,
+               per: int = SCENES_PER_INSTANCE) -> list[dict[str, Any]]:
+    """Concept ``c``'s instance images, each in ``per`` 64 x 32 scenes beside a known object that is not
+    an ``avoid`` (the second concept's kind): rows ``id``, ``image`` (PNG), ``prompt``, ``side`` of the instance."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from pixelmill.datasets.images import encode_image
+    from pixelmill.toy.samples import toy_indices
+
+    shapes = [x for x in world.TRAIN_SHAPES if x != avoid]
+    rows = []
+    for i in sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w)):
+        image, _, obj = world.make_row(seed, i)
+        phrase = c["template"].format(color=obj.color, token=c["token"])
+        for k in range(per):
+            rng = np.random.default_rng([seed, i, k, 5])
+            colors = [x for x in world.COLORS if x not in (obj.color, obj.background)]
+            other = replace(world.sample_object(rng, shapes), color=colors[rng.integers(len(colors))],
+                            background=obj.background, background2=None, split=None)
+            halves = [image, world.render(other, rng)]
+            words = [phrase, f"a {other.color} {other.shape}"]
+            left = k % 2 == 0
+            if not left:
+                halves.reverse()
+                words.reverse()
+            scene = Image.new("RGB", (WIDTH, HEIGHT))
+            scene.paste(halves[0], (0, 0))
+            scene.paste(halves[1], (HEIGHT, 0))
+            rows.append({"id": f"{i}-{k}", "image": encode_image(scene),
+                         "prompt": world._articles(" and ".join(words)), "side": "left" if left else "right"})
+    return rows
+
+
+def prior_rows(start: int, count: int = PRIOR_SCENES, seed: int = SCENE_SEED) -> list[dict[str, Any]]:
+    """Real two-object scenes ``start .. start + count - 1`` of world ``seed`` with their captions."""
+    from pixelmill.datasets.images import encode_image
+
+    return [{"id": f"{seed}-{j}", "image": encode_image(image), "prompt": caption}
+            for j in range(start, start + count) for image, caption, _ in [two_object_row(seed, j)]]
+
+
+def write_rows(url: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    import pyarrow as pa
+
+    from pixelmill.datasets.images import IMAGE_TYPE
+    from pixelmill.datasets.writer import write_table_dataset
+
+    schema = pa.schema([("id", pa.string()), ("image", IMAGE_TYPE), ("prompt", pa.string())]
+                       + [(k, pa.string()) for k in rows[0] if k not in ("id", "image", "prompt")])
+    write_table_dataset(url, pa.Table.from_pylist(rows, schema=schema), "toy-scenes", meta)
 
 
 def _is(d, obj: dict[str, str]) -> bool:
@@ -115,20 +185,34 @@ def sheet(images, path: Path, cols: int = 8) -> None:
 
 
 def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BASE, seed: int = SEED,
-        second: str = "star1") -> dict[str, Any]:
-    """Train the three jobs, build the five models, draw and read; returns the figures (also in ``out``)."""
+        second: str = "star1", scenes: bool = False, prior_scenes: int = PRIOR_SCENES) -> dict[str, Any]:
+    """Train the three jobs, build the five models, draw and read; returns the figures (also in ``out``).
+    ``scenes``: instance images in scenes and a prior of real scenes, at 64 x 32 (the module's doc)."""
     from pixelmill.toy.concepts import _pipeline, run_campaign_job, trained_pipeline
 
     d = design(second)
     obj = d["object"]
     out.mkdir(parents=True, exist_ok=True)
     concepts = {}
-    for name, c in d["concepts"].items():
-        url = str(out / "instances" / name)
+    settings: dict[str, Any] = {"learning_rate": LEARNING_RATE, "with_prior_preservation": scenes}
+    if scenes:
+        settings.update(resolution=[WIDTH, HEIGHT], num_class_images=prior_scenes)
+    for k, (name, c) in enumerate(d["concepts"].items()):
+        url = str(out / ("scenes" if scenes else "instances") / name)
         if not Path(url).exists():
-            write_concept(url, c)
+            if scenes:
+                write_rows(url, scene_rows(c, obj["shape"]), {"generator": "pixelmill.toy.custom_diffusion_pair",
+                                                       "concept": c["token"], "per_instance": SCENES_PER_INSTANCE})
+            else:
+                write_concept(url, c)
         concepts[name] = {"instance_data": url, "token": c["token"], "class_word": "shape",
                           "instance_prompt_column": "prompt"}
+        if scenes:
+            prior = str(out / "prior" / name)
+            if not Path(prior).exists():
+                write_rows(prior, prior_rows(k * prior_scenes, prior_scenes),
+                           {"generator": "pixelmill.toy.custom_diffusion_pair", "world": SCENE_SEED})
+            concepts[name].update(class_data=prior, class_prompt_column="prompt")
     folders, seconds = {}, {}
     joint, single = max(1, round(JOINT_STEPS * steps_scale)), max(1, round(SINGLE_STEPS * steps_scale))
     for job, names, steps in (("joint", list(concepts), joint), ("heart", ["heart"], single),
@@ -136,7 +220,7 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
         t0 = time.time()
         folders[job], _ = run_campaign_job(out / "runs" / job, {n: concepts[n] for n in names}, {
             "name": "cd", "method": "custom_diffusion", "concepts": names,
-            "settings": {"learning_rate": LEARNING_RATE, "max_steps": steps, "with_prior_preservation": False}},
+            "settings": {**settings, "max_steps": steps}},
             base=base)
         seconds[job] = round(time.time() - t0, 1)
     models = {
@@ -148,6 +232,8 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
         f"{second} only": lambda: trained_pipeline("custom_diffusion", folders[second], base),
     }
     res: dict[str, Any] = {"base": base, "second": second, "object": obj, "samples": samples, "seed": seed,
+                           "data": "scenes" if scenes else "one-object images",
+                           "prior_scenes": prior_scenes if scenes else 0,
                            "joint_steps": joint, "single_steps": single, "train_seconds": seconds,
                            "prompts": {**d["single"], **d["scenes"]},
                            "models": {}}
@@ -184,13 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=BASE, help="a two-object model (default: %(default)s)")
     p.add_argument("--second", default="star1", choices=sorted(SECONDS),
                    help="the second object concept (default: %(default)s, the reported design)")
+    p.add_argument("--scenes", action="store_true",
+                   help="instance images in 64 x 32 scenes and a prior of real scenes (the module's doc)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(FAST if args.fast else FULL)
     if args.samples:
         settings["samples"] = args.samples
-    run(Path(args.out), base=args.base, second=args.second, **settings)
+    run(Path(args.out), base=args.base, second=args.second, scenes=args.scenes, **settings)
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pixelmill.config.campaign import train_size
 from pixelmill.datasets.images import IMAGE_TYPE, encode_image
 from pixelmill.tasks.stage import STATUS_OK, STATUS_REJECT, Resources, Stage, set_torch_threads
 
@@ -30,7 +31,8 @@ def prompt_rows(prompt: str, first_index: int, count: int, seed: int) -> pa.Tabl
 
 
 class ClassImageGenerator(Stage):
-    """Text-to-image with the base model; config: ``model``, ``resolution``, ``steps``, ``guidance_scale``."""
+    """Text-to-image with the base model; config: ``model``, ``resolution`` (a side, or [width, height]),
+    ``steps``, ``guidance_scale``."""
 
     name = "class-images"
     dataset = ("class-images", 1)
@@ -68,7 +70,8 @@ class ClassImageGenerator(Stage):
             base = {"id": r["id"], "prompt": r["prompt"], "seed": r["seed"], "model": c["model"],
                     "stage": self.name, "shard": r.get("shard"), "image": None, "error": None}
             try:
-                result = self.pipe(prompt=r["prompt"], height=c["resolution"], width=c["resolution"],
+                width, height = train_size(c["resolution"])
+                result = self.pipe(prompt=r["prompt"], height=height, width=width,
                                    num_inference_steps=c.get("steps", 25), guidance_scale=c.get("guidance_scale", 6.0),
                                    generator=torch.Generator("cpu").manual_seed(int(r["seed"])))
             except Exception as e:  # noqa: BLE001 - a failing row is a reject, not a failed block

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pixelmill.config.campaign import prior_in_use
+from pixelmill.config.campaign import prior_in_use, train_size
 from pixelmill.tasks.train.conditioning import TextCond, encode_prompts, is_sdxl, null_conditioning, unet_kwargs
 from pixelmill.tasks.train.data import (
     Augment,
@@ -154,8 +154,8 @@ class Trainer:
         self.ema = EMA(self.params, s["ema_decay"]) if use_ema else None
         self.prior = bool(self.data.klass and prior_in_use(self.method.prior, s["with_prior_preservation"]))
         self.aug = Augment(center_crop=s["center_crop"], random_flip=s["random_flip"], rescale=s["rescale"])
-        res = s["resolution"]
-        self.buckets = bucket_sizes(res, self.vae_multiple) if s["aspect_buckets"] else [(res, res)]
+        self.buckets = (bucket_sizes(s["resolution"], self.vae_multiple) if s["aspect_buckets"]
+                        else [train_size(s["resolution"])])
         sample_buckets = [nearest_bucket(x.size, self.buckets) if s["aspect_buckets"] else 0
                           for x in self.data.instance]
         self.schedule = BatchSchedule(sample_buckets, s["train_batch_size"], s["seed"], "instance")

@@ -38,19 +38,23 @@ def sample_prompts(prompts: list[str], method, concepts: list[dict[str, Any]]) -
 
 @torch.no_grad()
 def render_samples(method, data: TrainingData, concepts: list[dict[str, Any]], prompts: list[str], n: int, steps: int,
-                   guidance: float, image_guidance: float, seed: int, size: int, device) -> list[dict[str, Any]]:
-    """Generate ``n`` samples per prompt with the in-memory trained pipeline (fixed seeds)."""
+                   guidance: float, image_guidance: float, seed: int, resolution, device) -> list[dict[str, Any]]:
+    """Generate ``n`` samples per prompt with the in-memory trained pipeline (fixed seeds), at the
+    training ``resolution`` (a side, or [width, height])."""
+    from pixelmill.config.campaign import train_size
+
+    width, height = train_size(resolution)
     pipe = method.pipeline()
     pipe.set_progress_bar_config(disable=True)
     rows = []
     if method.name == "instruct_pix2pix":
         sources = [x for x in data.instance[: max(1, n)]]
         # SDXL's pipeline takes its size from the UNet's default unless told (SD's from the image)
-        sized = {"height": size, "width": size} if getattr(method, "sdxl", False) else {}
+        sized = {"height": height, "width": width} if getattr(method, "sdxl", False) else {}
         for p in prompts:
             for k, src in enumerate(sources):
                 g = torch.Generator("cpu").manual_seed(seed + k)
-                img = _open(src.source).resize((size, size))
+                img = _open(src.source).resize((width, height))
                 out = pipe(prompt=p, image=img, num_inference_steps=steps, guidance_scale=guidance,
                            image_guidance_scale=image_guidance, generator=g, **sized).images[0]
                 rows.append({"prompt": p, "score_prompt": p, "seed": seed + k, "image": out, "source": img})
@@ -59,7 +63,7 @@ def render_samples(method, data: TrainingData, concepts: list[dict[str, Any]], p
         for k in range(n):
             g = torch.Generator("cpu").manual_seed(seed + k)
             out = pipe(prompt=p, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                       height=size, width=size).images[0]
+                       height=height, width=width).images[0]
             rows.append({"prompt": p, "score_prompt": plain, "seed": seed + k, "image": out})
     return rows
 

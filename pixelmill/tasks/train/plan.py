@@ -55,7 +55,7 @@ class ClassImageRequest:
     prompt: str
     count: int
     first_index: int
-    resolution: int
+    resolution: int | tuple[int, int]
     seed: int
     url: str
 

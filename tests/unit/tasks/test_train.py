@@ -658,6 +658,40 @@ def test_aspect_buckets_with_accumulation_train_on_mixed_sizes(tiny_models, data
     assert all(np.isfinite(x) for x in losses)
 
 
+def test_resolution_width_height_trains_samples_and_generates_class_images_at_that_size(tiny_models, data, tmp_path):
+    from PIL import Image
+
+    from pixelmill.datasets.images import decode_image
+    from pixelmill.tasks.train.class_images import ClassImageGenerator, prompt_rows
+    from pixelmill.tasks.train.data import prepare
+    from pixelmill.tasks.train.job import _setup
+
+    cfg = campaign(tiny_models, data, tmp_path, "dreambooth", resolution=[96, 48], with_prior_preservation=True,
+                   max_steps=2, cache_latents=False)
+    spec = spec_for(cfg)
+    assert spec["settings"]["resolution"] in ([96, 48], (96, 48))
+    _, d, trainer = _setup(spec, torch.device("cpu"))
+    assert trainer.buckets == [(96, 48)]
+    for sample in (d.instance[0], d.klass[0]):  # square images of both kinds cover-and-crop to 96 x 48
+        assert prepare(sample, trainer.buckets[0], trainer.aug, 0, 0, sample.prompt).pixels.shape == (3, 48, 96)
+    record = run_job(spec)
+    assert record["status"] == "finished", record
+    finals = sorted((Path(spec["dir"]) / "samples" / "final").glob("*.png"))
+    assert finals and {Image.open(p).size for p in finals} == {(96, 48)}
+    stage = ClassImageGenerator({"model": tiny_models["img2img"], "resolution": [96, 48], "steps": 2, "device": "cpu"})
+    out = stage(prompt_rows("a dog", 0, 1, 0))
+    assert decode_image(out["image"][0].as_py()).size == (96, 48)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"resolution": [96, 4]}, "resolution [96, 4]: each side must be 8..4096"),
+    ({"resolution": [96, 48], "aspect_buckets": True}, "resolution [96, 48] with aspect_buckets"),
+])
+def test_resolution_width_height_refused_with_a_reason(tiny_models, data, tmp_path, settings, message):
+    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+        campaign(tiny_models, data, tmp_path, "lora", **settings).expand()
+
+
 # -- prior preservation short of class images ------------------------------------------------
 
 def _generate_class_images(tiny_models, request, flagged: int, tmp_path) -> None:
