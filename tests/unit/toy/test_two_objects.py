@@ -45,6 +45,33 @@ def test_pair_designs_name_their_object_in_every_prompt():
         pair.design("cross")
 
 
+def test_scene_instances_put_each_instance_beside_a_known_object_and_never_both_concepts():
+    """``--scenes``: every instance image pasted unchanged into a half (left in half of its scenes), the other
+    half a known object of another colour and not of the second concept's kind, as the caption says; the
+    prior is real scenes with their captions."""
+    import io
+
+    from PIL import Image
+
+    d = pair.design("star1")
+    for name, c in d["concepts"].items():
+        rows = pair.scene_rows(c, "star")
+        assert len(rows) == 8 * pair.SCENES_PER_INSTANCE
+        assert {r["side"] for r in rows} == {"left", "right"}
+        for r in rows:
+            image = Image.open(io.BytesIO(r["image"]["bytes"] if isinstance(r["image"], dict) else r["image"]))
+            assert image.size == (two.WIDTH, two.HEIGHT)
+            mine, other = two.detect_halves(image)[:: 1 if r["side"] == "left" else -1]
+            words = r["prompt"].split(" and ")
+            concept_words, other_words = words[:: 1 if r["side"] == "left" else -1]
+            assert c["token"] in concept_words and "<" not in other_words
+            assert mine.shape == c["wanted"][0]["shape"], (name, r["prompt"], mine)
+            assert other_words == world._articles(f"a {other.color} {other.shape}"), (r["prompt"], other)
+            assert other.shape in world.TRAIN_SHAPES and other.shape != "star"
+    prior = pair.prior_rows(0, 3)
+    assert [r["prompt"] for r in prior] == [two.two_object_row(pair.SCENE_SEED, j)[1] for j in range(3)]
+
+
 def test_the_shipped_model_borrows_toy_sd_and_loads_as_users_load_it():
     import torch
     from safetensors.torch import load_file
