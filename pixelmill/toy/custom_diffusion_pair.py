@@ -65,6 +65,9 @@ SCENE_SEED = 78
 """World of the prior's real two-object scenes (toy:sd-two was trained on world 77 and is read on 99)."""
 PRIOR_SCENES = 200
 SCENES_PER_INSTANCE = 4
+SCENE_TRAINING = {"train": "crossattn", "joint_steps": 2400, "single_steps": 1200}
+"""``--scenes`` jobs: all of cross-attention (K, V, Q, out) for twice the steps, chosen on heart-only pilot jobs
+(``pilot``) before any comparison was run: with K/V at 600 steps the heart is learnt in no scene."""
 FULL = {"samples": 100, "steps_scale": 1.0}
 FAST = {"samples": 8, "steps_scale": 0.05}
 
@@ -195,8 +198,10 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
     out.mkdir(parents=True, exist_ok=True)
     concepts = {}
     settings: dict[str, Any] = {"learning_rate": LEARNING_RATE, "with_prior_preservation": scenes}
+    joint_steps, single_steps = JOINT_STEPS, SINGLE_STEPS
     if scenes:
-        settings.update(resolution=[WIDTH, HEIGHT], num_class_images=prior_scenes)
+        settings.update(resolution=[WIDTH, HEIGHT], num_class_images=prior_scenes, train=SCENE_TRAINING["train"])
+        joint_steps, single_steps = SCENE_TRAINING["joint_steps"], SCENE_TRAINING["single_steps"]
     for k, (name, c) in enumerate(d["concepts"].items()):
         url = str(out / ("scenes" if scenes else "instances") / name)
         if not Path(url).exists():
@@ -214,7 +219,7 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
                            {"generator": "pixelmill.toy.custom_diffusion_pair", "world": SCENE_SEED})
             concepts[name].update(class_data=prior, class_prompt_column="prompt")
     folders, seconds = {}, {}
-    joint, single = max(1, round(JOINT_STEPS * steps_scale)), max(1, round(SINGLE_STEPS * steps_scale))
+    joint, single = max(1, round(joint_steps * steps_scale)), max(1, round(single_steps * steps_scale))
     for job, names, steps in (("joint", list(concepts), joint), ("heart", ["heart"], single),
                               (second, [second], single)):
         t0 = time.time()
@@ -234,6 +239,7 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
     res: dict[str, Any] = {"base": base, "second": second, "object": obj, "samples": samples, "seed": seed,
                            "data": "scenes" if scenes else "one-object images",
                            "prior_scenes": prior_scenes if scenes else 0,
+                           "trained": settings.get("train", "crossattn_kv"),
                            "joint_steps": joint, "single_steps": single, "train_seconds": seconds,
                            "prompts": {**d["single"], **d["scenes"]},
                            "models": {}}
