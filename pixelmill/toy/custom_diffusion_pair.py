@@ -20,17 +20,21 @@ Instance images are the one-object world's (32 x 32). Three jobs run through pix
 star's. Each concept's own prompt is drawn at 32 x 32, and the base draws the same scene with
 known words ("a red circle and a purple star") as the ceiling of what composing can reach.
 
-``--scenes`` trains on scenes instead (registered after both one-image designs drew no scene with both
-objects, before any scene-trained figure): each instance image pasted into a 64 x 32 scene beside a
-known object (``SCENES_PER_INSTANCE`` scenes each, the instance left in half of them, the companion on
-the instance's background in a colour of its own and never of the second concept's kind), captioned
+``--scenes`` trains on scenes instead (after both one-image designs drew no scene with both
+objects): each instance image pasted into a 64 x 32 scene beside a known object
+(``SCENES_PER_INSTANCE`` scenes each, the instance left in half of them, the companion on the
+instance's background in a colour of its own and never of the second concept's kind), captioned
 "a red <heart> and a blue circle"; every job trains at ``resolution: [64, 32]`` with Custom
 Diffusion's prior: ``PRIOR_SCENES`` real two-object scenes per concept (world ``SCENE_SEED``, each
 with its caption), as the paper regularises with 200 retrieved real images per concept. The scene
 "a red <heart> and a <star1> star" is still never shown: no training scene holds both concepts.
+A first scene run with the one-image settings (K/V, 1,200 / 600 steps) learnt no heart (alone 0.09,
+joint 0.00 both); heart-only ``--pilot`` jobs read on the trial seed then chose ``SCENE_TRAINING``
+(README "Quality" has both runs and the pilot table).
 
 ``python -m pixelmill.toy.custom_diffusion_pair --out DIR [--second square1] [--scenes] [--fast]``
-writes ``custom_diffusion_pair.json`` and sample sheets there.
+writes ``custom_diffusion_pair.json`` and sample sheets there;
+``... --out DIR --pilot [--train crossattn] [--steps N] [--lr LR] [--no-prior]`` runs one pilot job.
 """
 
 from __future__ import annotations
@@ -151,6 +155,54 @@ def write_rows(url: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> No
     write_table_dataset(url, pa.Table.from_pylist(rows, schema=schema), "toy-scenes", meta)
 
 
+def scene_concept(out: Path, name: str, c: dict[str, Any], avoid: str, first_prior: int,
+                  prior_scenes: int = PRIOR_SCENES) -> dict[str, Any]:
+    """Concept ``c``'s scenes and its prior of real scenes (from scene ``first_prior``) written under ``out``
+    (kept when there); returns its campaign Concept."""
+    url, prior = str(out / "scenes" / name), str(out / "prior" / name)
+    meta = {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": c["token"]}
+    if not Path(url).exists():
+        write_rows(url, scene_rows(c, avoid), {**meta, "per_instance": SCENES_PER_INSTANCE})
+    if not Path(prior).exists():
+        write_rows(prior, prior_rows(first_prior, prior_scenes), {**meta, "world": SCENE_SEED})
+    return {"instance_data": url, "token": c["token"], "class_word": "shape", "instance_prompt_column": "prompt",
+            "class_data": prior, "class_prompt_column": "prompt"}
+
+
+def pilot(out: Path, train: str = "crossattn_kv", steps: int = SINGLE_STEPS, lr: float = LEARNING_RATE,
+          prior: bool = True, samples: int = 40, base: str = BASE) -> dict[str, Any]:
+    """One heart-only scene job and how often it draws the heart, read on ``TRIAL_SEED`` (never the report's
+    seed): alone at 32 x 32, and in the left / right half of a scene beside a known object. How
+    ``SCENE_TRAINING`` was chosen; writes ``pilot-<train>-<steps>-<lr>[-noprior].json`` in ``out``."""
+    from pixelmill.toy.concepts import run_campaign_job, trained_pipeline
+    from pixelmill.toy.custom_diffusion_quality import TRIAL_SEED
+    from pixelmill.toy.detect import detect
+
+    tag = f"{train}-{steps}-{lr:g}" + ("" if prior else "-noprior")
+    concept = scene_concept(out, "heart", HEART, "star")
+    if not prior:
+        concept = {k: v for k, v in concept.items() if k not in ("class_data", "class_prompt_column")}
+    settings = {"learning_rate": lr, "max_steps": steps, "train": train, "resolution": [WIDTH, HEIGHT],
+                "with_prior_preservation": prior, **({"num_class_images": PRIOR_SCENES} if prior else {})}
+    t0 = time.time()
+    folder, _ = run_campaign_job(out / f"runs-{tag}", {"heart": concept},
+                                 {"name": "cd", "method": "custom_diffusion", "concepts": ["heart"],
+                                  "settings": settings}, base=base)
+    res: dict[str, Any] = {"pilot": tag, "seed": TRIAL_SEED, "samples": samples,
+                           "train_seconds": round(time.time() - t0, 1)}
+    pipe = trained_pipeline("custom_diffusion", folder, base)
+    pipe.set_progress_bar_config(disable=True)
+    res["alone"] = sum(detect(im).shape == "heart" for im in draw(pipe, ["a red <heart>"] * samples, HEIGHT,
+                                                                   TRIAL_SEED)) / samples
+    for key, prompt, half in (("left", "a red <heart> and a green square", 0),
+                              ("right", "a blue circle and a red <heart>", 1)):
+        images = draw(pipe, [prompt] * samples, WIDTH, TRIAL_SEED)
+        res[key] = sum(detect_halves(im)[half].shape == "heart" for im in images) / samples
+    (out / f"pilot-{tag}.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def _is(d, obj: dict[str, str]) -> bool:
     return d.shape == obj["shape"] and d.color == obj["color"]
 
@@ -203,21 +255,14 @@ def run(out: Path, samples: int = 100, steps_scale: float = 1.0, base: str = BAS
         settings.update(resolution=[WIDTH, HEIGHT], num_class_images=prior_scenes, train=SCENE_TRAINING["train"])
         joint_steps, single_steps = SCENE_TRAINING["joint_steps"], SCENE_TRAINING["single_steps"]
     for k, (name, c) in enumerate(d["concepts"].items()):
-        url = str(out / ("scenes" if scenes else "instances") / name)
+        if scenes:
+            concepts[name] = scene_concept(out, name, c, obj["shape"], k * prior_scenes, prior_scenes)
+            continue
+        url = str(out / "instances" / name)
         if not Path(url).exists():
-            if scenes:
-                write_rows(url, scene_rows(c, obj["shape"]), {"generator": "pixelmill.toy.custom_diffusion_pair",
-                                                       "concept": c["token"], "per_instance": SCENES_PER_INSTANCE})
-            else:
-                write_concept(url, c)
+            write_concept(url, c)
         concepts[name] = {"instance_data": url, "token": c["token"], "class_word": "shape",
                           "instance_prompt_column": "prompt"}
-        if scenes:
-            prior = str(out / "prior" / name)
-            if not Path(prior).exists():
-                write_rows(prior, prior_rows(k * prior_scenes, prior_scenes),
-                           {"generator": "pixelmill.toy.custom_diffusion_pair", "world": SCENE_SEED})
-            concepts[name].update(class_data=prior, class_prompt_column="prompt")
     folders, seconds = {}, {}
     joint, single = max(1, round(joint_steps * steps_scale)), max(1, round(single_steps * steps_scale))
     for job, names, steps in (("joint", list(concepts), joint), ("heart", ["heart"], single),
@@ -278,9 +323,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="the second object concept (default: %(default)s, the reported design)")
     p.add_argument("--scenes", action="store_true",
                    help="instance images in 64 x 32 scenes and a prior of real scenes (the module's doc)")
+    p.add_argument("--pilot", action="store_true", help="one heart-only scene job, read on the trial seed (pilot)")
+    p.add_argument("--train", default="crossattn_kv", choices=("crossattn_kv", "crossattn"), help="--pilot's")
+    p.add_argument("--steps", type=int, default=SINGLE_STEPS, help="--pilot's (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=LEARNING_RATE, help="--pilot's (default: %(default)s)")
+    p.add_argument("--no-prior", action="store_true", help="--pilot without the prior of real scenes")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pilot:
+        pilot(Path(args.out), args.train, args.steps, args.lr, not args.no_prior, args.samples or 40, args.base)
+        return 0
     settings = dict(FAST if args.fast else FULL)
     if args.samples:
         settings["samples"] = args.samples
