@@ -179,7 +179,8 @@ def pilot(out: Path, train: str = "crossattn_kv", steps: int = SINGLE_STEPS, lr:
     from pixelmill.toy.detect import detect
 
     tag = f"{train}-{steps}-{lr:g}" + ("" if prior else "-noprior")
-    concept = scene_concept(out, "heart", HEART, "star")
+    out.mkdir(parents=True, exist_ok=True)
+    concept = scene_concept(out, "heart", HEART, "star", 0)
     if not prior:
         concept = {k: v for k, v in concept.items() if k not in ("class_data", "class_prompt_column")}
     settings = {"learning_rate": lr, "max_steps": steps, "train": train, "resolution": [WIDTH, HEIGHT],

@@ -119,6 +119,18 @@ def test_pair_comparison_reads_every_prompt_of_every_model(tmp_path, one_torch_t
     assert (tmp_path / "joint-both.png").is_file()
 
 
+@pytest.mark.slow
+def test_pilot_trains_the_heart_alone_on_scenes_and_reads_it_on_the_trial_seed(tmp_path, one_torch_thread):
+    import json
+
+    got = pair.pilot(tmp_path, train="crossattn", steps=2, samples=2)
+    assert got["pilot"] == "crossattn-2-0.001" and got["seed"] == 43
+    assert all(0 <= got[k] <= 1 for k in ("alone", "left", "right"))
+    assert json.loads((tmp_path / "pilot-crossattn-2-0.001.json").read_text()) == got
+    job = json.loads(next((tmp_path / "runs-crossattn-2-0.001" / "jobs").glob("*/job.json")).read_text())
+    assert job["prior"] == [{"concept": "heart", "wanted": pair.PRIOR_SCENES, "used": pair.PRIOR_SCENES}]
+
+
 @pytest.fixture(scope="module")
 def pair_figures(one_torch_thread):
     return pair.run(Path("quality-report") / "cd-pair", scenes=True, **pair.FULL)
