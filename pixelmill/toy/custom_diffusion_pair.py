@@ -93,11 +93,18 @@ def design(second: str = "star1") -> dict[str, Any]:
     }
 
 
-def write_concept(url: str, c: dict[str, Any], seed: int = WORLD_SEED) -> None:
-    from pixelmill.toy.samples import toy_indices, write_toy_rows
+def instance_indices(c: dict[str, Any], seed: int = WORLD_SEED) -> list[int]:
+    """Rows of world ``seed`` that are concept ``c``'s instance images (``per`` of each wanted object)."""
+    from pixelmill.toy.samples import toy_indices
 
-    idx = sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w))
-    write_toy_rows(url, seed, idx, {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": c["token"]},
+    return sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w))
+
+
+def write_concept(url: str, c: dict[str, Any], seed: int = WORLD_SEED) -> None:
+    from pixelmill.toy.samples import write_toy_rows
+
+    write_toy_rows(url, seed, instance_indices(c, seed),
+                   {"generator": "pixelmill.toy.custom_diffusion_pair", "concept": c["token"]},
                    {"prompt": lambda r, c=c: c["template"].format(color=r["color"], token=c["token"])})
 
 
@@ -110,11 +117,10 @@ def scene_rows(c: dict[str, Any], avoid: str, seed: int = WORLD_SEED,
     from PIL import Image
 
     from pixelmill.datasets.images import encode_image
-    from pixelmill.toy.samples import toy_indices
 
     shapes = [x for x in world.TRAIN_SHAPES if x != avoid]
     rows = []
-    for i in sorted(i for w in c["wanted"] for i in toy_indices(seed, c["per"], **w)):
+    for i in instance_indices(c, seed):
         image, _, obj = world.make_row(seed, i)
         phrase = c["template"].format(color=obj.color, token=c["token"])
         for k in range(per):
