@@ -405,6 +405,8 @@ def _train(spec, store, watchdog, rank, world, device, stop_at) -> dict[str, Any
                 _validation(spec, method, trainer, data, entry.step, device)
     watchdog.disarm_stall()  # evaluation and saving follow, with no steps; the job timeout still applies
     seconds = time.perf_counter() - t0
+    if trainer.frozen is not None:  # saved pipelines and samples use the base model's weights exactly
+        trainer.frozen.restore()
     out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds,
            "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, "skipped_rows": data.skipped,
            "prior": data.prior, "warnings": data.warnings,
@@ -462,14 +464,16 @@ def _with_ema(trainer, fn):
 
 def _validation(spec, method, trainer, data, step, device) -> None:
     from pixelmill.tasks.train.evaluate import render_samples, write_samples
+    from pixelmill.tasks.train.precision import exact_weights
 
     s, e = spec["settings"], spec["eval"]
     prompts = s.get("validation_prompts") or e["prompts"][:1]
     was = trainer.unet.training
     trainer.unet.eval()
-    rows = _with_ema(trainer, lambda: render_samples(method, data, spec["concepts"], prompts, 1, e["steps"],
-                                                     e["guidance_scale"], e["image_guidance_scale"], e["seed"],
-                                                     s["resolution"], device))
+    with exact_weights(trainer):  # the base model's own weights, not the training copies in half precision
+        rows = _with_ema(trainer, lambda: render_samples(method, data, spec["concepts"], prompts, 1, e["steps"],
+                                                         e["guidance_scale"], e["image_guidance_scale"], e["seed"],
+                                                         s["resolution"], device))
     trainer.unet.train(was)
     write_samples(spec["dir"], f"step-{step:06d}", rows)
 

@@ -1,0 +1,98 @@
+"""Frozen weights kept in the mixed-precision dtype on the training device.
+
+Under ``mixed_precision: bf16`` (or ``fp16``) every forward that trains runs under
+``torch.autocast``, which casts each Linear and convolution weight to the half dtype at every
+call. A frozen weight (one that does not require grad) is cast again at every call, and the
+half copy made in the forward stays alive until the backward has used it: the device holds the
+fp32 weight and, at the step's peak, a half copy of every frozen layer (6 bytes a parameter).
+diffusers' example scripts store frozen weights in the half dtype instead (their
+``weight_dtype``); the trainer does the same, without their rounding elsewhere:
+
+* only the weights autocast casts anyway (``nn.Linear`` and ``nn.Conv1d/2d/3d`` weights and
+  biases that do not require grad, in the UNet and the text encoders, whose training forwards
+  run under autocast) are cast, to the autocast dtype, with the same rounding autocast applies,
+  so every step computes with the same numbers as before, bit for bit (tested); norms,
+  embeddings and everything that trains stay fp32, and the VAE (encoded in fp32 by design)
+  is left alone;
+* the fp32 originals wait on the host (on a GPU the device keeps 2 bytes a frozen parameter
+  instead of up to 6) and go back for sampling and saving (``exact``), so samples and saved
+  pipelines are the base model's weights exactly, never rounded ones.
+
+On the CPU the originals and the training device are the same memory, so the cast would add
+half copies rather than remove anything: by default it applies on CUDA only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+CAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+"""Layers whose weight and bias autocast casts to the half dtype in its lower-precision ops."""
+
+
+class FrozenHalf:
+    """The frozen Linear/conv weights of ``modules`` stored in ``dtype``; originals kept on the host.
+
+    Args:
+        modules: the networks whose training forward runs under autocast (UNet, text encoders).
+        dtype: autocast's dtype (``torch.bfloat16`` or ``torch.float16``).
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module], dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        seen: set[int] = set()
+        for module in modules:
+            for layer in module.modules():
+                if not isinstance(layer, CAST_LAYERS):
+                    continue
+                for p in (layer.weight, layer.bias):
+                    if p is None or p.requires_grad or id(p) in seen or p.dtype != torch.float32:
+                        continue
+                    seen.add(id(p))
+                    self.params.append((p, p.data.to("cpu")))  # the host copy (a view on the CPU)
+        self.half = False
+        self.cast()
+
+    @property
+    def count(self) -> int:
+        """Parameters (elements) held in the half dtype while training."""
+        return sum(p.numel() for p, _ in self.params)
+
+    def cast(self) -> None:
+        """Store the frozen weights in the half dtype on their device (autocast's rounding)."""
+        for p, orig in self.params:
+            p.data = orig.to(p.device, self.dtype)
+        self.half = True
+
+    def restore(self) -> None:
+        """Put the fp32 originals back on their device."""
+        for p, orig in self.params:
+            p.data = orig if orig.device == p.device else orig.to(p.device)
+        self.half = False
+
+    @contextmanager
+    def exact(self) -> Iterator[None]:
+        """The original fp32 weights inside the block (sampling, saving); half again after it."""
+        was = self.half
+        if was:
+            self.restore()
+        try:
+            yield
+        finally:
+            if was:
+                self.cast()
+
+
+@contextmanager
+def exact_weights(trainer) -> Iterator[None]:
+    """``trainer.frozen.exact()`` where the trainer casts frozen weights, else nothing."""
+    frozen = getattr(trainer, "frozen", None)
+    if frozen is None:
+        yield
+        return
+    with frozen.exact():
+        yield
