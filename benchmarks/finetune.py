@@ -122,12 +122,34 @@ RESULT_TAG = "FINETUNE_RESULT "
 
 # -- the model and the data ----------------------------------------------------------------
 
-def build_model(out: Path, vae: str) -> str:
-    """Save an SD-shaped pipeline: benchmark UNet 64/128/256, an 8x VAE, the tiny text encoder."""
+def build_model(out: Path, vae: str, unet: str = "bench", device: str = "cpu") -> str:
+    """Save an SD-shaped pipeline (fp32): benchmark UNet 64/128/256, an 8x VAE, the tiny text encoder;
+    or (``unet="sd15"``) SD 1.5's shapes: UNet 320/640/1280/1280, VAE 128/256/512/512, a CLIP ViT-L/14-shaped
+    text encoder (random weights built on ``device``: seconds on a GPU)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from pixelmill.models.tiny import TINY_CROSS_ATTENTION_DIM, build_sd_unet_for_benchmark, build_tiny_sd_components
 
+    if unet == "sd15":
+        import torch
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from pixelmill.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, MODEL_MAX_LENGTH, VOCAB_SIZE
+
+        comps = build_tiny_sd_components()
+        with torch.device(device):
+            comps["unet"] = build_sd_unet_for_benchmark(block_out_channels=(320, 640, 1280, 1280),
+                                                        cross_attention_dim=768, device=device)
+            comps["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                                         down_block_types=("DownEncoderBlock2D",) * 4,
+                                         up_block_types=("UpDecoderBlock2D",) * 4,
+                                         block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512)
+            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=MODEL_MAX_LENGTH, vocab_size=VOCAB_SIZE, hidden_act="quick_gelu",
+                projection_dim=768, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=EOS_TOKEN_ID))
+        StableDiffusionPipeline(**comps).save_pretrained(str(out), safe_serialization=True)
+        return str(out)
     comps = build_tiny_sd_components()
     comps["unet"] = build_sd_unet_for_benchmark(block_out_channels=(64, 128, 256),
                                                 cross_attention_dim=TINY_CROSS_ATTENTION_DIM)
@@ -163,7 +185,8 @@ def pixelmill_spec(root: Path, tag: str, model: str, data: str, method: str, cac
     shutil.rmtree(root / f"campaign-{tag}", ignore_errors=True)  # a fresh cache each run (--workdir reuse)
     settings = dict(resolution=args.resolution, train_batch_size=args.batch, max_steps=total_steps(args) + 1,
                     learning_rate=LR[method], center_crop=True, random_flip=True, cache_latents=cached,
-                    cache_text_embeddings=cached, checkpoint_every=10**6, device="cpu", mixed_precision="no",
+                    cache_text_embeddings=cached, checkpoint_every=10**6, device=args.device,
+                    mixed_precision="no" if args.precision == "fp32" else args.precision,
                     seed=0, compile=compiled)
     if method == "lora":
         settings.update(rank=LORA_RANK, alpha=LORA_RANK, target_modules=TARGET_MODULES)
@@ -211,14 +234,48 @@ class RssPeak:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
+class DevicePeak:
+    """Peak CUDA memory allocated by tensors while the block runs (``start``: allocated before it)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> DevicePeak:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a step is timed to its end); nothing on the CPU."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PartClock:
-    """Seconds per named step part, added to the running variant's table while it runs a timed step."""
+    """Seconds per named step part, added to the running variant's table while it runs a timed step.
+
+    Off on a GPU (``enabled``): the host returns before the kernels it queued have run, so a part's
+    host time says nothing of its GPU time (the whole step is timed to a synchronize instead)."""
 
     def __init__(self) -> None:
         self.active: dict[str, float] | None = None
+        self.enabled = True
 
     def add(self, name: str, t0: float) -> None:
-        if self.active is not None:
+        if self.active is not None and self.enabled:
             self.active[name] += time.perf_counter() - t0
 
     def wrap(self, name: str, fn):
@@ -255,6 +312,7 @@ class Variant:
         c0, t0 = time.process_time(), time.perf_counter()
         try:
             self.step(i)
+            synchronize()
         finally:
             self.times.append(time.perf_counter() - t0)
             self.cpu += time.process_time() - c0
@@ -272,7 +330,13 @@ class Variant:
 # -- the variants -------------------------------------------------------------------------------
 
 def make_baseline(args) -> Variant:
-    """The example scripts' loop (train_text_to_image_lora.py / train_dreambooth.py), fp32, one process."""
+    """The example scripts' loop (train_text_to_image_lora.py / train_dreambooth.py), one process.
+
+    ``--precision bf16`` does what the scripts do under ``--mixed_precision bf16``: the frozen networks and
+    (LoRA) the whole UNet, adapters included, are moved to the device in bf16 (their ``weight_dtype``; the
+    LoRA script re-casts trainable parameters to fp32 for fp16 only), DreamBooth's trained UNet stays fp32,
+    and the UNet's forward runs under autocast (what ``accelerator.prepare`` wraps it in).
+    """
     import io
 
     import torch
@@ -286,6 +350,8 @@ def make_baseline(args) -> Variant:
     from pixelmill.datasets import Dataset
 
     clip_grad_norm_ = getattr(torch.nn.utils.clip_grad_norm_, "original", torch.nn.utils.clip_grad_norm_)
+    device = torch.device(args.device)
+    weight_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     t0 = time.perf_counter()
     model = args.model
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -296,6 +362,9 @@ def make_baseline(args) -> Variant:
     unet.requires_grad_(False)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device, dtype=weight_dtype if args.method == "lora" else torch.float32)
     if args.method == "lora":
         from peft import LoraConfig
 
@@ -351,20 +420,23 @@ def make_baseline(args) -> Variant:
             batch = next(batches)
         CLOCK.add("data", t)
         t = time.perf_counter()
-        latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         CLOCK.add("vae", t)
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=device).long()
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         t = time.perf_counter()
-        hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+        hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
         CLOCK.add("text", t)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
         t = time.perf_counter()
-        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=args.precision != "fp32"):
+            pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
         CLOCK.add("unet fwd", t)
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
         loss.backward()
@@ -394,7 +466,7 @@ def make_pixelmill(name: str, spec_path: str) -> Variant:
 
     spec = json.loads(Path(spec_path).read_text())
     t0 = time.perf_counter()
-    method, data, trainer = _setup(spec, torch.device("cpu"))
+    method, data, trainer = _setup(spec, torch.device(spec["settings"]["device"]))
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
@@ -429,7 +501,7 @@ def total_steps(args) -> int:
 def worker_memory(args) -> dict[str, Any]:
     """One variant alone: load, warm up, run ``--mem-steps`` steps; RSS peak over the steps."""
     v = make_variant(args.variant, args, args.spec[0] if args.spec else None)
-    with RssPeak() as mem:
+    with (DevicePeak(args.device) if args.device.startswith("cuda") else RssPeak()) as mem:
         for _ in range(args.warmup):
             v.run(timed=False)
         for _ in range(args.mem_steps):
@@ -460,6 +532,7 @@ def worker_main(args) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    CLOCK.enabled = args.device == "cpu"
     out = {"memory": worker_memory, "speed": worker_speed, "dp": worker_dp}[args.worker](args)
     out = {"result": out, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB
            "threads": torch.get_num_threads()}
@@ -573,7 +646,8 @@ def run_worker(kind: str, method: str, args, model: str, data: str, variant: str
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--method", method, "--model", model,
            "--data", data, "--resolution", str(args.resolution), "--batch", str(args.batch),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--mem-steps", str(args.mem_steps),
-           "--threads", str(args.threads)] + (["--compile"] if args.compile else [])
+           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision] + \
+        (["--compile"] if args.compile else [])
     if variant:
         cmd += ["--variant", variant]
     for spec in specs:
@@ -607,7 +681,14 @@ def load() -> str:
         return "n/a"
 
 
-def report(method: str, speed: dict[str, Any], memory: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+def gpu_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def report(method: str, speed: dict[str, Any], memory: dict[str, Any], names: tuple[str, ...],
+           device: str = "cpu") -> dict[str, Any]:
     """Print a method's tables and verdict; returns pixelmill's (cached) ratios against the baseline."""
     mb = 1 << 20
     base_t = speed["baseline"]["step_seconds"]
@@ -620,8 +701,11 @@ def report(method: str, speed: dict[str, Any], memory: dict[str, Any], names: tu
     title = (f"LoRA (rank {LORA_RANK}, alpha {LORA_RANK}, {'/'.join(TARGET_MODULES)})" if method == "lora"
              else "DreamBooth (full UNet, no prior preservation, text encoder frozen)")
     print(f"\n{title}")
+    gpu = device != "cpu"
+    kind = "GPU" if gpu else "RSS"  # on a GPU: tensors allocated on it (loaded = before the first step)
     print(f"  {'variant':<34}{'steps/s':>8}{'vs base':>9}{'mean steps/s':>14}{'CPU s/step':>12}{'vs base':>9}"
-          f"{'loaded MB':>11}{'train peak MB':>15}{'vs base':>9}{'process max MB':>16}{'vs base':>9}   one-off")
+          f"{'loaded MB':>11}{'train peak MB':>15}{'vs base':>9}{'process max MB':>16}{'vs base':>9}   one-off"
+          + ("   (loaded, train peak: GPU memory allocated; process max: host RSS)" if gpu else ""))
     for v in names:
         s, m = speed[v], memory[v]
         steps = s["step_seconds"]
@@ -634,9 +718,10 @@ def report(method: str, speed: dict[str, Any], memory: dict[str, Any], names: tu
               f"{m['loaded_bytes'] / mb:>11.0f}"
               f"{m['train_peak_bytes'] / mb:>15.0f}{m['train_peak_bytes'] / base_m['train_peak_bytes']:>8.2f}x"
               f"{m['max_rss_bytes'] / mb:>16.0f}{m['max_rss_bytes'] / base_m['max_rss_bytes']:>8.2f}x   {notes}")
-    print(f"  wall seconds per step, by part: {'':<2}" + "".join(f"{p:>11}" for p in PARTS))
-    for v in names:
-        print(f"  {LABELS[v]:<34}" + "".join(f"{speed[v]['parts'][p]:>11.3f}" for p in PARTS))
+    if not gpu:  # a GPU step's parts are not timed (PartClock)
+        print(f"  wall seconds per step, by part: {'':<2}" + "".join(f"{p:>11}" for p in PARTS))
+        for v in names:
+            print(f"  {LABELS[v]:<34}" + "".join(f"{speed[v]['parts'][p]:>11.3f}" for p in PARTS))
     steps_per_s = {v: (1 / statistics.median(speed[v]["step_seconds"]),
                        len(speed[v]["step_seconds"]) / sum(speed[v]["step_seconds"])) for v in names}
     found = {}
@@ -644,10 +729,12 @@ def report(method: str, speed: dict[str, Any], memory: dict[str, Any], names: tu
         ratio, mem = paired(v), memory[v]["train_peak_bytes"] / base_m["train_peak_bytes"]
         met = ratio >= 1.3 and mem <= 1.0
         print(f"  {method}: target >= 1.3x steps/s ({LABELS[v]} vs baseline) at no more memory: "
-              f"{'MET' if met else 'NOT MET'}  (steps/s {ratio:.2f}x, train peak RSS {mem:.2f}x = "
+              f"{'MET' if met else 'NOT MET'}  (steps/s {ratio:.2f}x, train peak {kind} {mem:.2f}x = "
               f"{(memory[v]['train_peak_bytes'] - base_m['train_peak_bytes']) / mb:+.0f} MB)")
         found.setdefault("speed", ratio)
         found.setdefault("memory", mem)
+        found.setdefault("vs_baseline", {})[v] = {"steps_per_s": ratio, "train_peak": mem, "met": met}
+    found["train_peak_mb"] = {v: memory[v]["train_peak_bytes"] / mb for v in names}
     return {**found, "steps_per_s": steps_per_s}
 
 
@@ -690,6 +777,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default="lora,dreambooth")
     p.add_argument("--vae", choices=sorted(VAES), default="sd-share")
+    p.add_argument("--unet", choices=("bench", "sd15"), default="bench",
+                   help="the benchmark UNet (17.6M) or SD 1.5's shapes (UNet, VAE and text encoder; --vae ignored)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: every variant under bf16 mixed precision, as the scripts' --mixed_precision bf16")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--workdir", default=None, help="keep the model, data and caches here (default: a temp dir)")
     p.add_argument("--example-script", default=None,
                    help="path of diffusers' examples/dreambooth/train_dreambooth_lora.py: compare LoRA steps/s")
@@ -725,13 +818,22 @@ def main() -> None:
     t_start = time.perf_counter()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="pixelmill-bench-finetune-"))
     root.mkdir(parents=True, exist_ok=True)
-    model = build_model(root / "model", args.vae)
+    if args.device != "cpu" and (args.scaling or args.example_script):
+        p.error("--scaling and --example-script run on the CPU: leave out --device")
+    model = build_model(root / "model", args.vae, args.unet, args.device)
     data = build_data(str(root / "instance"), args.resolution)
-    vae_desc = "/".join(map(str, VAES[args.vae]["block_out_channels"]))
     w, h = image_size(args.resolution)
-    print(f"finetune bench: SD-shaped UNet 64/128/256 (17.6M params), VAE {vae_desc} ({args.vae}, 8x), tiny CLIP "
-          f"text encoder (width 32); {N_IMAGES} instance images {w}x{h} -> {args.resolution} px "
-          f"(resize, center crop, random flip), batch {args.batch}, fp32, {args.threads} torch threads")
+    if args.unet == "sd15":
+        nets = ("SD 1.5-shaped UNet 320/640/1280/1280 (859.5M params), VAE 128/256/512/512, CLIP ViT-L/14-shaped "
+                "text encoder")
+    else:
+        vae_desc = "/".join(map(str, VAES[args.vae]["block_out_channels"]))
+        nets = (f"SD-shaped UNet 64/128/256 (17.6M params), VAE {vae_desc} ({args.vae}, 8x), tiny CLIP text encoder "
+                "(width 32)")
+    where = f"{args.threads} torch threads" if args.device == "cpu" else f"{gpu_name(args.device)}"
+    print(f"finetune bench: {nets}; {N_IMAGES} instance images {w}x{h} -> {args.resolution} px "
+          f"(resize, center crop, random flip), batch {args.batch}, "
+          f"{'fp32' if args.precision == 'fp32' else 'bf16 mixed precision'}, {where}")
     print(f"speed: the 3 variants in one process, {args.warmup} warm-up steps each, then {args.steps} rounds of one "
           f"step each (rotating order); memory: each variant alone in its own process "
           f"({args.warmup} + {args.mem_steps} steps)")
@@ -754,13 +856,20 @@ def main() -> None:
             threads.add(out["threads"])
         out = run_worker("speed", method, args, model, data, None, [specs[v] for v in names[1:]])
         threads.add(out["threads"])
-        found[method] = report(method, out["result"], memory, names)
+        found[method] = report(method, out["result"], memory, names, args.device)
     if args.example_script:
         example_report(args, model, root, found["lora"]["steps_per_s"])
     if args.scaling:
         scaling_report(args, model, data, root, methods[0])
     print(f"\nload average at end {load()}; total {time.perf_counter() - t_start:.0f} s; "
           f"torch threads in workers: {sorted(threads)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "machine": machine(), "device": args.device if args.device == "cpu" else gpu_name(args.device),
+            "torch": torch.__version__, "precision": args.precision, "unet": args.unet, "vae": args.vae,
+            "resolution": args.resolution, "batch": args.batch, "threads": args.threads,
+            "results": found}, indent=1))
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -192,9 +192,9 @@ class TrainSettings(StrictModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    # under mixed precision, frozen UNet / text-encoder Linear and conv weights stored in the autocast
-    # dtype (the same numbers autocast computes with): ``auto`` on CUDA, ``half`` anywhere, ``fp32`` never
-    frozen_weights: Literal["auto", "half", "fp32"] = "auto"
+    # under mixed precision (``auto``), frozen UNet / text-encoder Linear and conv weights are stored in the
+    # autocast dtype: the same numbers autocast computes with, without its per-call casts; ``fp32`` keeps them
+    frozen_weights: Literal["auto", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     # torch.compile (inductor) of the UNet's training forward and backward, once per worker: pays on
     # long jobs (the first steps compile, minutes on a CPU); needs a C compiler where the job runs
@@ -248,9 +248,6 @@ class TrainSettings(StrictModel):
             raise ValueError(f"resolution {list(self.resolution)} with aspect_buckets: buckets are built around "
                              "one side (their area); give resolution as one number, or leave aspect_buckets off "
                              "to train at exactly this width and height")
-        if self.frozen_weights == "half" and self.mixed_precision == "no":
-            raise ValueError("frozen_weights: half stores frozen weights in the mixed-precision dtype: set "
-                             "mixed_precision to bf16 or fp16, or leave frozen_weights at auto")
         return self
 
 

@@ -174,11 +174,9 @@ class Trainer:
                     getattr(te, "gradient_checkpointing_enable", None)
                 if enable is not None:
                     enable()
-        # frozen weights in autocast's dtype: the same numbers each step, a third of their device memory
-        frozen = s.get("frozen_weights", "auto")
-        cast = frozen == "half" or (frozen == "auto" and self.device.type == "cuda")
+        # frozen weights in autocast's dtype: the same numbers each step, without autocast's casts
         self.frozen = (FrozenHalf([self.unet, *self.text_encoders], self.autocast_dtype)
-                       if cast and self.autocast_dtype is not None else None)
+                       if self.autocast_dtype is not None and s.get("frozen_weights", "auto") == "auto" else None)
         self.unet.train()
         # the UNet call of each step; compiled, the weights stay the UNet's own (saving is unchanged)
         self.unet_call = torch.compile(self.unet) if s.get("compile") else self.unet

@@ -1,4 +1,4 @@
-"""Frozen weights stored in the mixed-precision dtype (``frozen_weights``): every step computes
+"""Frozen weights stored in the mixed-precision dtype (``frozen_weights: auto``): every step computes
 with the numbers autocast computed with, bit for bit; only frozen Linear/conv weights change
 dtype; the fp32 originals come back exactly for sampling and saving."""
 
@@ -50,13 +50,13 @@ def _networks(trainer) -> dict[str, torch.nn.Module]:
 @pytest.mark.parametrize("method", ["lora", "custom_diffusion", "textual_inversion", "dreambooth",
                                     "instruct_pix2pix"])
 def test_half_frozen_weights_train_bitwise_as_autocast_and_come_back_exactly(inputs, tmp_path, method):
-    specs = {f: _spec(inputs, tmp_path / f, method, f) for f in ("fp32", "half")}
-    assert specs["half"]["id"] == specs["fp32"]["id"]  # the same weights: not part of the job id
+    specs = {f: _spec(inputs, tmp_path / f, method, f) for f in ("fp32", "auto")}
+    assert specs["auto"]["id"] == specs["fp32"]["id"]  # the same weights: not part of the job id
     runs = {}
     for f, spec in specs.items():
         _, _, trainer = _setup(spec, torch.device("cpu"))
         runs[f] = (trainer, [trainer.step(step).loss for step in range(3)])
-    plain, half = runs["fp32"][0], runs["half"][0]
+    plain, half = runs["fp32"][0], runs["auto"][0]
     assert plain.frozen is None and half.frozen is not None and half.frozen.count > 0
 
     # what is half: frozen Linear/conv weights of the UNet and text encoders; nothing that trains, no norm
@@ -69,7 +69,7 @@ def test_half_frozen_weights_train_bitwise_as_autocast_and_come_back_exactly(inp
     assert all(p.dtype == torch.float32 for p in half.vae.parameters())  # the VAE encodes in fp32 by design
 
     # the same steps, bit for bit
-    assert runs["half"][1] == runs["fp32"][1]
+    assert runs["auto"][1] == runs["fp32"][1]
     for k, p in plain.params.items():
         assert torch.equal(half.params[k], p), k
 
@@ -85,7 +85,7 @@ def test_a_job_with_half_frozen_weights_saves_and_samples_what_the_fp32_job_does
     """The job path: validation samples during training and the final samples and LoRA file are the fp32
     job's, bit for bit (the originals are back for them), and training goes on in half after validation."""
     outs = {}
-    for f in ("fp32", "half"):
+    for f in ("fp32", "auto"):
         spec = _spec(inputs, tmp_path / f, "lora", f, validation_every=1, validation_prompts=["a <dog1> dog"])
         outs[f] = (spec, run_job(spec))
     from pathlib import Path
@@ -99,17 +99,18 @@ def test_a_job_with_half_frozen_weights_saves_and_samples_what_the_fp32_job_does
         files[f] = {p.relative_to(root).as_posix(): p for p in root.rglob("*")
                     if p.is_file() and ("samples" in p.parts or p.suffix == ".safetensors") and "checkpoints"
                     not in p.parts}
-    assert sorted(files["half"]) == sorted(files["fp32"])
-    assert any("step-000001" in k for k in files["half"]) and any(k.endswith("lora_weights.safetensors")
-                                                                    for k in files["half"])
+    assert sorted(files["auto"]) == sorted(files["fp32"])
+    assert any("step-000001" in k for k in files["auto"]) and any(k.endswith("lora_weights.safetensors")
+                                                                    for k in files["auto"])
     for k, p in files["fp32"].items():
         if p.suffix == ".safetensors":
-            a, b = load_file(str(p)), load_file(str(files["half"][k]))
+            a, b = load_file(str(p)), load_file(str(files["auto"][k]))
             assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), k
         elif p.suffix == ".png":
-            assert p.read_bytes() == files["half"][k].read_bytes(), k
+            assert p.read_bytes() == files["auto"][k].read_bytes(), k
 
 
-def test_half_frozen_weights_need_mixed_precision(inputs, tmp_path):
-    with pytest.raises(ValueError, match="frozen_weights: half .* set mixed_precision to bf16 or fp16"):
-        _spec(inputs, tmp_path, "lora", "half", mixed_precision="no")
+def test_without_mixed_precision_nothing_is_cast(inputs, tmp_path):
+    _, _, trainer = _setup(_spec(inputs, tmp_path, "lora", "auto", mixed_precision="no"), torch.device("cpu"))
+    assert trainer.frozen is None
+    assert {p.dtype for p in trainer.unet.parameters()} == {torch.float32}
