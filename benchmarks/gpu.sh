@@ -23,6 +23,13 @@
 # Anywhere, the same code on the CPU with tiny models (a check of the script, in under a minute):
 #
 #     bash benchmarks/gpu.sh --dry-run [--out FILE]
+#
+# Fine-tuning on the same GPU (benchmarks/finetune.py: pixelmill's trainer against the diffusers + PEFT
+# loop of the example scripts, both under bf16 mixed precision, on SD 1.5's shapes at 512 px, batch 4;
+# steps/s and peak GPU memory; about 3 minutes for LoRA), its JSON in $OUT/gpu-finetune.json; any
+# finetune.py option after it (e.g. --methods lora,dreambooth --compile); --dry-run runs it on the CPU:
+#
+#     bash benchmarks/gpu.sh --finetune [--dry-run] [finetune.py options]
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -67,4 +74,15 @@ if ! "$PYTHON" -c "import diffusers, pydantic" >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+if [ "${1:-}" = "--finetune" ]; then
+    shift
+    FT=(--device cuda --precision bf16 --unet sd15 --resolution 512 --batch 4 --warmup 3 --steps 10 --mem-steps 2
+        --methods lora --json "${OUT:-.}/gpu-finetune.json")
+    if [ "${1:-}" = "--dry-run" ]; then
+        shift
+        FT=(--device cpu --precision bf16 --unet bench --vae light --resolution 64 --batch 2 --warmup 1 --steps 2
+            --mem-steps 1 --threads 1 --methods lora --json "${OUT:-.}/gpu-finetune.json")
+    fi
+    exec timeout "${PIXELMILL_GPU_TIMEOUT:-450}" "$PYTHON" "$ROOT/benchmarks/finetune.py" "${FT[@]}" "$@"
+fi
 exec timeout "${PIXELMILL_GPU_TIMEOUT:-450}" "$PYTHON" "$ROOT/benchmarks/gpu_edit.py" "$@"

@@ -101,3 +101,21 @@ def test_kernel_kinds():
     assert bench_unet.kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert bench_unet.kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "matmul"
     assert bench_unet.kind_of("triton_red_fused_native_group_norm_0") == "triton (fused norm/elementwise)"
+
+
+def test_finetune_dry_run_compares_both_bf16_loops_and_writes_the_figures(tmp_path):
+    """``gpu.sh --finetune --dry-run``: the GPU fine-tuning comparison's code path (bf16 mixed precision: the
+    scripts' bf16 weights against pixelmill's half frozen weights) on the CPU with the benchmark UNet."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--finetune", "--dry-run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bf16 mixed precision" in proc.stdout and "target >= 1.3x" in proc.stdout
+    report = json.loads((tmp_path / "gpu-finetune.json").read_text())
+    assert report["precision"] == "bf16" and report["device"] == "cpu"
+    lora = report["results"]["lora"]
+    assert set(lora["train_peak_mb"]) == {"baseline", "pixelmill", "pixelmill-nocache"}
+    assert all(mb > 0 for mb in lora["train_peak_mb"].values())
+    verdict = lora["vs_baseline"]["pixelmill"]
+    assert verdict["steps_per_s"] > 0 and verdict["train_peak"] > 0
+    assert verdict["met"] == (verdict["steps_per_s"] >= 1.3 and verdict["train_peak"] <= 1.0)
