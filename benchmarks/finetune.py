@@ -66,6 +66,15 @@ each worker ``--dp-threads`` torch threads, in processes joined by a gloo proces
 ``torch.compile``; its warm-up steps compile, minutes on a CPU the first time). Its "unet fwd" part is
 not split out (the clock would be traced into the graph), so it lands in "bwd + rest".
 
+``--precision bf16``: every variant under bf16 mixed precision, the baseline as the scripts run under
+``--mixed_precision bf16`` (frozen networks and the LoRA UNet in bf16, the forward under autocast), pixelmill
+with ``mixed_precision: bf16`` (its frozen Linear/conv weights stored in bf16, ``--frozen-weights fp32`` keeps
+them fp32 to measure that lever). ``--device cuda`` runs the workers on a GPU: each step is timed to a
+synchronize, memory is the peak of tensors allocated on the GPU (``torch.cuda.max_memory_allocated``), and a
+step's parts are not split. ``--unet sd15`` builds SD 1.5's shapes instead of the benchmark model (UNet
+320/640/1280/1280, VAE 128/256/512/512, a CLIP ViT-L/14-shaped text encoder): ``bash benchmarks/gpu.sh
+--finetune`` runs it on a GPU at 512 px, batch 4, bf16. ``--json FILE`` writes the figures.
+
 ``--vae sd-share`` (default, blocks 32/64/128/128) makes the VAE encoder ~30% of a
 full-UNet training step's FLOPs, as SD 1.5's VAE encoder is of an SD 1.5 training step at
 512 px (~32%): the proportion caching latents acts on in real jobs. ``--vae light`` is
@@ -187,7 +196,7 @@ def pixelmill_spec(root: Path, tag: str, model: str, data: str, method: str, cac
                     learning_rate=LR[method], center_crop=True, random_flip=True, cache_latents=cached,
                     cache_text_embeddings=cached, checkpoint_every=10**6, device=args.device,
                     mixed_precision="no" if args.precision == "fp32" else args.precision,
-                    seed=0, compile=compiled)
+                    seed=0, compile=compiled, frozen_weights=args.frozen_weights)
     if method == "lora":
         settings.update(rank=LORA_RANK, alpha=LORA_RANK, target_modules=TARGET_MODULES)
     else:
@@ -782,6 +791,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: every variant under bf16 mixed precision, as the scripts' --mixed_precision bf16")
+    p.add_argument("--frozen-weights", choices=("auto", "fp32"), default="auto",
+                   help="pixelmill frozen_weights setting (bf16: auto stores frozen weights in bf16; fp32 keeps them)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--workdir", default=None, help="keep the model, data and caches here (default: a temp dir)")
     p.add_argument("--example-script", default=None,
@@ -833,7 +844,8 @@ def main() -> None:
     where = f"{args.threads} torch threads" if args.device == "cpu" else f"{gpu_name(args.device)}"
     print(f"finetune bench: {nets}; {N_IMAGES} instance images {w}x{h} -> {args.resolution} px "
           f"(resize, center crop, random flip), batch {args.batch}, "
-          f"{'fp32' if args.precision == 'fp32' else 'bf16 mixed precision'}, {where}")
+          f"{'fp32' if args.precision == 'fp32' else 'bf16 mixed precision'}"
+          f"{', pixelmill frozen_weights ' + args.frozen_weights if args.precision != 'fp32' else ''}, {where}")
     print(f"speed: the 3 variants in one process, {args.warmup} warm-up steps each, then {args.steps} rounds of one "
           f"step each (rotating order); memory: each variant alone in its own process "
           f"({args.warmup} + {args.mem_steps} steps)")
@@ -866,7 +878,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": machine(), "device": args.device if args.device == "cpu" else gpu_name(args.device),
-            "torch": torch.__version__, "precision": args.precision, "unet": args.unet, "vae": args.vae,
+            "torch": torch.__version__, "precision": args.precision, "frozen_weights": args.frozen_weights,
+            "unet": args.unet, "vae": args.vae,
             "resolution": args.resolution, "batch": args.batch, "threads": args.threads,
             "results": found}, indent=1))
         print(f"figures written to {args.json}")

@@ -175,7 +175,9 @@ class Trainer:
                 if enable is not None:
                     enable()
         # frozen weights in autocast's dtype: the same numbers each step, without autocast's casts
-        self.frozen = (FrozenHalf([self.unet, *self.text_encoders], self.autocast_dtype)
+        # (on the CPU the fp32 originals wait in a file: host memory is the device's memory there)
+        self.frozen = (FrozenHalf([self.unet, *self.text_encoders], self.autocast_dtype,
+                                  spill=self.device.type == "cpu")
                        if self.autocast_dtype is not None and s.get("frozen_weights", "auto") == "auto" else None)
         self.unet.train()
         # the UNet call of each step; compiled, the weights stay the UNet's own (saving is unchanged)

@@ -15,16 +15,19 @@ diffusers' example scripts store frozen weights in the half dtype instead (their
   embeddings and everything that trains stay fp32, and the VAE (encoded in fp32 by design)
   is left alone;
 * the fp32 originals wait on the host (on a GPU the device keeps 2 bytes a frozen parameter
-  instead of up to 6) and go back for sampling and saving (``exact``), so samples and saved
+  instead of up to 6), or on the CPU in a safetensors file in a temporary folder (host memory is
+  the device's there), and go back for sampling and saving (``exact``), so samples and saved
   pipelines are the base model's weights exactly, never rounded ones.
 
-Each step also skips autocast's casts of those weights. On the CPU the originals stay in the same
-memory, so the half copies are held from the start instead of at each step's peak: the peak is the
-same (measured: ``benchmarks/finetune.py --precision bf16``). ``frozen_weights: fp32`` turns it off.
+Each step also skips autocast's casts of those weights. ``frozen_weights: fp32`` turns it off.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -35,16 +38,18 @@ CAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3
 
 
 class FrozenHalf:
-    """The frozen Linear/conv weights of ``modules`` stored in ``dtype``; originals kept on the host.
+    """The frozen Linear/conv weights of ``modules`` stored in ``dtype``; the fp32 originals kept aside.
 
     Args:
         modules: the networks whose training forward runs under autocast (UNet, text encoders).
         dtype: autocast's dtype (``torch.bfloat16`` or ``torch.float16``).
+        spill: keep the originals in a safetensors file in a temporary folder instead of host memory
+            (for training on the CPU, where host memory is the training device's memory).
     """
 
-    def __init__(self, modules: Iterable[torch.nn.Module], dtype: torch.dtype) -> None:
+    def __init__(self, modules: Iterable[torch.nn.Module], dtype: torch.dtype, spill: bool = False) -> None:
         self.dtype = dtype
-        self.params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.params: list[torch.nn.Parameter] = []
         seen: set[int] = set()
         for module in modules:
             for layer in module.modules():
@@ -54,24 +59,44 @@ class FrozenHalf:
                     if p is None or p.requires_grad or id(p) in seen or p.dtype != torch.float32:
                         continue
                     seen.add(id(p))
-                    self.params.append((p, p.data.to("cpu")))  # the host copy (a view on the CPU)
+                    self.params.append(p)
+        originals = [p.data.to("cpu") for p in self.params]  # host copies (the same memory on the CPU)
+        self._originals: list[torch.Tensor] | None = originals
+        self.spill_file: str | None = None
+        if spill and self.params:
+            from safetensors.torch import save_file
+
+            folder = tempfile.mkdtemp(prefix="pixelmill-frozen-")
+            self.spill_file = os.path.join(folder, "originals.safetensors")
+            save_file({f"p{i}": t.contiguous() for i, t in enumerate(originals)}, self.spill_file)
+            weakref.finalize(self, shutil.rmtree, folder, True)
         self.half = False
         self.cast()
 
     @property
     def count(self) -> int:
         """Parameters (elements) held in the half dtype while training."""
-        return sum(p.numel() for p, _ in self.params)
+        return sum(p.numel() for p in self.params)
+
+    def _load(self) -> list[torch.Tensor]:
+        if self._originals is not None:
+            return self._originals
+        from safetensors.torch import load_file
+
+        got = load_file(self.spill_file)
+        return [got[f"p{i}"] for i in range(len(self.params))]
 
     def cast(self) -> None:
         """Store the frozen weights in the half dtype on their device (autocast's rounding)."""
-        for p, orig in self.params:
+        for p, orig in zip(self.params, self._load()):
             p.data = orig.to(p.device, self.dtype)
+        if self.spill_file is not None:
+            self._originals = None  # spilled: the fp32 copies leave memory
         self.half = True
 
     def restore(self) -> None:
         """Put the fp32 originals back on their device."""
-        for p, orig in self.params:
+        for p, orig in zip(self.params, self._load()):
             p.data = orig if orig.device == p.device else orig.to(p.device)
         self.half = False
 

@@ -4,6 +4,9 @@ dtype; the fp32 originals come back exactly for sampling and saving."""
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,6 +61,9 @@ def test_half_frozen_weights_train_bitwise_as_autocast_and_come_back_exactly(inp
         runs[f] = (trainer, [trainer.step(step).loss for step in range(3)])
     plain, half = runs["fp32"][0], runs["auto"][0]
     assert plain.frozen is None and half.frozen is not None and half.frozen.count > 0
+    # on the CPU the fp32 originals wait in a file, not in memory
+    spill = Path(half.frozen.spill_file)
+    assert spill.stat().st_size >= 4 * half.frozen.count and half.frozen._originals is None
 
     # what is half: frozen Linear/conv weights of the UNet and text encoders; nothing that trains, no norm
     trainable = {id(p) for p in half.params.values()}
@@ -79,6 +85,10 @@ def test_half_frozen_weights_train_bitwise_as_autocast_and_come_back_exactly(inp
         theirs = _networks(half)[name].state_dict()
         for k, t in net.state_dict().items():
             assert theirs[k].dtype == t.dtype and torch.equal(theirs[k], t), (name, k)
+    runs.clear()
+    del half, plain, trainer
+    gc.collect()
+    assert not spill.parent.exists()  # the file goes with the trainer
 
 
 def test_a_job_with_half_frozen_weights_saves_and_samples_what_the_fp32_job_does(inputs, tmp_path):
@@ -88,8 +98,6 @@ def test_a_job_with_half_frozen_weights_saves_and_samples_what_the_fp32_job_does
     for f in ("fp32", "auto"):
         spec = _spec(inputs, tmp_path / f, "lora", f, validation_every=1, validation_prompts=["a <dog1> dog"])
         outs[f] = (spec, run_job(spec))
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     files = {}
