@@ -297,6 +297,23 @@ def user_server(home: Path) -> dict | None:
         return None
 
 
+@contextmanager
+def keep_sigterm_handler():
+    """Keep this process's Python SIGTERM handler across the block (``ray.init``).
+
+    A driver's ``ray.init`` puts in a handler that exits with status 15 and a traceback; where the
+    command has its own (``cli.cancel``: SIGTERM stops the run as Ctrl-C does), or Prefect has one
+    for a flow run in progress, that one is put back. With none (the default action), Ray's stays.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
 def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
     """A new Ray on this machine, connected from this process: loopback only, no dashboard.
 
@@ -533,11 +550,12 @@ class Runtime:
             log_to_driver=True,
             configure_logging=True,
         )
-        if self.ray_address:
-            enable_ray_token_auth_if_available()
-            ray.init(address=self.ray_address, **kwargs)
-        else:
-            start_local_ray(self.num_cpus, **kwargs)
+        with keep_sigterm_handler():
+            if self.ray_address:
+                enable_ray_token_auth_if_available()
+                ray.init(address=self.ray_address, **kwargs)
+            else:
+                start_local_ray(self.num_cpus, **kwargs)
         self.owns_ray = True
         import ray.data
 

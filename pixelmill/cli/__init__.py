@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"\npixelmill: {e}" if isinstance(e, RunCancelled) else "\ninterrupted", file=sys.stderr)
         _resume_hint(args.command)
-        return 130
+        return getattr(e, "exit_status", 130)
 
 
 def run() -> None:

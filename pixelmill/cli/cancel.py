@@ -1,4 +1,4 @@
-"""Stopping a command's run: Ctrl-C here, or "Cancel" on its flow run in the Prefect UI / API.
+"""Stopping a command's run: Ctrl-C here, SIGTERM, or "Cancel" on its flow run in the Prefect UI / API.
 
 A flow started by the CLI runs in the CLI's process, so no Prefect worker is there to act
 on a cancellation asked for in the UI. :func:`cancellable` tags every flow run the command
@@ -9,7 +9,9 @@ tasks (Ray ends a driver's tasks and actors with it), committed shards and check
 stay, and the command's flow runs are marked ``Cancelled`` (not ``Crashed``) with what
 stopped them, while the Prefect API is still up. A rerun resumes. A cancel that arrives as
 the work returns is honoured the same way (checked once more at the end), so no run is
-left ``Cancelling`` behind a command that says it succeeded.
+left ``Cancelling`` behind a command that says it succeeded. SIGTERM (a service manager's stop,
+``kill``, a scheduler's preemption) stops the command the same way, with exit status 143
+instead of 130 (before, Ray's own handler ended it with status 15 and the run ``Crashed``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,22 @@ TAG_PREFIX = "pixelmill-cli-"
 
 
 class RunCancelled(KeyboardInterrupt):
-    """The command's run was stopped (Ctrl-C, or cancelled through the Prefect API)."""
+    """The command's run was stopped (Ctrl-C, SIGTERM, or cancelled through the Prefect API).
+
+    ``exit_status``: what the command exits with (130, or 143 = 128 + SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_status: int = 130) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a command's flows ran."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
 
 
 class _Watcher:
@@ -150,20 +167,29 @@ def cancellable(command: str, poll: float = 2.0) -> Iterator[None]:
     tag = TAG_PREFIX + uuid.uuid4().hex[:12]
     watcher = _Watcher(tag, poll)
     restore = _own_interrupts(watcher)
+    # SIGTERM unwinds as Ctrl-C does (``runtime`` keeps this handler across ray.init, which would put in
+    # its own; Prefect's, inside a flow run, marks the run and then sends the signal on to this one)
+    main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     watcher.start()
     try:
         with tags(tag):
             yield
         if watcher.finish():  # cancelled as it finished: the request is honoured all the same
             raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         watcher.stop()
+        status = 130
         if watcher.requested:
             why = f"cancelled through the Prefect API (flow run {watcher.requested})"
+        elif isinstance(e, Terminated):
+            why, status = "stopped (SIGTERM)", 128 + signal.SIGTERM
         else:
             why = "interrupted (Ctrl-C)"
         _mark_cancelled(tag, f"pixelmill {command}: {why}")
-        raise RunCancelled(f"{command} {why}") from None
+        raise RunCancelled(f"{command} {why}", status) from None
     finally:
         watcher.stop()
         restore()
+        if main:
+            signal.signal(signal.SIGTERM, previous_term)

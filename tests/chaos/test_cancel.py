@@ -191,6 +191,27 @@ def test_ctrl_c_stops_the_run_marks_it_cancelled_and_a_rerun_resumes(cluster, tm
     assert report.ok, str(report)
 
 
+def test_sigterm_stops_the_run_as_ctrl_c_does_with_status_143(cluster, tmp_path, tiny_models):
+    """A service manager's stop or ``kill`` (SIGTERM to the command's process) unwinds as Ctrl-C does:
+    before, Ray's handler (put in by ray.init) ended the command with status 15, its run ``Crashed``."""
+    _, out, cmd, env, api_url, before, hold = _edit_run(cluster, tmp_path, tiny_models, seed=33)
+    proc = _start(cmd, env)
+    try:
+        _wait_first_commit(proc, out)
+        _wait_held(proc, hold)
+        os.kill(proc.pid, signal.SIGTERM)  # the process only, as `kill PID` or Kubernetes sends it
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 143, stderr[-4000:]
+    assert "pixelmill: edit stopped (SIGTERM)" in stderr, stderr[-3000:]
+    assert "rerun the same command to resume" in stderr
+    (run,) = _our_runs(api_url, before)
+    assert run.state.is_cancelled(), run.state
+    assert "stopped (SIGTERM)" in run.state.message
+    assert not _gone_within(int(cluster["PIXELMILL_TEST_RAY_HEAD_PID"]), 30)
+
+
 def test_a_cancel_arriving_as_the_work_returns_is_honoured_not_left_cancelling(cluster):
     """The watcher polls; a cancel set between its last poll and the end of the work must not
     leave the flow run ``Cancelling`` behind a command that says it succeeded."""
