@@ -27,7 +27,7 @@ from pixelmill.config.base import (
 PLACEMENT_SETTINGS = frozenset({
     "max_steps", "checkpoint_every", "keep_checkpoints", "validation_every", "validation_prompts",
     "num_gpus", "num_workers", "cpus_per_worker", "cache_latents", "cache_text_embeddings",
-    "gradient_checkpointing", "compile", "frozen_weights", "device", "log_every", "prior_shortfall",
+    "gradient_checkpointing", "compile", "frozen_weights", "offload_idle", "device", "log_every", "prior_shortfall",
 })
 
 
@@ -195,6 +195,8 @@ class TrainSettings(StrictModel):
     # under mixed precision (``auto``), frozen UNet / text-encoder Linear and conv weights are stored in the
     # autocast dtype: the same numbers autocast computes with, without its per-call casts; ``fp32`` keeps them
     frozen_weights: Literal["auto", "fp32"] = "auto"
+    # with every latent (prompt embedding) cached, the VAE (frozen text encoders) leave memory until sampling
+    offload_idle: bool = True
     gradient_checkpointing: bool = False
     # torch.compile (inductor) of the UNet's training forward and backward, once per worker: pays on
     # long jobs (the first steps compile, minutes on a CPU); needs a C compiler where the job runs

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from pixelmill.tasks.train.data import (
 )
 from pixelmill.tasks.train.methods import Method
 from pixelmill.tasks.train.optim import all_reduce_bucketed, make_adamw
+from pixelmill.tasks.train.parking import Parked
 from pixelmill.tasks.train.precision import FrozenHalf
 
 
@@ -179,6 +181,7 @@ class Trainer:
         self.frozen = (FrozenHalf([self.unet, *self.text_encoders], self.autocast_dtype,
                                   spill=self.device.type == "cpu")
                        if self.autocast_dtype is not None and s.get("frozen_weights", "auto") == "auto" else None)
+        self.parked: dict[str, Parked] = {}  # networks no step needs, out of memory (park_idle)
         self.unet.train()
         # the UNet call of each step; compiled, the weights stay the UNet's own (saving is unchanged)
         self.unet_call = torch.compile(self.unet) if s.get("compile") else self.unet
@@ -186,6 +189,46 @@ class Trainer:
             te.train(self.method.trains_text)
         self.vae.eval()
         self._null_text: TextCond | None = None
+
+    # -- frozen networks no step needs ----------------------------------------------------
+    def park_idle(self) -> list[str]:
+        """Park the VAE when every latent is cached and the frozen text encoders when every prompt's
+        embedding is (``parking.py``; setting ``offload_idle``); returns the parked parts' names."""
+        if not self.settings.get("offload_idle", True):
+            return []
+        names = ["vae"] if self.latent_cache is not None else []
+        if self.text_cache is not None and self.method.text_is_fixed():
+            names += [n for n in ("text_encoder", "text_encoder_2") if self.method.parts.get(n) is not None]
+        for n in names:
+            self.parked.setdefault(n, Parked(self.method.parts[n], self.device)).park()
+        return names
+
+    def _need(self, *names: str) -> None:
+        """Bring parked networks back before a step uses them (a sample the caches lack); they stay."""
+        for n in names:
+            if n in self.parked:
+                self.parked[n].restore()
+
+    @contextmanager
+    def exact_weights(self) -> Iterator[None]:
+        """Every network as loaded (parked ones back, frozen weights fp32) inside the block: sampling,
+        saving; as it was for training after it."""
+        parked = [p for p in self.parked.values() if p.parked]
+        for p in parked:
+            p.restore()
+        try:
+            with self.frozen.exact() if self.frozen is not None else nullcontext():
+                yield
+        finally:
+            for p in parked:
+                p.park()
+
+    def release(self) -> None:
+        """Training is over: every network as loaded, for good (final samples, saving)."""
+        for p in self.parked.values():
+            p.restore()
+        if self.frozen is not None:
+            self.frozen.restore()
 
     def eval_mode(self) -> None:
         """The UNet and text encoders in eval mode (saving and sampling)."""
@@ -342,6 +385,8 @@ class Trainer:
         kernels may sum in another order for another batch size): within float rounding.
         """
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(pixels)
+        if pixels:
+            self._need("vae")
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, px in enumerate(pixels):
             by_size.setdefault(tuple(px.shape), []).append(i)
@@ -362,6 +407,7 @@ class Trainer:
             cached = TextCond.from_cache(self.text_cache, [prompt_key(p) for p in prompts], self.device, self.sdxl)
             if cached is not None:
                 return cached
+        self._need("text_encoder", "text_encoder_2")
         with (nullcontext() if self.method.trains_text else torch.no_grad()), self._autocast():
             return encode_prompts(self.method.parts, prompts, self.device)
 
@@ -379,6 +425,7 @@ class Trainer:
     def null_text(self) -> TextCond:
         """The unconditional text (``conditioning.null_conditioning``) that conditioning dropout trains with."""
         if self._null_text is None:
+            self._need("text_encoder", "text_encoder_2")
             with self._autocast():
                 self._null_text = null_conditioning(self.method.parts, self.device)
         return self._null_text

@@ -386,6 +386,7 @@ def _train(spec, store, watchdog, rank, world, device, stop_at) -> dict[str, Any
         for warning in data.warnings:
             _log.warning("job %s: %s", spec["name"], warning)
     trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
+    trainer.park_idle()  # the VAE / text encoders with everything cached: out of memory until sampling
     log = store.read_log()
     start = restore_checkpoint(store, method, trainer, device)
     log = [r for r in log if r["step"] <= start]
@@ -405,8 +406,7 @@ def _train(spec, store, watchdog, rank, world, device, stop_at) -> dict[str, Any
                 _validation(spec, method, trainer, data, entry.step, device)
     watchdog.disarm_stall()  # evaluation and saving follow, with no steps; the job timeout still applies
     seconds = time.perf_counter() - t0
-    if trainer.frozen is not None:  # saved pipelines and samples use the base model's weights exactly
-        trainer.frozen.restore()
+    trainer.release()  # saved pipelines and samples use the base model's weights exactly
     out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds,
            "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, "skipped_rows": data.skipped,
            "prior": data.prior, "warnings": data.warnings,
@@ -464,13 +464,12 @@ def _with_ema(trainer, fn):
 
 def _validation(spec, method, trainer, data, step, device) -> None:
     from pixelmill.tasks.train.evaluate import render_samples, write_samples
-    from pixelmill.tasks.train.precision import exact_weights
 
     s, e = spec["settings"], spec["eval"]
     prompts = s.get("validation_prompts") or e["prompts"][:1]
     was = trainer.unet.training
     trainer.unet.eval()
-    with exact_weights(trainer):  # the base model's own weights, not the training copies in half precision
+    with trainer.exact_weights():  # the base model as loaded: parked networks back, frozen weights fp32
         rows = _with_ema(trainer, lambda: render_samples(method, data, spec["concepts"], prompts, 1, e["steps"],
                                                          e["guidance_scale"], e["image_guidance_scale"], e["seed"],
                                                          s["resolution"], device))

@@ -111,14 +111,3 @@ class FrozenHalf:
         finally:
             if was:
                 self.cast()
-
-
-@contextmanager
-def exact_weights(trainer) -> Iterator[None]:
-    """``trainer.frozen.exact()`` where the trainer casts frozen weights, else nothing."""
-    frozen = getattr(trainer, "frozen", None)
-    if frozen is None:
-        yield
-        return
-    with frozen.exact():
-        yield

@@ -72,7 +72,7 @@ def test_batched_vae_encode_matches_one_image_at_a_time():
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4).eval()
-    holder = SimpleNamespace(vae=vae, device=torch.device("cpu"))
+    holder = SimpleNamespace(vae=vae, device=torch.device("cpu"), _need=lambda *names: None)
     pixels = [torch.rand(3, 32, 32) * 2 - 1 for _ in range(3)] + [torch.rand(3, 32, 48) * 2 - 1]
     batched = Trainer.posteriors(holder, pixels)
     chunked = Trainer.posteriors(holder, pixels, chunk=2)

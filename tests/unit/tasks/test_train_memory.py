@@ -1,6 +1,9 @@
-"""Frozen weights stored in the mixed-precision dtype (``frozen_weights: auto``): every step computes
-with the numbers autocast computed with, bit for bit; only frozen Linear/conv weights change
-dtype; the fp32 originals come back exactly for sampling and saving."""
+"""What frozen networks cost in memory while training, with the same numbers.
+
+``frozen_weights: auto``: under mixed precision every step computes with the numbers autocast
+computed with, bit for bit; only frozen Linear/conv weights change dtype; the fp32 originals come
+back exactly for sampling and saving. ``offload_idle``: the VAE and text encoders leave memory
+while everything is cached, come back on first use, and every sample and saved file is the same."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 
 from pixelmill.config import CampaignConfig
 from pixelmill.samples import draw_concept_images, write_image_dataset, write_table_dataset
-from pixelmill.tasks.train.job import _setup, run_job
+from pixelmill.tasks.train.job import _setup, load_or_build_caches, run_job
 from pixelmill.tasks.train.plan import plan_campaign
 from pixelmill.tasks.train.precision import CAST_LAYERS
 from tests.helpers.train_data import ip2p_pairs_table
@@ -122,3 +125,79 @@ def test_without_mixed_precision_nothing_is_cast(inputs, tmp_path):
     _, _, trainer = _setup(_spec(inputs, tmp_path, "lora", "auto", mixed_precision="no"), torch.device("cpu"))
     assert trainer.frozen is None
     assert {p.dtype for p in trainer.unet.parameters()} == {torch.float32}
+
+
+# -- offload_idle: the VAE and text encoders parked while everything is cached ---------------
+
+def _cached_trainer(inputs, out, **settings):
+    spec = _spec(inputs, out, "lora", "auto", mixed_precision="no", cache_latents=True, cache_text_embeddings=True,
+                 **settings)
+    method, data, trainer = _setup(spec, torch.device("cpu"))
+    trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
+    return trainer
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {**{f"p:{k}": v.detach().clone() for k, v in module.named_parameters()},
+            **{f"b:{k}": v.detach().clone() for k, v in module.named_buffers()}}
+
+
+def test_parked_networks_leave_memory_the_steps_are_the_same_and_they_come_back_exactly(inputs, tmp_path):
+    plain = _cached_trainer(inputs, tmp_path / "a")
+    parked = _cached_trainer(inputs, tmp_path / "b")
+    before = {n: _state(parked.method.parts[n]) for n in ("vae", "text_encoder")}
+    assert parked.park_idle() == ["vae", "text_encoder"]
+    for n in ("vae", "text_encoder"):
+        assert sum(p.numel() for p in parked.method.parts[n].parameters()) == 0, n  # no storage left
+    assert [plain.step(i).loss for i in range(3)] == [parked.step(i).loss for i in range(3)]
+    assert all(p.parked for p in parked.parked.values())  # no step needed them
+    with parked.exact_weights():  # validation: back, the same values; parked again after it
+        for n, saved in before.items():
+            now = _state(parked.method.parts[n])
+            assert now.keys() == saved.keys() and all(torch.equal(now[k], t) for k, t in saved.items()), n
+    assert sum(p.numel() for p in parked.vae.parameters()) == 0
+    parked.release()
+    for n, saved in before.items():
+        now = _state(parked.method.parts[n])
+        assert all(torch.equal(now[k], t) for k, t in saved.items()), n
+    files = [Path(p.file).parent for p in parked.parked.values()]
+    assert all(f.exists() for f in files)
+    del parked
+    gc.collect()
+    assert not any(f.exists() for f in files)  # the files go with the trainer
+
+
+def test_a_step_that_needs_a_parked_network_brings_it_back(inputs, tmp_path):
+    plain = _cached_trainer(inputs, tmp_path / "a")
+    parked = _cached_trainer(inputs, tmp_path / "b")
+    parked.park_idle()
+    for t in (plain, parked):  # a sample the cache lacks: its latents are encoded in the step
+        t.latent_cache = {k: v for k, v in t.latent_cache.items() if not k[0].endswith("0")}
+        t.text_cache = {}
+    assert [plain.step(i).loss for i in range(2)] == [parked.step(i).loss for i in range(2)]
+    assert not parked.parked["vae"].parked and not parked.parked["text_encoder"].parked
+    assert sum(p.numel() for p in parked.vae.parameters()) == sum(p.numel() for p in plain.vae.parameters())
+
+
+def test_offload_idle_off_parks_nothing(inputs, tmp_path):
+    trainer = _cached_trainer(inputs, tmp_path, offload_idle=False)
+    assert trainer.park_idle() == [] and not trainer.parked
+
+
+def test_a_cached_bf16_dreambooth_job_saves_and_samples_what_the_plain_job_does(inputs, tmp_path):
+    """The job path with both levers on (VAE and text encoder parked, frozen weights in bf16) against both
+    off: the saved pipeline (VAE and text encoder included) and every sample, byte for byte."""
+    files = {}
+    for tag, offload, frozen in (("plain", False, "fp32"), ("lean", True, "auto")):
+        spec = _spec(inputs, tmp_path / tag, "dreambooth", frozen, cache_latents=True, cache_text_embeddings=True,
+                     offload_idle=offload, validation_every=2, validation_prompts=["a <dog1> dog"])
+        out = run_job(spec)
+        assert out["status"] == "finished", out
+        root = Path(spec["dir"])
+        files[tag] = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+                      if p.is_file() and ("samples" in p.parts or "artifacts" in p.parts)
+                      and p.suffix in (".png", ".safetensors")}
+    assert files["lean"].keys() == files["plain"].keys()
+    assert any("vae/" in k for k in files["lean"]) and any("step-000002" in k for k in files["lean"])
+    for k, blob in files["plain"].items():
+        assert files["lean"][k] == blob, k
