@@ -25,8 +25,9 @@ job with the same batch size, resolution, fp32 weights and torch threads:
   instance images only). The scripts' ``accelerate`` wrapper is left out: on one CPU
   process it adds nothing.
 * ``pixelmill``: the same job planned by ``plan_campaign`` and run by pixelmill's trainer
-  (``_setup`` + ``load_or_build_caches`` + ``trainer.step``, the loop ``train_worker``
-  runs) with ``cache_latents``, ``cache_text_embeddings`` and ``center_crop`` on.
+  (``_setup`` + ``load_or_build_caches`` + ``park_idle`` + ``trainer.step``, the loop
+  ``train_worker`` runs) with ``cache_latents``, ``cache_text_embeddings`` and ``center_crop`` on
+  (so its VAE and text encoder are parked: ``offload_idle``).
 * ``pixelmill-nocache``: the same without the caches (where the gain comes from).
 
 How. Speed: the three variants are loaded into ONE process (``--worker speed``), each
@@ -479,6 +480,7 @@ def make_pixelmill(name: str, spec_path: str) -> Variant:
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
+    trainer.park_idle()  # as ``job._train`` does: the VAE / text encoder out of memory when all is cached
     cache_s = time.perf_counter() - t0
     cached = spec["settings"]["cache_latents"]
     if cached:
@@ -561,6 +563,7 @@ def worker_dp(args) -> dict[str, Any]:
                                 world_size=args.world)
     method, data, trainer = _setup(spec, torch.device("cpu"), args.rank, args.world)
     trainer.latent_cache, trainer.text_cache = load_or_build_caches(spec, trainer, data, method)
+    trainer.park_idle()
     for i in range(args.warmup):
         trainer.step(i)
     if args.world > 1:
