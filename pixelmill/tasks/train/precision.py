@@ -51,7 +51,8 @@ class FrozenHalf:
         self.dtype = dtype
         self.params: list[torch.nn.Parameter] = []
         seen: set[int] = set()
-        for module in modules:
+        modules_list = list(modules)
+        for module in modules_list:
             for layer in module.modules():
                 if not isinstance(layer, CAST_LAYERS):
                     continue
@@ -72,6 +73,20 @@ class FrozenHalf:
             weakref.finalize(self, shutil.rmtree, folder, True)
         self.half = False
         self.cast()
+        if self.spill_file is not None:
+            self._own_storage(modules_list)
+
+    def _own_storage(self, modules: list[torch.nn.Module]) -> None:
+        """Give the tensors left in fp32 (norms, embeddings: small) storage of their own.
+
+        A checkpoint loaded from safetensors is a memory map of the file, and any tensor still
+        viewing it keeps the whole map, whose pages the cast has read, resident.
+        """
+        cast = {id(p) for p in self.params}
+        for module in modules:
+            for t in list(module.parameters()) + list(module.buffers()):
+                if id(t) not in cast and t.device.type == "cpu":
+                    t.data = t.data.clone()
 
     @property
     def count(self) -> int:
