@@ -299,14 +299,9 @@ def user_server(home: Path) -> dict | None:
 
 @contextmanager
 def keep_sigterm_handler():
-    """Keep this process's Python SIGTERM handler across the block (``ray.init``).
-
-    A driver's ``ray.init`` puts in a handler that exits with status 15 and a traceback; where the
-    command has its own (``cli.cancel``: SIGTERM stops the run as Ctrl-C does), or Prefect has one
-    for a flow run in progress, that one is put back. With none (the default action), Ray's stays.
-    """
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
+    """Put this process's Python SIGTERM handler (``cli.cancel``'s, or Prefect's in a flow run) back after the
+    block: a driver's ``ray.init`` installs one that exits with status 15. Ray's stays where there was none."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
     finally:
@@ -544,12 +539,8 @@ class Runtime:
 
         if ray.is_initialized():
             return
-        kwargs = dict(
-            runtime_env={"env_vars": self.worker_env()},
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            configure_logging=True,
-        )
+        kwargs = dict(runtime_env={"env_vars": self.worker_env()}, logging_level=logging.WARNING,
+                      log_to_driver=True, configure_logging=True)
         with keep_sigterm_handler():
             if self.ray_address:
                 enable_ray_token_auth_if_available()

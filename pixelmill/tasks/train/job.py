@@ -167,10 +167,8 @@ def cache_key(spec: dict[str, Any], kind: str) -> str:
 
 def cache_allowed(spec: dict[str, Any], method) -> dict[str, bool]:
     s = spec["settings"]
-    return {
-        "latents": bool(s["cache_latents"] and s["center_crop"] and not s["rescale"]),
-        "text": bool(s["cache_text_embeddings"] and method.text_is_fixed()),
-    }
+    return {"latents": bool(s["cache_latents"] and s["center_crop"] and not s["rescale"]),
+            "text": bool(s["cache_text_embeddings"] and method.text_is_fixed())}
 
 
 def build_caches(trainer, data: TrainingData, method, allowed: dict[str, bool]) -> tuple[dict | None, dict | None]:
@@ -407,9 +405,8 @@ def _train(spec, store, watchdog, rank, world, device, stop_at) -> dict[str, Any
     watchdog.disarm_stall()  # evaluation and saving follow, with no steps; the job timeout still applies
     seconds = time.perf_counter() - t0
     trainer.release()  # saved pipelines and samples use the base model's weights exactly
-    out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds,
-           "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, "skipped_rows": data.skipped,
-           "prior": data.prior, "warnings": data.warnings,
+    out = {"rank": rank, "start_step": start, "end_step": end, "seconds": seconds, "peak_memory_bytes": mem.peak,
+           "memory_kind": mem.kind, "skipped_rows": data.skipped, "prior": data.prior, "warnings": data.warnings,
            "steps_per_second": (end - start) / seconds if seconds > 0 and end > start else None}
     if rank == 0 and end == s["max_steps"]:
         out.update(_finish(spec, method, trainer, data, device))
