@@ -317,7 +317,8 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
     """
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    with keep_sigterm_handler():
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
 
 
 @contextmanager
@@ -541,12 +542,12 @@ class Runtime:
             return
         kwargs = dict(runtime_env={"env_vars": self.worker_env()}, logging_level=logging.WARNING,
                       log_to_driver=True, configure_logging=True)
-        with keep_sigterm_handler():
-            if self.ray_address:
-                enable_ray_token_auth_if_available()
+        if self.ray_address:
+            enable_ray_token_auth_if_available()
+            with keep_sigterm_handler():
                 ray.init(address=self.ray_address, **kwargs)
-            else:
-                start_local_ray(self.num_cpus, **kwargs)
+        else:
+            start_local_ray(self.num_cpus, **kwargs)
         self.owns_ray = True
         import ray.data
 

@@ -402,7 +402,6 @@ def cmd_server(args) -> int:
     try:
         if args.ray:
             ray_address = hosted.enter_context(host_ray(args.ray_cpus))  # starts while the server does
-            signal.signal(signal.SIGTERM, _interrupt)  # ray.init put its own in (it exits 15 and logs a trace)
             print(f"Ray for this home's commands at {ray_address}; its workers see this command's environment",
                   flush=True)
         wait_for_health(f"http://{local}:{args.port}/api", proc=proc)

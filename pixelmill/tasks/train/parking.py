@@ -20,16 +20,35 @@ import weakref
 import torch
 
 
+class SpillFile:
+    """Tensors written once to a safetensors file in a new temporary folder (under ``$TMPDIR``),
+    read back on demand; the folder goes when this object does (also ``precision.FrozenHalf``'s)."""
+
+    def __init__(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        folder = tempfile.mkdtemp(prefix=prefix)
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self.path = os.path.join(folder, "tensors.safetensors")
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, self.path)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.path)
+
+
 class Parked:
     """One network written aside and emptied; ``restore`` puts it back on ``device``."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.module, self.device = module, device
-        folder = tempfile.mkdtemp(prefix="pixelmill-parked-")
-        weakref.finalize(self, shutil.rmtree, folder, True)
-        self.file = os.path.join(folder, "tensors.safetensors")
-        self.written = False
+        self.spill: SpillFile | None = None  # written at the first park
         self.parked = False
+
+    @property
+    def file(self) -> str | None:
+        return self.spill.path if self.spill is not None else None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         m = self.module
@@ -46,11 +65,8 @@ class Parked:
         if self.parked:
             return
         tensors = self._tensors()
-        if not self.written:
-            from safetensors.torch import save_file
-
-            save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, self.file)
-            self.written = True
+        if self.spill is None:
+            self.spill = SpillFile("pixelmill-parked-", tensors)
         for t in tensors.values():
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
         self.parked = True
@@ -59,9 +75,7 @@ class Parked:
         """The tensors back on ``device`` from the file (the values, shapes and dtypes they had)."""
         if not self.parked:
             return
-        from safetensors.torch import load_file
-
-        saved = load_file(self.file)
+        saved = self.spill.load()
         for k, t in self._tensors().items():
             t.data = saved[k].to(self.device)
         self.parked = False

@@ -24,14 +24,12 @@ Each step also skips autocast's casts of those weights. ``frozen_weights: fp32``
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+from pixelmill.tasks.train.parking import SpillFile
 
 CAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 """Layers whose weight and bias autocast casts to the half dtype in its lower-precision ops."""
@@ -63,17 +61,12 @@ class FrozenHalf:
                     self.params.append(p)
         originals = [p.data.to("cpu") for p in self.params]  # host copies (the same memory on the CPU)
         self._originals: list[torch.Tensor] | None = originals
-        self.spill_file: str | None = None
-        if spill and self.params:
-            from safetensors.torch import save_file
-
-            folder = tempfile.mkdtemp(prefix="pixelmill-frozen-")
-            self.spill_file = os.path.join(folder, "originals.safetensors")
-            save_file({f"p{i}": t.contiguous() for i, t in enumerate(originals)}, self.spill_file)
-            weakref.finalize(self, shutil.rmtree, folder, True)
+        self.spill = (SpillFile("pixelmill-frozen-", {f"p{i}": t for i, t in enumerate(originals)})
+                      if spill and self.params else None)
+        self.spill_file = self.spill.path if self.spill is not None else None
         self.half = False
         self.cast()
-        if self.spill_file is not None:
+        if self.spill is not None:
             self._own_storage(modules_list)
 
     def _own_storage(self, modules: list[torch.nn.Module]) -> None:
@@ -96,16 +89,14 @@ class FrozenHalf:
     def _load(self) -> list[torch.Tensor]:
         if self._originals is not None:
             return self._originals
-        from safetensors.torch import load_file
-
-        got = load_file(self.spill_file)
+        got = self.spill.load()
         return [got[f"p{i}"] for i in range(len(self.params))]
 
     def cast(self) -> None:
         """Store the frozen weights in the half dtype on their device (autocast's rounding)."""
         for p, orig in zip(self.params, self._load()):
             p.data = orig.to(p.device, self.dtype)
-        if self.spill_file is not None:
+        if self.spill is not None:
             self._originals = None  # spilled: the fp32 copies leave memory
         self.half = True
 
